@@ -20,6 +20,7 @@ pub mod error;
 pub mod gradient;
 pub mod keyed;
 pub mod layout;
+pub mod optim;
 pub mod reduce;
 pub mod shard;
 

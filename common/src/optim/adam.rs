@@ -1,0 +1,127 @@
+//! Adam and AdamW, as PyTorch's `_single_tensor_adam` (non-capturable, non-amsgrad).
+//!
+//! At step t (counting from 1), for every element:
+//!
+//! ```text
+//! p <- p * (1 - lr * wd)                      (AdamW only: decoupled weight decay)
+//! m <- lerp(m, g, 1 - beta1)  = beta1 m + (1 - beta1) g
+//! v <- v * beta2 + (1 - beta2) * g * g
+//! bc1 = 1 - beta1^t,  bc2 = 1 - beta2^t       (f64)
+//! step_size = lr / bc1                        (f64)
+//! denom = sqrt(v) / sqrt(bc2) + eps
+//! p <- p + (-step_size) * m / denom
+//! ```
+
+use rayon::prelude::*;
+
+use super::{CHUNK, PARALLEL_MIN};
+
+/// One step's scalars, computed in f64 as Python floats and cast to f32 once, as PyTorch does
+/// when it applies a Python scalar to an f32 tensor.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Scalars {
+    /// `1 - lr * wd`, or `None` without weight decay (PyTorch skips the multiply).
+    decay: Option<f32>,
+    /// `1 - beta1`: the lerp weight.
+    lerp_weight: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bias_correction2_sqrt: f32,
+    eps: f32,
+    neg_step_size: f32,
+}
+
+impl Scalars {
+    /// `step` is the step being taken, counting from 1.
+    pub(super) fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, wd: f64, step: u64) -> Self {
+        // PyTorch: `beta1 ** step` with `step` a Python float, i.e. C `pow`, not repeated
+        // multiplication.
+        let t = step as f64;
+        let bias_correction1 = 1.0 - beta1.powf(t);
+        let bias_correction2 = 1.0 - beta2.powf(t);
+        let step_size = lr / bias_correction1;
+        Scalars {
+            decay: (wd != 0.0).then_some((1.0 - lr * wd) as f32),
+            lerp_weight: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            eps: eps as f32,
+            neg_step_size: (-step_size) as f32,
+        }
+    }
+}
+
+/// Applies one Adam step to equally long slices (the caller checks lengths).
+pub(super) fn step(
+    s: &Scalars,
+    params: &mut [f32],
+    grad: &[f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+) {
+    if params.len() < PARALLEL_MIN {
+        kernel(s, params, grad, exp_avg, exp_avg_sq);
+    } else {
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .zip(exp_avg.par_chunks_mut(CHUNK))
+            .zip(exp_avg_sq.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| kernel(s, p, g, m, v));
+    }
+}
+
+fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m).zip(v) {
+        if let Some(decay) = s.decay {
+            *p *= decay;
+        }
+        *m = lerp(*m, g, s.lerp_weight);
+        // addcmul: self + value * t1 * t2, left to right.
+        *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+        let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
+        // addcdiv: self + value * t1 / t2, left to right.
+        *p += s.neg_step_size * *m / denom;
+    }
+}
+
+/// PyTorch's `lerp`: from the nearer end, so a weight near 1 loses no precision.
+fn lerp(start: f32, end: f32, weight: f32) -> f32 {
+    if weight.abs() < 0.5 {
+        start + weight * (end - start)
+    } else {
+        end - (end - start) * (1.0 - weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lerp_hits_both_ends() {
+        assert_eq!(lerp(2.0, 5.0, 0.0), 2.0);
+        assert_eq!(lerp(2.0, 5.0, 1.0), 5.0);
+        assert_eq!(lerp(2.0, 6.0, 0.25), 3.0);
+        assert_eq!(lerp(2.0, 6.0, 0.75), 5.0);
+    }
+
+    #[test]
+    fn parallel_and_serial_paths_agree_bit_for_bit() {
+        let n = PARALLEL_MIN + 3 * CHUNK + 17;
+        let grad: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 313.0 - 1.5)
+            .collect();
+        let s = Scalars::new(1e-3, 0.9, 0.999, 1e-8, 0.01, 3);
+        let start: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01).collect();
+        let (mut p1, mut m1, mut v1) = (start.clone(), vec![0.1; n], vec![0.2; n]);
+        let (mut p2, mut m2, mut v2) = (p1.clone(), m1.clone(), v1.clone());
+        step(&s, &mut p1, &grad, &mut m1, &mut v1);
+        kernel(&s, &mut p2, &grad, &mut m2, &mut v2);
+        assert_eq!(p1, p2);
+        assert_eq!(m1, m2);
+        assert_eq!(v1, v2);
+        assert_ne!(p1, start, "the step must change the parameters");
+    }
+}

@@ -1,0 +1,119 @@
+//! SGD with optional momentum, dampening, Nesterov and coupled weight decay, as PyTorch's
+//! `_single_tensor_sgd`. For every element:
+//!
+//! ```text
+//! d <- g + wd * p                                      (if wd != 0)
+//! b <- d                                               (first step with momentum)
+//! b <- b * momentum + (1 - dampening) * d              (later steps)
+//! d <- d + momentum * b   (Nesterov)   or   d <- b     (if momentum != 0)
+//! p <- p + (-lr) * d
+//! ```
+
+use rayon::prelude::*;
+
+use super::{CHUNK, PARALLEL_MIN};
+
+/// One step's scalars, cast from f64 to f32 once as PyTorch does.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Scalars {
+    weight_decay: Option<f32>,
+    momentum: Option<Momentum>,
+    neg_lr: f32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Momentum {
+    momentum: f32,
+    one_minus_dampening: f32,
+    nesterov: bool,
+}
+
+impl Scalars {
+    pub(super) fn new(lr: f64, momentum: f64, dampening: f64, nesterov: bool, wd: f64) -> Self {
+        Scalars {
+            weight_decay: (wd != 0.0).then_some(wd as f32),
+            momentum: (momentum != 0.0).then_some(Momentum {
+                momentum: momentum as f32,
+                one_minus_dampening: (1.0 - dampening) as f32,
+                nesterov,
+            }),
+            neg_lr: (-lr) as f32,
+        }
+    }
+}
+
+/// Applies one SGD step (the caller checks lengths). Creates the momentum buffer at the first
+/// step with momentum, as PyTorch does.
+pub(super) fn step(
+    s: &Scalars,
+    params: &mut [f32],
+    grad: &[f32],
+    momentum_buffer: &mut Option<Vec<f32>>,
+) {
+    let Some(momentum) = s.momentum else {
+        for_chunks(params, grad, &mut [], |p, g, _| plain(s, p, g));
+        return;
+    };
+    let first = momentum_buffer.is_none();
+    let buffer = momentum_buffer.get_or_insert_with(|| vec![0.0; params.len()]);
+    for_chunks(params, grad, buffer, |p, g, b| {
+        with_momentum(s, &momentum, first, p, g, b)
+    });
+}
+
+/// Calls `f` on matching fixed chunks (in parallel for long vectors). `buffer` is either as long
+/// as `params` or empty.
+fn for_chunks(
+    params: &mut [f32],
+    grad: &[f32],
+    buffer: &mut [f32],
+    f: impl Fn(&mut [f32], &[f32], &mut [f32]) + Sync,
+) {
+    if params.len() < PARALLEL_MIN {
+        f(params, grad, buffer);
+    } else if buffer.is_empty() {
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(p, g)| f(p, g, &mut []));
+    } else {
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .zip(buffer.par_chunks_mut(CHUNK))
+            .for_each(|((p, g), b)| f(p, g, b));
+    }
+}
+
+fn plain(s: &Scalars, params: &mut [f32], grad: &[f32]) {
+    for (p, &g) in params.iter_mut().zip(grad) {
+        let d = match s.weight_decay {
+            Some(wd) => g + wd * *p,
+            None => g,
+        };
+        *p += s.neg_lr * d;
+    }
+}
+
+fn with_momentum(
+    s: &Scalars,
+    m: &Momentum,
+    first: bool,
+    params: &mut [f32],
+    grad: &[f32],
+    buffer: &mut [f32],
+) {
+    for ((p, &g), b) in params.iter_mut().zip(grad).zip(buffer) {
+        let d = match s.weight_decay {
+            Some(wd) => g + wd * *p,
+            None => g,
+        };
+        *b = if first {
+            d
+        } else {
+            *b * m.momentum + m.one_minus_dampening * d
+        };
+        let d = if m.nesterov { d + m.momentum * *b } else { *b };
+        *p += s.neg_lr * d;
+    }
+}
