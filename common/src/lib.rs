@@ -15,13 +15,18 @@
 //! assert_eq!(layout.tensors()[0].name, "fc1.weight");
 //! ```
 
+pub mod atomic_file;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fingerprint;
 pub mod gradient;
 pub mod keyed;
 pub mod layout;
+pub mod model_file;
 pub mod optim;
 pub mod reduce;
 pub mod shard;
+mod tensor_file;
 
 pub use error::{Error, Result};

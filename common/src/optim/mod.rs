@@ -9,7 +9,7 @@
 //! scalars such as the bias-corrected step size computed in f64 and cast to f32 once. PyTorch's
 //! vectorised kernels may fuse a multiply-add where we round twice, so results agree to a few ulp,
 //! not bit for bit. Ours are deterministic: every operation is elementwise, so splitting the vector
-//! across threads (fixed chunks of [`CHUNK`]) cannot change a bit.
+//! across threads (in fixed chunks) cannot change a bit.
 //!
 //! ```
 //! use common::optim::OptimizerConfig;

@@ -117,8 +117,9 @@ impl OptimizerState {
         Ok(OptimizerState { step, moments })
     }
 
-    /// Checks that this state belongs to `config` and its buffers fit `n_params` parameters.
-    pub(super) fn check(&self, config: &OptimizerConfig, n_params: usize) -> Result<()> {
+    /// Checks that this state belongs to `config` and its buffers fit `n_params` parameters
+    /// (what [`OptimizerConfig::step`] checks before it changes anything).
+    pub fn check(&self, config: &OptimizerConfig, n_params: usize) -> Result<()> {
         let kind = match self.moments {
             Moments::Adam { .. } => "adam",
             Moments::Sgd { .. } => "sgd",

@@ -1,0 +1,119 @@
+//! Crash-safe file replacement: readers see the old file or the new one, never half of either.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{Error, Result};
+
+/// Distinguishes temporary files of concurrent writers within one process.
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `path` atomically: to a temporary file in the same directory (so the rename
+/// cannot cross file systems), fsync it, rename it over `path`, then fsync the directory so the
+/// rename itself survives a crash. On failure the temporary file is removed and `path` is
+/// untouched.
+///
+/// The temporary file is named `.{file name}.tmp.{pid}.{n}`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path.file_name().ok_or_else(|| {
+        Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a file path (it has no file name)",
+            ),
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}.{}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let guard = RemoveOnDrop(Some(tmp.clone()));
+
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    guard.disarm();
+    // Persist the directory entry. Opening a directory read-only and fsyncing it is how POSIX
+    // does this; platforms that cannot (Windows) make the rename durable by themselves.
+    if let Ok(dir_file) = File::open(dir) {
+        dir_file.sync_all().map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Deletes the temporary file unless the rename succeeded.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn replaces_the_file_and_leaves_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(entries(dir.path()), ["out.bin"]);
+    }
+
+    #[test]
+    fn failure_leaves_the_target_and_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // Renaming a file over a non-empty directory fails after the temporary file is written.
+        let path = dir.path().join("occupied");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("keep"), b"x").unwrap();
+        let err = write_atomic(&path, b"data").unwrap_err();
+        assert!(err.to_string().contains("occupied"), "{err}");
+        assert_eq!(entries(dir.path()), ["occupied"]);
+        assert_eq!(fs::read(path.join("keep")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn missing_directory_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no/such/dir/out.bin");
+        let err = write_atomic(&path, b"data").unwrap_err();
+        assert!(err.to_string().contains("no/such/dir"), "{err}");
+    }
+}
