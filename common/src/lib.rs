@@ -18,6 +18,7 @@
 pub mod atomic_file;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod fingerprint;
 pub mod gradient;
