@@ -98,7 +98,7 @@ impl FromStr for DataSource {
     type Err = Error;
 
     /// Parses `synthetic`, `synthetic:SEED`, `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist`
-    /// or `mnist:DIR`.
+    /// or `mnist:DIR`. (A comma separates images from labels, so an image path cannot contain one.)
     fn from_str(s: &str) -> Result<Self> {
         let unknown = || {
             Error::Config(format!(

@@ -74,7 +74,8 @@ impl Shape {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ShapeParams {
     pub shape: Shape,
-    /// `(x, y)` of the shape's centre.
+    /// `(x, y)` of the shape's centre: uniform over the square of positions where the shape fits
+    /// inside the image at any rotation, with a pixel to spare (so big shapes move less).
     pub center: (f32, f32),
     /// Circumradius: the distance from the centre to the farthest point of the shape's centre
     /// line (a corner, a bar's end). Uniform in [`SIZE_RANGE`].
@@ -124,9 +125,17 @@ impl ShapeParams {
         }
     }
 
-    /// Draws the shape into `out`, a zeroed `SIDE * SIDE` row-major image.
+    /// Draws the shape into `out`, a `SIDE * SIDE` row-major image (overwritten: background 0).
+    ///
+    /// # Panics
+    /// If `out` does not hold `SIDE * SIDE` pixels.
     pub fn render(&self, out: &mut [f32]) {
-        debug_assert_eq!(out.len(), SIDE * SIDE);
+        assert_eq!(
+            out.len(),
+            SIDE * SIDE,
+            "render needs a {SIDE} x {SIDE} image"
+        );
+        out.fill(0.0);
         let (sin, cos) = (self.angle as f64).sin_cos();
         let (sin, cos) = (sin as f32, cos as f32);
         let half_stroke = self.stroke / 2.0;
