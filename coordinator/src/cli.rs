@@ -1,0 +1,190 @@
+//! The command line, converted into a [`TrainConfig`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use common::optim::OptimizerConfig;
+
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+
+/// Trains a VAE with data-parallel workers. The trained parameters are bit-identical whatever
+/// the number of workers or failures along the way.
+///
+/// Quick start: `coordinator --workers 4 --local` trains on the built-in synthetic data with four
+/// local worker processes and writes metrics, the model and a summary into `--out`.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Workers to wait for before training starts.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Spawn the workers as local processes (and listen on 127.0.0.1 unless --listen is given).
+    #[arg(long)]
+    pub local: bool,
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Training data: `synthetic`, `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist[:DIR]`.
+    #[arg(long, default_value = "synthetic")]
+    pub data: String,
+    /// Held-out examples, taken from the end of the data [default: 10000 for synthetic and
+    /// mnist, otherwise a tenth].
+    #[arg(long)]
+    pub holdout: Option<usize>,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: u64,
+    /// Global batch size (over all workers); a multiple of --shards.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// `adam` or `sgd`.
+    #[arg(long, default_value = "adam")]
+    pub optimizer: String,
+    /// Momentum for SGD.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Weight decay (decoupled for Adam, i.e. AdamW; L2 for SGD).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip the gradient's global L2 norm to this value.
+    #[arg(long)]
+    pub clip_norm: Option<f64>,
+    /// Latent dimensions.
+    #[arg(long, default_value_t = 20)]
+    pub latent: usize,
+    /// Hidden layer sizes, e.g. `400` or `512,256` (the decoder mirrors them).
+    #[arg(long, default_value = "400")]
+    pub hidden: String,
+    /// Observation model: `bernoulli` or `gaussian`.
+    #[arg(long, default_value = "bernoulli")]
+    pub likelihood: String,
+    /// Fixed variance c of the gaussian observation model.
+    #[arg(long, default_value_t = 1.0)]
+    pub gaussian_variance: f64,
+    /// Monte-Carlo samples per example (K).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Virtual shards; independent of the number of workers, fixes the reduction order.
+    #[arg(long, default_value_t = 16)]
+    pub shards: usize,
+    /// Importance samples for the final held-out bound (0 to skip).
+    #[arg(long, default_value_t = 100)]
+    pub iw_samples: usize,
+    /// Output directory.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    /// Threads per local worker [default: cores / workers].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// Steps between checkpoints (0: only at epoch ends).
+    #[arg(long, default_value_t = 200)]
+    pub checkpoint_every: u64,
+    /// Seconds without a heartbeat before a worker is declared lost.
+    #[arg(long, default_value_t = 3.0)]
+    pub worker_timeout: f64,
+    /// Seconds to wait with no worker at all before stopping with a checkpoint.
+    #[arg(long, default_value_t = 60.0)]
+    pub no_worker_timeout: f64,
+    /// Continue from the checkpoint in --out (starts fresh when there is none).
+    #[arg(long)]
+    pub resume: bool,
+    /// Shared secret workers must present.
+    #[arg(long, env = "VAE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Tools besides training.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Exit 0 if a coordinator accepts connections at --addr (a container health check).
+    Health {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+    },
+}
+
+impl Cli {
+    pub fn into_config(self) -> Result<TrainConfig> {
+        let optimizer = match self.optimizer.as_str() {
+            "adam" => match OptimizerConfig::adam(self.lr) {
+                OptimizerConfig::Adam {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    ..
+                } => OptimizerConfig::Adam {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay: self.weight_decay,
+                },
+                other => other,
+            },
+            "sgd" => match OptimizerConfig::sgd(self.lr, self.momentum) {
+                OptimizerConfig::Sgd {
+                    lr,
+                    momentum,
+                    dampening,
+                    nesterov,
+                    ..
+                } => OptimizerConfig::Sgd {
+                    lr,
+                    momentum,
+                    dampening,
+                    nesterov,
+                    weight_decay: self.weight_decay,
+                },
+                other => other,
+            },
+            other => {
+                return Err(Error::Config(format!(
+                    "--optimizer `{other}`: use `adam` or `sgd`"
+                )));
+            }
+        };
+        let listen = self.listen.unwrap_or_else(|| {
+            if self.local {
+                "127.0.0.1:0".into()
+            } else {
+                "0.0.0.0:50051".into()
+            }
+        });
+        let config = TrainConfig {
+            data: self.data,
+            holdout: self.holdout,
+            epochs: self.epochs,
+            batch: self.batch,
+            hidden: common::config::parse_hidden(&self.hidden)?,
+            latent: self.latent,
+            likelihood: self.likelihood,
+            gaussian_variance: self.gaussian_variance,
+            samples: self.samples,
+            seed: self.seed,
+            shards: self.shards,
+            optimizer,
+            clip_norm: self.clip_norm,
+            iw_samples: self.iw_samples,
+            workers: self.workers,
+            listen,
+            local: self.local,
+            worker_threads: self.worker_threads,
+            out: self.out,
+            checkpoint_every: self.checkpoint_every,
+            worker_timeout_secs: self.worker_timeout,
+            no_worker_timeout_secs: self.no_worker_timeout,
+            resume: self.resume,
+            token: self.token.filter(|t| !t.is_empty()),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,196 @@
+//! The run's configuration: what the command line sets, validated, and saved beside the outputs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::config::{Likelihood, ModelConfig};
+use common::optim::OptimizerConfig;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Everything a run needs. Saved as `config.json` in the output directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// `synthetic`, `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist[:DIR]`.
+    pub data: String,
+    /// Held-out examples (the dataset's tail); `None` for the dataset's default.
+    pub holdout: Option<usize>,
+    pub epochs: u64,
+    /// Global batch: examples per step over all workers.
+    pub batch: usize,
+    pub hidden: Vec<usize>,
+    pub latent: usize,
+    /// `bernoulli` or `gaussian`.
+    pub likelihood: String,
+    pub gaussian_variance: f64,
+    /// Monte-Carlo samples per example (K).
+    pub samples: usize,
+    pub seed: u64,
+    /// Virtual shards (independent of the number of workers).
+    pub shards: usize,
+    pub optimizer: OptimizerConfig,
+    pub clip_norm: Option<f64>,
+    /// Importance samples for the final held-out bound (0: skip).
+    pub iw_samples: usize,
+    /// Workers to wait for before training starts.
+    pub workers: usize,
+    pub listen: String,
+    /// Spawn the workers as local processes.
+    pub local: bool,
+    /// Threads per local worker (default: cores / workers, at least 1).
+    pub worker_threads: Option<usize>,
+    pub out: PathBuf,
+    /// Steps between checkpoints (0: only at epoch ends).
+    pub checkpoint_every: u64,
+    pub worker_timeout_secs: f64,
+    pub no_worker_timeout_secs: f64,
+    pub resume: bool,
+    /// Shared secret; never written to disk.
+    #[serde(skip)]
+    pub token: Option<String>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: "synthetic".into(),
+            holdout: None,
+            epochs: 10,
+            batch: 128,
+            hidden: vec![400],
+            latent: 20,
+            likelihood: "bernoulli".into(),
+            gaussian_variance: 1.0,
+            samples: 1,
+            seed: 0,
+            shards: 16,
+            optimizer: OptimizerConfig::adam(1e-3),
+            clip_norm: None,
+            iw_samples: 100,
+            workers: 1,
+            listen: "0.0.0.0:50051".into(),
+            local: false,
+            worker_threads: None,
+            out: PathBuf::from("out"),
+            checkpoint_every: 200,
+            worker_timeout_secs: 3.0,
+            no_worker_timeout_secs: 60.0,
+            resume: false,
+            token: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.epochs == 0 {
+            return bad("--epochs must be at least 1".into());
+        }
+        if self.workers == 0 {
+            return bad("--workers must be at least 1".into());
+        }
+        if self.samples == 0 {
+            return bad("--samples must be at least 1".into());
+        }
+        if self.shards == 0 || self.batch == 0 || self.batch % self.shards != 0 {
+            return bad(format!(
+                "--batch {} must be a positive multiple of --shards {}",
+                self.batch, self.shards
+            ));
+        }
+        if !(self.worker_timeout_secs > 0.0 && self.no_worker_timeout_secs > 0.0) {
+            return bad("timeouts must be positive".into());
+        }
+        if let Some(c) = self.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return bad(format!("--clip-norm must be positive, got {c}"));
+        }
+        self.optimizer.validate().map_err(Error::from)?;
+        self.model(784).validate().map_err(Error::from)?;
+        Ok(())
+    }
+
+    pub fn likelihood(&self) -> Result<Likelihood> {
+        Ok(Likelihood::parse(&self.likelihood, self.gaussian_variance)?)
+    }
+
+    /// The model for data of `input_dim` values per example.
+    pub fn model(&self, input_dim: usize) -> ModelConfig {
+        ModelConfig {
+            input_dim,
+            hidden: self.hidden.clone(),
+            latent: self.latent,
+            likelihood: self.likelihood().unwrap_or(Likelihood::Bernoulli),
+        }
+    }
+
+    pub fn worker_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.worker_timeout_secs)
+    }
+
+    pub fn no_worker_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.no_worker_timeout_secs)
+    }
+
+    /// The settings that determine the trained parameters. Two runs with equal identities
+    /// produce bit-identical parameters; a resumed run must match its checkpoint's.
+    pub fn identity(&self) -> serde_json::Value {
+        serde_json::json!({
+            "data": self.data,
+            "holdout": self.holdout,
+            "batch": self.batch,
+            "hidden": self.hidden,
+            "latent": self.latent,
+            "likelihood": self.likelihood,
+            "gaussian_variance": self.gaussian_variance,
+            "samples": self.samples,
+            "seed": self.seed,
+            "shards": self.shards,
+            "optimizer": self.optimizer,
+            "clip_norm": self.clip_norm,
+        })
+    }
+
+    /// SHA-256 of [`Self::identity`]: sent to workers so a worker never mixes runs.
+    pub fn run_id(&self) -> String {
+        let bytes = serde_json::to_vec(&self.identity()).expect("JSON of plain values");
+        hex::encode(Sha256::digest(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_identity_ignores_worker_count() {
+        let a = TrainConfig::default();
+        a.validate().unwrap();
+        let b = TrainConfig {
+            workers: 4,
+            local: true,
+            epochs: 3,
+            ..a.clone()
+        };
+        assert_eq!(a.run_id(), b.run_id());
+        let c = TrainConfig {
+            seed: 1,
+            ..a.clone()
+        };
+        assert_ne!(a.run_id(), c.run_id());
+    }
+
+    #[test]
+    fn rejects_uneven_batches() {
+        let c = TrainConfig {
+            batch: 100,
+            shards: 16,
+            ..TrainConfig::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("multiple"));
+    }
+}

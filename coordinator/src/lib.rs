@@ -1,0 +1,19 @@
+//! The coordinator of a data-parallel VAE training run.
+//!
+//! It owns the dataset, the shard assignment, the parameters, the optimizer, checkpoints and
+//! metrics. [`state::StateMachine`] is pure (events in, decisions out); [`service`] adapts it to
+//! gRPC; [`run`] loads data, serves, spawns local workers and writes the outputs.
+
+pub mod assignment;
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod local;
+pub mod outputs;
+pub mod progress;
+pub mod run;
+pub mod service;
+pub mod state;
+
+pub use error::{Error, Result};

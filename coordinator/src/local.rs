@@ -1,0 +1,76 @@
+//! `--local`: spawn the workers as processes on this machine, so one command trains a model.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tokio::process::{Child, Command};
+
+use crate::error::{Error, Result};
+
+/// Environment variable naming the worker executable (default: `worker` beside this binary).
+pub const WORKER_BIN_ENV: &str = "VAE_WORKER_BIN";
+
+/// Where the worker executable is.
+pub fn worker_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(WORKER_BIN_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Io(format!("cannot locate this executable: {e}")))?;
+    let candidate = exe.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(Error::Config(format!(
+            "--local needs the worker binary, expected at {}: build it with `cargo build \
+             --release` (it builds both binaries) or set {WORKER_BIN_ENV}",
+            candidate.display()
+        )))
+    }
+}
+
+/// Threads per local worker: the machine's cores shared out, at least one.
+pub fn default_threads(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / workers.max(1)).max(1)
+}
+
+/// Starts `count` workers dialing `addr`. They are killed if the coordinator exits first.
+pub fn spawn_workers(
+    count: usize,
+    addr: SocketAddr,
+    threads: usize,
+    token: Option<&str>,
+) -> Result<Vec<Child>> {
+    let bin = worker_binary()?;
+    // Workers dial the coordinator over loopback even when it listens on all interfaces.
+    let dial = SocketAddr::new(
+        if addr.ip().is_unspecified() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            addr.ip()
+        },
+        addr.port(),
+    );
+    (0..count)
+        .map(|i| {
+            let mut cmd = Command::new(&bin);
+            cmd.arg("--addr")
+                .arg(dial.to_string())
+                .arg("--threads")
+                .arg(threads.to_string())
+                .arg("--name")
+                .arg(format!("local-{i}"))
+                .kill_on_drop(true);
+            if let Some(token) = token {
+                cmd.env("VAE_TOKEN", token);
+            }
+            // Local workers only speak up about problems; the coordinator reports progress.
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "warn");
+            }
+            cmd.spawn()
+                .map_err(|e| Error::Io(format!("cannot start worker {}: {e}", bin.display())))
+        })
+        .collect()
+}

@@ -1,0 +1,507 @@
+//! A training run: `prepare` loads data and state without opening a socket; `serve` listens,
+//! optionally spawns local workers, and drives the state machine until the run ends.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::checkpoint::Checkpoint;
+use common::data::{DataSource, Dataset};
+use common::fingerprint::fingerprint;
+use common::shard::ShardPlan;
+use common::train::Engine;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::config::TrainConfig;
+use crate::convert::model_to_proto;
+use crate::error::{Error, Result};
+use crate::outputs::{self, EpochMetrics, Heldout, MetricsLog, Summary, TimeSplit};
+use crate::progress::Progress;
+use crate::service::{Shared, TrainerService};
+use crate::state::{EpochTotals, Output, Phase, Position, StateConfig, StateMachine};
+
+/// How often the driver checks for silent workers. A fraction of the default worker timeout, so
+/// detection takes at most timeout + this.
+const TICK: Duration = Duration::from_millis(200);
+
+/// How long the server keeps answering after training ends, so every worker hears `Done`
+/// (workers heartbeat every 0.5 s and long-poll for at most 2 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(2500);
+
+/// What a checkpoint carries besides parameters and optimizer state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunState {
+    identity: serde_json::Value,
+    epoch_totals: EpochTotals,
+    run_time: TimeSplit,
+    run_examples: u64,
+}
+
+/// Everything loaded and checked, no socket open yet.
+#[derive(Debug)]
+pub struct Prepared {
+    config: TrainConfig,
+    train: Arc<Dataset>,
+    heldout: Dataset,
+    engine: Arc<Engine>,
+    plan: ShardPlan,
+    state: StateMachine,
+    history: Vec<String>,
+    run_time: TimeSplit,
+    run_examples: u64,
+}
+
+/// Loads the dataset, builds or resumes the state. Opens no socket.
+pub fn prepare(config: TrainConfig) -> Result<Prepared> {
+    config.validate()?;
+    outputs::prepare_dir(&config.out)?;
+    let source: DataSource = config.data.parse()?;
+    let started = Instant::now();
+    let data = source.load()?;
+    let holdout = config
+        .holdout
+        .unwrap_or_else(|| source.default_holdout(data.len()));
+    let (train, heldout) = data.split_holdout(holdout)?;
+    let model = config.model(train.dim());
+    train.check_fits(&model.likelihood, model.input_dim)?;
+    tracing::info!(
+        "data {}: {} training and {} held-out examples of {} values, loaded in {:.2}s",
+        source.describe(),
+        train.len(),
+        heldout.len(),
+        train.dim(),
+        started.elapsed().as_secs_f64()
+    );
+    let engine = Arc::new(Engine::new(model, config.samples, config.seed)?);
+    let plan = ShardPlan::new(train.len(), config.shards, config.batch, config.seed)?;
+    let state_config = StateConfig {
+        plan: plan.clone(),
+        epochs: config.epochs,
+        optimizer: config.optimizer.clone(),
+        clip_norm: config.clip_norm,
+        min_workers: config.workers,
+        worker_timeout: config.worker_timeout(),
+        no_worker_timeout: config.no_worker_timeout(),
+        checkpoint_every: config.checkpoint_every,
+        param_len: engine.layout().len(),
+    };
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64);
+    let checkpoint_path = config.out.join(outputs::CHECKPOINT_FILE);
+    let resumed = if config.resume && checkpoint_path.exists() {
+        Some(Checkpoint::load(&checkpoint_path)?)
+    } else {
+        if config.resume {
+            tracing::info!(
+                "--resume: no checkpoint at {}, starting from scratch",
+                checkpoint_path.display()
+            );
+        }
+        None
+    };
+    let (state, history, run_time, run_examples) = match resumed {
+        Some(ckpt) => {
+            let run_state: RunState = serde_json::from_str(&ckpt.run_config_json).map_err(|e| {
+                Error::Config(format!(
+                    "checkpoint {} has unreadable run state: {e}",
+                    checkpoint_path.display()
+                ))
+            })?;
+            if run_state.identity != config.identity() {
+                return Err(Error::Config(format!(
+                    "checkpoint {} was written by a run with other settings ({}) than these \
+                     ({}): resume with the same data, model, batch, shards, seed and \
+                     optimizer, or use another --out",
+                    checkpoint_path.display(),
+                    run_state.identity,
+                    config.identity()
+                )));
+            }
+            if ckpt.params.len() != engine.layout().len() {
+                return Err(Error::Config(format!(
+                    "checkpoint {} holds {} parameters, the model has {}",
+                    checkpoint_path.display(),
+                    ckpt.params.len(),
+                    engine.layout().len()
+                )));
+            }
+            let position = Position {
+                epoch: ckpt.epoch,
+                step_in_epoch: ckpt.step_in_epoch,
+                global_step: ckpt.global_step,
+            };
+            tracing::info!(
+                "resuming from {} at epoch {}, step {} (global step {})",
+                checkpoint_path.display(),
+                position.epoch + 1,
+                position.step_in_epoch,
+                position.global_step
+            );
+            let state = StateMachine::new(
+                state_config,
+                ckpt.params,
+                ckpt.optimizer_state,
+                position,
+                run_state.epoch_totals,
+                incarnation,
+            );
+            (
+                state,
+                ckpt.metrics_history,
+                run_state.run_time,
+                run_state.run_examples,
+            )
+        }
+        None => {
+            let params = engine.init_params();
+            let opt_state = config.optimizer.init_state(params.len());
+            let state = StateMachine::new(
+                state_config,
+                params,
+                opt_state,
+                Position::default(),
+                EpochTotals::default(),
+                incarnation,
+            );
+            (state, Vec::new(), TimeSplit::default(), 0)
+        }
+    };
+    outputs::write_config(&config.out, &config)?;
+    Ok(Prepared {
+        config,
+        train: Arc::new(train),
+        heldout,
+        engine,
+        plan,
+        state,
+        history,
+        run_time,
+        run_examples,
+    })
+}
+
+/// Prepares, binds `--listen`, and trains to the end.
+pub async fn run(config: TrainConfig) -> Result<Summary> {
+    let listen = config.listen.clone();
+    let prepared = tokio::task::spawn_blocking(move || prepare(config))
+        .await
+        .map_err(|e| Error::Io(format!("preparation panicked: {e}")))??;
+    let listener = TcpListener::bind(&listen).await.map_err(|e| {
+        Error::Io(format!(
+            "cannot listen on {listen}: {e}; choose another address with --listen (port 0 picks \
+             a free one)"
+        ))
+    })?;
+    serve(prepared, listener).await
+}
+
+/// Serves workers on `listener` and drives the run to its end.
+pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary> {
+    let Prepared {
+        config,
+        train,
+        heldout,
+        engine,
+        plan,
+        state,
+        history,
+        mut run_time,
+        mut run_examples,
+    } = prepared;
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| Error::Io(format!("listener address: {e}")))?;
+    // Tests and scripts read this line to find an ephemeral port.
+    println!("coordinator listening on {addr}");
+    tracing::info!(
+        "waiting for {} worker(s) on {addr}; {} shards, batch {}, {} steps per epoch",
+        config.workers,
+        plan.shards(),
+        plan.batch(),
+        plan.steps_per_epoch()
+    );
+    let run_config = proto::RunConfig {
+        model: Some(model_to_proto(engine.config())),
+        samples: config.samples as u32,
+        seed: config.seed,
+        shards: plan.shards() as u32,
+        run_id: config.run_id(),
+    };
+    let shared = Shared::new(
+        state,
+        Arc::clone(&train),
+        plan.clone(),
+        run_config,
+        config.token.clone(),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(TrainerService::new(Arc::clone(&shared)).into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
+    let server = tokio::spawn(server);
+
+    let mut children = if config.local {
+        let threads = config
+            .worker_threads
+            .unwrap_or_else(|| crate::local::default_threads(config.workers));
+        crate::local::spawn_workers(config.workers, addr, threads, config.token.as_deref())?
+    } else {
+        Vec::new()
+    };
+
+    let started = Instant::now();
+    let mut driver = Driver {
+        config: &config,
+        shared: &shared,
+        engine: Arc::clone(&engine),
+        heldout: Arc::new(heldout),
+        metrics: MetricsLog::create(&config.out, &history)?,
+        history,
+        progress: Progress::new(plan.steps_per_epoch() as u64, config.epochs),
+        last_heldout: None,
+        last_train_elbo: f64::NAN,
+    };
+    let result = driver.drive(&mut run_time, &mut run_examples).await;
+
+    // Let workers hear `Done` before the server goes away.
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    for child in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        let _ = child.start_kill();
+    }
+    driver.progress.finish();
+    let last = result?;
+    let params = shared.state().params().to_vec();
+    let fingerprint = fingerprint(&params);
+    let mut extra = BTreeMap::new();
+    extra.insert("fingerprint".to_string(), fingerprint.clone());
+    extra.insert("seed".to_string(), config.seed.to_string());
+    extra.insert("epochs".to_string(), config.epochs.to_string());
+    extra.insert("data".to_string(), config.data.clone());
+    common::model_file::save_model(
+        &config.out.join(outputs::MODEL_FILE),
+        engine.config(),
+        &params,
+        &extra,
+    )?;
+    let position = shared.state().position();
+    let summary = Summary {
+        epochs: position.epoch,
+        global_steps: position.global_step,
+        train_elbo: last.1,
+        heldout_elbo: last.0.elbo,
+        heldout_recon: last.0.recon,
+        heldout_kl: last.0.kl,
+        heldout_iw_bound: last.0.iw_bound,
+        iw_samples: config.iw_samples,
+        samples_per_s: run_examples as f64 / run_time.step_s.max(1e-9),
+        time: run_time,
+        fingerprint: fingerprint.clone(),
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    outputs::write_summary(&config.out, &summary)?;
+    tracing::info!(
+        "done: held-out ELBO {:.3} nats{}, {:.0} samples/s (compute {:.1}s, communication {:.1}s, \
+         update {:.1}s of {:.1}s in steps)",
+        summary.heldout_elbo,
+        summary.heldout_iw_bound.map_or(String::new(), |b| format!(
+            ", IW bound (k={}) {b:.3}",
+            config.iw_samples
+        )),
+        summary.samples_per_s,
+        run_time.compute_s,
+        run_time.communicate_s,
+        run_time.update_s,
+        run_time.step_s
+    );
+    println!("fingerprint {fingerprint}");
+    Ok(summary)
+}
+
+struct Driver<'a> {
+    config: &'a TrainConfig,
+    shared: &'a Arc<Shared>,
+    engine: Arc<Engine>,
+    heldout: Arc<Dataset>,
+    metrics: MetricsLog,
+    history: Vec<String>,
+    progress: Progress,
+    last_heldout: Option<Heldout>,
+    last_train_elbo: f64,
+}
+
+impl Driver<'_> {
+    /// Runs until the state machine finishes (Ok: final held-out figures and train ELBO) or
+    /// fails (Err, after writing a checkpoint of the last applied step).
+    async fn drive(
+        &mut self,
+        run_time: &mut TimeSplit,
+        run_examples: &mut u64,
+    ) -> Result<(Heldout, f64)> {
+        let mut changed = self.shared.subscribe();
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if *self.shared.state().phase() == Phase::Finished {
+            return Err(Error::Config(format!(
+                "the run in {} already finished all {} epochs; raise --epochs to train longer",
+                self.config.out.display(),
+                self.config.epochs
+            )));
+        }
+        loop {
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = ticker.tick() => {}
+            }
+            let outputs = {
+                let mut state = self.shared.state();
+                state.tick(Instant::now());
+                state.drain_outputs()
+            };
+            if outputs.is_empty() {
+                continue;
+            }
+            self.shared.notify();
+            for output in outputs {
+                match output {
+                    Output::WorkerJoined { worker, name } => {
+                        tracing::info!("worker {worker} joined: {name}");
+                    }
+                    Output::WorkerLost {
+                        worker,
+                        name,
+                        reason,
+                        moved,
+                    } => {
+                        tracing::warn!(
+                            "worker {worker} ({name}) lost: {reason}; {} unfinished node(s) of \
+                             this step moved to other workers",
+                            moved.len()
+                        );
+                    }
+                    Output::ResultRejected {
+                        worker,
+                        name,
+                        step,
+                        node,
+                        reason,
+                    } => {
+                        tracing::warn!(
+                            "rejected the result of worker {worker} ({name}) for step {step}, \
+                             shards {}..{}: {reason}; the step will use a recomputed one",
+                            node.lo,
+                            node.hi
+                        );
+                    }
+                    Output::StepApplied { position, elbo, .. } => {
+                        self.progress.step(position, elbo, self.config.batch as u64);
+                    }
+                    Output::EpochEnded { epoch, totals } => {
+                        self.end_epoch(epoch, totals, run_time, run_examples)
+                            .await?;
+                    }
+                    Output::CheckpointDue => self.checkpoint(*run_time, *run_examples).await?,
+                    Output::Finished => {
+                        let heldout = self.last_heldout.ok_or_else(|| {
+                            Error::Training("finished without an evaluation".into())
+                        })?;
+                        return Ok((heldout, self.last_train_elbo));
+                    }
+                    Output::Failed(reason) => {
+                        self.checkpoint(*run_time, *run_examples).await?;
+                        return Err(Error::Training(format!(
+                            "{reason} (checkpoint in {})",
+                            self.config.out.join(outputs::CHECKPOINT_FILE).display()
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn end_epoch(
+        &mut self,
+        epoch: u64,
+        totals: EpochTotals,
+        run_time: &mut TimeSplit,
+        run_examples: &mut u64,
+    ) -> Result<()> {
+        let (params, position, workers) = {
+            let state = self.shared.state();
+            (
+                state.params().to_vec(),
+                state.position(),
+                state.live_workers(),
+            )
+        };
+        let last_epoch = epoch + 1 >= self.config.epochs;
+        let iw = if last_epoch {
+            self.config.iw_samples
+        } else {
+            0
+        };
+        let engine = Arc::clone(&self.engine);
+        let heldout = Arc::clone(&self.heldout);
+        let eval_started = Instant::now();
+        let report =
+            tokio::task::spawn_blocking(move || engine.evaluate(&params, heldout.pixels(), iw))
+                .await
+                .map_err(|e| Error::Io(format!("evaluation panicked: {e}")))??;
+        let heldout = Heldout {
+            elbo: report.elbo,
+            recon: report.recon,
+            kl: report.kl,
+            iw_bound: report.iw_bound,
+        };
+        let metrics = EpochMetrics::new(epoch, position.global_step, &totals, &heldout, workers);
+        run_time.add(&metrics.time);
+        *run_examples += totals.examples;
+        self.last_heldout = Some(heldout);
+        self.last_train_elbo = metrics.train_elbo;
+        let line = self.metrics.append(&metrics)?;
+        self.history.push(line);
+        self.progress
+            .epoch(&metrics, eval_started.elapsed().as_secs_f64());
+        self.shared.state().finish_evaluation(Instant::now());
+        self.shared.notify();
+        self.checkpoint(*run_time, *run_examples).await
+    }
+
+    async fn checkpoint(&self, run_time: TimeSplit, run_examples: u64) -> Result<()> {
+        let checkpoint = {
+            let state = self.shared.state();
+            let position = state.position();
+            let run_state = RunState {
+                identity: self.config.identity(),
+                epoch_totals: state.totals(),
+                run_time,
+                run_examples,
+            };
+            Checkpoint {
+                params: state.params().to_vec(),
+                optimizer: self.config.optimizer.clone(),
+                optimizer_state: state.optimizer_state().clone(),
+                global_step: position.global_step,
+                epoch: position.epoch,
+                step_in_epoch: position.step_in_epoch,
+                run_config_json: serde_json::to_string(&run_state).expect("run state serialises"),
+                metrics_history: self.history.clone(),
+            }
+        };
+        let path = self.config.out.join(outputs::CHECKPOINT_FILE);
+        tokio::task::spawn_blocking(move || checkpoint.save(&path))
+            .await
+            .map_err(|e| Error::Io(format!("checkpoint writer panicked: {e}")))??;
+        Ok(())
+    }
+}

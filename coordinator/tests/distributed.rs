@@ -1,0 +1,173 @@
+//! End-to-end: the real binaries on 127.0.0.1, ephemeral ports, a small built-in dataset.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Coordinator, SMALL_RUN, finish_worker, metrics, summary, train, worker};
+
+#[test]
+fn four_workers_train_and_the_heldout_elbo_improves() {
+    let out = tempfile::tempdir().unwrap();
+    train(out.path(), 4, &[]);
+    let m = metrics(out.path());
+    assert_eq!(m.len(), 2, "one metrics line per epoch");
+    for line in &m {
+        for key in [
+            "epoch",
+            "train_elbo",
+            "heldout_elbo",
+            "recon",
+            "kl",
+            "samples_per_s",
+            "compute_s",
+            "communicate_s",
+        ] {
+            assert!(line.get(key).is_some(), "metrics line lacks {key}: {line}");
+        }
+    }
+    let first = m[0]["heldout_elbo"].as_f64().unwrap();
+    let last = m[1]["heldout_elbo"].as_f64().unwrap();
+    assert!(
+        last > first,
+        "held-out ELBO did not improve: {first} -> {last}"
+    );
+    let s = summary(out.path());
+    assert!(s["samples_per_s"].as_f64().unwrap() > 0.0);
+    assert!(s["heldout_iw_bound"].as_f64().unwrap() >= s["heldout_elbo"].as_f64().unwrap() - 0.5);
+    assert_eq!(s["fingerprint"].as_str().unwrap().len(), 64);
+    for file in ["model.safetensors", "config.json", "checkpoint.safetensors"] {
+        assert!(out.path().join(file).is_file(), "{file} missing");
+    }
+}
+
+#[test]
+fn the_fingerprint_does_not_depend_on_the_number_of_workers() {
+    let runs: Vec<String> = (1..=4)
+        .map(|n| {
+            let out = tempfile::tempdir().unwrap();
+            train(out.path(), n, &["--epochs", "1"])
+        })
+        .collect();
+    assert!(
+        runs.iter().all(|f| *f == runs[0]),
+        "fingerprints differ: {runs:?}"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let other_seed = train(out.path(), 2, &["--epochs", "1", "--seed", "1"]);
+    assert_ne!(
+        other_seed, runs[0],
+        "another seed must give other parameters"
+    );
+}
+
+#[test]
+fn local_mode_spawns_its_own_workers() {
+    let out = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend_from_slice(&["--workers", "2", "--local", "--epochs", "1"]);
+    let c = Coordinator::start(out.path(), &args);
+    let (ok, log) = c.finish(Duration::from_secs(240));
+    assert!(ok, "{log}");
+    assert!(log.contains("fingerprint "), "{log}");
+    let reference = tempfile::tempdir().unwrap();
+    assert_eq!(
+        summary(out.path())["fingerprint"],
+        train(reference.path(), 1, &["--epochs", "1"])
+    );
+}
+
+#[test]
+fn a_worker_with_the_wrong_token_is_refused_on_both_sides() {
+    let out = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend_from_slice(&["--workers", "1", "--token", "s3cret"]);
+    let mut c = Coordinator::start(out.path(), &args);
+    let (status, err) = finish_worker(
+        worker(&c.addr, &["--token", "wrong"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("refused") && err.contains("token"), "{err}");
+    assert!(
+        c.wait_log("refused worker", Duration::from_secs(5)),
+        "{}",
+        c.log.join("\n")
+    );
+    let (status, err) = finish_worker(
+        worker(&c.addr, &["--protocol-version", "99"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("protocol 99"), "{err}");
+    // The right token works.
+    let good = worker(&c.addr, &["--token", "s3cret"]);
+    let (ok, log) = c.finish(Duration::from_secs(240));
+    assert!(ok, "{log}");
+    assert!(finish_worker(good, Duration::from_secs(30)).0.success());
+}
+
+#[test]
+fn poisoned_gradients_are_rejected_and_do_not_change_the_result() {
+    let clean = tempfile::tempdir().unwrap();
+    let reference = train(clean.path(), 1, &["--epochs", "1"]);
+    let out = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend_from_slice(&["--workers", "2", "--epochs", "1"]);
+    let c = Coordinator::start(out.path(), &args);
+    let bad = worker(&c.addr, &["--inject-fault", "nan@3"]);
+    let short = worker(&c.addr, &["--inject-fault", "short@5"]);
+    let (ok, log) = c.finish(Duration::from_secs(240));
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("rejected the result of worker") && log.contains("step 3"),
+        "{log}"
+    );
+    assert!(log.contains("not finite"), "{log}");
+    assert!(
+        log.contains("step 5") && log.contains("values, the model has"),
+        "{log}"
+    );
+    assert_eq!(
+        summary(out.path())["fingerprint"].as_str().unwrap(),
+        reference
+    );
+    for w in [bad, short] {
+        assert!(finish_worker(w, Duration::from_secs(30)).0.success());
+    }
+}
+
+#[test]
+fn an_unreachable_coordinator_makes_the_worker_give_up_clearly() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = std::process::Command::new(common::worker_bin())
+        .args(["--addr", &addr, "--retry-for", "2"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, err) = finish_worker(child, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(
+        err.contains("cannot reach the coordinator") && err.contains(&addr),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_settings_are_refused_before_anything_starts() {
+    let out = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(common::coordinator_bin())
+        .args(["--batch", "100", "--shards", "16", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("multiple of --shards"), "{err}");
+}

@@ -1,0 +1,11 @@
+//! A worker of a data-parallel VAE training run: it dials the coordinator, receives its shards'
+//! data, computes their ELBO gradients on its own rayon pool and sends the sums back.
+//! `worker bench` times full training steps on this machine.
+
+pub mod bench;
+pub mod client;
+pub mod compute;
+pub mod error;
+pub mod shard_cache;
+
+pub use error::{Error, Result};
