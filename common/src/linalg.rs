@@ -1,0 +1,250 @@
+//! The few dense kernels the engine needs, deterministic for any thread count.
+//!
+//! Every result here is a pure function of the inputs' shapes and values: work is split at
+//! boundaries computed from the shapes alone (never from the number of threads), and no reduction
+//! dimension is ever split. Threads only decide *who* computes a piece, never *what* the piece is,
+//! so a rayon pool of 1, 2 or 8 threads produces the same bits (tested in `tests/determinism.rs`).
+//!
+//! GEMMs go through `ndarray::linalg::general_mat_mul`, i.e. the `matrixmultiply` crate, one
+//! single-threaded call per piece. Measured on this project's machine (2 cores, AMD EPYC family 26,
+//! AVX-512), f32, the five large products of a 784-400-20 VAE step at batch 128 (~400 MFLOP):
+//!
+//! | kernel                                         | 1 thread | 2 threads |
+//! |------------------------------------------------|----------|-----------|
+//! | matrixmultiply (AVX-512 kernel), whole matrix  | 1.9 ms   | (1 thread per call) |
+//! | matrixmultiply, fixed column/row pieces        | 2.2 ms   | 1.2-1.3 ms |
+//! | `gemm` 0.19, `Parallelism::None` / `Rayon(2)`  | 3.2 ms   | 1.65 ms   |
+//! | `gemm` 0.19, fixed pieces                      | 3.2 ms   | 1.7-1.9 ms |
+//!
+//! `gemm` 0.19 uses AVX2 only on stable Rust (its AVX-512 path needs its `nightly` feature), so on
+//! an AVX-512 CPU `matrixmultiply` wins; on an AVX2-only CPU (DESIGN.md §4) `gemm` was ~10% faster
+//! per call. We keep `matrixmultiply`: it is safe to call through ndarray, its per-call result does
+//! not depend on any thread setting, and it wins here. (The `gemm` crate's own rayon parallelism
+//! splits only output tiles and kept k-blocking independent of the thread count when read, but
+//! relying on that internal detail is not needed.)
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+use crate::scalar::Float;
+
+/// Products below this many flops run as one call: a rayon split costs a few microseconds.
+const SPLIT_MIN_FLOPS: usize = 6 << 20;
+
+/// Target flops per piece of a split product (~25-40 us of work on one core).
+const PIECE_FLOPS: usize = 12 << 20;
+
+/// At most this many pieces per product: enough to balance 2-8 threads, few enough that each
+/// piece still amortises its operand packing.
+const MAX_PIECES: usize = 8;
+
+/// Piece widths are multiples of this (the AVX-512 sgemm micro-kernel is 16 x 16).
+const PIECE_ALIGN: usize = 16;
+
+/// Column-sum work (rows * cols) below which one thread does it all.
+const PARALLEL_COLSUM_MIN: usize = 1 << 15;
+
+/// Columns per piece of a parallel column sum.
+const COLSUM_PIECE: usize = 128;
+
+/// `c = alpha * a b + beta * c` for `a: [m, k]`, `b: [k, n]`, `c: [m, n]` (any strides). When
+/// `beta` is zero `c` is not read, so it may hold anything.
+///
+/// Large products are cut into pieces along `c`'s longer side (columns of `b` and `c`, or rows of
+/// `a` and `c`), sized from the shape alone, and the pieces run on the current rayon pool.
+///
+/// # Panics
+/// If the shapes do not agree.
+pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: ArrayViewMut2<T>) {
+    let (m, k) = a.dim();
+    let (k2, n) = b.dim();
+    assert!(
+        k == k2 && c.dim() == (m, n),
+        "gemm shapes: a {:?}, b {:?}, c {:?}",
+        a.dim(),
+        b.dim(),
+        c.dim()
+    );
+    let mut c = c;
+    let (axis, len) = if n >= m { (Axis(1), n) } else { (Axis(0), m) };
+    let chunk = piece_len(m, n, k, len);
+    if chunk >= len {
+        general_mat_mul(alpha, &a, &b, beta, &mut c);
+        return;
+    }
+    if axis == Axis(1) {
+        let pieces: Vec<_> = b
+            .axis_chunks_iter(Axis(1), chunk)
+            .zip(c.axis_chunks_iter_mut(Axis(1), chunk))
+            .collect();
+        pieces
+            .into_par_iter()
+            .for_each(|(b, mut c)| general_mat_mul(alpha, &a, &b, beta, &mut c));
+    } else {
+        let pieces: Vec<_> = a
+            .axis_chunks_iter(Axis(0), chunk)
+            .zip(c.axis_chunks_iter_mut(Axis(0), chunk))
+            .collect();
+        pieces
+            .into_par_iter()
+            .for_each(|(a, mut c)| general_mat_mul(alpha, &a, &b, beta, &mut c));
+    }
+}
+
+/// Length of a piece along the split side of an `[m, n]` result with inner dimension `k`, from the
+/// shape alone. Returns `len` (no split) for small products.
+fn piece_len(m: usize, n: usize, k: usize, len: usize) -> usize {
+    let flops = 2 * m * n * k;
+    if flops < SPLIT_MIN_FLOPS {
+        return len;
+    }
+    let pieces = (flops / PIECE_FLOPS).clamp(2, MAX_PIECES);
+    len.div_ceil(pieces).next_multiple_of(PIECE_ALIGN)
+}
+
+/// `out[j] = sum_r a[r, j]` for a row-major `a: [rows, cols]`, rows added in order `0..rows`
+/// (parallel over fixed column pieces, so the order never changes).
+pub fn colsum_into<T: Float>(a: &[T], cols: usize, out: &mut [T]) {
+    assert_eq!(out.len(), cols, "colsum output length");
+    assert_eq!(a.len() % cols.max(1), 0, "colsum input is not whole rows");
+    let kernel = |j0: usize, out: &mut [T]| {
+        out.fill(T::zero());
+        let w = out.len();
+        for row in a.chunks_exact(cols) {
+            for (o, &v) in out.iter_mut().zip(&row[j0..j0 + w]) {
+                *o = *o + v;
+            }
+        }
+    };
+    if a.len() < PARALLEL_COLSUM_MIN {
+        kernel(0, out);
+    } else {
+        out.par_chunks_mut(COLSUM_PIECE)
+            .enumerate()
+            .for_each(|(p, out)| kernel(p * COLSUM_PIECE, out));
+    }
+}
+
+/// Elements per piece of a parallel elementwise pass.
+const ELEMENTWISE_PIECE: usize = 1 << 14;
+
+/// The ReLU backward step and the bias gradient: `d[r, j] = 0` where `act[r, j] <= 0` (`act` is
+/// the layer's post-ReLU output), then `out[j] = sum_r d[r, j]` in row order.
+pub fn relu_backward_colsum<T: Float>(d: &mut [T], act: &[T], cols: usize, out: &mut [T]) {
+    assert_eq!(
+        d.len(),
+        act.len(),
+        "relu backward: gradient and activation differ in size"
+    );
+    let mask = |d: &mut [T], act: &[T]| {
+        for (dv, &av) in d.iter_mut().zip(act) {
+            if av <= T::zero() {
+                *dv = T::zero();
+            }
+        }
+    };
+    if d.len() < PARALLEL_COLSUM_MIN {
+        mask(d, act);
+    } else {
+        d.par_chunks_mut(ELEMENTWISE_PIECE)
+            .zip(act.par_chunks(ELEMENTWISE_PIECE))
+            .for_each(|(d, act)| mask(d, act));
+    }
+    colsum_into(d, cols, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    fn filled(rows: usize, cols: usize, salt: usize) -> Array2<f32> {
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            (((i * 131 + j * 71 + salt * 17) % 997) as f32 / 997.0) - 0.5
+        })
+    }
+
+    fn naive(a: &Array2<f32>, b: &Array2<f32>) -> Array2<f64> {
+        let (m, k) = a.dim();
+        let n = b.ncols();
+        Array2::from_shape_fn((m, n), |(i, j)| {
+            (0..k).map(|p| a[[i, p]] as f64 * b[[p, j]] as f64).sum()
+        })
+    }
+
+    #[test]
+    fn split_products_are_correct_and_thread_count_independent() {
+        // Shapes that split along columns, along rows, and not at all; transposed operands too.
+        for &(m, k, n) in &[(128, 784, 400), (784, 128, 400), (400, 128, 784), (7, 5, 3)] {
+            let a = filled(m, k, 1);
+            let bt = filled(n, k, 2); // b = bt^T, a transposed view as in y = x W^T
+            let want = naive(&a, &bt.t().to_owned());
+            let mut results = Vec::new();
+            for threads in [1, 2, 8] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut c = Array2::<f32>::from_elem((m, n), f32::NAN);
+                pool.install(|| gemm(1.0, a.view(), bt.t(), 0.0, c.view_mut()));
+                results.push(c);
+            }
+            for c in &results {
+                for (got, want) in c.iter().zip(want.iter()) {
+                    assert!((*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
+                }
+            }
+            let bits = |c: &Array2<f32>| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&results[0]), bits(&results[1]), "{m}x{k}x{n}");
+            assert_eq!(bits(&results[0]), bits(&results[2]), "{m}x{k}x{n}");
+        }
+    }
+
+    #[test]
+    fn beta_accumulates() {
+        let a = filled(3, 4, 1);
+        let b = filled(4, 2, 2);
+        let mut c = Array2::<f32>::ones((3, 2));
+        gemm(2.0, a.view(), b.view(), 1.0, c.view_mut());
+        let want = naive(&a, &b);
+        for (got, want) in c.iter().zip(want.iter()) {
+            assert!((*got as f64 - (2.0 * want + 1.0)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn column_sums_and_relu_backward() {
+        for &(rows, cols) in &[(3, 5), (300, 400)] {
+            let a = filled(rows, cols, 3);
+            let mut out = vec![0.0f32; cols];
+            colsum_into(a.as_slice().unwrap(), cols, &mut out);
+            for j in 0..cols {
+                let mut want = 0.0f32;
+                for r in 0..rows {
+                    want += a[[r, j]];
+                }
+                assert_eq!(out[j].to_bits(), want.to_bits(), "column {j}");
+            }
+
+            let act = filled(rows, cols, 4);
+            let mut d = a.clone();
+            let mut bias = vec![0.0f32; cols];
+            relu_backward_colsum(
+                d.as_slice_mut().unwrap(),
+                act.as_slice().unwrap(),
+                cols,
+                &mut bias,
+            );
+            for j in 0..cols {
+                let mut want = 0.0f32;
+                for r in 0..rows {
+                    let masked = if act[[r, j]] > 0.0 { a[[r, j]] } else { 0.0 };
+                    assert_eq!(d[[r, j]], masked);
+                    want += masked;
+                }
+                assert_eq!(bias[j].to_bits(), want.to_bits(), "column {j}");
+            }
+        }
+    }
+}
