@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::{
-    DEFAULT_SYNTHETIC_SEED, Dataset, Mnist, SYNTHETIC_HELDOUT, default_cache_dir, load_idx,
-    load_npy, synthetic,
+    DEFAULT_SYNTHETIC_SEED, Dataset, Mnist, SYNTHETIC_HELDOUT, SYNTHETIC_TRAIN, default_cache_dir,
+    load_idx, load_npy, synthetic, synthetic_with,
 };
 use crate::{Error, Result};
 
@@ -15,14 +15,15 @@ const CANONICAL_HELDOUT: usize = SYNTHETIC_HELDOUT;
 
 /// The forms [`DataSource::from_str`] accepts, for error messages and `--help`.
 pub const DATA_SOURCE_FORMS: &str = "`synthetic` (built-in shapes, the default) or \
-     `synthetic:SEED`, `idx:IMAGES[,LABELS]` (IDX files, raw or gzipped), `npy:IMAGES.npy[,LABELS.npy]`, \
+     `synthetic:N` (its first N examples), `idx:IMAGES[,LABELS]` (IDX files, raw or gzipped), `npy:IMAGES.npy[,LABELS.npy]`, \
      `mnist` (downloaded into the cache directory) or `mnist:DIR`";
 
 /// A dataset to load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataSource {
     /// The built-in procedurally generated shapes: 60,000 + 10,000 held out.
-    Synthetic { seed: u64 },
+    /// `examples` of them (70,000 by default: 60,000 + 10,000 held out).
+    Synthetic { examples: usize },
     /// IDX image (and label) files.
     Idx {
         images: PathBuf,
@@ -40,7 +41,7 @@ pub enum DataSource {
 impl Default for DataSource {
     fn default() -> Self {
         DataSource::Synthetic {
-            seed: DEFAULT_SYNTHETIC_SEED,
+            examples: SYNTHETIC_TRAIN + SYNTHETIC_HELDOUT,
         }
     }
 }
@@ -49,7 +50,14 @@ impl DataSource {
     /// Reads (or generates, or downloads and reads) the whole dataset.
     pub fn load(&self) -> Result<Dataset> {
         match self {
-            DataSource::Synthetic { seed } => Ok(synthetic(*seed)),
+            DataSource::Synthetic { examples }
+                if *examples == SYNTHETIC_TRAIN + SYNTHETIC_HELDOUT =>
+            {
+                Ok(synthetic(DEFAULT_SYNTHETIC_SEED))
+            }
+            DataSource::Synthetic { examples } => {
+                Ok(synthetic_with(*examples, DEFAULT_SYNTHETIC_SEED))
+            }
             DataSource::Idx { images, labels } => load_idx(images, labels.as_deref()),
             DataSource::Npy { path, labels } => load_npy(path, labels.as_deref()),
             DataSource::Mnist { dir } => Mnist::new(dir).load(),
@@ -77,9 +85,9 @@ impl DataSource {
             None => " (unlabelled)".to_string(),
         };
         match self {
-            DataSource::Synthetic { seed } => format!(
-                "synthetic 28x28 shapes (seed {seed}): 60,000 training + 10,000 held-out examples"
-            ),
+            DataSource::Synthetic { examples } => {
+                format!("synthetic 28x28 shapes ({examples} examples)")
+            }
             DataSource::Idx { images, labels: l } => {
                 format!("IDX images {}{}", images.display(), labels(l))
             }
@@ -97,7 +105,7 @@ impl DataSource {
 impl FromStr for DataSource {
     type Err = Error;
 
-    /// Parses `synthetic`, `synthetic:SEED`, `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist`
+    /// Parses `synthetic`, `synthetic:N` (its first N examples), `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist`
     /// or `mnist:DIR`. (A comma separates images from labels, so an image path cannot contain one.)
     fn from_str(s: &str) -> Result<Self> {
         let unknown = || {
@@ -128,13 +136,15 @@ impl FromStr for DataSource {
         match kind.trim() {
             "synthetic" => match arg {
                 None => Ok(DataSource::default()),
-                Some(seed) => seed
+                Some(n) => n
                     .trim()
                     .parse()
-                    .map(|seed| DataSource::Synthetic { seed })
-                    .map_err(|_| {
+                    .ok()
+                    .filter(|&n: &usize| n > 0)
+                    .map(|examples| DataSource::Synthetic { examples })
+                    .ok_or_else(|| {
                         Error::Config(format!(
-                            "`{s}`: the synthetic seed must be a non-negative integer"
+                            "`{s}`: the synthetic size must be a positive number of examples"
                         ))
                     }),
             },
@@ -166,10 +176,10 @@ impl fmt::Display for DataSource {
             None => Ok(()),
         };
         match self {
-            DataSource::Synthetic { seed } if *seed == DEFAULT_SYNTHETIC_SEED => {
+            DataSource::Synthetic { .. } if *self == DataSource::default() => {
                 write!(f, "synthetic")
             }
-            DataSource::Synthetic { seed } => write!(f, "synthetic:{seed}"),
+            DataSource::Synthetic { examples } => write!(f, "synthetic:{examples}"),
             DataSource::Idx { images, labels } => {
                 write!(f, "idx:{}", images.display())?;
                 with_labels(f, labels)
@@ -190,8 +200,8 @@ mod tests {
     #[test]
     fn parses_every_form_and_prints_it_back() {
         for (text, expected) in [
-            ("synthetic", DataSource::Synthetic { seed: 0 }),
-            ("synthetic:7", DataSource::Synthetic { seed: 7 }),
+            ("synthetic", DataSource::default()),
+            ("synthetic:700", DataSource::Synthetic { examples: 700 }),
             (
                 "idx:a/img.gz",
                 DataSource::Idx {
@@ -236,6 +246,7 @@ mod tests {
             "idx:a,",
             "mnist:",
             "synthetic:x",
+            "synthetic:0",
             "",
         ] {
             let msg = bad.parse::<DataSource>().unwrap_err().to_string();
