@@ -241,7 +241,8 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
     let server = tonic::transport::Server::builder()
         .add_service(TrainerService::new(Arc::clone(&shared)).into_server())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY, small replies wait on delayed ACKs (~40 ms a step).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 let _ = stop_rx.await;
             },
