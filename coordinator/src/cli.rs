@@ -14,7 +14,14 @@ use crate::error::{Error, Result};
 /// Quick start: `coordinator --workers 4 --local` trains on the built-in synthetic data with four
 /// local worker processes and writes metrics, the model and a summary into `--out`.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
+// A flag given twice takes its last value, so scripts can append overrides.
+#[command(
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
