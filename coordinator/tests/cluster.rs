@@ -8,9 +8,9 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The cluster's training run: small enough for CI, long enough (~20 s) to hurt it mid-epoch.
+/// The cluster's training run: small enough for CI, long enough (~12 s) to hurt it mid-epoch.
 const CLUSTER_ARGS: &str = "--data synthetic:12000 --holdout 1000 --hidden 128 --latent 8 \
-    --batch 64 --shards 16 --epochs 2 --iw-samples 0 --checkpoint-every 25 --resume \
+    --batch 64 --shards 16 --epochs 4 --iw-samples 0 --checkpoint-every 25 --resume \
     --worker-timeout 3";
 
 fn root() -> PathBuf {
@@ -220,7 +220,7 @@ fn reference() -> &'static str {
 /// Waits until every worker has joined and training has made some progress.
 fn mid_epoch(cluster: &Cluster) {
     cluster.wait_log("joined", 4, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(2));
 }
 
 #[test]
