@@ -190,40 +190,41 @@ fn add_bias_act<T: Float>(out: &mut [T], bias: &[T], relu: bool) {
     }
 }
 
-/// One output row: adds the bias, sums `term(f, x)` over the row in f64 with [`LANES`] fixed
-/// accumulators, and (when `GRAD`) overwrites the row with `dL/df`.
+/// One output row: adds the bias, computes `(term, dL/df) = term_and_grad(f, x)` per element
+/// (when `GRAD`, overwriting the row with `dL/df`), and returns the row's sum of terms. The
+/// elementwise loop has no loop-carried dependency, so it vectorises; the terms go through
+/// `terms` (scratch, the row's length) and are summed by [`lane_sum`].
 #[inline(always)]
 fn output_row<T: Float, const GRAD: bool>(
     out: &mut [T],
     x: &[T],
     bias: &[T],
+    terms: &mut [T],
     term_and_grad: impl Fn(T, T) -> (T, T),
 ) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut out_chunks = out.chunks_exact_mut(LANES);
-    let mut x_chunks = x.chunks_exact(LANES);
-    let mut b_chunks = bias.chunks_exact(LANES);
-    for ((o, xv), b) in (&mut out_chunks).zip(&mut x_chunks).zip(&mut b_chunks) {
-        for lane in 0..LANES {
-            let (t, d) = term_and_grad(o[lane] + b[lane], xv[lane]);
-            acc[lane] += t.as_f64();
-            if GRAD {
-                o[lane] = d;
-            }
-        }
-    }
-    let tail = out_chunks.into_remainder();
-    for (lane, ((o, &xv), &b)) in tail
-        .iter_mut()
-        .zip(x_chunks.remainder())
-        .zip(b_chunks.remainder())
-        .enumerate()
-    {
-        let (t, d) = term_and_grad(*o + b, xv);
-        acc[lane] += t.as_f64();
+    for (((o, &xv), &b), t) in out.iter_mut().zip(x).zip(bias).zip(terms.iter_mut()) {
+        let (term, d) = term_and_grad(*o + b, xv);
+        *t = term;
         if GRAD {
             *o = d;
         }
+    }
+    lane_sum(terms)
+}
+
+/// Sum in f64 with [`LANES`] fixed accumulators (element `i` goes to lane `i % LANES`), combined
+/// pairwise: the same result whatever vector width the compiler picks.
+#[inline(always)]
+fn lane_sum<T: Float>(v: &[T]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for lane in 0..LANES {
+            acc[lane] += c[lane].as_f64();
+        }
+    }
+    for (lane, &t) in chunks.remainder().iter().enumerate() {
+        acc[lane] += t.as_f64();
     }
     ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
@@ -508,12 +509,13 @@ impl Vae {
                     (xv * f - sp, (s - xv) * inv_k)
                 };
                 for_row_pieces(out, d, row_loglik, |r0, block, lls| {
+                    let mut terms = vec![T::zero(); d];
                     for (j, (row, ll)) in block.chunks_exact_mut(d).zip(lls).enumerate() {
                         let xr = &x[(r0 + j) / samples * d..][..d];
                         *ll = if want_grad {
-                            output_row::<T, true>(row, xr, bias, term)
+                            output_row::<T, true>(row, xr, bias, &mut terms, term)
                         } else {
-                            output_row::<T, false>(row, xr, bias, term)
+                            output_row::<T, false>(row, xr, bias, &mut terms, term)
                         };
                     }
                 });
@@ -528,12 +530,13 @@ impl Vae {
                     (diff * diff, diff * scale)
                 };
                 for_row_pieces(out, d, row_loglik, |r0, block, lls| {
+                    let mut terms = vec![T::zero(); d];
                     for (j, (row, ll)) in block.chunks_exact_mut(d).zip(lls).enumerate() {
                         let xr = &x[(r0 + j) / samples * d..][..d];
                         let sq = if want_grad {
-                            output_row::<T, true>(row, xr, bias, term)
+                            output_row::<T, true>(row, xr, bias, &mut terms, term)
                         } else {
-                            output_row::<T, false>(row, xr, bias, term)
+                            output_row::<T, false>(row, xr, bias, &mut terms, term)
                         };
                         *ll = constant - sq / (2.0 * variance);
                     }
@@ -710,15 +713,23 @@ fn linear_backward_weight_input<T: Float>(
     grad: &mut [T],
 ) {
     let rows = input.nrows();
-    linear_backward_weight(layer, delta, input, grad);
-    if let Some(d_in) = d_in {
-        gemm(
-            T::one(),
-            view(delta, rows, layer.out_dim),
-            weight(params, layer),
-            T::zero(),
-            view_mut(d_in, rows, layer.in_dim),
-        );
+    match d_in {
+        // Independent products: run them side by side (each is deterministic on its own).
+        Some(d_in) => {
+            rayon::join(
+                || linear_backward_weight(layer, delta, input, grad),
+                || {
+                    gemm(
+                        T::one(),
+                        view(delta, rows, layer.out_dim),
+                        weight(params, layer),
+                        T::zero(),
+                        view_mut(d_in, rows, layer.in_dim),
+                    )
+                },
+            );
+        }
+        None => linear_backward_weight(layer, delta, input, grad),
     }
 }
 

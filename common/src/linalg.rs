@@ -32,14 +32,19 @@ use crate::scalar::Float;
 /// Products below this many flops run as one call: a rayon split costs a few microseconds.
 const SPLIT_MIN_FLOPS: usize = 6 << 20;
 
-/// Target flops per piece of a split product (~25-40 us of work on one core).
-const PIECE_FLOPS: usize = 12 << 20;
+/// Target flops per piece of a split product.
+const PIECE_FLOPS: usize = 16 << 20;
 
-/// At most this many pieces per product: enough to balance 2-8 threads, few enough that each
-/// piece still amortises its operand packing.
+/// At most this many pieces per product.
 const MAX_PIECES: usize = 8;
 
-/// Piece widths are multiples of this (the AVX-512 sgemm micro-kernel is 16 x 16).
+/// Pieces are at least this long along the split side. Every piece re-packs the other operand
+/// (`matrixmultiply` packs both operands per call), which at ~250 GFLOP/s per core costs
+/// ~ (pieces / split length) x 10-20 of the product's time: short pieces spend more time packing
+/// than multiplying. 192 gives 2 pieces of a 400-wide product and 4 of a 784-wide one.
+const MIN_PIECE_LEN: usize = 192;
+
+/// Piece lengths are multiples of this (the AVX-512 sgemm micro-kernel is 16 x 16).
 const PIECE_ALIGN: usize = 16;
 
 /// Column-sum work (rows * cols) below which one thread does it all.
@@ -96,10 +101,12 @@ pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: 
 /// shape alone. Returns `len` (no split) for small products.
 fn piece_len(m: usize, n: usize, k: usize, len: usize) -> usize {
     let flops = 2 * m * n * k;
-    if flops < SPLIT_MIN_FLOPS {
+    if flops < SPLIT_MIN_FLOPS || len < 2 * MIN_PIECE_LEN {
         return len;
     }
-    let pieces = (flops / PIECE_FLOPS).clamp(2, MAX_PIECES);
+    let pieces = (flops / PIECE_FLOPS)
+        .clamp(2, MAX_PIECES)
+        .min(len / MIN_PIECE_LEN);
     len.div_ceil(pieces).next_multiple_of(PIECE_ALIGN)
 }
 

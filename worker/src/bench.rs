@@ -1,0 +1,325 @@
+//! `worker bench`: times full training steps (noise, forward, backward, tree sum, Adam) of a model
+//! on random data, on a rayon pool of its own, as a worker holding every shard would run them.
+//!
+//! The headline figure is examples per second over the timed window. The breakdown beneath it is
+//! measured by timing each part alone on the same pool (forward-only passes, the step's GEMMs
+//! replayed with their exact shapes and operand layouts, the noise, the optimizer), so its parts
+//! add up only approximately to the step.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use common::config::{Likelihood, ModelConfig, parse_hidden};
+use common::elbo::{Vae, Workspace, model_name};
+use common::gradient::GradientSum;
+use common::keyed::{KeyedRng, domain};
+use common::layout::{LayerRole, ParamLayout};
+use common::linalg::gemm;
+use common::noise::fill_eps;
+use common::optim::OptimizerConfig;
+use common::reduce::ReductionTree;
+use common::train::{Engine, ShardBatch};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+
+/// Untimed steps before measuring (page faults, buffer pools, caches, CPU clocks).
+const WARMUP: Duration = Duration::from_millis(700);
+/// At least this many warm-up steps however fast they are.
+const WARMUP_STEPS: usize = 5;
+/// Repetitions of each part timed alone for the breakdown (the fastest run is reported).
+const PART_REPS: usize = 30;
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Global batch size (examples per step).
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Threads of the compute pool.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Seconds to time (after a warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Hidden layer sizes, e.g. `400` or `512,256`.
+    #[arg(long, default_value = "400")]
+    pub hidden: String,
+    /// Latent dimension.
+    #[arg(long, default_value_t = 20)]
+    pub latent: usize,
+    /// Input dimension (784 for MNIST).
+    #[arg(long, default_value_t = 784)]
+    pub input: usize,
+    /// Observation model: `bernoulli` or `gaussian` (variance 1).
+    #[arg(long, default_value = "bernoulli")]
+    pub likelihood: String,
+    /// Virtual shards the batch is cut into (each computed on its own, then tree-summed).
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    /// Reparameterisation samples per example (K).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.threads == 0 || args.batch == 0 || args.shards == 0 {
+        bail!("--threads, --batch and --shards must be positive");
+    }
+    if !args.batch.is_multiple_of(args.shards) {
+        bail!(
+            "--batch {} must be a multiple of --shards {}",
+            args.batch,
+            args.shards
+        );
+    }
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        bail!("--seconds must be a positive number, got {}", args.seconds);
+    }
+    let config = ModelConfig {
+        input_dim: args.input,
+        hidden: parse_hidden(&args.hidden)?,
+        latent: args.latent,
+        likelihood: Likelihood::parse(&args.likelihood, 1.0)?,
+    };
+    let engine = Engine::new(config.clone(), args.samples, 1)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()
+        .context("building the compute pool")?;
+
+    // Random data in [0, 1], one block per shard, global ids 0..batch.
+    let per_shard = args.batch / args.shards;
+    let mut rng = KeyedRng::new(&[domain::BENCH, 0]);
+    let data: Vec<Array2<f32>> = (0..args.shards)
+        .map(|_| Array2::from_shape_fn((per_shard, args.input), |_| rng.next_open01() as f32))
+        .collect();
+    let ids: Vec<Vec<u32>> = (0..args.shards)
+        .map(|s| ((s * per_shard) as u32..((s + 1) * per_shard) as u32).collect())
+        .collect();
+    let batches: Vec<ShardBatch> = data
+        .iter()
+        .zip(&ids)
+        .enumerate()
+        .map(|(s, (x, ids))| ShardBatch {
+            shard: s as u32,
+            x: x.view(),
+            examples: ids,
+        })
+        .collect();
+    let tree = ReductionTree::new(args.shards);
+
+    let adam = OptimizerConfig::adam(1e-3);
+    let mut params = engine.init_params();
+    let mut state = adam.init_state(params.len());
+    let mut sum = GradientSum::zeros(params.len());
+    let mut epoch = 0u64;
+    let mut step = |params: &mut Vec<f32>| -> anyhow::Result<()> {
+        engine.node_gradient_into(params, epoch, &tree, tree.root(), &batches, &mut sum)?;
+        epoch += 1; // fresh noise every step, as in training
+        // The coordinator's part: mean gradient, then the optimizer.
+        let scale = 1.0 / sum.examples as f32;
+        sum.grad.iter_mut().for_each(|g| *g *= scale);
+        adam.step(params, &sum.grad, &mut state)?;
+        Ok(())
+    };
+
+    let (steps, elapsed, step_times) = pool.install(|| -> anyhow::Result<_> {
+        let warm = Instant::now();
+        let mut warm_steps = 0;
+        while warm.elapsed() < WARMUP || warm_steps < WARMUP_STEPS {
+            step(&mut params)?;
+            warm_steps += 1;
+        }
+        let budget = Duration::from_secs_f64(args.seconds);
+        let start = Instant::now();
+        let mut times = Vec::new();
+        while start.elapsed() < budget {
+            let t = Instant::now();
+            step(&mut params)?;
+            times.push(t.elapsed());
+        }
+        Ok((times.len(), start.elapsed(), times))
+    })?;
+    if params.iter().any(|p| !p.is_finite()) {
+        bail!("parameters became non-finite during the benchmark");
+    }
+    let seconds = elapsed.as_secs_f64();
+    println!(
+        "bench: model={} {} batch={} threads={} shards={} steps={} seconds={:.2} samples/s={:.0}",
+        model_name(&config),
+        config.likelihood.name(),
+        args.batch,
+        args.threads,
+        args.shards,
+        steps,
+        seconds,
+        (steps * args.batch) as f64 / seconds
+    );
+    let mut sorted = step_times;
+    sorted.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "  step time: median {:.3} ms, fastest {:.3} ms (= {:.0} samples/s)",
+        ms(sorted[sorted.len() / 2]),
+        ms(sorted[0]),
+        args.batch as f64 / sorted[0].as_secs_f64()
+    );
+
+    let parts = pool.install(|| breakdown(&engine, &data, &ids, args, &params, &adam));
+    let step_ms = ms(sorted[sorted.len() / 2]);
+    println!(
+        "  breakdown (each part timed alone, fastest of {PART_REPS}; median step {step_ms:.3} ms):"
+    );
+    for (name, t) in &parts {
+        println!(
+            "    {name:<40} {:>8.3} ms  {:>5.1}%",
+            ms(*t),
+            100.0 * ms(*t) / step_ms
+        );
+    }
+    let accounted: f64 = parts.iter().map(|(_, t)| ms(*t)).sum();
+    println!(
+        "    {:<40} {:>8.3} ms  {:>5.1}%",
+        "rest (tree sums, scaling, overhead)",
+        step_ms - accounted,
+        100.0 * (step_ms - accounted) / step_ms
+    );
+    Ok(())
+}
+
+fn fastest(mut f: impl FnMut()) -> Duration {
+    f();
+    (0..PART_REPS)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .expect("PART_REPS > 0")
+}
+
+/// Times the parts of a step alone: noise, forward (GEMMs, rest), backward (GEMMs, rest), Adam.
+fn breakdown(
+    engine: &Engine,
+    data: &[Array2<f32>],
+    ids: &[Vec<u32>],
+    args: &BenchArgs,
+    params: &[f32],
+    adam: &OptimizerConfig,
+) -> Vec<(&'static str, Duration)> {
+    let vae = engine.vae();
+    let (k, z_dim) = (args.samples, args.latent);
+    let n = data[0].nrows();
+    let mut eps: Vec<Vec<f32>> = data.iter().map(|_| vec![0.0; n * k * z_dim]).collect();
+    let noise = fastest(|| {
+        for (e, ids) in eps.iter_mut().zip(ids) {
+            fill_eps(engine.seed(), 0, ids, 0, k, z_dim, e);
+        }
+    });
+    let mut ws: Vec<Workspace<f32>> = data.iter().map(|_| Workspace::new()).collect();
+    let mut grads: Vec<Vec<f32>> = data.iter().map(|_| vec![0.0; params.len()]).collect();
+    // Shards one after another here (the engine runs them in parallel when there are several).
+    let forward = fastest(|| {
+        for ((x, e), ws) in data.iter().zip(&eps).zip(&mut ws) {
+            let e = ArrayView2::from_shape((n * k, z_dim), &e[..]).expect("noise shape");
+            vae.elbo(params, x.view(), e, ws).expect("valid batch");
+        }
+    });
+    let forward_backward = fastest(|| {
+        for (((x, e), ws), g) in data.iter().zip(&eps).zip(&mut ws).zip(&mut grads) {
+            let e = ArrayView2::from_shape((n * k, z_dim), &e[..]).expect("noise shape");
+            vae.elbo_grad(params, x.view(), e, g, ws)
+                .expect("valid batch");
+        }
+    });
+    let (fwd_gemm, bwd_gemm) = gemm_times(vae, params, n, k, data.len());
+    let mut p = params.to_vec();
+    let mut state = adam.init_state(p.len());
+    let grad = &grads[0];
+    let optimizer = fastest(|| adam.step(&mut p, grad, &mut state).expect("sizes match"));
+    let backward = forward_backward.saturating_sub(forward);
+    vec![
+        ("noise (keyed normals)", noise),
+        ("forward GEMMs", fwd_gemm),
+        (
+            "forward elementwise (bias, act, loss)",
+            forward.saturating_sub(fwd_gemm),
+        ),
+        ("backward GEMMs", bwd_gemm),
+        (
+            "backward elementwise (masks, sums)",
+            backward.saturating_sub(bwd_gemm),
+        ),
+        ("optimizer (Adam)", optimizer),
+    ]
+}
+
+/// The step's products with their exact shapes and operand layouts, on scratch buffers:
+/// (forward, backward) times for `shards` shards of `n` examples with `k` samples.
+fn gemm_times(
+    vae: &Vae,
+    params: &[f32],
+    n: usize,
+    k: usize,
+    shards: usize,
+) -> (Duration, Duration) {
+    let layout: &ParamLayout = vae.layout();
+    // Rows each layer sees: the encoder n, the decoder n * K.
+    let rows_of = |role: LayerRole| match role {
+        LayerRole::EncoderHidden(_) | LayerRole::Mu | LayerRole::LogVar => n,
+        LayerRole::DecoderHidden(_) | LayerRole::DecoderOut => n * k,
+    };
+    let widest = layout
+        .layers()
+        .iter()
+        .map(|l| rows_of(l.role) * l.in_dim.max(l.out_dim))
+        .max()
+        .unwrap_or(0);
+    let input = vec![0.5f32; widest];
+    let mut output = vec![0.0f32; widest];
+    let mut dweight = vec![0.0f32; params.len()];
+    let w = |l: &common::layout::LinearLayout| {
+        ArrayView2::from_shape((l.out_dim, l.in_dim), &params[l.weight.clone()]).expect("weight")
+    };
+    let forward = fastest(|| {
+        for _ in 0..shards {
+            for l in layout.layers() {
+                let rows = rows_of(l.role);
+                let a = ArrayView2::from_shape((rows, l.in_dim), &input[..rows * l.in_dim]);
+                let c =
+                    ArrayViewMut2::from_shape((rows, l.out_dim), &mut output[..rows * l.out_dim]);
+                gemm(1.0, a.expect("a"), w(l).t(), 0.0, c.expect("c"));
+            }
+        }
+    });
+    let no_encoder_hidden = layout.encoder_hidden().next().is_none();
+    let mut d_in = vec![0.0f32; widest];
+    let backward = fastest(|| {
+        for _ in 0..shards {
+            for l in layout.layers() {
+                let rows = rows_of(l.role);
+                // dW = delta^T input
+                let delta = ArrayView2::from_shape((rows, l.out_dim), &input[..rows * l.out_dim])
+                    .expect("delta");
+                let inp = ArrayView2::from_shape((rows, l.in_dim), &output[..rows * l.in_dim])
+                    .expect("input");
+                let dw = ArrayViewMut2::from_shape(
+                    (l.out_dim, l.in_dim),
+                    &mut dweight[l.weight.clone()],
+                )
+                .expect("dw");
+                gemm(1.0, delta.t(), inp, 0.0, dw);
+                // d_in = delta W, except for layers fed by the data
+                let fed_by_data = matches!(l.role, LayerRole::EncoderHidden(0))
+                    || (no_encoder_hidden && matches!(l.role, LayerRole::Mu | LayerRole::LogVar));
+                if !fed_by_data {
+                    let c =
+                        ArrayViewMut2::from_shape((rows, l.in_dim), &mut d_in[..rows * l.in_dim])
+                            .expect("d_in");
+                    gemm(1.0, delta, w(l), 0.0, c);
+                }
+            }
+        }
+    });
+    (forward, backward)
+}
