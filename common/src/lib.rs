@@ -24,6 +24,7 @@ pub mod error;
 pub mod eval;
 pub mod fingerprint;
 pub mod gradient;
+pub mod inference;
 pub mod init;
 pub mod keyed;
 pub mod layout;

@@ -115,6 +115,13 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:50051")]
         addr: String,
     },
+    // Tools over a trained model (`crate::tools`); each one's --help is its Args struct's doc.
+    Sample(crate::tools::samples::SampleArgs),
+    Reconstruct(crate::tools::reconstruct::ReconstructArgs),
+    Traverse(crate::tools::traverse::TraverseArgs),
+    Scatter(crate::tools::scatter::ScatterArgs),
+    Evaluate(crate::tools::evaluate::EvaluateArgs),
+    Plot(crate::tools::plot::PlotArgs),
 }
 
 impl Cli {

@@ -15,5 +15,6 @@ pub mod progress;
 pub mod run;
 pub mod service;
 pub mod state;
+pub mod tools;
 
 pub use error::{Error, Result};

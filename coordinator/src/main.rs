@@ -13,8 +13,17 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Some(Command::Health { addr }) = &cli.command {
-        return health(addr);
+    if let Some(command) = &cli.command {
+        use coordinator::tools;
+        return match command {
+            Command::Health { addr } => health(addr),
+            Command::Sample(args) => tool(tools::samples::run(args)),
+            Command::Reconstruct(args) => tool(tools::reconstruct::run(args)),
+            Command::Traverse(args) => tool(tools::traverse::run(args)),
+            Command::Scatter(args) => tool(tools::scatter::run(args)),
+            Command::Evaluate(args) => tool(tools::evaluate::run(args)),
+            Command::Plot(args) => tool(tools::plot::run(args)),
+        };
     }
     let config = match cli.into_config() {
         Ok(config) => config,
@@ -27,6 +36,17 @@ async fn main() -> std::process::ExitCode {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The exit status of a tool subcommand (its error printed).
+fn tool(result: coordinator::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
