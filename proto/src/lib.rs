@@ -16,3 +16,9 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 /// Target size of one `ShardChunk`'s pixels.
 pub const SHARD_CHUNK_BYTES: usize = 4 << 20;
+
+/// HTTP/2 flow-control windows. The default 64 KiB window makes a 2.6 MB parameter or gradient
+/// message wait for ~40 window updates, a round trip each; a window larger than one message lets
+/// it stream at once.
+pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
+pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;

@@ -295,6 +295,8 @@ async fn connect_and_register(
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
+        .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
         .tcp_nodelay(true);
     let started = Instant::now();
     let mut backoff = INITIAL_BACKOFF;
