@@ -313,6 +313,27 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         wall_s: started.elapsed().as_secs_f64(),
     };
     outputs::write_summary(&config.out, &summary)?;
+    // Pictures are a convenience: failing to draw them does not fail a trained run.
+    let pictures = {
+        let (engine, heldout) = (Arc::clone(&engine), Arc::clone(&driver.heldout));
+        let (out, seed) = (config.out.clone(), config.seed);
+        tokio::task::spawn_blocking(move || {
+            crate::tools::write_run_images(&out, &engine, &params, &heldout, seed)
+        })
+        .await
+    };
+    match pictures {
+        Ok(Ok(paths)) => tracing::info!(
+            "pictures: {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Ok(Err(e)) => tracing::warn!("could not draw the run's pictures: {e}"),
+        Err(e) => tracing::warn!("drawing the run's pictures panicked: {e}"),
+    }
     tracing::info!(
         "done: held-out ELBO {:.3} nats{}, {:.0} samples/s (compute {:.1}s, communication {:.1}s, \
          update {:.1}s of {:.1}s in steps)",
