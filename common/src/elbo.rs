@@ -28,12 +28,12 @@
 //! Sums over examples are in example order, and every kernel is deterministic for any thread
 //! count ([`crate::linalg`]), so a batch's gradient is a pure function of its inputs.
 
-use ndarray::{ArrayView2, ArrayViewMut2, CowArray, Ix2};
+use ndarray::{ArrayView2, ArrayViewMut2, CowArray, Ix2, s};
 use rayon::prelude::*;
 
 use crate::config::{Likelihood, ModelConfig};
 use crate::layout::{LayerRole, LinearLayout, ParamLayout};
-use crate::linalg::{colsum_into, gemm, relu_backward_colsum};
+use crate::linalg::{colsum_into, gemm, relu_mask};
 use crate::scalar::Float;
 use crate::{Error, Result};
 
@@ -229,6 +229,32 @@ fn lane_sum<T: Float>(v: &[T]) -> f64 {
     ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
+/// The ELBO sums of consecutive segments of the last forward pass, each summed in example order
+/// from zero (so a segment's sums do not depend on its neighbours).
+fn segment_sums<T>(segments: &[usize], samples: usize, ws: &Workspace<T>) -> Vec<BatchSums> {
+    let inv_k = 1.0 / samples as f64;
+    let mut first = 0;
+    segments
+        .iter()
+        .map(|&len| {
+            let mut sums = BatchSums {
+                examples: len as u64,
+                ..BatchSums::default()
+            };
+            for i in first..first + len {
+                let lls = &ws.row_loglik[i * samples..(i + 1) * samples];
+                let recon = lls.iter().sum::<f64>() * inv_k;
+                let kl = ws.row_kl[i];
+                sums.recon += recon;
+                sums.kl += kl;
+                sums.elbo += recon - kl;
+            }
+            first += len;
+            sums
+        })
+        .collect()
+}
+
 /// A VAE's shape: configuration and parameter layout. Stateless; parameters are passed in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Vae {
@@ -319,27 +345,57 @@ impl Vae {
         grad: &mut [T],
         ws: &mut Workspace<T>,
     ) -> Result<BatchSums> {
+        let n = x.nrows();
+        let sums = self.elbo_grad_segments(params, x, eps, &[n], &mut [grad], ws)?;
+        Ok(sums[0])
+    }
+
+    /// [`Vae::elbo_grad`] for a batch made of consecutive segments (shards): `segments[s]`
+    /// examples each, in order. The forward pass and the products that do not sum over examples
+    /// run once on the whole batch; every sum over examples (weight and bias gradients, the ELBO
+    /// sums) is taken per segment, into `grads[s]` and the returned `BatchSums`. Each segment's
+    /// results are bit-identical to [`Vae::elbo_grad`] on that segment alone: a product's row
+    /// does not depend on the other rows (`linalg` tests this), and nothing else mixes rows.
+    pub fn elbo_grad_segments<T: Float>(
+        &self,
+        params: &[T],
+        x: ArrayView2<T>,
+        eps: ArrayView2<T>,
+        segments: &[usize],
+        grads: &mut [&mut [T]],
+        ws: &mut Workspace<T>,
+    ) -> Result<Vec<BatchSums>> {
         let samples = self.check(params, &x, &eps)?;
-        if grad.len() != params.len() {
+        if segments.len() != grads.len() || segments.iter().sum::<usize>() != x.nrows() {
+            return Err(Error::Tensor(format!(
+                "{} segments of {} examples in all, {} gradient buffers, for a batch of {}",
+                segments.len(),
+                segments.iter().sum::<usize>(),
+                grads.len(),
+                x.nrows()
+            )));
+        }
+        if let Some(bad) = grads.iter().find(|g| g.len() != params.len()) {
             return Err(Error::Tensor(format!(
                 "gradient buffer has {} values, the model has {}",
-                grad.len(),
+                bad.len(),
                 params.len()
             )));
         }
         if x.nrows() == 0 {
-            grad.fill(T::zero());
-            return Ok(BatchSums::default());
+            grads.iter_mut().for_each(|g| g.fill(T::zero()));
+            return Ok(vec![BatchSums::default(); segments.len()]);
         }
         let x = x.as_standard_layout();
         let eps = eps.as_standard_layout();
-        let sums = self.forward(params, &x, &eps, samples, ws, true);
-        self.backward(params, &x, &eps, samples, grad, ws);
+        self.forward(params, &x, &eps, samples, ws, true);
+        let sums = segment_sums(segments, samples, ws);
+        self.backward(params, &x, &eps, samples, segments, grads, ws);
         Ok(sums)
     }
 
-    /// Forward pass: fills the workspace and returns the sums. With `want_grad`, leaves `dL/df`
-    /// in `ws.out`.
+    /// Forward pass: fills the workspace (per-row log-likelihoods and KLs) and returns the sums.
+    /// With `want_grad`, leaves `dL/df` in `ws.out`.
     fn forward<T: Float>(
         &self,
         params: &[T],
@@ -358,19 +414,7 @@ impl Vae {
         self.encode(params, x.view(), ws);
         self.reparameterise(eps.as_slice().expect("standard layout"), samples, ws);
         self.decode(params, x, samples, ws, want_grad);
-        let mut sums = BatchSums {
-            examples: n as u64,
-            ..BatchSums::default()
-        };
-        let inv_k = 1.0 / samples as f64;
-        for (i, &kl) in ws.row_kl.iter().enumerate() {
-            let lls = &ws.row_loglik[i * samples..(i + 1) * samples];
-            let recon = lls.iter().sum::<f64>() * inv_k;
-            sums.recon += recon;
-            sums.kl += kl;
-            sums.elbo += recon - kl;
-        }
-        sums
+        segment_sums(&[n], samples, ws)[0]
     }
 
     /// Encoder: hidden layers, both heads, sigma and the per-example KL.
@@ -545,14 +589,17 @@ impl Vae {
         }
     }
 
-    /// Backward pass after `forward(.., want_grad = true)`: overwrites `grad`.
+    /// Backward pass after `forward(.., want_grad = true)`: overwrites `grads[s]` with segment
+    /// `s`'s gradient sum.
+    #[allow(clippy::too_many_arguments)]
     fn backward<T: Float>(
         &self,
         params: &[T],
         x: &CowArray<T, Ix2>,
         eps: &CowArray<T, Ix2>,
         samples: usize,
-        grad: &mut [T],
+        segments: &[usize],
+        grads: &mut [&mut [T]],
         ws: &mut Workspace<T>,
     ) {
         let n = x.nrows();
@@ -571,6 +618,9 @@ impl Vae {
             dlogvar,
             ..
         } = ws;
+        // Row ranges of the segments: encoder rows are examples, decoder rows examples x K.
+        let enc_rows = Segments::new(segments, 1);
+        let dec_rows = Segments::new(segments, samples);
 
         // Output layer: delta = dL/df, [rows, D].
         let out_layer = self.layout.layer(LayerRole::DecoderOut);
@@ -581,20 +631,28 @@ impl Vae {
             None => view(z, rows, z_dim),
         };
         let d_in = sized(grad_a, rows * out_layer.in_dim);
-        linear_backward(params, out_layer, delta, out_input, Some(d_in), grad);
+        layer_backward(
+            params,
+            out_layer,
+            delta,
+            out_input,
+            &dec_rows,
+            Some(d_in),
+            grads,
+        );
 
         // Decoder hidden layers, last to first: grad_a holds dL/d(post-activation).
         for (l, layer) in dec_hidden.iter().enumerate().rev() {
             let act = &dec[l][..rows * layer.out_dim];
             let delta = &mut grad_a[..rows * layer.out_dim];
-            relu_backward_colsum(delta, act, layer.out_dim, &mut grad[layer.bias.clone()]);
+            relu_mask(delta, act);
             let input = if l == 0 {
                 view(z, rows, z_dim)
             } else {
                 view(&dec[l - 1], rows, layer.in_dim)
             };
             let d_in = sized(grad_b, rows * layer.in_dim);
-            linear_backward_weight_input(params, layer, delta, input, Some(d_in), grad);
+            layer_backward(params, layer, delta, input, &dec_rows, Some(d_in), grads);
             std::mem::swap(grad_a, grad_b);
         }
 
@@ -622,7 +680,7 @@ impl Vae {
             }
         }
 
-        // Heads: dL/dh = dmu Wmu + dlv Wlv.
+        // Heads: dL/dh = dmu Wmu + dlv Wlv (only needed when there is an encoder hidden layer).
         let enc_hidden: Vec<&LinearLayout> = self.layout.encoder_hidden().collect();
         let h = match enc_hidden.last() {
             Some(last) => view(&enc[enc_hidden.len() - 1], n, last.out_dim),
@@ -630,26 +688,17 @@ impl Vae {
         };
         let mu_layer = self.layout.layer(LayerRole::Mu);
         let lv_layer = self.layout.layer(LayerRole::LogVar);
-        let need_dh = !enc_hidden.is_empty();
-        let dh = sized(grad_a, n * mu_layer.in_dim);
-        linear_backward_weight_input(
-            params,
-            mu_layer,
-            dmu,
-            h.view(),
-            need_dh.then_some(&mut *dh),
-            grad,
-        );
-        colsum_into(dmu, z_dim, &mut grad[mu_layer.bias.clone()]);
-        linear_backward_weight(lv_layer, dlv, h, grad);
-        colsum_into(dlv, z_dim, &mut grad[lv_layer.bias.clone()]);
-        if need_dh {
+        let dh = (!enc_hidden.is_empty()).then(|| sized(grad_a, n * mu_layer.in_dim));
+        let has_dh = dh.is_some();
+        layer_backward(params, mu_layer, dmu, h.view(), &enc_rows, dh, grads);
+        layer_backward(params, lv_layer, dlv, h, &enc_rows, None, grads);
+        if has_dh {
             gemm(
                 T::one(),
                 view(dlv, n, z_dim),
                 weight(params, lv_layer),
                 T::one(),
-                view_mut(dh, n, lv_layer.in_dim),
+                view_mut(&mut grad_a[..n * lv_layer.in_dim], n, lv_layer.in_dim),
             );
         }
 
@@ -657,16 +706,36 @@ impl Vae {
         for (l, layer) in enc_hidden.iter().enumerate().rev() {
             let act = &enc[l][..n * layer.out_dim];
             let delta = &mut grad_a[..n * layer.out_dim];
-            relu_backward_colsum(delta, act, layer.out_dim, &mut grad[layer.bias.clone()]);
+            relu_mask(delta, act);
             let input = if l == 0 {
                 x.view()
             } else {
                 view(&enc[l - 1], n, layer.in_dim)
             };
             let d_in = (l > 0).then(|| sized(grad_b, n * layer.in_dim));
-            linear_backward_weight_input(params, layer, delta, input, d_in, grad);
+            layer_backward(params, layer, delta, input, &enc_rows, d_in, grads);
             std::mem::swap(grad_a, grad_b);
         }
+    }
+}
+
+/// Row ranges of consecutive segments, `rows_per_example` rows per example.
+struct Segments {
+    bounds: Vec<usize>,
+}
+
+impl Segments {
+    fn new(examples: &[usize], rows_per_example: usize) -> Self {
+        let mut bounds = Vec::with_capacity(examples.len() + 1);
+        bounds.push(0);
+        for &len in examples {
+            bounds.push(bounds.last().expect("non-empty") + len * rows_per_example);
+        }
+        Segments { bounds }
+    }
+
+    fn range(&self, s: usize) -> std::ops::Range<usize> {
+        self.bounds[s]..self.bounds[s + 1]
     }
 }
 
@@ -689,65 +758,56 @@ fn linear<T: Float>(
     add_bias_act(out, &params[layer.bias.clone()], relu);
 }
 
-/// Backward through a linear layer whose output gradient `delta` is final (no activation):
-/// bias gradient, weight gradient and, if asked, `d_in = delta W`.
-fn linear_backward<T: Float>(
+/// Backward through a linear layer given `delta = dL/d(output)` (`[rows, out]`, final):
+/// per segment `s`, `db = colsum(delta_s)` and `dW = delta_s^T input_s` into `grads[s]`; and, if
+/// asked, `d_in = delta W` for all rows at once. The two run side by side.
+fn layer_backward<T: Float>(
     params: &[T],
     layer: &LinearLayout,
     delta: &[T],
     input: ArrayView2<T>,
+    segments: &Segments,
     d_in: Option<&mut [T]>,
-    grad: &mut [T],
+    grads: &mut [&mut [T]],
 ) {
-    colsum_into(delta, layer.out_dim, &mut grad[layer.bias.clone()]);
-    linear_backward_weight_input(params, layer, delta, input, d_in, grad);
-}
-
-/// `dW = delta^T input` into the gradient and, if asked, `d_in = delta W`.
-fn linear_backward_weight_input<T: Float>(
-    params: &[T],
-    layer: &LinearLayout,
-    delta: &[T],
-    input: ArrayView2<T>,
-    d_in: Option<&mut [T]>,
-    grad: &mut [T],
-) {
-    let rows = input.nrows();
-    match d_in {
-        // Independent products: run them side by side (each is deterministic on its own).
-        Some(d_in) => {
-            rayon::join(
-                || linear_backward_weight(layer, delta, input, grad),
-                || {
-                    gemm(
-                        T::one(),
-                        view(delta, rows, layer.out_dim),
-                        weight(params, layer),
-                        T::zero(),
-                        view_mut(d_in, rows, layer.in_dim),
-                    )
-                },
-            );
+    let (out_dim, in_dim) = (layer.out_dim, layer.in_dim);
+    let segment_grads = |s: usize, grad: &mut [T]| {
+        let r = segments.range(s);
+        let delta_s = &delta[r.start * out_dim..r.end * out_dim];
+        colsum_into(delta_s, out_dim, &mut grad[layer.bias.clone()]);
+        gemm(
+            T::one(),
+            view(delta_s, r.len(), out_dim).t(),
+            input.slice(s![r, ..]),
+            T::zero(),
+            view_mut(&mut grad[layer.weight.clone()], out_dim, in_dim),
+        );
+    };
+    let mut all_segments = || {
+        if let [grad] = grads {
+            segment_grads(0, grad);
+        } else {
+            grads
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(s, grad)| segment_grads(s, grad));
         }
-        None => linear_backward_weight(layer, delta, input, grad),
+    };
+    match d_in {
+        Some(d_in) => {
+            let rows = input.nrows();
+            rayon::join(all_segments, || {
+                gemm(
+                    T::one(),
+                    view(delta, rows, out_dim),
+                    weight(params, layer),
+                    T::zero(),
+                    view_mut(d_in, rows, in_dim),
+                )
+            });
+        }
+        None => all_segments(),
     }
-}
-
-/// `dW = delta^T input`, `[out, in]`, written into the gradient.
-fn linear_backward_weight<T: Float>(
-    layer: &LinearLayout,
-    delta: &[T],
-    input: ArrayView2<T>,
-    grad: &mut [T],
-) {
-    let rows = input.nrows();
-    gemm(
-        T::one(),
-        view(delta, rows, layer.out_dim).t(),
-        input,
-        T::zero(),
-        view_mut(&mut grad[layer.weight.clone()], layer.out_dim, layer.in_dim),
-    );
 }
 
 /// `784-400-20` style name for messages.

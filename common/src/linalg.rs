@@ -136,9 +136,9 @@ pub fn colsum_into<T: Float>(a: &[T], cols: usize, out: &mut [T]) {
 /// Elements per piece of a parallel elementwise pass.
 const ELEMENTWISE_PIECE: usize = 1 << 14;
 
-/// The ReLU backward step and the bias gradient: `d[r, j] = 0` where `act[r, j] <= 0` (`act` is
-/// the layer's post-ReLU output), then `out[j] = sum_r d[r, j]` in row order.
-pub fn relu_backward_colsum<T: Float>(d: &mut [T], act: &[T], cols: usize, out: &mut [T]) {
+/// The ReLU backward step: `d[i] = 0` where `act[i] <= 0` (`act` is the layer's post-ReLU
+/// output, so `act > 0` exactly where the pre-activation was positive).
+pub fn relu_mask<T: Float>(d: &mut [T], act: &[T]) {
     assert_eq!(
         d.len(),
         act.len(),
@@ -158,7 +158,6 @@ pub fn relu_backward_colsum<T: Float>(d: &mut [T], act: &[T], cols: usize, out: 
             .zip(act.par_chunks(ELEMENTWISE_PIECE))
             .for_each(|(d, act)| mask(d, act));
     }
-    colsum_into(d, cols, out);
 }
 
 #[cfg(test)]
@@ -236,21 +235,70 @@ mod tests {
 
             let act = filled(rows, cols, 4);
             let mut d = a.clone();
-            let mut bias = vec![0.0f32; cols];
-            relu_backward_colsum(
-                d.as_slice_mut().unwrap(),
-                act.as_slice().unwrap(),
-                cols,
-                &mut bias,
-            );
-            for j in 0..cols {
-                let mut want = 0.0f32;
-                for r in 0..rows {
-                    let masked = if act[[r, j]] > 0.0 { a[[r, j]] } else { 0.0 };
-                    assert_eq!(d[[r, j]], masked);
-                    want += masked;
-                }
-                assert_eq!(bias[j].to_bits(), want.to_bits(), "column {j}");
+            relu_mask(d.as_slice_mut().unwrap(), act.as_slice().unwrap());
+            for ((dv, av), orig) in d.iter().zip(act.iter()).zip(a.iter()) {
+                assert_eq!(*dv, if *av > 0.0 { *orig } else { 0.0 });
+            }
+        }
+    }
+
+    /// DESIGN.md §2 relies on this: a row of a product does not depend on which other rows are
+    /// computed with it (how many, or where the piece boundaries fall), so the engine may batch
+    /// the rows of several shards. Holds for matrixmultiply by construction (every element is
+    /// the same FMA chain over fixed k-blocks, edge tiles included); checked here for the
+    /// operand layouts the engine uses: `x W^T` and `delta W`.
+    #[test]
+    fn a_row_of_a_product_does_not_depend_on_the_other_rows() {
+        use ndarray::s;
+        let m = 300;
+        for &(k, n) in &[
+            (20, 400),
+            (400, 784),
+            (784, 400),
+            (400, 20),
+            (784, 20),
+            (20, 784),
+        ] {
+            let wt = filled(n, k, 5);
+            let x = filled(m, k, 6);
+            let delta = filled(m, n, 7);
+            let mut fwd = Array2::<f32>::zeros((m, n));
+            gemm(1.0, x.view(), wt.t(), 0.0, fwd.view_mut());
+            let mut bwd = Array2::<f32>::zeros((m, k));
+            gemm(1.0, delta.view(), wt.view(), 0.0, bwd.view_mut());
+            for &(r0, r1) in &[
+                (0, 1),
+                (5, 12),
+                (0, 8),
+                (16, 24),
+                (100, 228),
+                (0, 128),
+                (3, 300),
+            ] {
+                let mut part = Array2::<f32>::zeros((r1 - r0, n));
+                gemm(1.0, x.slice(s![r0..r1, ..]), wt.t(), 0.0, part.view_mut());
+                let want = fwd.slice(s![r0..r1, ..]);
+                assert!(
+                    part.iter()
+                        .zip(want.iter())
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "x W^T, k={k} n={n}, rows {r0}..{r1}"
+                );
+                let mut part = Array2::<f32>::zeros((r1 - r0, k));
+                gemm(
+                    1.0,
+                    delta.slice(s![r0..r1, ..]),
+                    wt.view(),
+                    0.0,
+                    part.view_mut(),
+                );
+                let want = bwd.slice(s![r0..r1, ..]);
+                assert!(
+                    part.iter()
+                        .zip(want.iter())
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "delta W, k={k} n={n}, rows {r0}..{r1}"
+                );
             }
         }
     }

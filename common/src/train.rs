@@ -55,8 +55,16 @@ pub struct Engine {
     vae: Vae,
     samples: usize,
     seed: u64,
-    workspaces: Mutex<Vec<Workspace<f32>>>,
+    scratch: Mutex<Vec<Scratch>>,
     spare_grads: Mutex<Vec<Vec<f32>>>,
+}
+
+/// Reusable buffers of one node computation: the model's workspace, the node's rows and ids.
+#[derive(Debug, Default)]
+struct Scratch {
+    ws: Workspace<f32>,
+    x: Vec<f32>,
+    ids: Vec<u32>,
 }
 
 impl Engine {
@@ -71,7 +79,7 @@ impl Engine {
             vae: Vae::new(config)?,
             samples,
             seed,
-            workspaces: Mutex::new(Vec::new()),
+            scratch: Mutex::new(Vec::new()),
             spare_grads: Mutex::new(Vec::new()),
         })
     }
@@ -192,8 +200,11 @@ impl Engine {
         Ok(())
     }
 
-    /// `node`'s sum: a leaf computes its shard; an inner node computes both children (in
-    /// parallel) and adds the right into the left, as [`ReductionTree::evaluate`] does.
+    /// `node`'s sum. The node's shards run as one batch (forward pass and the products that do
+    /// not sum over examples), with every sum over examples taken per shard
+    /// ([`Vae::elbo_grad_segments`]): bit-identical to computing each shard alone, and much
+    /// faster for small shards. The per-shard sums are then added along the tree below `node`,
+    /// `left += right` at every inner node, exactly as [`ReductionTree::evaluate`] does.
     fn compute_node(
         &self,
         params: &[f32],
@@ -202,70 +213,68 @@ impl Engine {
         shards: &[ShardBatch],
         out: &mut GradientSum,
     ) -> Result<()> {
-        let Some((left, right)) = node.children() else {
-            return self.shard_gradient_into(params, epoch, &shards[0], out);
+        let len = self.layout().len();
+        let (d, z_dim, k) = (self.config().input_dim, self.config().latent, self.samples);
+        let mut scratch = self.scratch.lock().expect("pool").pop().unwrap_or_default();
+        let Scratch { ws, x, ids } = &mut scratch;
+        let sizes: Vec<usize> = shards.iter().map(|b| b.examples.len()).collect();
+        let n: usize = sizes.iter().sum();
+        ids.clear();
+        shards
+            .iter()
+            .for_each(|b| ids.extend_from_slice(b.examples));
+        let x_view = if let [only] = shards {
+            only.x
+        } else {
+            // The rows of all shards, in shard order: [n, D].
+            x.clear();
+            for b in shards {
+                match b.x.as_slice() {
+                    Some(rows) => x.extend_from_slice(rows),
+                    None => x.extend(b.x.iter().copied()),
+                }
+            }
+            ArrayView2::from_shape((n, d), &x[..]).expect("n rows of D values")
         };
-        let (left_shards, right_shards) = shards.split_at(left.len() as usize);
-        let mut right_sum = GradientSum {
-            grad: self
-                .spare_grads
-                .lock()
-                .expect("pool")
-                .pop()
-                .unwrap_or_default(),
-            ..GradientSum::zeros(0)
-        };
-        let (a, b) = rayon::join(
-            || self.compute_node(params, epoch, left, left_shards, out),
-            || self.compute_node(params, epoch, right, right_shards, &mut right_sum),
-        );
-        a?;
-        b?;
-        out.add_assign(&right_sum);
-        self.spare_grads.lock().expect("pool").push(right_sum.grad);
-        Ok(())
-    }
-
-    /// One shard's gradient sum into `out` (overwritten). Inputs are assumed checked.
-    fn shard_gradient_into(
-        &self,
-        params: &[f32],
-        epoch: u64,
-        batch: &ShardBatch,
-        out: &mut GradientSum,
-    ) -> Result<()> {
-        let mut ws = self
-            .workspaces
-            .lock()
-            .expect("pool")
-            .pop()
-            .unwrap_or_default();
-        let n = batch.examples.len();
-        let z_dim = self.config().latent;
         let mut eps = std::mem::take(&mut ws.eps);
-        eps.resize(n * self.samples * z_dim, 0.0);
-        fill_eps(
-            self.seed,
-            epoch,
-            batch.examples,
-            0,
-            self.samples,
-            z_dim,
-            &mut eps,
-        );
-        out.grad.resize(self.layout().len(), 0.0);
-        let eps_view = ArrayView2::from_shape((n * self.samples, z_dim), &eps[..])
-            .expect("noise is [n * K, Z]");
-        let result = self
-            .vae
-            .elbo_grad(params, batch.x, eps_view, &mut out.grad, &mut ws);
+        eps.resize(n * k * z_dim, 0.0);
+        fill_eps(self.seed, epoch, ids, 0, k, z_dim, &mut eps);
+        let eps_view =
+            ArrayView2::from_shape((n * k, z_dim), &eps[..]).expect("noise is [n * K, Z]");
+
+        // Shard lo's sum lands in `out`, the others' in pooled buffers.
+        let mut rest: Vec<GradientSum> = {
+            let mut spare = self.spare_grads.lock().expect("pool");
+            (1..shards.len())
+                .map(|_| GradientSum {
+                    grad: spare.pop().unwrap_or_default(),
+                    ..GradientSum::zeros(0)
+                })
+                .collect()
+        };
+        out.grad.resize(len, 0.0);
+        rest.iter_mut().for_each(|g| g.grad.resize(len, 0.0));
+        let result = {
+            let mut grads: Vec<&mut [f32]> = std::iter::once(&mut out.grad[..])
+                .chain(rest.iter_mut().map(|g| &mut g.grad[..]))
+                .collect();
+            self.vae
+                .elbo_grad_segments(params, x_view, eps_view, &sizes, &mut grads, ws)
+        };
         ws.eps = eps;
-        self.workspaces.lock().expect("pool").push(ws);
+        self.scratch.lock().expect("pool").push(scratch);
         let sums = result?;
-        out.examples = sums.examples;
-        out.elbo = sums.elbo;
-        out.recon = sums.recon;
-        out.kl = sums.kl;
+        let mut leaves: Vec<&mut GradientSum> = std::iter::once(out).chain(&mut rest).collect();
+        for (leaf, s) in leaves.iter_mut().zip(&sums) {
+            leaf.examples = s.examples;
+            leaf.elbo = s.elbo;
+            leaf.recon = s.recon;
+            leaf.kl = s.kl;
+        }
+        sum_along_tree(node, &mut leaves);
+        drop(leaves);
+        let mut spare = self.spare_grads.lock().expect("pool");
+        spare.extend(rest.into_iter().map(|g| g.grad));
         Ok(())
     }
 
@@ -286,5 +295,16 @@ impl Engine {
             )));
         }
         evaluate(&self.vae, params, x, self.seed, iw_samples)
+    }
+}
+
+/// Adds per-shard sums along the tree below `node` into `leaves[0]` (`leaves[i]` is shard
+/// `node.lo + i`): at every inner node `left += right`, as [`ReductionTree::evaluate`] does.
+/// Disjoint subtrees run in parallel; the additions are elementwise, so that changes no bits.
+fn sum_along_tree(node: Node, leaves: &mut [&mut GradientSum]) {
+    if let Some((left, right)) = node.children() {
+        let (l, r) = leaves.split_at_mut(left.len() as usize);
+        rayon::join(|| sum_along_tree(left, l), || sum_along_tree(right, r));
+        l[0].add_assign(r[0]);
     }
 }
