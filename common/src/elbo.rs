@@ -61,7 +61,7 @@ pub struct BatchSums {
 
 /// Reusable buffers for one batch at a time: keep one per thread of work to avoid allocating in
 /// the training loop. Sizes grow to the largest batch seen and stay.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Workspace<T> {
     /// Post-ReLU encoder hidden activations, `[n, H_l]` each.
     enc: Vec<Vec<T>>,
@@ -86,7 +86,39 @@ pub struct Workspace<T> {
     dmu: Vec<T>,
     dlogvar: Vec<T>,
     /// Noise `[n*K, Z]`, for callers that generate it in place ([`crate::train`]).
-    pub eps: Vec<T>,
+    pub(crate) eps: Vec<T>,
+}
+
+impl<T> std::fmt::Debug for Workspace<T> {
+    /// Sizes only: the buffers hold megabytes of floats.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let floats = self
+            .enc
+            .iter()
+            .chain(&self.dec)
+            .map(Vec::len)
+            .sum::<usize>()
+            + [
+                &self.mu,
+                &self.logvar,
+                &self.sigma,
+                &self.z,
+                &self.out,
+                &self.grad_a,
+                &self.grad_b,
+                &self.dmu,
+                &self.dlogvar,
+                &self.eps,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>();
+        f.debug_struct("Workspace")
+            .field("examples", &self.row_kl.len())
+            .field("decoder_rows", &self.row_loglik.len())
+            .field("buffered_values", &floats)
+            .finish()
+    }
 }
 
 impl<T: Float> Workspace<T> {

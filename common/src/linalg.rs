@@ -7,21 +7,24 @@
 //!
 //! GEMMs go through `ndarray::linalg::general_mat_mul`, i.e. the `matrixmultiply` crate, one
 //! single-threaded call per piece. Measured on this project's machine (2 cores, AMD EPYC family 26,
-//! AVX-512), f32, the five large products of a 784-400-20 VAE step at batch 128 (~400 MFLOP):
+//! i.e. Zen 5 *with* AVX-512, unlike the Zen 3 of DESIGN.md §4), f32, the five large products of
+//! a 784-400-20 VAE step at batch 128 (~400 MFLOP), quiet machine:
 //!
-//! | kernel                                         | 1 thread | 2 threads |
-//! |------------------------------------------------|----------|-----------|
-//! | matrixmultiply (AVX-512 kernel), whole matrix  | 1.9 ms   | (1 thread per call) |
-//! | matrixmultiply, fixed column/row pieces        | 2.2 ms   | 1.2-1.3 ms |
-//! | `gemm` 0.19, `Parallelism::None` / `Rayon(2)`  | 3.2 ms   | 1.65 ms   |
-//! | `gemm` 0.19, fixed pieces                      | 3.2 ms   | 1.7-1.9 ms |
+//! | kernel                                             | 1 thread | 2 threads |
+//! |----------------------------------------------------|----------|-----------|
+//! | matrixmultiply 0.3 (AVX-512 kernel), one call      | 1.9 ms   | (single-threaded per call) |
+//! | matrixmultiply, fixed pieces of >= 192 (this file) | 2.1 ms   | 1.08 ms   |
+//! | `gemm` 0.19, `Parallelism::None` / `Rayon(2)`      | 3.2 ms   | 1.65 ms   |
+//! | `gemm` 0.19, fixed pieces                          | 3.3 ms   | 1.72 ms   |
 //!
 //! `gemm` 0.19 uses AVX2 only on stable Rust (its AVX-512 path needs its `nightly` feature), so on
-//! an AVX-512 CPU `matrixmultiply` wins; on an AVX2-only CPU (DESIGN.md §4) `gemm` was ~10% faster
-//! per call. We keep `matrixmultiply`: it is safe to call through ndarray, its per-call result does
-//! not depend on any thread setting, and it wins here. (The `gemm` crate's own rayon parallelism
-//! splits only output tiles and kept k-blocking independent of the thread count when read, but
-//! relying on that internal detail is not needed.)
+//! this CPU `matrixmultiply` is ~1.6x faster; on an AVX2-only CPU `gemm` was ~10% faster per call
+//! (DESIGN.md §4). `gemm`'s own `Rayon(n)` split gave bit-identical results for 1, 2, 3 and 8
+//! threads on these shapes (it splits output tiles only; its k-blocking ignores the thread count),
+//! so it would be an acceptable choice there. We keep `matrixmultiply`: safe to call through
+//! ndarray, faster here, and every piece's result is independent of any thread setting.
+//! `matrixmultiply` needs its default `avx512` feature, which ndarray turns off: `common` depends
+//! on it directly to turn it back on.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};

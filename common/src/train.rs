@@ -50,13 +50,24 @@ pub struct ShardBatch<'a> {
 
 /// The numerical engine: a model shape, the number of reparameterisation samples K, the run seed,
 /// and pools of reusable buffers (so steady-state steps do not allocate activations).
-#[derive(Debug)]
 pub struct Engine {
     vae: Vae,
     samples: usize,
     seed: u64,
     scratch: Mutex<Vec<Scratch>>,
     spare_grads: Mutex<Vec<Vec<f32>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    /// The settings, not the buffer pools.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &model_name(self.config()))
+            .field("likelihood", &self.config().likelihood)
+            .field("samples", &self.samples)
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Reusable buffers of one node computation: the model's workspace, the node's rows and ids.

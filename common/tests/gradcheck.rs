@@ -203,39 +203,46 @@ fn no_hidden_layers() {
     Case::new(small(vec![], Likelihood::Bernoulli), 4, 2, 7).check("bernoulli 7-3");
 }
 
-/// A direct transcription of DESIGN.md §1 for one example, loops only, sharing no code with the
-/// engine: the engine's ELBO must agree with it (all constants included).
-fn reference_elbo(vae: &Vae, params: &[f64], x: &[f64], eps: ArrayView2<f64>) -> (f64, f64) {
-    let layout = vae.layout();
-    let linear = |name: &str, input: &[f64], relu: bool| -> Vec<f64> {
-        let layer = layout.layers().iter().find(|l| l.name == name).unwrap();
+/// A direct transcription of DESIGN.md §1 for a one-hidden-layer model, loops only, sharing no
+/// code with the engine.
+struct Reference<'a> {
+    vae: &'a Vae,
+    params: &'a [f64],
+}
+
+impl Reference<'_> {
+    fn linear(&self, name: &str, input: &[f64], relu: bool) -> Vec<f64> {
+        let layer = self
+            .vae
+            .layout()
+            .layers()
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap();
         (0..layer.out_dim)
             .map(|o| {
-                let mut acc = params[layer.bias.start + o];
+                let mut acc = self.params[layer.bias.start + o];
                 for (i, v) in input.iter().enumerate() {
-                    acc += params[layer.weight.start + o * layer.in_dim + i] * v;
+                    acc += self.params[layer.weight.start + o * layer.in_dim + i] * v;
                 }
                 if relu { acc.max(0.0) } else { acc }
             })
             .collect()
-    };
-    // One hidden layer: PyTorch names fc1, fc21, fc22, fc3, fc4.
-    let h = linear("fc1", x, true);
-    let mu = linear("fc21", &h, false);
-    let lv = linear("fc22", &h, false);
-    let kl: f64 = mu
-        .iter()
-        .zip(&lv)
-        .map(|(m, l)| 0.5 * (m * m + l.exp() - l - 1.0))
-        .sum();
-    let k = eps.nrows();
-    let mut recon = 0.0;
-    for row in eps.rows() {
-        let z: Vec<f64> = (0..mu.len())
-            .map(|j| mu[j] + (lv[j] / 2.0).exp() * row[j])
-            .collect();
-        let f = linear("fc4", &linear("fc3", &z, true), false);
-        let logp: f64 = match vae.config().likelihood {
+    }
+
+    /// (mu, logvar) of q(z|x). PyTorch names: fc1, fc21, fc22.
+    fn encode(&self, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let h = self.linear("fc1", x, true);
+        (
+            self.linear("fc21", &h, false),
+            self.linear("fc22", &h, false),
+        )
+    }
+
+    /// log p(x|z), decoder fc3, fc4.
+    fn log_px(&self, x: &[f64], z: &[f64]) -> f64 {
+        let f = self.linear("fc4", &self.linear("fc3", z, true), false);
+        match self.vae.config().likelihood {
             // x log s(f) + (1 - x) log(1 - s(f)), the textbook form
             Likelihood::Bernoulli => x
                 .iter()
@@ -250,10 +257,51 @@ fn reference_elbo(vae: &Vae, params: &[f64], x: &[f64], eps: ArrayView2<f64>) ->
                 let sq: f64 = x.iter().zip(&f).map(|(x, f)| (x - f) * (x - f)).sum();
                 -d / 2.0 * (2.0 * std::f64::consts::PI * c).ln() - sq / (2.0 * c)
             }
-        };
-        recon += logp / k as f64;
+        }
     }
-    (recon - kl, kl)
+
+    /// (ELBO, KL) of one example with the given noise rows.
+    fn elbo(&self, x: &[f64], eps: ArrayView2<f64>) -> (f64, f64) {
+        let (mu, lv) = self.encode(x);
+        let kl: f64 = mu
+            .iter()
+            .zip(&lv)
+            .map(|(m, l)| 0.5 * (m * m + l.exp() - l - 1.0))
+            .sum();
+        let k = eps.nrows();
+        let mut recon = 0.0;
+        for row in eps.rows() {
+            let z: Vec<f64> = (0..mu.len())
+                .map(|j| mu[j] + (lv[j] / 2.0).exp() * row[j])
+                .collect();
+            recon += self.log_px(x, &z) / k as f64;
+        }
+        (recon - kl, kl)
+    }
+
+    /// log (1/k) sum_j p(x, z_j) / q(z_j|x), with full Gaussian densities, naive log-sum-exp.
+    fn iw_bound(&self, x: &[f64], eps: ArrayView2<f64>) -> f64 {
+        let (mu, lv) = self.encode(x);
+        let ln_2pi = (2.0 * std::f64::consts::PI).ln();
+        let weights: Vec<f64> = eps
+            .rows()
+            .into_iter()
+            .map(|e| {
+                let z: Vec<f64> = (0..mu.len())
+                    .map(|j| mu[j] + (lv[j] / 2.0).exp() * e[j])
+                    .collect();
+                let log_prior: f64 = z.iter().map(|z| -0.5 * (ln_2pi + z * z)).sum();
+                let log_q: f64 = (0..mu.len())
+                    .map(|j| {
+                        let var = lv[j].exp();
+                        -0.5 * (ln_2pi + lv[j] + (z[j] - mu[j]).powi(2) / var)
+                    })
+                    .sum();
+                (self.log_px(x, &z) + log_prior - log_q).exp()
+            })
+            .collect();
+        (weights.iter().sum::<f64>() / weights.len() as f64).ln()
+    }
 }
 
 #[test]
@@ -268,12 +316,11 @@ fn elbo_value_matches_a_direct_transcription() {
         let (mut elbo, mut kl) = (0.0, 0.0);
         for i in 0..4 {
             let eps = case.eps.slice(ndarray::s![i * 3..(i + 1) * 3, ..]);
-            let (e, k) = reference_elbo(
-                &case.vae,
-                &case.params,
-                case.x.row(i).as_slice().unwrap(),
-                eps,
-            );
+            let reference = Reference {
+                vae: &case.vae,
+                params: &case.params,
+            };
+            let (e, k) = reference.elbo(case.x.row(i).as_slice().unwrap(), eps);
             elbo += e;
             kl += k;
         }
@@ -363,4 +410,49 @@ fn rejects_inputs_of_the_wrong_width_and_bad_noise() {
             )
             .is_err()
     );
+}
+
+/// The held-out report against the reference: the ELBO with the evaluation noise (K = 1) and the
+/// importance-weighted bound with k = 5, over more examples than one evaluation chunk.
+#[test]
+fn evaluation_matches_a_direct_transcription() {
+    use common::eval::{EVAL_EPOCH, evaluate};
+    use common::noise::sample_eps;
+    for likelihood in [Likelihood::Bernoulli, GAUSSIAN] {
+        let case = Case::new(small(vec![6], likelihood), 150, 1, 21);
+        let (seed, k, z_dim) = (5, 5, case.vae.config().latent);
+        let report = evaluate(&case.vae, &case.params, case.x.view(), seed, k).unwrap();
+        let reference = Reference {
+            vae: &case.vae,
+            params: &case.params,
+        };
+        let (mut elbo, mut kl, mut iw) = (0.0, 0.0, 0.0);
+        for (row, x) in case.x.rows().into_iter().enumerate() {
+            let x = x.as_slice().unwrap();
+            let mut eps = Array2::<f64>::zeros((k, z_dim));
+            for (j, mut e) in eps.rows_mut().into_iter().enumerate() {
+                sample_eps(
+                    seed,
+                    EVAL_EPOCH,
+                    row as u64,
+                    j as u64,
+                    e.as_slice_mut().unwrap(),
+                );
+            }
+            let (e, l) = reference.elbo(x, eps.slice(ndarray::s![0..1, ..]));
+            elbo += e;
+            kl += l;
+            iw += reference.iw_bound(x, eps.view());
+        }
+        let n = case.x.nrows() as f64;
+        assert_eq!(report.examples, 150);
+        assert_close(report.elbo, elbo / n, "mean ELBO vs reference");
+        assert_close(report.kl, kl / n, "mean KL vs reference");
+        assert_close(
+            report.iw_bound.unwrap(),
+            iw / n,
+            "mean IW bound vs reference",
+        );
+        assert!(report.iw_bound.unwrap() > report.elbo - 1.0, "sanity");
+    }
 }
