@@ -198,7 +198,8 @@ fn fastest(mut f: impl FnMut()) -> Duration {
         .expect("PART_REPS > 0")
 }
 
-/// Times the parts of a step alone: noise, forward (GEMMs, rest), backward (GEMMs, rest), Adam.
+/// Times the parts of a step alone, as the engine runs them: all shards' rows in one forward
+/// pass, weight and bias gradients per shard, the rest of the backward pass on all rows.
 fn breakdown(
     engine: &Engine,
     data: &[Array2<f32>],
@@ -209,33 +210,30 @@ fn breakdown(
 ) -> Vec<(&'static str, Duration)> {
     let vae = engine.vae();
     let (k, z_dim) = (args.samples, args.latent);
-    let n = data[0].nrows();
-    let mut eps: Vec<Vec<f32>> = data.iter().map(|_| vec![0.0; n * k * z_dim]).collect();
-    let noise = fastest(|| {
-        for (e, ids) in eps.iter_mut().zip(ids) {
-            fill_eps(engine.seed(), 0, ids, 0, k, z_dim, e);
-        }
-    });
-    let mut ws: Vec<Workspace<f32>> = data.iter().map(|_| Workspace::new()).collect();
-    let mut grads: Vec<Vec<f32>> = data.iter().map(|_| vec![0.0; params.len()]).collect();
-    // Shards one after another here (the engine runs them in parallel when there are several).
+    let per_shard = data[0].nrows();
+    let n = per_shard * data.len();
+    let views: Vec<ArrayView2<f32>> = data.iter().map(|x| x.view()).collect();
+    let x = ndarray::concatenate(ndarray::Axis(0), &views).expect("same widths");
+    let all_ids: Vec<u32> = ids.concat();
+    let mut eps = vec![0.0f32; n * k * z_dim];
+    let noise = fastest(|| fill_eps(engine.seed(), 0, &all_ids, 0, k, z_dim, &mut eps));
+    let eps = ArrayView2::from_shape((n * k, z_dim), &eps[..]).expect("noise shape");
+    let mut ws = Workspace::new();
     let forward = fastest(|| {
-        for ((x, e), ws) in data.iter().zip(&eps).zip(&mut ws) {
-            let e = ArrayView2::from_shape((n * k, z_dim), &e[..]).expect("noise shape");
-            vae.elbo(params, x.view(), e, ws).expect("valid batch");
-        }
+        vae.elbo(params, x.view(), eps, &mut ws)
+            .expect("valid batch");
     });
+    let sizes = vec![per_shard; data.len()];
+    let mut bufs: Vec<Vec<f32>> = data.iter().map(|_| vec![0.0; params.len()]).collect();
     let forward_backward = fastest(|| {
-        for (((x, e), ws), g) in data.iter().zip(&eps).zip(&mut ws).zip(&mut grads) {
-            let e = ArrayView2::from_shape((n * k, z_dim), &e[..]).expect("noise shape");
-            vae.elbo_grad(params, x.view(), e, g, ws)
-                .expect("valid batch");
-        }
+        let mut grads: Vec<&mut [f32]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+        vae.elbo_grad_segments(params, x.view(), eps, &sizes, &mut grads, &mut ws)
+            .expect("valid batch");
     });
-    let (fwd_gemm, bwd_gemm) = gemm_times(vae, params, n, k, data.len());
+    let (fwd_gemm, bwd_gemm) = gemm_times(vae, params, per_shard, k, data.len());
     let mut p = params.to_vec();
     let mut state = adam.init_state(p.len());
-    let grad = &grads[0];
+    let grad = &bufs[0];
     let optimizer = fastest(|| adam.step(&mut p, grad, &mut state).expect("sizes match"));
     let backward = forward_backward.saturating_sub(forward);
     vec![
@@ -254,25 +252,27 @@ fn breakdown(
     ]
 }
 
-/// The step's products with their exact shapes and operand layouts, on scratch buffers:
-/// (forward, backward) times for `shards` shards of `n` examples with `k` samples.
+/// The step's products with their exact shapes and operand layouts, on scratch buffers, as the
+/// engine runs them for `shards` shards of `per_shard` examples with `k` samples: forward and
+/// `delta W` products on all rows at once, `delta^T input` (weight gradients) per shard.
+/// Returns (forward, backward) times.
 fn gemm_times(
     vae: &Vae,
     params: &[f32],
-    n: usize,
+    per_shard: usize,
     k: usize,
     shards: usize,
 ) -> (Duration, Duration) {
     let layout: &ParamLayout = vae.layout();
-    // Rows each layer sees: the encoder n, the decoder n * K.
+    // Rows each layer sees per shard: the encoder one per example, the decoder K.
     let rows_of = |role: LayerRole| match role {
-        LayerRole::EncoderHidden(_) | LayerRole::Mu | LayerRole::LogVar => n,
-        LayerRole::DecoderHidden(_) | LayerRole::DecoderOut => n * k,
+        LayerRole::EncoderHidden(_) | LayerRole::Mu | LayerRole::LogVar => per_shard,
+        LayerRole::DecoderHidden(_) | LayerRole::DecoderOut => per_shard * k,
     };
     let widest = layout
         .layers()
         .iter()
-        .map(|l| rows_of(l.role) * l.in_dim.max(l.out_dim))
+        .map(|l| shards * rows_of(l.role) * l.in_dim.max(l.out_dim))
         .max()
         .unwrap_or(0);
     let input = vec![0.5f32; widest];
@@ -282,23 +282,20 @@ fn gemm_times(
         ArrayView2::from_shape((l.out_dim, l.in_dim), &params[l.weight.clone()]).expect("weight")
     };
     let forward = fastest(|| {
-        for _ in 0..shards {
-            for l in layout.layers() {
-                let rows = rows_of(l.role);
-                let a = ArrayView2::from_shape((rows, l.in_dim), &input[..rows * l.in_dim]);
-                let c =
-                    ArrayViewMut2::from_shape((rows, l.out_dim), &mut output[..rows * l.out_dim]);
-                gemm(1.0, a.expect("a"), w(l).t(), 0.0, c.expect("c"));
-            }
+        for l in layout.layers() {
+            let rows = shards * rows_of(l.role);
+            let a = ArrayView2::from_shape((rows, l.in_dim), &input[..rows * l.in_dim]);
+            let c = ArrayViewMut2::from_shape((rows, l.out_dim), &mut output[..rows * l.out_dim]);
+            gemm(1.0, a.expect("a"), w(l).t(), 0.0, c.expect("c"));
         }
     });
     let no_encoder_hidden = layout.encoder_hidden().next().is_none();
     let mut d_in = vec![0.0f32; widest];
     let backward = fastest(|| {
-        for _ in 0..shards {
-            for l in layout.layers() {
-                let rows = rows_of(l.role);
-                // dW = delta^T input
+        for l in layout.layers() {
+            let rows = rows_of(l.role);
+            // dW = delta_s^T input_s, per shard
+            for _ in 0..shards {
                 let delta = ArrayView2::from_shape((rows, l.out_dim), &input[..rows * l.out_dim])
                     .expect("delta");
                 let inp = ArrayView2::from_shape((rows, l.in_dim), &output[..rows * l.in_dim])
@@ -309,15 +306,17 @@ fn gemm_times(
                 )
                 .expect("dw");
                 gemm(1.0, delta.t(), inp, 0.0, dw);
-                // d_in = delta W, except for layers fed by the data
-                let fed_by_data = matches!(l.role, LayerRole::EncoderHidden(0))
-                    || (no_encoder_hidden && matches!(l.role, LayerRole::Mu | LayerRole::LogVar));
-                if !fed_by_data {
-                    let c =
-                        ArrayViewMut2::from_shape((rows, l.in_dim), &mut d_in[..rows * l.in_dim])
-                            .expect("d_in");
-                    gemm(1.0, delta, w(l), 0.0, c);
-                }
+            }
+            // d_in = delta W on all rows, except for layers fed by the data
+            let fed_by_data = matches!(l.role, LayerRole::EncoderHidden(0))
+                || (no_encoder_hidden && matches!(l.role, LayerRole::Mu | LayerRole::LogVar));
+            if !fed_by_data {
+                let all = shards * rows;
+                let delta = ArrayView2::from_shape((all, l.out_dim), &input[..all * l.out_dim])
+                    .expect("delta");
+                let c = ArrayViewMut2::from_shape((all, l.in_dim), &mut d_in[..all * l.in_dim])
+                    .expect("d_in");
+                gemm(1.0, delta, w(l), 0.0, c);
             }
         }
     });
