@@ -217,6 +217,17 @@ fn reference() -> &'static str {
     })
 }
 
+/// Waits for the coordinator to report the loss; prints how long detection took.
+fn detected(cluster: &Cluster, what: &str) {
+    let since = Instant::now();
+    cluster.wait_log("lost", 1, Duration::from_secs(15));
+    eprintln!(
+        "{}: {what} detected within {:.1}s (log polled every 0.2s)",
+        cluster.project,
+        since.elapsed().as_secs_f64()
+    );
+}
+
 /// Waits until every worker has joined and training has made some progress.
 fn mid_epoch(cluster: &Cluster) {
     cluster.wait_log("joined", 4, Duration::from_secs(60));
@@ -243,7 +254,7 @@ fn a_killed_worker_costs_nothing_but_time() {
     mid_epoch(&cluster);
     let victim = cluster.ids("worker").remove(1);
     run(Command::new("docker").args(["kill", &victim]));
-    cluster.wait_log("lost", 1, Duration::from_secs(15));
+    detected(&cluster, "docker kill");
     assert_eq!(cluster.finish(Duration::from_secs(300)), reference());
 }
 
@@ -257,7 +268,7 @@ fn a_paused_worker_is_dropped_and_rejoins_when_unpaused() {
     mid_epoch(&cluster);
     let victim = cluster.ids("worker").remove(2);
     run(Command::new("docker").args(["pause", &victim]));
-    cluster.wait_log("lost", 1, Duration::from_secs(15));
+    detected(&cluster, "docker pause");
     run(Command::new("docker").args(["unpause", &victim]));
     cluster.wait_log("joined", 5, Duration::from_secs(30));
     assert_eq!(cluster.finish(Duration::from_secs(300)), reference());
@@ -274,7 +285,7 @@ fn a_worker_cut_off_the_network_is_dropped_and_rejoins() {
     let victim = cluster.ids("worker").remove(0);
     let network = format!("{}_train", cluster.project);
     run(Command::new("docker").args(["network", "disconnect", &network, &victim]));
-    cluster.wait_log("lost", 1, Duration::from_secs(15));
+    detected(&cluster, "network disconnect");
     run(Command::new("docker").args(["network", "connect", &network, &victim]));
     cluster.wait_log("joined", 5, Duration::from_secs(60));
     assert_eq!(cluster.finish(Duration::from_secs(300)), reference());
