@@ -36,7 +36,7 @@ use crate::eval::{EvalReport, evaluate};
 use crate::gradient::GradientSum;
 use crate::layout::ParamLayout;
 use crate::noise::fill_eps;
-use crate::reduce::{Node, ReductionTree, TreeSum};
+use crate::reduce::{Node, ReductionTree};
 use crate::{Error, Result};
 
 /// One shard's examples for one step. `x` row `i` is example `examples[i]` (a global id: it keys
@@ -55,7 +55,6 @@ pub struct Engine {
     samples: usize,
     seed: u64,
     scratch: Mutex<Vec<Scratch>>,
-    spare_grads: Mutex<Vec<Vec<f32>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -91,7 +90,6 @@ impl Engine {
             samples,
             seed,
             scratch: Mutex::new(Vec::new()),
-            spare_grads: Mutex::new(Vec::new()),
         })
     }
 
@@ -211,11 +209,9 @@ impl Engine {
         Ok(())
     }
 
-    /// `node`'s sum. The node's shards run as one batch (forward pass and the products that do
-    /// not sum over examples), with every sum over examples taken per shard
-    /// ([`Vae::elbo_grad_segments`]): bit-identical to computing each shard alone, and much
-    /// faster for small shards. The per-shard sums are then added along the tree below `node`,
-    /// `left += right` at every inner node, exactly as [`ReductionTree::evaluate`] does.
+    /// `node`'s sum: the node's shards stacked into one batch and handed to
+    /// [`Vae::elbo_grad_tree`], which gives exactly the bits of computing every shard alone and
+    /// adding the results along the tree below `node` as [`ReductionTree::evaluate`] does.
     fn compute_node(
         &self,
         params: &[f32],
@@ -224,7 +220,6 @@ impl Engine {
         shards: &[ShardBatch],
         out: &mut GradientSum,
     ) -> Result<()> {
-        let len = self.layout().len();
         let (d, z_dim, k) = (self.config().input_dim, self.config().latent, self.samples);
         let mut scratch = self.scratch.lock().expect("pool").pop().unwrap_or_default();
         let Scratch { ws, x, ids } = &mut scratch;
@@ -252,40 +247,17 @@ impl Engine {
         fill_eps(self.seed, epoch, ids, 0, k, z_dim, &mut eps);
         let eps_view =
             ArrayView2::from_shape((n * k, z_dim), &eps[..]).expect("noise is [n * K, Z]");
-
-        // Shard lo's sum lands in `out`, the others' in pooled buffers.
-        let mut rest: Vec<GradientSum> = {
-            let mut spare = self.spare_grads.lock().expect("pool");
-            (1..shards.len())
-                .map(|_| GradientSum {
-                    grad: spare.pop().unwrap_or_default(),
-                    ..GradientSum::zeros(0)
-                })
-                .collect()
-        };
-        out.grad.resize(len, 0.0);
-        rest.iter_mut().for_each(|g| g.grad.resize(len, 0.0));
-        let result = {
-            let mut grads: Vec<&mut [f32]> = std::iter::once(&mut out.grad[..])
-                .chain(rest.iter_mut().map(|g| &mut g.grad[..]))
-                .collect();
+        out.grad.resize(self.layout().len(), 0.0);
+        let result =
             self.vae
-                .elbo_grad_segments(params, x_view, eps_view, &sizes, &mut grads, ws)
-        };
+                .elbo_grad_tree(params, x_view, eps_view, node, &sizes, &mut out.grad, ws);
         ws.eps = eps;
         self.scratch.lock().expect("pool").push(scratch);
         let sums = result?;
-        let mut leaves: Vec<&mut GradientSum> = std::iter::once(out).chain(&mut rest).collect();
-        for (leaf, s) in leaves.iter_mut().zip(&sums) {
-            leaf.examples = s.examples;
-            leaf.elbo = s.elbo;
-            leaf.recon = s.recon;
-            leaf.kl = s.kl;
-        }
-        sum_along_tree(node, &mut leaves);
-        drop(leaves);
-        let mut spare = self.spare_grads.lock().expect("pool");
-        spare.extend(rest.into_iter().map(|g| g.grad));
+        out.examples = sums.examples;
+        out.elbo = sums.elbo;
+        out.recon = sums.recon;
+        out.kl = sums.kl;
         Ok(())
     }
 
@@ -306,16 +278,5 @@ impl Engine {
             )));
         }
         evaluate(&self.vae, params, x, self.seed, iw_samples)
-    }
-}
-
-/// Adds per-shard sums along the tree below `node` into `leaves[0]` (`leaves[i]` is shard
-/// `node.lo + i`): at every inner node `left += right`, as [`ReductionTree::evaluate`] does.
-/// Disjoint subtrees run in parallel; the additions are elementwise, so that changes no bits.
-fn sum_along_tree(node: Node, leaves: &mut [&mut GradientSum]) {
-    if let Some((left, right)) = node.children() {
-        let (l, r) = leaves.split_at_mut(left.len() as usize);
-        rayon::join(|| sum_along_tree(left, l), || sum_along_tree(right, r));
-        l[0].add_assign(r[0]);
     }
 }

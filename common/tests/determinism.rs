@@ -355,14 +355,14 @@ fn importance_weighted_bound_tightens_with_k() {
     );
 }
 
-/// A batch of consecutive shards computed at once gives each shard exactly what it gets alone
+/// A node's shards stacked into one batch give exactly the tree sum of each shard computed alone
 /// (including an empty shard), with K = 2 samples so decoder rows are example x sample.
 #[test]
-fn batched_segments_equal_separate_batches() {
+fn stacked_shards_equal_the_tree_sum_of_shards_alone() {
     use common::elbo::{Vae, Workspace};
     let vae = Vae::new(big_model(Likelihood::Bernoulli)).unwrap();
     let params: Vec<f32> = common::init::init_params(vae.layout(), 4);
-    let sizes = [5usize, 0, 8, 3];
+    let sizes = [5usize, 0, 8, 3, 6];
     let n: usize = sizes.iter().sum();
     let (k, z) = (2, vae.config().latent);
     let mut rng = KeyedRng::new(&[5]);
@@ -371,36 +371,46 @@ fn batched_segments_equal_separate_batches() {
     let mut eps = Array2::<f32>::zeros((n * k, z));
     fill_eps(3, 0, &ids, 0, k, z, eps.as_slice_mut().unwrap());
 
-    let mut bufs: Vec<Vec<f32>> = sizes.iter().map(|_| vec![f32::NAN; params.len()]).collect();
-    let mut grads: Vec<&mut [f32]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
-    let mut ws = Workspace::new();
+    // The root of a 5-shard tree: ((0 + 1) + (2 + (3 + 4))).
+    let tree = ReductionTree::new(5);
+    let mut stacked = vec![f32::NAN; params.len()];
     let sums = pool(2).install(|| {
-        vae.elbo_grad_segments(&params, x.view(), eps.view(), &sizes, &mut grads, &mut ws)
-            .unwrap()
+        vae.elbo_grad_tree(
+            &params,
+            x.view(),
+            eps.view(),
+            tree.root(),
+            &sizes,
+            &mut stacked,
+            &mut Workspace::new(),
+        )
+        .unwrap()
     });
+
     let mut first = 0;
-    for (s, &len) in sizes.iter().enumerate() {
+    let mut leaves = Vec::new();
+    for &len in &sizes {
         let xs = x.slice(ndarray::s![first..first + len, ..]);
         let es = eps.slice(ndarray::s![first * k..(first + len) * k, ..]);
-        let mut alone = vec![f32::NAN; params.len()];
-        let want = vae
-            .elbo_grad(&params, xs, es, &mut alone, &mut Workspace::new())
+        let mut alone = GradientSum::zeros(params.len());
+        let s = vae
+            .elbo_grad(&params, xs, es, &mut alone.grad, &mut Workspace::new())
             .unwrap();
-        assert_eq!(sums[s].examples, len as u64);
-        assert_eq!(sums[s].elbo.to_bits(), want.elbo.to_bits(), "segment {s}");
-        assert_eq!(sums[s].kl.to_bits(), want.kl.to_bits(), "segment {s}");
-        let same = bufs[s]
-            .iter()
-            .zip(&alone)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "segment {s}: batched gradient differs from the segment alone"
-        );
+        alone.examples = s.examples;
+        alone.elbo = s.elbo;
+        alone.recon = s.recon;
+        alone.kl = s.kl;
+        leaves.push(alone);
         first += len;
     }
-    assert!(
-        bufs[1].iter().all(|g| *g == 0.0),
-        "the empty segment's gradient is zero"
-    );
+    let want = tree.sum_leaves(tree.root(), leaves);
+    let got = GradientSum {
+        grad: stacked,
+        examples: sums.examples,
+        elbo: sums.elbo,
+        recon: sums.recon,
+        kl: sums.kl,
+    };
+    assert_eq!(got.examples, n as u64);
+    assert_eq!(bits(&got), bits(&want));
 }

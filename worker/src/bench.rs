@@ -224,16 +224,16 @@ fn breakdown(
             .expect("valid batch");
     });
     let sizes = vec![per_shard; data.len()];
-    let mut bufs: Vec<Vec<f32>> = data.iter().map(|_| vec![0.0; params.len()]).collect();
+    let root = ReductionTree::new(data.len()).root();
+    let mut grad = vec![0.0f32; params.len()];
     let forward_backward = fastest(|| {
-        let mut grads: Vec<&mut [f32]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
-        vae.elbo_grad_segments(params, x.view(), eps, &sizes, &mut grads, &mut ws)
+        vae.elbo_grad_tree(params, x.view(), eps, root, &sizes, &mut grad, &mut ws)
             .expect("valid batch");
     });
     let (fwd_gemm, bwd_gemm) = gemm_times(vae, params, per_shard, k, data.len());
     let mut p = params.to_vec();
     let mut state = adam.init_state(p.len());
-    let grad = &bufs[0];
+    let grad = &grad;
     let optimizer = fastest(|| adam.step(&mut p, grad, &mut state).expect("sizes match"));
     let backward = forward_backward.saturating_sub(forward);
     vec![
