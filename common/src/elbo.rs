@@ -25,8 +25,9 @@
 //! dL/dh          = dL/dmu Wmu + dL/dlv Wlv
 //! ```
 //!
-//! Sums over examples are in example order, and every kernel is deterministic for any thread
-//! count ([`crate::linalg`]), so a batch's gradient is a pure function of its inputs.
+//! Sums over examples run in example order within a shard and along the reduction tree across
+//! shards ([`Vae::elbo_grad_tree`]); every kernel is deterministic for any thread count
+//! ([`crate::linalg`]). So a batch's gradient is a pure function of its inputs and its shards.
 
 use std::sync::Mutex;
 
