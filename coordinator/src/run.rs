@@ -241,6 +241,7 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
+        .max_frame_size(Some(proto::MAX_FRAME_BYTES))
         .add_service(TrainerService::new(Arc::clone(&shared)).into_server())
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small replies wait on delayed ACKs (~40 ms a step).

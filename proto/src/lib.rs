@@ -22,3 +22,7 @@ pub const SHARD_CHUNK_BYTES: usize = 4 << 20;
 /// it stream at once.
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
+
+/// Largest HTTP/2 frame either side accepts (the protocol's default is 16 KiB): fewer, larger
+/// frames for multi-megabyte tensors.
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;

@@ -140,10 +140,7 @@ async fn work_loop(
             }
             HeartbeatState::Alive => {}
         }
-        let reply = match client
-            .next_task(proto::NextTaskRequest { worker_id })
-            .await
-        {
+        let reply = match client.next_task(proto::NextTaskRequest { worker_id }).await {
             Ok(reply) => reply.into_inner(),
             Err(status) => return Ok(LoopEnd::Reregister(describe(&status))),
         };
@@ -182,7 +179,10 @@ async fn work_loop(
             Ok(reply) => {
                 let reply = reply.into_inner();
                 if !reply.accepted {
-                    tracing::warn!("coordinator rejected our result for step {step}: {}", reply.reason);
+                    tracing::warn!(
+                        "coordinator rejected our result for step {step}: {}",
+                        reply.reason
+                    );
                 } else if !reply.reason.is_empty() {
                     tracing::info!("result for step {step} not used: {}", reply.reason);
                 }
@@ -214,7 +214,9 @@ async fn fetch_shard(
         .await
         .map_err(|s| FetchError::Rpc(describe(&s)))?
     {
-        if chunk.shard != shard || chunk.pixels.len() != chunk.examples as usize * chunk.dim as usize * 4 {
+        if chunk.shard != shard
+            || chunk.pixels.len() != chunk.examples as usize * chunk.dim as usize * 4
+        {
             return Err(invalid(format!(
                 "shard {shard}: chunk for shard {} with {} bytes for {} examples of {} values",
                 chunk.shard,
@@ -297,6 +299,7 @@ async fn connect_and_register(
         .keep_alive_while_idle(true)
         .initial_stream_window_size(proto::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(proto::MAX_FRAME_BYTES)
         .tcp_nodelay(true);
     let started = Instant::now();
     let mut backoff = INITIAL_BACKOFF;
@@ -304,7 +307,10 @@ async fn connect_and_register(
     loop {
         attempts += 1;
         let attempt = async {
-            let channel = endpoint.connect().await.map_err(|e| format!("{e}: {}", source_chain(&e)))?;
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| format!("{e}: {}", source_chain(&e)))?;
             let mut client = TrainerClient::new(channel)
                 .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
@@ -355,7 +361,10 @@ async fn connect_and_register(
             });
         }
         if attempts == 1 || attempts % 10 == 0 {
-            tracing::info!("coordinator at {} not reachable yet ({last_error}); retrying", config.addr);
+            tracing::info!(
+                "coordinator at {} not reachable yet ({last_error}); retrying",
+                config.addr
+            );
         }
         tokio::time::sleep(backoff.min(config.retry_for.saturating_sub(elapsed))).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -109,9 +109,21 @@ pub async fn run_task(
         let shards = node
             .shards
             .iter()
-            .map(|s| Ok((s.shard, cache.gather(s.shard, &s.examples, dim)?, s.examples.clone())))
+            .map(|s| {
+                Ok((
+                    s.shard,
+                    cache.gather(s.shard, &s.examples, dim)?,
+                    s.examples.clone(),
+                ))
+            })
             .collect::<Result<Vec<(u32, Array2<f32>, Vec<u32>)>>>()?;
-        nodes.push((Node { lo: node.lo, hi: node.hi }, shards));
+        nodes.push((
+            Node {
+                lo: node.lo,
+                hi: node.hi,
+            },
+            shards,
+        ));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx = Arc::clone(ctx);
@@ -142,7 +154,9 @@ pub async fn run_task(
     Ok(results
         .into_iter()
         .map(|(node, mut sum)| {
-            match fault.take_if(|f| matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) if *s == task.step)) {
+            match fault.take_if(
+                |f| matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) if *s == task.step),
+            ) {
                 Some(Fault::NanAtStep(_)) => sum.grad[0] = f32::NAN,
                 Some(Fault::ShortAtStep(_)) => {
                     sum.grad.pop();

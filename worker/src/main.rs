@@ -53,7 +53,9 @@ enum Command {
     },
 }
 
-#[tokio::main]
+// One async thread is plenty: gradients are computed on the worker's own rayon pool, and fewer
+// threads contend less with co-located workers.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
