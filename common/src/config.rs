@@ -112,8 +112,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        let mut c = ModelConfig::default();
-        c.hidden = vec![400, 0];
+        let mut c = ModelConfig {
+            hidden: vec![400, 0],
+            ..ModelConfig::default()
+        };
         assert!(c.validate().is_err());
         c.hidden = vec![];
         c.validate().unwrap();

@@ -35,7 +35,7 @@ pub mod optim;
 pub mod reduce;
 pub mod scalar;
 pub mod shard;
-pub mod train;
 mod tensor_file;
+pub mod train;
 
 pub use error::{Error, Result};

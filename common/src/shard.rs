@@ -26,7 +26,7 @@ impl ShardPlan {
         if shards == 0 {
             return Err(Error::Config("--shards must be at least 1".into()));
         }
-        if batch == 0 || batch % shards != 0 {
+        if batch == 0 || !batch.is_multiple_of(shards) {
             return Err(Error::Config(format!(
                 "--batch {batch} must be a positive multiple of --shards {shards}: every step \
                  takes the same number of examples from each shard"

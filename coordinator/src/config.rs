@@ -95,7 +95,7 @@ impl TrainConfig {
         if self.samples == 0 {
             return bad("--samples must be at least 1".into());
         }
-        if self.shards == 0 || self.batch == 0 || self.batch % self.shards != 0 {
+        if self.shards == 0 || self.batch == 0 || !self.batch.is_multiple_of(self.shards) {
             return bad(format!(
                 "--batch {} must be a positive multiple of --shards {}",
                 self.batch, self.shards

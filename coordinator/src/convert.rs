@@ -19,7 +19,7 @@ pub fn f32_to_bytes(values: &[f32]) -> Bytes {
 
 /// Little-endian bytes back to f32 values; `what` names the tensor in the error.
 pub fn bytes_to_f32(bytes: &[u8], what: &str) -> Result<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(Error::BadRequest(format!(
             "{what}: {} bytes is not a whole number of f32 values",
             bytes.len()

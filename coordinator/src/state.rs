@@ -677,7 +677,10 @@ impl StateMachine {
             });
         } else {
             if self.config.checkpoint_every > 0
-                && self.position.global_step % self.config.checkpoint_every == 0
+                && self
+                    .position
+                    .global_step
+                    .is_multiple_of(self.config.checkpoint_every)
             {
                 self.outputs.push(Output::CheckpointDue);
             }

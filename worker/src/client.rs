@@ -360,7 +360,7 @@ async fn connect_and_register(
                 last_error,
             });
         }
-        if attempts == 1 || attempts % 10 == 0 {
+        if attempts == 1 || attempts.is_multiple_of(10) {
             tracing::info!(
                 "coordinator at {} not reachable yet ({last_error}); retrying",
                 config.addr
