@@ -34,7 +34,8 @@ pub struct Cli {
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
     #[arg(long)]
     pub listen: Option<String>,
-    /// Training data: `synthetic`, `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist[:DIR]`.
+    /// Training data: `synthetic` (built in), `synthetic:N` (its first N examples),
+    /// `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist[:DIR]` (downloaded and cached).
     #[arg(long, default_value = "synthetic")]
     pub data: String,
     /// Held-out examples, taken from the end of the data [default: 10000 for synthetic and
@@ -102,6 +103,10 @@ pub struct Cli {
     /// Continue from the checkpoint in --out (starts fresh when there is none).
     #[arg(long)]
     pub resume: bool,
+    /// Continue training a saved model: start from the parameters in this `model.safetensors`
+    /// (with a fresh optimizer state); its architecture must match the model settings.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     /// Shared secret workers must present.
     #[arg(long, env = "VAE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -196,6 +201,7 @@ impl Cli {
             worker_timeout_secs: self.worker_timeout,
             no_worker_timeout_secs: self.no_worker_timeout,
             resume: self.resume,
+            init_from: self.init_from,
             token: self.token.filter(|t| !t.is_empty()),
         };
         config.validate()?;

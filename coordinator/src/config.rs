@@ -47,6 +47,8 @@ pub struct TrainConfig {
     pub worker_timeout_secs: f64,
     pub no_worker_timeout_secs: f64,
     pub resume: bool,
+    /// Start from the parameters of a saved `model.safetensors` instead of a fresh initialisation.
+    pub init_from: Option<PathBuf>,
     /// Shared secret; never written to disk.
     #[serde(skip)]
     pub token: Option<String>,
@@ -78,6 +80,7 @@ impl Default for TrainConfig {
             worker_timeout_secs: 3.0,
             no_worker_timeout_secs: 60.0,
             resume: false,
+            init_from: None,
             token: None,
         }
     }
@@ -152,6 +155,7 @@ impl TrainConfig {
             "shards": self.shards,
             "optimizer": self.optimizer,
             "clip_norm": self.clip_norm,
+            "init_from": self.init_from,
         })
     }
 

@@ -156,7 +156,10 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
             )
         }
         None => {
-            let params = engine.init_params();
+            let params = match &config.init_from {
+                Some(path) => initial_params_from(path, engine.config())?,
+                None => engine.init_params(),
+            };
             let opt_state = config.optimizer.init_state(params.len());
             let state = StateMachine::new(
                 state_config,
@@ -181,6 +184,25 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
         run_time,
         run_examples,
     })
+}
+
+/// The parameters of a saved model, checked against the configured architecture.
+fn initial_params_from(
+    path: &std::path::Path,
+    model: &common::config::ModelConfig,
+) -> Result<Vec<f32>> {
+    let loaded = common::model_file::load_model(path)?;
+    if loaded.config != *model {
+        return Err(Error::Config(format!(
+            "--init-from {}: the saved model is {:?}, the run's model is {:?}; set --hidden, \
+             --latent and --likelihood to match",
+            path.display(),
+            loaded.config,
+            model
+        )));
+    }
+    tracing::info!("starting from the parameters in {}", path.display());
+    Ok(loaded.params)
 }
 
 /// Prepares, binds `--listen`, and trains to the end.

@@ -171,3 +171,37 @@ fn bad_settings_are_refused_before_anything_starts() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("multiple of --shards"), "{err}");
 }
+
+#[test]
+fn a_saved_model_continues_training_with_init_from() {
+    let first = tempfile::tempdir().unwrap();
+    train(first.path(), 1, &["--epochs", "1"]);
+    let trained = metrics(first.path())[0]["heldout_elbo"].as_f64().unwrap();
+    let model = first.path().join("model.safetensors");
+    let model = model.to_str().unwrap();
+
+    let second = tempfile::tempdir().unwrap();
+    train(second.path(), 1, &["--epochs", "1", "--init-from", model]);
+    let continued = metrics(second.path())[0]["heldout_elbo"].as_f64().unwrap();
+    assert!(
+        continued > trained,
+        "continuing from the saved model should improve on it: {trained} -> {continued}"
+    );
+
+    // Another architecture is refused with a message naming the flags to fix.
+    let out = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend_from_slice(&["--workers", "1", "--hidden", "32", "--init-from", model]);
+    let output = std::process::Command::new(common::coordinator_bin())
+        .args(&args)
+        .args(["--listen", "127.0.0.1:0", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("--init-from") && err.contains("--hidden"),
+        "{err}"
+    );
+}
