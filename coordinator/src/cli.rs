@@ -103,6 +103,9 @@ pub struct Cli {
     /// Continue from the checkpoint in --out (starts fresh when there is none).
     #[arg(long)]
     pub resume: bool,
+    /// Redraw samples, reconstructions and curves in --out after every epoch (always at the end).
+    #[arg(long)]
+    pub pictures_every_epoch: bool,
     /// Continue training a saved model: start from the parameters in this `model.safetensors`
     /// (with a fresh optimizer state); its architecture must match the model settings.
     #[arg(long)]
@@ -202,6 +205,7 @@ impl Cli {
             no_worker_timeout_secs: self.no_worker_timeout,
             resume: self.resume,
             init_from: self.init_from,
+            pictures_every_epoch: self.pictures_every_epoch,
             token: self.token.filter(|t| !t.is_empty()),
         };
         config.validate()?;

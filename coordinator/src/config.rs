@@ -47,6 +47,8 @@ pub struct TrainConfig {
     pub worker_timeout_secs: f64,
     pub no_worker_timeout_secs: f64,
     pub resume: bool,
+    /// Redraw the run's pictures after every epoch, not only at the end.
+    pub pictures_every_epoch: bool,
     /// Start from the parameters of a saved `model.safetensors` instead of a fresh initialisation.
     pub init_from: Option<PathBuf>,
     /// Shared secret; never written to disk.
@@ -81,6 +83,7 @@ impl Default for TrainConfig {
             no_worker_timeout_secs: 60.0,
             resume: false,
             init_from: None,
+            pictures_every_epoch: false,
             token: None,
         }
     }

@@ -517,6 +517,18 @@ impl Driver<'_> {
         self.last_train_elbo = metrics.train_elbo;
         let line = self.metrics.append(&metrics)?;
         self.history.push(line);
+        if self.config.pictures_every_epoch && !last_epoch {
+            let (engine, heldout) = (Arc::clone(&self.engine), Arc::clone(&self.heldout));
+            let (out, seed) = (self.config.out.clone(), self.config.seed);
+            let params = self.shared.state().params().to_vec();
+            let drawn = tokio::task::spawn_blocking(move || {
+                crate::tools::write_run_images(&out, &engine, &params, &heldout, seed)
+            })
+            .await;
+            if let Ok(Err(e)) = drawn {
+                tracing::warn!("could not draw the epoch's pictures: {e}");
+            }
+        }
         self.progress
             .epoch(&metrics, eval_started.elapsed().as_secs_f64());
         self.shared.state().finish_evaluation(Instant::now());
