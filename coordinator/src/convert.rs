@@ -10,25 +10,17 @@ use crate::state;
 
 /// f32 values as little-endian bytes, the wire format of every tensor.
 pub fn f32_to_bytes(values: &[f32]) -> Bytes {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    Bytes::from(out)
+    proto::tensor::encode_f32(values)
 }
 
 /// Little-endian bytes back to f32 values; `what` names the tensor in the error.
 pub fn bytes_to_f32(bytes: &[u8], what: &str) -> Result<Vec<f32>> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(Error::BadRequest(format!(
+    proto::tensor::decode_f32(bytes).ok_or_else(|| {
+        Error::BadRequest(format!(
             "{what}: {} bytes is not a whole number of f32 values",
             bytes.len()
-        )));
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+        ))
+    })
 }
 
 pub fn model_to_proto(model: &ModelConfig) -> proto::ModelConfig {

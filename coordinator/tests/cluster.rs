@@ -8,9 +8,11 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The cluster's training run: small enough for CI, long enough (~12 s) to hurt it mid-epoch.
-const CLUSTER_ARGS: &str = "--data synthetic:12000 --holdout 1000 --hidden 128 --latent 8 \
-    --batch 64 --shards 16 --epochs 4 --iw-samples 0 --checkpoint-every 25 --resume \
+/// The cluster's training run: small enough for CI, long enough (~20 s on a quiet machine, more
+/// under load) that a failure injected after the first checkpoint (step 25) lands mid-run and the
+/// victim has time to come back.
+const CLUSTER_ARGS: &str = "--data synthetic:24000 --holdout 2000 --hidden 256 --latent 8 \
+    --batch 64 --shards 16 --epochs 5 --iw-samples 0 --checkpoint-every 25 --resume \
     --worker-timeout 3";
 
 fn root() -> PathBuf {
@@ -228,10 +230,20 @@ fn detected(cluster: &Cluster, what: &str) {
     );
 }
 
-/// Waits until every worker has joined and training has made some progress.
+/// Waits until every worker has joined and the first checkpoint (step 25) is written: training
+/// is under way, and a restarted coordinator has something to resume from.
 fn mid_epoch(cluster: &Cluster) {
     cluster.wait_log("joined", 4, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(2));
+    let ckpt = cluster.out.path().join("checkpoint.safetensors");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ckpt.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint written; logs:\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -299,17 +311,6 @@ fn a_killed_coordinator_resumes_from_its_checkpoint() {
     let _lock = cluster_lock();
     let cluster = Cluster::up("resume");
     mid_epoch(&cluster);
-    // Wait for a checkpoint so the restart has something to resume from.
-    let ckpt = cluster.out.path().join("checkpoint.safetensors");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ckpt.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint written; logs:\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
     let coordinator = cluster.coordinator();
     run(Command::new("docker").args(["kill", &coordinator]));
     run(Command::new("docker").args(["start", &coordinator]));

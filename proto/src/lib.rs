@@ -5,6 +5,8 @@
 
 tonic::include_proto!("vae.trainer.v1");
 
+pub mod tensor;
+
 /// Bumped on any incompatible change to `trainer.proto` or to what its fields mean.
 pub const PROTOCOL_VERSION: u32 = 1;
 

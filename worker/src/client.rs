@@ -237,10 +237,7 @@ async fn fetch_shard(
             )));
         }
         d.pixels.extend(
-            chunk
-                .pixels
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            proto::tensor::decode_f32(&chunk.pixels).expect("length checked to be 4 * values"),
         );
         d.examples += chunk.examples;
     }

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use common::config::{Likelihood, ModelConfig};
 use common::reduce::{Node, ReductionTree};
 use common::train::{Engine, ShardBatch};
@@ -166,7 +165,7 @@ pub async fn run_task(
             proto::NodeResult {
                 lo: node.lo,
                 hi: node.hi,
-                grad: encode(&sum.grad),
+                grad: proto::tensor::encode_f32(&sum.grad),
                 examples: sum.examples,
                 elbo: sum.elbo,
                 recon: sum.recon,
@@ -177,24 +176,13 @@ pub async fn run_task(
 }
 
 fn decode_params(bytes: &[u8], expected: usize) -> Result<Vec<f32>> {
-    if bytes.len() != expected * 4 {
-        return Err(Error::Protocol(format!(
+    match proto::tensor::decode_f32(bytes) {
+        Some(params) if params.len() == expected => Ok(params),
+        _ => Err(Error::Protocol(format!(
             "the coordinator sent {} bytes of parameters, this model has {expected} parameters \
              ({} bytes)",
             bytes.len(),
             expected * 4
-        )));
+        ))),
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
-}
-
-fn encode(values: &[f32]) -> Bytes {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    Bytes::from(out)
 }
