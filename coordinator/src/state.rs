@@ -17,7 +17,7 @@ use common::optim::{OptimizerConfig, OptimizerState, clip_grad_norm};
 use common::reduce::{Node, ReductionTree};
 use common::shard::ShardPlan;
 
-use crate::assignment::contiguous_blocks;
+use crate::assignment::tree_blocks;
 
 /// A worker's id within this coordinator's lifetime. Ids carry an incarnation prefix so a worker
 /// left over from a previous coordinator process is never mistaken for a new one.
@@ -594,11 +594,8 @@ impl StateMachine {
         if workers.is_empty() {
             orphans.push(self.tree.root());
         }
-        for (worker, shards) in contiguous_blocks(plan.shards(), &workers) {
-            let nodes = self.tree.cover(&shards);
-            if !nodes.is_empty() {
-                queued.insert(worker, nodes);
-            }
+        for (worker, node) in tree_blocks(&self.tree, &workers) {
+            queued.insert(worker, vec![node]);
         }
         self.step = Some(StepState {
             global_step: self.position.global_step,
