@@ -336,26 +336,9 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         wall_s: started.elapsed().as_secs_f64(),
     };
     outputs::write_summary(&config.out, &summary)?;
-    // Pictures are a convenience: failing to draw them does not fail a trained run.
-    let pictures = {
-        let (engine, heldout) = (Arc::clone(&engine), Arc::clone(&driver.heldout));
-        let (out, seed) = (config.out.clone(), config.seed);
-        tokio::task::spawn_blocking(move || {
-            crate::tools::write_run_images(&out, &engine, &params, &heldout, seed)
-        })
-        .await
-    };
-    match pictures {
-        Ok(Ok(paths)) => tracing::info!(
-            "pictures: {}",
-            paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Ok(Err(e)) => tracing::warn!("could not draw the run's pictures: {e}"),
-        Err(e) => tracing::warn!("drawing the run's pictures panicked: {e}"),
+    if let Some(paths) = draw_pictures(&config, &engine, &driver.heldout, params).await {
+        let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        tracing::info!("pictures: {}", paths.join(", "));
     }
     tracing::info!(
         "done: held-out ELBO {:.3} nats{}, {:.0} samples/s (compute {:.1}s, communication {:.1}s, \
@@ -373,6 +356,33 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
     );
     println!("fingerprint {fingerprint}");
     Ok(summary)
+}
+
+/// Writes the run's pictures into `--out` off the async threads. Pictures are a convenience:
+/// a failure is logged and never fails a trained run.
+async fn draw_pictures(
+    config: &TrainConfig,
+    engine: &Arc<Engine>,
+    heldout: &Arc<Dataset>,
+    params: Vec<f32>,
+) -> Option<Vec<std::path::PathBuf>> {
+    let (engine, heldout) = (Arc::clone(engine), Arc::clone(heldout));
+    let (out, seed) = (config.out.clone(), config.seed);
+    let drawn = tokio::task::spawn_blocking(move || {
+        crate::tools::write_run_images(&out, &engine, &params, &heldout, seed)
+    })
+    .await;
+    match drawn {
+        Ok(Ok(paths)) => Some(paths),
+        Ok(Err(e)) => {
+            tracing::warn!("could not draw the run's pictures: {e}");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("drawing the run's pictures panicked: {e}");
+            None
+        }
+    }
 }
 
 struct Driver<'a> {
@@ -518,16 +528,8 @@ impl Driver<'_> {
         let line = self.metrics.append(&metrics)?;
         self.history.push(line);
         if self.config.pictures_every_epoch && !last_epoch {
-            let (engine, heldout) = (Arc::clone(&self.engine), Arc::clone(&self.heldout));
-            let (out, seed) = (self.config.out.clone(), self.config.seed);
             let params = self.shared.state().params().to_vec();
-            let drawn = tokio::task::spawn_blocking(move || {
-                crate::tools::write_run_images(&out, &engine, &params, &heldout, seed)
-            })
-            .await;
-            if let Ok(Err(e)) = drawn {
-                tracing::warn!("could not draw the epoch's pictures: {e}");
-            }
+            draw_pictures(self.config, &self.engine, &self.heldout, params).await;
         }
         self.progress
             .epoch(&metrics, eval_started.elapsed().as_secs_f64());

@@ -111,7 +111,6 @@ pub enum Output {
         position: Position,
         examples: u64,
         elbo: f64,
-        grad_norm: f64,
     },
     /// The epoch's last step was applied: evaluate, record, then call `finish_evaluation`.
     EpochEnded {
@@ -628,14 +627,9 @@ impl StateMachine {
         let n = sum.examples.max(1) as f32;
         let mut grad = sum.grad;
         grad.iter_mut().for_each(|g| *g /= n);
-        let grad_norm = match self.config.clip_norm {
-            Some(max) => clip_grad_norm(&mut grad, max),
-            None => grad
-                .iter()
-                .map(|&g| f64::from(g) * f64::from(g))
-                .sum::<f64>()
-                .sqrt(),
-        };
+        if let Some(max) = self.config.clip_norm {
+            clip_grad_norm(&mut grad, max);
+        }
         if let Err(e) = self
             .config
             .optimizer
@@ -659,7 +653,6 @@ impl StateMachine {
             position: self.position,
             examples: sum.examples,
             elbo: sum.elbo / sum.examples.max(1) as f64,
-            grad_norm,
         });
         let epoch_done = self.position.step_in_epoch as usize >= self.config.plan.steps_per_epoch();
         if epoch_done {
