@@ -3,10 +3,40 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use common::config::Likelihood;
+use common::data::DataSource;
 use common::optim::OptimizerConfig;
 
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, Transport};
 use crate::error::{Error, Result};
+
+/// `--likelihood`: the observation model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LikelihoodKind {
+    /// Pixels in [0, 1]; the decoder outputs logits.
+    Bernoulli,
+    /// N(x | f(z), c I) with c from --gaussian-variance.
+    Gaussian,
+}
+
+/// `--optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    /// Adam (AdamW with --weight-decay).
+    Adam,
+    /// SGD with --momentum.
+    Sgd,
+}
+
+/// `--data`, parsed at the edge so a typo fails before anything loads.
+fn data_source(s: &str) -> std::result::Result<DataSource, String> {
+    s.parse().map_err(|e: common::Error| e.to_string())
+}
+
+/// `--hidden 512,256`.
+fn hidden_sizes(s: &str) -> std::result::Result<Vec<usize>, String> {
+    common::config::parse_hidden(s).map_err(|e| e.to_string())
+}
 
 /// Trains a VAE with data-parallel workers. The trained parameters are bit-identical whatever
 /// the number of workers or failures along the way.
@@ -36,8 +66,8 @@ pub struct Cli {
     pub listen: Option<String>,
     /// Training data: `synthetic` (built in), `synthetic:N` (its first N examples),
     /// `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist[:DIR]` (downloaded and cached).
-    #[arg(long, default_value = "synthetic")]
-    pub data: String,
+    #[arg(long, default_value = "synthetic", value_parser = data_source)]
+    pub data: DataSource,
     /// Held-out examples, taken from the end of the data [default: 10000 for synthetic and
     /// mnist, otherwise a tenth].
     #[arg(long)]
@@ -50,12 +80,11 @@ pub struct Cli {
     /// Learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// `adam` or `sgd`.
-    #[arg(long, default_value = "adam")]
-    pub optimizer: String,
-    /// Momentum for SGD.
-    #[arg(long, default_value_t = 0.9)]
-    pub momentum: f64,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
+    pub optimizer: OptimizerKind,
+    /// Momentum for SGD [default: 0.9].
+    #[arg(long)]
+    pub momentum: Option<f64>,
     /// Weight decay (decoupled for Adam, i.e. AdamW; L2 for SGD).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
@@ -66,14 +95,15 @@ pub struct Cli {
     #[arg(long, default_value_t = 20)]
     pub latent: usize,
     /// Hidden layer sizes, e.g. `400` or `512,256` (the decoder mirrors them).
-    #[arg(long, default_value = "400")]
-    pub hidden: String,
-    /// Observation model: `bernoulli` or `gaussian`.
-    #[arg(long, default_value = "bernoulli")]
-    pub likelihood: String,
-    /// Fixed variance c of the gaussian observation model.
-    #[arg(long, default_value_t = 1.0)]
-    pub gaussian_variance: f64,
+    // Spelled `::std::vec::Vec` so clap takes the list as one value, not a repeated flag.
+    #[arg(long, default_value = "400", value_parser = hidden_sizes)]
+    pub hidden: ::std::vec::Vec<usize>,
+    /// Observation model.
+    #[arg(long, value_enum, default_value_t = LikelihoodKind::Bernoulli)]
+    pub likelihood: LikelihoodKind,
+    /// Fixed variance c of the gaussian observation model [default: 1].
+    #[arg(long)]
+    pub gaussian_variance: Option<f64>,
     /// Monte-Carlo samples per example (K).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
@@ -110,6 +140,10 @@ pub struct Cli {
     /// (with a fresh optimizer state); its architecture must match the model settings.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// How tensors reach the workers: `auto` uses shared memory for workers on this host that
+    /// can see it (same results, less copying) and gRPC for the rest.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    pub transport: Transport,
     /// Shared secret workers must present.
     #[arg(long, env = "VAE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -134,24 +168,32 @@ pub enum Command {
 
 impl Cli {
     pub fn into_config(self) -> Result<TrainConfig> {
-        let optimizer = match self.optimizer.as_str() {
-            "adam" => match OptimizerConfig::adam(self.lr) {
-                OptimizerConfig::Adam {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    ..
-                } => OptimizerConfig::Adam {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay: self.weight_decay,
-                },
-                other => other,
-            },
-            "sgd" => match OptimizerConfig::sgd(self.lr, self.momentum) {
+        let optimizer = match self.optimizer {
+            OptimizerKind::Adam => {
+                if self.momentum.is_some() {
+                    return Err(Error::Config(
+                        "--momentum applies to --optimizer sgd, not adam".into(),
+                    ));
+                }
+                match OptimizerConfig::adam(self.lr) {
+                    OptimizerConfig::Adam {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        ..
+                    } => OptimizerConfig::Adam {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay: self.weight_decay,
+                    },
+                    other => other,
+                }
+            }
+            OptimizerKind::Sgd => match OptimizerConfig::sgd(self.lr, self.momentum.unwrap_or(0.9))
+            {
                 OptimizerConfig::Sgd {
                     lr,
                     momentum,
@@ -167,11 +209,17 @@ impl Cli {
                 },
                 other => other,
             },
-            other => {
-                return Err(Error::Config(format!(
-                    "--optimizer `{other}`: use `adam` or `sgd`"
-                )));
+        };
+        let likelihood = match (self.likelihood, self.gaussian_variance) {
+            (LikelihoodKind::Bernoulli, None) => Likelihood::Bernoulli,
+            (LikelihoodKind::Bernoulli, Some(_)) => {
+                return Err(Error::Config(
+                    "--gaussian-variance applies to --likelihood gaussian, not bernoulli".into(),
+                ));
             }
+            (LikelihoodKind::Gaussian, variance) => Likelihood::Gaussian {
+                variance: variance.unwrap_or(1.0),
+            },
         };
         let listen = self.listen.unwrap_or_else(|| {
             if self.local {
@@ -185,10 +233,9 @@ impl Cli {
             holdout: self.holdout,
             epochs: self.epochs,
             batch: self.batch,
-            hidden: common::config::parse_hidden(&self.hidden)?,
+            hidden: self.hidden,
             latent: self.latent,
-            likelihood: self.likelihood,
-            gaussian_variance: self.gaussian_variance,
+            likelihood,
             samples: self.samples,
             seed: self.seed,
             shards: self.shards,
@@ -206,6 +253,7 @@ impl Cli {
             resume: self.resume,
             init_from: self.init_from,
             pictures_every_epoch: self.pictures_every_epoch,
+            transport: self.transport,
             token: self.token.filter(|t| !t.is_empty()),
         };
         config.validate()?;

@@ -4,17 +4,32 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::config::{Likelihood, ModelConfig};
+use common::data::DataSource;
 use common::optim::OptimizerConfig;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-/// Everything a run needs. Saved as `config.json` in the output directory.
+/// How tensors travel between the coordinator and its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Shared memory for workers on this host that can see it, gRPC for the rest.
+    #[default]
+    Auto,
+    /// gRPC for every worker.
+    Tcp,
+}
+
+/// Everything a run needs, typed: every choice was parsed and checked at the edge. Saved as
+/// `config.json` in the output directory, which reads back into the same settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// `synthetic`, `idx:IMAGES[,LABELS]`, `npy:PATH[,LABELS]`, `mnist[:DIR]`.
-    pub data: String,
+    /// Written as the command line spells it (`synthetic`, `idx:IMAGES[,LABELS]`, ...).
+    #[serde(with = "as_string")]
+    pub data: DataSource,
     /// Held-out examples (the dataset's tail); `None` for the dataset's default.
     pub holdout: Option<usize>,
     pub epochs: u64,
@@ -22,9 +37,7 @@ pub struct TrainConfig {
     pub batch: usize,
     pub hidden: Vec<usize>,
     pub latent: usize,
-    /// `bernoulli` or `gaussian`.
-    pub likelihood: String,
-    pub gaussian_variance: f64,
+    pub likelihood: Likelihood,
     /// Monte-Carlo samples per example (K).
     pub samples: usize,
     pub seed: u64,
@@ -49,6 +62,7 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Redraw the run's pictures after every epoch, not only at the end.
     pub pictures_every_epoch: bool,
+    pub transport: Transport,
     /// Start from the parameters of a saved `model.safetensors` instead of a fresh initialisation.
     pub init_from: Option<PathBuf>,
     /// Shared secret; never written to disk.
@@ -59,14 +73,13 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            data: "synthetic".into(),
+            data: DataSource::default(),
             holdout: None,
             epochs: 10,
             batch: 128,
             hidden: vec![400],
             latent: 20,
-            likelihood: "bernoulli".into(),
-            gaussian_variance: 1.0,
+            likelihood: Likelihood::Bernoulli,
             samples: 1,
             seed: 0,
             shards: 16,
@@ -84,6 +97,7 @@ impl Default for TrainConfig {
             resume: false,
             init_from: None,
             pictures_every_epoch: false,
+            transport: Transport::Auto,
             token: None,
         }
     }
@@ -120,17 +134,13 @@ impl TrainConfig {
         Ok(())
     }
 
-    pub fn likelihood(&self) -> Result<Likelihood> {
-        Ok(Likelihood::parse(&self.likelihood, self.gaussian_variance)?)
-    }
-
     /// The model for data of `input_dim` values per example.
     pub fn model(&self, input_dim: usize) -> ModelConfig {
         ModelConfig {
             input_dim,
             hidden: self.hidden.clone(),
             latent: self.latent,
-            likelihood: self.likelihood().unwrap_or(Likelihood::Bernoulli),
+            likelihood: self.likelihood,
         }
     }
 
@@ -146,13 +156,12 @@ impl TrainConfig {
     /// produce bit-identical parameters; a resumed run must match its checkpoint's.
     pub fn identity(&self) -> serde_json::Value {
         serde_json::json!({
-            "data": self.data,
+            "data": self.data.to_string(),
             "holdout": self.holdout,
             "batch": self.batch,
             "hidden": self.hidden,
             "latent": self.latent,
             "likelihood": self.likelihood,
-            "gaussian_variance": self.gaussian_variance,
             "samples": self.samples,
             "seed": self.seed,
             "shards": self.shards,
@@ -169,9 +178,52 @@ impl TrainConfig {
     }
 }
 
+/// Serde through `Display` and `FromStr`: a setting is written as the command line spells it.
+mod as_string {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(value)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr<Err: Display>,
+        D: Deserializer<'de>,
+    {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_json_reads_back_into_the_same_settings() {
+        let config = TrainConfig {
+            data: "idx:a.gz,b.gz".parse().unwrap(),
+            likelihood: Likelihood::Gaussian { variance: 0.1 },
+            optimizer: OptimizerConfig::sgd(0.05, 0.8),
+            hidden: vec![512, 256],
+            clip_norm: Some(2.0),
+            transport: Transport::Tcp,
+            ..TrainConfig::default()
+        };
+        let json = serde_json::to_string_pretty(&config).unwrap();
+        assert!(json.contains("\"data\": \"idx:a.gz,b.gz\""), "{json}");
+        let back: TrainConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+        let unknown = json.replacen("\"epochs\"", "\"epochz\"", 1);
+        let e = serde_json::from_str::<TrainConfig>(&unknown).unwrap_err();
+        assert!(e.to_string().contains("epochz"), "{e}");
+        let misspelt = json.replacen("\"tcp\"", "\"tcpp\"", 1);
+        assert!(serde_json::from_str::<TrainConfig>(&misspelt).is_err());
+    }
 
     #[test]
     fn defaults_are_valid_and_identity_ignores_worker_count() {

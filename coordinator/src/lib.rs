@@ -7,7 +7,6 @@
 pub mod assignment;
 pub mod cli;
 pub mod config;
-pub mod convert;
 pub mod error;
 pub mod local;
 pub mod outputs;
@@ -16,5 +15,6 @@ pub mod run;
 pub mod service;
 pub mod state;
 pub mod tools;
+pub mod transport;
 
 pub use error::{Error, Result};

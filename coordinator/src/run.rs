@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::config::TrainConfig;
-use crate::convert::model_to_proto;
 use crate::error::{Error, Result};
 use crate::outputs::{self, EpochMetrics, Heldout, MetricsLog, Summary, TimeSplit};
 use crate::progress::Progress;
@@ -57,7 +56,7 @@ pub struct Prepared {
 pub fn prepare(config: TrainConfig) -> Result<Prepared> {
     config.validate()?;
     outputs::prepare_dir(&config.out)?;
-    let source: DataSource = config.data.parse()?;
+    let source: &DataSource = &config.data;
     let started = Instant::now();
     let data = source.load()?;
     let holdout = config
@@ -245,19 +244,20 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         plan.batch(),
         plan.steps_per_epoch()
     );
-    let run_config = proto::RunConfig {
-        model: Some(model_to_proto(engine.config())),
-        samples: config.samples as u32,
+    let run_spec = proto::messages::RunSpec {
+        model: engine.config().clone(),
+        samples: config.samples,
         seed: config.seed,
-        shards: plan.shards() as u32,
+        shards: plan.shards(),
         run_id: config.run_id(),
     };
     let shared = Shared::new(
         state,
         Arc::clone(&train),
         plan.clone(),
-        run_config,
+        run_spec,
         config.token.clone(),
+        crate::transport::Transport::new(shared_dir(&config)),
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
@@ -313,7 +313,7 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
     extra.insert("fingerprint".to_string(), fingerprint.clone());
     extra.insert("seed".to_string(), config.seed.to_string());
     extra.insert("epochs".to_string(), config.epochs.to_string());
-    extra.insert("data".to_string(), config.data.clone());
+    extra.insert("data".to_string(), config.data.to_string());
     common::model_file::save_model(
         &config.out.join(outputs::MODEL_FILE),
         engine.config(),
@@ -356,6 +356,43 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
     );
     println!("fingerprint {fingerprint}");
     Ok(summary)
+}
+
+/// The shared-memory directory offered to workers on this host, unless `--transport tcp` or the
+/// host has no usable memory-backed directory (then every worker gets tensors inline).
+fn shared_dir(config: &TrainConfig) -> Option<proto::shared_memory::SharedDir> {
+    use rand::RngExt;
+    if config.transport == crate::config::Transport::Tcp {
+        return None;
+    }
+    let base = std::path::Path::new(proto::shared_memory::DEFAULT_BASE);
+    if !base.is_dir() {
+        tracing::info!(
+            "no {} here: tensors go inline to every worker",
+            base.display()
+        );
+        return None;
+    }
+    let mut rng = rand::rng();
+    let probe: [u8; 16] = rng.random();
+    let tag = hex::encode(rng.random::<[u8; 4]>());
+    match proto::shared_memory::SharedDir::create(base, &tag, &probe) {
+        Ok(dir) => {
+            tracing::debug!(
+                "shared memory for workers on this host: {}",
+                dir.path().display()
+            );
+            Some(dir)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot create a shared-memory directory in {}: {e}; tensors go inline to every \
+                 worker",
+                base.display()
+            );
+            None
+        }
+    }
 }
 
 /// Writes the run's pictures into `--out` off the async threads. Pictures are a convenience:
@@ -440,6 +477,7 @@ impl Driver<'_> {
                         reason,
                         moved,
                     } => {
+                        self.shared.transport().forget(worker.0);
                         tracing::warn!(
                             "worker {worker} ({name}) lost: {reason}; {} unfinished node(s) of \
                              this step moved to other workers",
@@ -460,6 +498,7 @@ impl Driver<'_> {
                             node.hi
                         );
                     }
+                    Output::StepReady { .. } => self.update().await?,
                     Output::StepApplied { position, elbo, .. } => {
                         self.progress.step(position, elbo, self.config.batch as u64);
                     }
@@ -484,6 +523,33 @@ impl Driver<'_> {
                 }
             }
         }
+    }
+
+    /// Applies a ready step's update on a blocking thread, so heartbeats and long polls go on
+    /// meanwhile, and publishes the new parameters for the next step before handing them back.
+    async fn update(&mut self) -> Result<()> {
+        let Some(job) = self.shared.state().take_update() else {
+            return Ok(());
+        };
+        let shared = Arc::clone(self.shared);
+        let started = Instant::now();
+        let done = tokio::task::spawn_blocking(move || {
+            let done = job.run();
+            if done.outcome.is_ok() {
+                shared
+                    .transport()
+                    .publish(done.global_step + 1, &done.params);
+            }
+            done
+        })
+        .await
+        .map_err(|e| Error::Io(format!("the optimizer step panicked: {e}")))?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.shared
+            .state()
+            .finish_update(done, seconds, Instant::now());
+        self.shared.notify();
+        Ok(())
     }
 
     async fn end_epoch(

@@ -5,16 +5,21 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::data::Dataset;
+use common::gradient::GradientSum;
 use common::shard::ShardPlan;
+use proto::messages::{
+    Attach, Liveness, Registered, Registration, RunSpec, ShardChunk, Submission, Task, TaskReply,
+    Verdict,
+};
+use proto::pb;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{f32_to_bytes, node_result_from_proto, task_to_proto};
 use crate::error::Error;
 use crate::state::{HeartbeatAnswer, StateMachine, SubmitOutcome, TaskDecision, WorkerId};
+use crate::transport::Transport;
 
 /// How long a `NextTask` call waits for work before answering `Wait`. Short enough that a worker
 /// notices a restarted coordinator quickly, long enough that idle polling costs nothing.
@@ -28,10 +33,9 @@ pub struct Shared {
     changed: watch::Sender<u64>,
     train: Arc<Dataset>,
     plan: ShardPlan,
-    run: proto::RunConfig,
+    run: RunSpec,
     token: Option<String>,
-    /// The current parameters as wire bytes, encoded once per step and shared by all tasks.
-    params_cache: Mutex<Option<(u64, Bytes)>>,
+    transport: Transport,
 }
 
 impl Shared {
@@ -39,8 +43,9 @@ impl Shared {
         state: StateMachine,
         train: Arc<Dataset>,
         plan: ShardPlan,
-        run: proto::RunConfig,
+        run: RunSpec,
         token: Option<String>,
+        transport: Transport,
     ) -> Arc<Self> {
         Arc::new(Shared {
             state: Mutex::new(state),
@@ -49,7 +54,7 @@ impl Shared {
             plan,
             run,
             token,
-            params_cache: Mutex::new(None),
+            transport,
         })
     }
 
@@ -58,6 +63,10 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     /// Signals that the state changed.
@@ -69,22 +78,7 @@ impl Shared {
         self.changed.subscribe()
     }
 
-    fn params_bytes(&self, global_step: u64, params: &[f32]) -> Bytes {
-        let mut cache = self
-            .params_cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match &*cache {
-            Some((step, bytes)) if *step == global_step => bytes.clone(),
-            _ => {
-                let bytes = f32_to_bytes(params);
-                *cache = Some((global_step, bytes.clone()));
-                bytes
-            }
-        }
-    }
-
-    fn check_version_and_token(&self, req: &proto::RegisterRequest) -> Result<(), Error> {
+    fn check_version_and_token(&self, req: &Registration) -> Result<(), Error> {
         if req.protocol_version != proto::PROTOCOL_VERSION {
             return Err(Error::Version(format!(
                 "worker `{}` speaks protocol {}, this coordinator speaks {}: run the same \
@@ -108,6 +102,47 @@ impl Shared {
             _ => Ok(()),
         }
     }
+
+    /// Reads every result's gradient (inline or from shared memory) and hands the results to
+    /// the state machine. A result that cannot be read removes the worker, so its work is redone.
+    fn submit(&self, submission: Submission) -> SubmitOutcome {
+        let worker = WorkerId(submission.worker_id);
+        let mut results = Vec::with_capacity(submission.results.len());
+        for r in submission.results {
+            let mut grad = Vec::new();
+            if let Err(e) = self
+                .transport
+                .resolve_gradient(worker.0, &r.grad, &mut grad)
+            {
+                let mut state = self.state();
+                let name = state.worker_name(worker).unwrap_or("unknown").to_string();
+                tracing::warn!(
+                    "worker {worker} ({name}) sent an unreadable result for step {}: {e}; \
+                     removing it so its work is redone",
+                    submission.step
+                );
+                state.remove_worker(worker, format!("sent an unreadable result: {e}"));
+                return SubmitOutcome::Rejected(e.to_string());
+            }
+            results.push((
+                r.node,
+                GradientSum {
+                    grad,
+                    examples: r.examples,
+                    elbo: r.elbo,
+                    recon: r.recon,
+                    kl: r.kl,
+                },
+            ));
+        }
+        self.state().submit(
+            worker,
+            submission.step,
+            results,
+            submission.compute_seconds,
+            Instant::now(),
+        )
+    }
 }
 
 /// The tonic service over [`Shared`].
@@ -121,25 +156,30 @@ impl TrainerService {
         TrainerService { shared }
     }
 
-    pub fn into_server(self) -> proto::trainer_server::TrainerServer<Self> {
-        proto::trainer_server::TrainerServer::new(self)
+    pub fn into_server(self) -> pb::trainer_server::TrainerServer<Self> {
+        pb::trainer_server::TrainerServer::new(self)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
     }
 }
 
-type ShardStream = Pin<Box<dyn Stream<Item = Result<proto::ShardChunk, Status>> + Send>>;
+type ShardStream = Pin<Box<dyn Stream<Item = Result<pb::ShardChunk, Status>> + Send>>;
+
+/// A request that did not decode: the peer is of another version or broken.
+fn bad_request(e: proto::WireError) -> Status {
+    Error::BadRequest(e.to_string()).into()
+}
 
 #[tonic::async_trait]
-impl proto::trainer_server::Trainer for TrainerService {
+impl pb::trainer_server::Trainer for TrainerService {
     async fn register(
         &self,
-        request: Request<proto::RegisterRequest>,
-    ) -> Result<Response<proto::RegisterReply>, Status> {
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterReply>, Status> {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
-        let req = request.into_inner();
+        let req = Registration::try_from(request.into_inner()).map_err(bad_request)?;
         if let Err(e) = self.shared.check_version_and_token(&req) {
             tracing::warn!("refused worker `{}` from {peer}: {e}", req.name);
             return Err(e.into());
@@ -147,17 +187,35 @@ impl proto::trainer_server::Trainer for TrainerService {
         let name = format!("{} ({peer})", req.name);
         let id = self.shared.state().register(name, Instant::now());
         self.shared.notify();
-        Ok(Response::new(proto::RegisterReply {
-            worker_id: id.0,
-            config: Some(self.shared.run.clone()),
-        }))
+        Ok(Response::new(
+            Registered {
+                worker_id: id.0,
+                run: self.shared.run.clone(),
+                shared_memory: self.shared.transport.offer(),
+            }
+            .into(),
+        ))
+    }
+
+    async fn attach_shared_memory(
+        &self,
+        request: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::AttachReply>, Status> {
+        let req = Attach::from(request.into_inner());
+        let registered = self
+            .shared
+            .state()
+            .worker_name(WorkerId(req.worker_id))
+            .is_some();
+        let attached = self.shared.transport.attach(&req, registered);
+        Ok(Response::new(pb::AttachReply { attached }))
     }
 
     type FetchShardStream = ShardStream;
 
     async fn fetch_shard(
         &self,
-        request: Request<proto::FetchShardRequest>,
+        request: Request<pb::FetchShardRequest>,
     ) -> Result<Response<Self::FetchShardStream>, Status> {
         let req = request.into_inner();
         let shards = self.shared.plan.shards();
@@ -177,41 +235,45 @@ impl proto::trainer_server::Trainer for TrainerService {
         let chunks = range.clone().step_by(rows_per_chunk).map(move |start| {
             let end = (start + rows_per_chunk).min(range.end);
             let rows = train.rows(start..end);
-            let pixels = match rows.as_slice() {
-                Some(slice) => f32_to_bytes(slice),
-                None => f32_to_bytes(&rows.iter().copied().collect::<Vec<f32>>()),
-            };
-            Ok(proto::ShardChunk {
+            let chunk = ShardChunk {
                 shard,
                 first_example: start as u32,
                 examples: (end - start) as u32,
                 dim: dim as u32,
-                pixels,
-            })
+                pixels: rows.iter().copied().collect(),
+            };
+            Ok(chunk.into())
         });
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     async fn next_task(
         &self,
-        request: Request<proto::NextTaskRequest>,
-    ) -> Result<Response<proto::NextTaskReply>, Status> {
-        use proto::next_task_reply::Kind;
+        request: Request<pb::NextTaskRequest>,
+    ) -> Result<Response<pb::NextTaskReply>, Status> {
         let worker = WorkerId(request.into_inner().worker_id);
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut changed = self.shared.subscribe();
         loop {
             changed.borrow_and_update();
-            let decision = {
+            let reply = {
                 let mut state = self.shared.state();
                 match state.next_task(worker, Instant::now()) {
-                    TaskDecision::Task(task) => {
-                        let params = self.shared.params_bytes(task.global_step, state.params());
-                        Some(Kind::Task(task_to_proto(&task, params)))
+                    TaskDecision::Task(work) => {
+                        let params = self.shared.transport.params_for(
+                            worker.0,
+                            work.global_step,
+                            state.params(),
+                        );
+                        Some(TaskReply::Task(Task {
+                            step: work.global_step,
+                            epoch: work.epoch,
+                            params,
+                            nodes: work.nodes,
+                            run_id: self.shared.run.run_id.clone(),
+                        }))
                     }
-                    TaskDecision::Done => Some(Kind::Done(proto::Done {
-                        reason: "training has ended".into(),
-                    })),
+                    TaskDecision::Done => Some(TaskReply::Done("training has ended".into())),
                     TaskDecision::UnknownWorker => {
                         return Err(Status::not_found(format!(
                             "worker {worker} is not registered (declared lost or coordinator \
@@ -221,69 +283,66 @@ impl proto::trainer_server::Trainer for TrainerService {
                     TaskDecision::Wait => None,
                 }
             };
-            if let Some(kind) = decision {
-                return Ok(Response::new(proto::NextTaskReply { kind: Some(kind) }));
+            if let Some(reply) = reply {
+                return Ok(Response::new(reply.into()));
             }
             if tokio::time::timeout_at(deadline, changed.changed())
                 .await
                 .is_err()
             {
-                return Ok(Response::new(proto::NextTaskReply {
-                    kind: Some(Kind::Wait(proto::Wait {})),
-                }));
+                return Ok(Response::new(TaskReply::Wait.into()));
             }
         }
     }
 
     async fn submit_result(
         &self,
-        request: Request<proto::SubmitRequest>,
-    ) -> Result<Response<proto::SubmitReply>, Status> {
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
         let req = request.into_inner();
         let worker = WorkerId(req.worker_id);
-        let results: Result<Vec<_>, Error> = req
-            .results
-            .into_iter()
-            .map(node_result_from_proto)
-            .collect();
-        let outcome = match results {
-            Ok(results) => self.shared.state().submit(
-                worker,
-                req.step,
-                results,
-                req.compute_seconds,
-                Instant::now(),
-            ),
+        let step = req.step;
+        let outcome = match Submission::try_from(req) {
+            Ok(submission) => self.shared.submit(submission),
             Err(e) => {
                 let mut state = self.shared.state();
                 let name = state.worker_name(worker).unwrap_or("unknown").to_string();
                 tracing::warn!(
-                    "worker {worker} ({name}) sent an undecodable result for step {}: {e}; \
-                     removing it so its work is redone",
-                    req.step
+                    "worker {worker} ({name}) sent an undecodable result for step {step}: {e}; \
+                     removing it so its work is redone"
                 );
                 state.remove_worker(worker, format!("sent an undecodable result: {e}"));
                 SubmitOutcome::Rejected(e.to_string())
             }
         };
         self.shared.notify();
-        let (accepted, reason) = match outcome {
-            SubmitOutcome::Accepted => (true, String::new()),
-            SubmitOutcome::Ignored(reason) => (true, reason),
-            SubmitOutcome::Rejected(reason) => (false, reason),
+        let verdict = match outcome {
+            SubmitOutcome::Accepted => Verdict {
+                accepted: true,
+                reason: String::new(),
+            },
+            SubmitOutcome::Ignored(reason) => Verdict {
+                accepted: true,
+                reason,
+            },
+            SubmitOutcome::Rejected(reason) => Verdict {
+                accepted: false,
+                reason,
+            },
         };
-        Ok(Response::new(proto::SubmitReply { accepted, reason }))
+        Ok(Response::new(verdict.into()))
     }
 
     async fn heartbeat(
         &self,
-        request: Request<proto::HeartbeatRequest>,
-    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let worker = WorkerId(request.into_inner().worker_id);
-        let answer = self.shared.state().heartbeat(worker, Instant::now());
-        Ok(Response::new(proto::HeartbeatReply {
-            known: answer == HeartbeatAnswer::Known,
-            done: answer == HeartbeatAnswer::Done,
-        }))
+        let answer = match self.shared.state().heartbeat(worker, Instant::now()) {
+            HeartbeatAnswer::Known => Liveness::Known,
+            HeartbeatAnswer::Unknown => Liveness::Unknown,
+            HeartbeatAnswer::Done => Liveness::Done,
+        };
+        Ok(Response::new(answer.into()))
     }
 }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use common::gradient::{GradientSum, check_gradient};
-use common::optim::{OptimizerConfig, OptimizerState, clip_grad_norm};
+use common::optim::{Moments, OptimizerConfig, OptimizerState, clip_grad_norm};
 use common::reduce::{Node, ReductionTree};
 use common::shard::ShardPlan;
 
@@ -60,6 +60,15 @@ pub struct Position {
     pub global_step: u64,
 }
 
+/// A step's sums over its examples, as the update reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BatchStats {
+    pub examples: u64,
+    pub elbo: f64,
+    pub recon: f64,
+    pub kl: f64,
+}
+
 /// Sums over an epoch's steps, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct EpochTotals {
@@ -80,6 +89,9 @@ pub struct EpochTotals {
 pub enum Phase {
     WaitingForWorkers,
     Training,
+    /// Every result of the step is in; the driver is applying the update
+    /// ([`StateMachine::take_update`], [`StateMachine::finish_update`]).
+    Updating,
     /// An epoch ended; waiting for the held-out evaluation ([`StateMachine::finish_evaluation`]).
     Evaluating,
     Finished,
@@ -107,6 +119,11 @@ pub enum Output {
         node: Node,
         reason: String,
     },
+    /// Every result of `global_step` is in: take the update ([`StateMachine::take_update`]),
+    /// run it, and hand it back ([`StateMachine::finish_update`]).
+    StepReady {
+        global_step: u64,
+    },
     StepApplied {
         position: Position,
         examples: u64,
@@ -122,19 +139,7 @@ pub enum Output {
     Failed(String),
 }
 
-/// One shard's examples in the current step.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ShardWork {
-    pub shard: u32,
-    pub examples: Vec<u32>,
-}
-
-/// One tree node to compute.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NodeWork {
-    pub node: Node,
-    pub shards: Vec<ShardWork>,
-}
+pub use proto::messages::{NodeWork, ShardWork};
 
 /// Work handed to a worker.
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +193,8 @@ struct StepState {
     rejections: HashMap<Node, u32>,
     started: Instant,
     slowest_compute: f64,
+    /// Whether [`StateMachine::take_update`] has handed this (complete) step's update out.
+    update_taken: bool,
 }
 
 /// The coordinator's state: parameters, optimizer, schedule, workers and the step in progress.
@@ -206,6 +213,8 @@ pub struct StateMachine {
     /// The current epoch's visiting order of every shard.
     epoch_orders: Option<(u64, Vec<Vec<u32>>)>,
     step: Option<StepState>,
+    /// A complete step whose update is ready or being applied.
+    ready: Option<StepState>,
     no_workers_since: Option<Instant>,
     outputs: Vec<Output>,
 }
@@ -245,6 +254,7 @@ impl StateMachine {
             incarnation: incarnation & 0xff_ffff,
             epoch_orders: None,
             step: None,
+            ready: None,
             no_workers_since: None,
             outputs: Vec::new(),
         }
@@ -446,7 +456,7 @@ impl StateMachine {
                 None => step.orphans.push(*node),
             }
         }
-        self.try_complete_step(now);
+        self.try_complete_step();
         if let Some((_, reason)) = rejected.first() {
             SubmitOutcome::Rejected(reason.clone())
         } else if let Some(reason) = ignored.first() {
@@ -606,44 +616,76 @@ impl StateMachine {
             rejections: HashMap::new(),
             started: now,
             slowest_compute: 0.0,
+            update_taken: false,
         });
     }
 
-    fn try_complete_step(&mut self, now: Instant) {
+    /// When the received nodes cover the tree, the step's update is ready: hand it to the driver.
+    fn try_complete_step(&mut self) {
         let Some(step) = &self.step else { return };
         let covered: u32 = step.received.keys().map(Node::len).sum();
         if covered < self.tree.root().hi {
             return;
         }
         let step = self.step.take().expect("checked above");
-        let update_start = std::time::Instant::now();
-        let sum = match self.tree.evaluate_root(step.received) {
-            Ok(sum) => sum,
-            Err(e) => {
-                self.fail(format!("step {}: {e}", step.global_step));
+        self.phase = Phase::Updating;
+        self.outputs.push(Output::StepReady {
+            global_step: step.global_step,
+        });
+        self.ready = Some(step);
+    }
+
+    /// The update of a completed step, with the parameters and optimizer state moved into it:
+    /// the driver runs it off the async runtime and hands the result to [`Self::finish_update`].
+    /// `None` unless [`Output::StepReady`] was emitted and not yet taken.
+    pub fn take_update(&mut self) -> Option<UpdateJob> {
+        let step = self.ready.as_mut()?;
+        if step.update_taken {
+            return None;
+        }
+        step.update_taken = true;
+        Some(UpdateJob {
+            global_step: step.global_step,
+            received: std::mem::take(&mut step.received),
+            tree: self.tree,
+            optimizer: self.config.optimizer.clone(),
+            clip_norm: self.config.clip_norm,
+            params: std::mem::take(&mut self.params),
+            // An empty placeholder while the job holds the real state (nothing reads it then).
+            opt_state: std::mem::replace(
+                &mut self.opt_state,
+                OptimizerState {
+                    step: 0,
+                    moments: Moments::Sgd {
+                        momentum_buffer: None,
+                    },
+                },
+            ),
+        })
+    }
+
+    /// Takes back the parameters of an [`UpdateJob`] and moves on: the next step, or the epoch's
+    /// end. `update_seconds` is how long the job took (measured by the caller: no clock here).
+    pub fn finish_update(&mut self, done: UpdateDone, update_seconds: f64, now: Instant) {
+        let Some(step) = self.ready.take() else {
+            return;
+        };
+        debug_assert_eq!(step.global_step, done.global_step);
+        self.params = done.params;
+        self.opt_state = done.opt_state;
+        let stats = match done.outcome {
+            Ok(stats) => stats,
+            Err(reason) => {
+                self.fail(format!("step {}: {reason}", step.global_step));
                 return;
             }
         };
-        let n = sum.examples.max(1) as f32;
-        let mut grad = sum.grad;
-        grad.iter_mut().for_each(|g| *g /= n);
-        if let Some(max) = self.config.clip_norm {
-            clip_grad_norm(&mut grad, max);
-        }
-        if let Err(e) = self
-            .config
-            .optimizer
-            .step(&mut self.params, &grad, &mut self.opt_state)
-        {
-            self.fail(format!("optimizer step {}: {e}", step.global_step));
-            return;
-        }
-        let update_seconds = update_start.elapsed().as_secs_f64();
+        self.phase = Phase::Training;
         self.totals.steps += 1;
-        self.totals.examples += sum.examples;
-        self.totals.elbo += sum.elbo;
-        self.totals.recon += sum.recon;
-        self.totals.kl += sum.kl;
+        self.totals.examples += stats.examples;
+        self.totals.elbo += stats.elbo;
+        self.totals.recon += stats.recon;
+        self.totals.kl += stats.kl;
         self.totals.step_seconds += now.saturating_duration_since(step.started).as_secs_f64();
         self.totals.compute_seconds += step.slowest_compute;
         self.totals.update_seconds += update_seconds;
@@ -651,8 +693,8 @@ impl StateMachine {
         self.position.step_in_epoch += 1;
         self.outputs.push(Output::StepApplied {
             position: self.position,
-            examples: sum.examples,
-            elbo: sum.elbo / sum.examples.max(1) as f64,
+            examples: stats.examples,
+            elbo: stats.elbo / stats.examples.max(1) as f64,
         });
         let epoch_done = self.position.step_in_epoch as usize >= self.config.plan.steps_per_epoch();
         if epoch_done {
@@ -675,6 +717,77 @@ impl StateMachine {
                 self.outputs.push(Output::CheckpointDue);
             }
             self.start_step(now);
+        }
+    }
+
+    /// Runs a ready update in place (tests and single-threaded callers).
+    pub fn apply_ready_update(&mut self, now: Instant) {
+        if let Some(job) = self.take_update() {
+            self.finish_update(job.run(), 0.0, now);
+        }
+    }
+}
+
+/// A completed step's update, detached from the state machine so it can run on other threads
+/// while heartbeats and long polls go on: the tree sum of the received nodes in the fixed order
+/// (docs/design.md §2), division by the step's example count, optional clipping, the optimizer.
+#[derive(Debug)]
+pub struct UpdateJob {
+    pub global_step: u64,
+    received: HashMap<Node, GradientSum>,
+    tree: ReductionTree,
+    optimizer: OptimizerConfig,
+    clip_norm: Option<f64>,
+    params: Vec<f32>,
+    opt_state: OptimizerState,
+}
+
+/// What an [`UpdateJob`] hands back: the parameters and optimizer state (updated unless
+/// `outcome` is an error, in which case they are the step's inputs, untouched), and the step's
+/// statistics.
+#[derive(Debug)]
+pub struct UpdateDone {
+    pub global_step: u64,
+    pub params: Vec<f32>,
+    pub opt_state: OptimizerState,
+    pub outcome: Result<BatchStats, String>,
+}
+
+impl UpdateJob {
+    /// CPU-heavy and pure: runs on whatever thread calls it (rayon inside for long vectors).
+    pub fn run(self) -> UpdateDone {
+        let UpdateJob {
+            global_step,
+            received,
+            tree,
+            optimizer,
+            clip_norm,
+            mut params,
+            mut opt_state,
+        } = self;
+        let outcome = (|| {
+            let sum = tree.evaluate_root(received).map_err(|e| e.to_string())?;
+            let n = sum.examples.max(1) as f32;
+            let mut grad = sum.grad;
+            grad.iter_mut().for_each(|g| *g /= n);
+            if let Some(max) = clip_norm {
+                clip_grad_norm(&mut grad, max);
+            }
+            optimizer
+                .step(&mut params, &grad, &mut opt_state)
+                .map_err(|e| format!("optimizer: {e}"))?;
+            Ok(BatchStats {
+                examples: sum.examples,
+                elbo: sum.elbo,
+                recon: sum.recon,
+                kl: sum.kl,
+            })
+        })();
+        UpdateDone {
+            global_step,
+            params,
+            opt_state,
+            outcome,
         }
     }
 }

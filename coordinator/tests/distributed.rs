@@ -107,6 +107,8 @@ fn a_worker_with_the_wrong_token_is_refused_on_both_sides() {
     assert!(finish_worker(good, Duration::from_secs(30)).0.success());
 }
 
+// The fault-injection hook exists only in debug builds of the worker.
+#[cfg(debug_assertions)]
 #[test]
 fn poisoned_gradients_are_rejected_and_do_not_change_the_result() {
     let clean = tempfile::tempdir().unwrap();

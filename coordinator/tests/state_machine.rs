@@ -70,6 +70,20 @@ fn compute(task: &Task, params: &[f32]) -> Vec<(Node, GradientSum)> {
         .collect()
 }
 
+/// Submits like a worker, then applies the step's update if it became ready, as the driver does.
+fn submit(
+    sm: &mut StateMachine,
+    worker: WorkerId,
+    step: u64,
+    results: Vec<(Node, GradientSum)>,
+    compute_seconds: f64,
+    now: Instant,
+) -> SubmitOutcome {
+    let outcome = sm.submit(worker, step, results, compute_seconds, now);
+    sm.apply_ready_update(now);
+    outcome
+}
+
 /// Runs to the end, with `hook` called before each worker's turn to inject trouble.
 fn run(
     sm: &mut StateMachine,
@@ -89,7 +103,7 @@ fn run(
         for w in workers.clone() {
             if let TaskDecision::Task(task) = sm.next_task(w, *now) {
                 let results = compute(&task, sm.params());
-                sm.submit(w, task.global_step, results, 0.01, *now);
+                submit(sm, w, task.global_step, results, 0.01, *now);
             }
         }
         outputs.extend(sm.drain_outputs());
@@ -167,7 +181,7 @@ fn every_example_is_used_once_per_epoch() {
                 }
                 let results = compute(&task, sm.params());
                 assert_eq!(
-                    sm.submit(w, task.global_step, results, 0.0, now),
+                    submit(&mut sm, w, task.global_step, results, 0.0, now),
                     SubmitOutcome::Accepted
                 );
             }
@@ -208,7 +222,7 @@ fn a_worker_lost_mid_step_changes_nothing() {
     let (victim, task) = lost.unwrap();
     let results = compute(&task, &[0.5; PARAMS]);
     assert!(matches!(
-        sm.submit(victim, task.global_step, results, 0.0, now),
+        submit(&mut sm, victim, task.global_step, results, 0.0, now),
         SubmitOutcome::Ignored(_)
     ));
     assert_eq!(sm.next_task(victim, now), TaskDecision::UnknownWorker);
@@ -222,21 +236,42 @@ fn late_and_duplicate_results_are_ignored() {
     };
     let results = compute(&task, sm.params());
     assert_eq!(
-        sm.submit(workers[0], task.global_step, results.clone(), 0.0, now),
+        submit(
+            &mut sm,
+            workers[0],
+            task.global_step,
+            results.clone(),
+            0.0,
+            now
+        ),
         SubmitOutcome::Accepted
     );
     assert!(matches!(
-        sm.submit(workers[0], task.global_step, results.clone(), 0.0, now),
+        submit(
+            &mut sm,
+            workers[0],
+            task.global_step,
+            results.clone(),
+            0.0,
+            now
+        ),
         SubmitOutcome::Ignored(_)
     ));
     // Someone else's nodes.
     assert!(matches!(
-        sm.submit(workers[1], task.global_step, results.clone(), 0.0, now),
+        submit(
+            &mut sm,
+            workers[1],
+            task.global_step,
+            results.clone(),
+            0.0,
+            now
+        ),
         SubmitOutcome::Ignored(_)
     ));
     // A step that is not in progress.
     assert!(matches!(
-        sm.submit(workers[0], task.global_step + 1, results, 0.0, now),
+        submit(&mut sm, workers[0], task.global_step + 1, results, 0.0, now),
         SubmitOutcome::Ignored(_)
     ));
     assert_eq!(sm.position().global_step, 0);
@@ -259,7 +294,7 @@ fn poisoned_gradients_are_rejected_and_recomputed_elsewhere() {
             } else {
                 results[0].1.grad.pop();
             }
-            let outcome = sm.submit(w, task.global_step, results, 0.0, *now);
+            let outcome = submit(sm, w, task.global_step, results, 0.0, *now);
             assert!(matches!(outcome, SubmitOutcome::Rejected(_)), "{outcome:?}");
             assert_eq!(
                 sm.position().global_step,
@@ -287,7 +322,7 @@ fn wrong_example_counts_are_rejected() {
     let mut results = compute(&task, sm.params());
     results[0].1.examples += 1;
     assert!(matches!(
-        sm.submit(workers[0], 0, results, 0.0, now),
+        submit(&mut sm, workers[0], 0, results, 0.0, now),
         SubmitOutcome::Rejected(_)
     ));
 }
@@ -302,7 +337,7 @@ fn a_diverging_run_stops_instead_of_looping() {
                 for r in &mut results {
                     r.1.grad[0] = f32::INFINITY;
                 }
-                sm.submit(w, task.global_step, results, 0.0, now);
+                submit(&mut sm, w, task.global_step, results, 0.0, now);
             }
         }
     }

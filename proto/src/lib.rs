@@ -1,14 +1,34 @@
-//! The gRPC service between coordinator and workers (`proto/trainer.proto`), generated at build
-//! time without `protoc`, and the protocol constants both sides must agree on.
+//! The wire boundary between coordinator and workers: the gRPC service (`proto/trainer.proto`,
+//! generated at build time without `protoc`) in [`pb`], the domain type of every message in
+//! [`messages`], and all conversion between the two in [`convert`]. Nothing outside this crate
+//! reads a prost message field by field; handlers are decode, one call, encode.
+//!
+//! Tensors cross either inline ([`tensor`]: raw little-endian f32 at memcpy speed) or, between
+//! processes on one host, through a shared-memory directory ([`shared_memory`]).
+//!
+//! ```
+//! use proto::messages::{ShardWork, NodeWork};
+//! use common::reduce::Node;
+//! let work = NodeWork { node: Node { lo: 0, hi: 1 }, shards: vec![ShardWork { shard: 0, examples: vec![3, 1] }] };
+//! let wire = proto::pb::NodeWork::from(work.clone());
+//! assert_eq!(NodeWork::try_from(wire).unwrap(), work);
+//! ```
 
-#![allow(missing_debug_implementations, clippy::all)]
+/// The generated prost messages and tonic client/server.
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("vae.trainer.v2");
+}
 
-tonic::include_proto!("vae.trainer.v1");
-
+pub mod convert;
+pub mod messages;
+pub mod shared_memory;
 pub mod tensor;
 
+pub use convert::WireError;
+
 /// Bumped on any incompatible change to `trainer.proto` or to what its fields mean.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's
 /// parameters are 2.6 MB and a `--hidden 2048,2048` model is ~60 MB, so parameters and gradients

@@ -19,6 +19,14 @@ pub fn decode_f32(bytes: &[u8]) -> Option<Vec<f32>> {
         .then(|| bytemuck::pod_collect_to_vec(bytes))
 }
 
+/// Little-endian bytes into `out` (resized; its allocation is reused). The length must be a
+/// multiple of 4 (inline tensors are checked on decode); trailing bytes are ignored.
+pub fn decode_f32_into(bytes: &[u8], out: &mut Vec<f32>) {
+    let n = bytes.len() / 4;
+    out.resize(n, 0.0);
+    bytemuck::cast_slice_mut::<f32, u8>(&mut out[..]).copy_from_slice(&bytes[..4 * n]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +51,8 @@ mod tests {
         let shifted: Vec<u8> = std::iter::once(0).chain(bytes.iter().copied()).collect();
         assert_eq!(bits(&decode_f32(&shifted[1..]).unwrap()), bits(&values));
         assert!(decode_f32(&[0, 0, 0]).is_none());
+        let mut into = vec![9.0; 100];
+        decode_f32_into(&shifted[1..], &mut into);
+        assert_eq!(bits(&into), bits(&values));
     }
 }

@@ -7,12 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::reduce::ReductionTree;
-use proto::next_task_reply::Kind;
-use proto::trainer_client::TrainerClient;
+use proto::messages::{
+    Attach, Liveness, Registered, Registration, ShardChunk, Submission, TaskReply, Verdict,
+};
+use proto::pb;
+use proto::pb::trainer_client::TrainerClient;
+use proto::shared_memory::SharedClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::compute::{self, Fault, RunContext};
+use crate::compute::{self, Fault, RunContext, StepBuffers};
 use crate::error::{Error, Result};
 use crate::shard_cache::{ShardCache, ShardData};
 
@@ -44,6 +48,8 @@ pub struct WorkerConfig {
     pub fault: Option<Fault>,
     /// Touched after every successful heartbeat, for container health checks.
     pub status_file: Option<std::path::PathBuf>,
+    /// Accept the coordinator's shared-memory offer (when it is on this host).
+    pub shared_memory: bool,
 }
 
 /// How long ago the status file was touched, if it exists.
@@ -64,18 +70,30 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
     let mut cache = ShardCache::default();
     let mut context: Option<Arc<RunContext>> = None;
     let mut fault = config.fault;
+    let mut buffers = StepBuffers::default();
     loop {
-        let (mut client, worker_id, run) = connect_and_register(&config).await?;
+        let (mut client, registered) = connect_and_register(&config).await?;
+        let worker_id = registered.worker_id;
+        let run = &registered.run;
         let same_run = context.as_ref().is_some_and(|c| c.run_id == run.run_id);
         if !same_run {
             cache.clear();
-            context = Some(Arc::new(RunContext::from_proto(&run)?));
+            context = Some(Arc::new(RunContext::new(run)?));
         }
         let ctx = Arc::clone(context.as_ref().expect("set above"));
+        let shared = match &registered.shared_memory {
+            Some(offer) if config.shared_memory => attach(&mut client, worker_id, offer).await,
+            _ => None,
+        };
         tracing::info!(
-            "registered with {} as worker {worker_id:x} ({} threads)",
+            "registered with {} as worker {worker_id:x} ({} threads, tensors {})",
             config.addr,
-            config.threads
+            config.threads,
+            if shared.is_some() {
+                "through shared memory"
+            } else {
+                "inline"
+            }
         );
         let (done_tx, mut done_rx) = watch::channel(HeartbeatState::Alive);
         let heartbeat = tokio::spawn(heartbeat_loop(
@@ -91,7 +109,11 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
             &pool,
             &mut cache,
             &mut done_rx,
-            &mut fault,
+            Transfer {
+                shared: shared.as_ref(),
+                buffers: &mut buffers,
+                fault: &mut fault,
+            },
         )
         .await;
         heartbeat.abort();
@@ -120,6 +142,41 @@ enum LoopEnd {
     Reregister(String),
 }
 
+/// How a task's tensors move, and the buffers and test fault that go with it.
+struct Transfer<'a> {
+    shared: Option<&'a SharedClient>,
+    buffers: &'a mut StepBuffers,
+    fault: &'a mut Option<Fault>,
+}
+
+/// Tries the coordinator's shared-memory offer: attached only if this worker can read the
+/// probe file and the coordinator agrees it is the right one.
+async fn attach(
+    client: &mut TrainerClient<Channel>,
+    worker_id: u64,
+    offer: &proto::messages::SharedMemoryOffer,
+) -> Option<SharedClient> {
+    let (shared, probe) = match SharedClient::open(offer, worker_id) {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::debug!(
+                "shared memory at {} not usable from here ({e}): tensors go inline",
+                offer.dir.display()
+            );
+            return None;
+        }
+    };
+    let request = pb::AttachRequest::from(Attach { worker_id, probe });
+    match client.attach_shared_memory(request).await {
+        Ok(reply) if reply.get_ref().attached => Some(shared),
+        Ok(_) => None,
+        Err(status) => {
+            tracing::debug!("shared memory refused: {}", describe(&status));
+            None
+        }
+    }
+}
+
 async fn work_loop(
     client: &mut TrainerClient<Channel>,
     worker_id: u64,
@@ -127,7 +184,7 @@ async fn work_loop(
     pool: &Arc<rayon::ThreadPool>,
     cache: &mut ShardCache,
     heartbeat: &mut watch::Receiver<HeartbeatState>,
-    fault: &mut Option<Fault>,
+    transfer: Transfer<'_>,
 ) -> Result<LoopEnd> {
     let tree = ReductionTree::new(ctx.shards);
     loop {
@@ -140,20 +197,26 @@ async fn work_loop(
             }
             HeartbeatState::Alive => {}
         }
-        let reply = match client.next_task(proto::NextTaskRequest { worker_id }).await {
-            Ok(reply) => reply.into_inner(),
+        let reply = match client.next_task(pb::NextTaskRequest { worker_id }).await {
+            Ok(reply) => TaskReply::try_from(reply.into_inner())
+                .map_err(|e| Error::Protocol(e.to_string()))?,
             Err(status) => return Ok(LoopEnd::Reregister(describe(&status))),
         };
-        let task = match reply.kind {
-            Some(Kind::Task(task)) => task,
-            Some(Kind::Wait(_)) | None => continue,
-            Some(Kind::Done(done)) => {
-                tracing::info!("coordinator: {}", done.reason);
+        let task = match reply {
+            TaskReply::Task(task) => task,
+            TaskReply::Wait => continue,
+            TaskReply::Done(reason) => {
+                tracing::info!("coordinator: {reason}");
                 return Ok(LoopEnd::Done);
             }
         };
-        for node in &task.nodes {
-            for shard in &node.shards {
+        if task.run_id != ctx.run_id {
+            return Ok(LoopEnd::Reregister(
+                "the coordinator now serves another run".into(),
+            ));
+        }
+        for work in &task.nodes {
+            for shard in &work.shards {
                 if !cache.contains(shard.shard) {
                     match fetch_shard(client, worker_id, shard.shard).await {
                         Ok(data) => cache.insert(shard.shard, data),
@@ -163,28 +226,37 @@ async fn work_loop(
                 }
             }
         }
-        let started = Instant::now();
         let step = task.step;
-        let results = compute::run_task(ctx, &tree, pool, cache, task, fault).await?;
-        let compute_seconds = started.elapsed().as_secs_f64();
-        let reply = client
-            .submit_result(proto::SubmitRequest {
-                worker_id,
-                step,
-                results,
-                compute_seconds,
-            })
-            .await;
-        match reply {
+        let output = compute::run_task(
+            ctx,
+            &tree,
+            pool,
+            cache,
+            task,
+            transfer.shared,
+            transfer.buffers,
+            transfer.fault,
+        )
+        .await?;
+        let submission = Submission {
+            worker_id,
+            step,
+            results: output.results,
+            compute_seconds: output.compute_seconds,
+        };
+        match client
+            .submit_result(pb::SubmitRequest::from(submission))
+            .await
+        {
             Ok(reply) => {
-                let reply = reply.into_inner();
-                if !reply.accepted {
+                let verdict = Verdict::from(reply.into_inner());
+                if !verdict.accepted {
                     tracing::warn!(
                         "coordinator rejected our result for step {step}: {}",
-                        reply.reason
+                        verdict.reason
                     );
-                } else if !reply.reason.is_empty() {
-                    tracing::info!("result for step {step} not used: {}", reply.reason);
+                } else if !verdict.reason.is_empty() {
+                    tracing::info!("result for step {step} not used: {}", verdict.reason);
                 }
             }
             Err(status) => return Ok(LoopEnd::Reregister(describe(&status))),
@@ -203,7 +275,7 @@ async fn fetch_shard(
     shard: u32,
 ) -> Result<ShardData, FetchError> {
     let mut stream = client
-        .fetch_shard(proto::FetchShardRequest { worker_id, shard })
+        .fetch_shard(pb::FetchShardRequest { worker_id, shard })
         .await
         .map_err(|s| FetchError::Rpc(describe(&s)))?
         .into_inner();
@@ -214,15 +286,11 @@ async fn fetch_shard(
         .await
         .map_err(|s| FetchError::Rpc(describe(&s)))?
     {
-        if chunk.shard != shard
-            || chunk.pixels.len() != chunk.examples as usize * chunk.dim as usize * 4
-        {
+        let chunk = ShardChunk::try_from(chunk).map_err(|e| invalid(e.to_string()))?;
+        if chunk.shard != shard {
             return Err(invalid(format!(
-                "shard {shard}: chunk for shard {} with {} bytes for {} examples of {} values",
-                chunk.shard,
-                chunk.pixels.len(),
-                chunk.examples,
-                chunk.dim
+                "asked for shard {shard}, received a chunk of shard {}",
+                chunk.shard
             )));
         }
         let d = data.get_or_insert_with(|| ShardData {
@@ -236,9 +304,7 @@ async fn fetch_shard(
                 "shard {shard}: chunks out of order or of mixed sizes"
             )));
         }
-        d.pixels.extend(
-            proto::tensor::decode_f32(&chunk.pixels).expect("length checked to be 4 * values"),
-        );
+        d.pixels.extend_from_slice(&chunk.pixels);
         d.examples += chunk.examples;
     }
     data.ok_or_else(|| invalid(format!("shard {shard} arrived empty")))
@@ -253,21 +319,15 @@ async fn heartbeat_loop(
     let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
     loop {
         ticker.tick().await;
-        if let Ok(reply) = client
-            .heartbeat(proto::HeartbeatRequest { worker_id })
-            .await
-        {
-            let reply = reply.into_inner();
+        if let Ok(reply) = client.heartbeat(pb::HeartbeatRequest { worker_id }).await {
             if let Some(path) = &status_file {
                 // Best effort: a failed touch only makes the health check pessimistic.
                 let _ = std::fs::write(path, b"alive\n");
             }
-            let next = if reply.done {
-                HeartbeatState::Done
-            } else if !reply.known {
-                HeartbeatState::Forgotten
-            } else {
-                HeartbeatState::Alive
+            let next = match Liveness::from(reply.into_inner()) {
+                Liveness::Done => HeartbeatState::Done,
+                Liveness::Unknown => HeartbeatState::Forgotten,
+                Liveness::Known => HeartbeatState::Alive,
             };
             if next != HeartbeatState::Alive {
                 let _ = state.send(next);
@@ -281,7 +341,7 @@ async fn heartbeat_loop(
 /// `retry_for` has passed. A refusal (version, token) is final.
 async fn connect_and_register(
     config: &WorkerConfig,
-) -> Result<(TrainerClient<Channel>, u64, proto::RunConfig)> {
+) -> Result<(TrainerClient<Channel>, Registered)> {
     let uri = if config.addr.contains("://") {
         config.addr.clone()
     } else {
@@ -311,26 +371,23 @@ async fn connect_and_register(
             let mut client = TrainerClient::new(channel)
                 .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+            let registration = Registration {
+                protocol_version: config.protocol_version,
+                token: config.token.clone().unwrap_or_default(),
+                name: config.name.clone(),
+                threads: config.threads as u32,
+                build: env!("CARGO_PKG_VERSION").into(),
+            };
             let reply = client
-                .register(proto::RegisterRequest {
-                    protocol_version: config.protocol_version,
-                    token: config.token.clone().unwrap_or_default(),
-                    name: config.name.clone(),
-                    capabilities: Some(proto::Capabilities {
-                        threads: config.threads as u32,
-                        build: env!("CARGO_PKG_VERSION").into(),
-                    }),
-                })
+                .register(pb::RegisterRequest::from(registration))
                 .await;
             Ok::<_, String>((client, reply))
         };
         let last_error = match attempt.await {
             Ok((client, Ok(reply))) => {
-                let reply = reply.into_inner();
-                let run = reply.config.ok_or_else(|| {
-                    Error::Protocol("registration reply without a run configuration".into())
-                })?;
-                return Ok((client, reply.worker_id, run));
+                let registered = Registered::try_from(reply.into_inner())
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                return Ok((client, registered));
             }
             Ok((_, Err(status)))
                 if matches!(

@@ -1,13 +1,16 @@
 //! Turning a task into node gradients, on the worker's own rayon pool (never on the async
-//! runtime's threads).
+//! runtime's threads), with the step's buffers reused from one task to the next.
 
 use std::sync::Arc;
 
-use common::config::{Likelihood, ModelConfig};
+use common::gradient::GradientSum;
 use common::reduce::{Node, ReductionTree};
 use common::train::{Engine, ShardBatch};
 use ndarray::Array2;
+use proto::messages::{NodeResult, RunSpec, Task, TensorRef};
+use proto::shared_memory::SharedClient;
 
+use crate::cpu_time::PoolClock;
 use crate::error::{Error, Result};
 use crate::shard_cache::ShardCache;
 
@@ -20,38 +23,28 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    pub fn from_proto(run: &proto::RunConfig) -> Result<Self> {
-        let model = run
-            .model
-            .as_ref()
-            .ok_or_else(|| Error::Protocol("run configuration without a model".into()))?;
-        let likelihood = match model.likelihood.as_str() {
-            "bernoulli" => Likelihood::Bernoulli,
-            "gaussian" => Likelihood::Gaussian {
-                variance: model.gaussian_variance,
-            },
-            other => {
-                return Err(Error::Protocol(format!(
-                    "the coordinator asks for likelihood `{other}`, which this worker does not \
-                     know: run the same release on both sides"
-                )));
-            }
-        };
-        let config = ModelConfig {
-            input_dim: model.input_dim as usize,
-            hidden: model.hidden.iter().map(|&h| h as usize).collect(),
-            latent: model.latent as usize,
-            likelihood,
-        };
-        if run.shards == 0 {
-            return Err(Error::Protocol("run configuration with 0 shards".into()));
-        }
+    pub fn new(run: &RunSpec) -> Result<Self> {
         Ok(RunContext {
             run_id: run.run_id.clone(),
-            shards: run.shards as usize,
-            engine: Engine::new(config, run.samples as usize, run.seed)?,
+            shards: run.shards,
+            engine: Engine::new(run.model.clone(), run.samples, run.seed)?,
         })
     }
+}
+
+/// Buffers that live across tasks, so a steady-state step allocates no multi-megabyte vectors.
+#[derive(Debug, Default)]
+pub struct StepBuffers {
+    params: Vec<f32>,
+    sums: Vec<GradientSum>,
+}
+
+/// A task's results and the CPU time its computation took.
+#[derive(Debug)]
+pub struct TaskOutput {
+    pub results: Vec<NodeResult>,
+    /// CPU seconds of the pool's threads divided by their number (see `crate::cpu_time`).
+    pub compute_seconds: f64,
 }
 
 /// Deliberate misbehaviour, so tests can check the coordinator's defences (`--inject-fault`).
@@ -82,30 +75,33 @@ impl std::str::FromStr for Fault {
     }
 }
 
-/// Computes every node of `task`; the results go back in the task's order.
+/// Computes every node of `task`; the results go back in the task's order, their gradients
+/// through `shared` when the worker is attached to the coordinator's shared memory.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_task(
     ctx: &Arc<RunContext>,
     tree: &ReductionTree,
     pool: &Arc<rayon::ThreadPool>,
     cache: &ShardCache,
-    task: proto::Task,
+    task: Task,
+    shared: Option<&SharedClient>,
+    buffers: &mut StepBuffers,
     fault: &mut Option<Fault>,
-) -> Result<Vec<proto::NodeResult>> {
+) -> Result<TaskOutput> {
     let layout_len = ctx.engine.layout().len();
-    let params = decode_params(&task.params, layout_len)?;
+    let mut params = std::mem::take(&mut buffers.params);
+    read_params(&task.params, shared, layout_len, &mut params)?;
     let dim = ctx.engine.config().input_dim;
     // Gathering copies ~400 KB per step: cheap enough for the async thread.
     let mut nodes = Vec::with_capacity(task.nodes.len());
-    for node in &task.nodes {
-        let expected = (node.lo..node.hi).collect::<Vec<u32>>();
-        let got: Vec<u32> = node.shards.iter().map(|s| s.shard).collect();
-        if node.lo >= node.hi || expected != got || node.hi as usize > ctx.shards {
+    for work in &task.nodes {
+        if work.node.hi as usize > ctx.shards {
             return Err(Error::Protocol(format!(
-                "task node {}..{} lists shards {got:?}",
-                node.lo, node.hi
+                "task node {}..{} is outside the run's {} shards",
+                work.node.lo, work.node.hi, ctx.shards
             )));
         }
-        let shards = node
+        let shards = work
             .shards
             .iter()
             .map(|s| {
@@ -116,22 +112,20 @@ pub async fn run_task(
                 ))
             })
             .collect::<Result<Vec<(u32, Array2<f32>, Vec<u32>)>>>()?;
-        nodes.push((
-            Node {
-                lo: node.lo,
-                hi: node.hi,
-            },
-            shards,
-        ));
+        nodes.push((work.node, shards));
     }
+    let mut sums = std::mem::take(&mut buffers.sums);
+    sums.resize_with(nodes.len(), || GradientSum::zeros(0));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx = Arc::clone(ctx);
     let tree = *tree;
     let epoch = task.epoch;
+    let clock = PoolClock::start(pool);
     pool.spawn(move || {
-        let results = nodes
+        let outcome = nodes
             .iter()
-            .map(|(node, shards)| {
+            .zip(sums.iter_mut())
+            .try_for_each(|((node, shards), out)| {
                 let batches: Vec<ShardBatch<'_>> = shards
                     .iter()
                     .map(|(shard, x, examples)| ShardBatch {
@@ -141,48 +135,96 @@ pub async fn run_task(
                     })
                     .collect();
                 ctx.engine
-                    .node_gradient(&params, epoch, &tree, *node, &batches)
-                    .map(|sum| (*node, sum))
-            })
-            .collect::<Result<Vec<_>, common::Error>>();
-        let _ = tx.send(results);
+                    .node_gradient_into(&params, epoch, &tree, *node, &batches, out)
+            });
+        let nodes: Vec<Node> = nodes.iter().map(|(node, _)| *node).collect();
+        let _ = tx.send((outcome, nodes, params, sums));
     });
-    let results = rx
+    let (outcome, nodes, params, mut sums) = rx
         .await
-        .map_err(|_| Error::Other("gradient computation panicked".into()))??;
-    Ok(results
+        .map_err(|_| Error::Other("gradient computation panicked".into()))?;
+    let compute_seconds = clock.seconds(pool);
+    buffers.params = params;
+    outcome?;
+    for sum in &mut sums {
+        match fault.take_if(
+            |f| matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) if *s == task.step),
+        ) {
+            Some(Fault::NanAtStep(_)) => sum.grad[0] = f32::NAN,
+            Some(Fault::ShortAtStep(_)) => {
+                sum.grad.pop();
+            }
+            None => {}
+        }
+    }
+    let grads = write_gradients(&sums, shared)?;
+    let results = nodes
         .into_iter()
-        .map(|(node, mut sum)| {
-            match fault.take_if(
-                |f| matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) if *s == task.step),
-            ) {
-                Some(Fault::NanAtStep(_)) => sum.grad[0] = f32::NAN,
-                Some(Fault::ShortAtStep(_)) => {
-                    sum.grad.pop();
-                }
-                None => {}
-            }
-            proto::NodeResult {
-                lo: node.lo,
-                hi: node.hi,
-                grad: proto::tensor::encode_f32(&sum.grad),
-                examples: sum.examples,
-                elbo: sum.elbo,
-                recon: sum.recon,
-                kl: sum.kl,
-            }
+        .zip(&sums)
+        .zip(grads)
+        .map(|((node, sum), grad)| NodeResult {
+            node,
+            grad,
+            examples: sum.examples,
+            elbo: sum.elbo,
+            recon: sum.recon,
+            kl: sum.kl,
         })
-        .collect())
+        .collect();
+    buffers.sums = sums;
+    Ok(TaskOutput {
+        results,
+        compute_seconds,
+    })
 }
 
-fn decode_params(bytes: &[u8], expected: usize) -> Result<Vec<f32>> {
-    match proto::tensor::decode_f32(bytes) {
-        Some(params) if params.len() == expected => Ok(params),
-        _ => Err(Error::Protocol(format!(
-            "the coordinator sent {} bytes of parameters, this model has {expected} parameters \
-             ({} bytes)",
-            bytes.len(),
-            expected * 4
-        ))),
+/// The task's parameters into `out`: decoded inline bytes, or read from shared memory.
+fn read_params(
+    params: &TensorRef,
+    shared: Option<&SharedClient>,
+    expected: usize,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let got = match params {
+        TensorRef::Inline(bytes) => {
+            proto::tensor::decode_f32_into(bytes, out);
+            bytes.len() / 4
+        }
+        TensorRef::Shared { offset, len } => {
+            let shared = shared.ok_or_else(|| {
+                Error::Protocol(
+                    "the coordinator sent parameters in shared memory this worker is not \
+                     attached to"
+                        .into(),
+                )
+            })?;
+            shared
+                .read_params(*offset, *len, out)
+                .map_err(|e| Error::Protocol(format!("cannot read the parameters: {e}")))?;
+            *len as usize
+        }
+    };
+    if got != expected {
+        return Err(Error::Protocol(format!(
+            "the coordinator sent {got} parameters, this model has {expected}"
+        )));
     }
+    Ok(())
+}
+
+/// The gradients as references: written to shared memory when attached (falling back to inline
+/// bytes if that fails), else inline.
+fn write_gradients(sums: &[GradientSum], shared: Option<&SharedClient>) -> Result<Vec<TensorRef>> {
+    if let Some(shared) = shared {
+        match shared.write_gradients(sums.iter().map(|s| &s.grad[..])) {
+            Ok(refs) => return Ok(refs),
+            Err(e) => {
+                tracing::warn!("cannot write gradients to shared memory ({e}); sending inline")
+            }
+        }
+    }
+    Ok(sums
+        .iter()
+        .map(|s| proto::convert::inline_tensor(&s.grad))
+        .collect())
 }

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod client;
 pub mod compute;
+pub mod cpu_time;
 pub mod error;
 pub mod shard_cache;
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use worker::client::{self, WorkerConfig};
+#[cfg(debug_assertions)]
 use worker::compute::Fault;
 
 /// Computes ELBO gradients for the shards a coordinator hands out. Needs no flag but the
@@ -31,12 +32,23 @@ struct Cli {
     /// Touch this file after every successful heartbeat (for container health checks).
     #[arg(long)]
     status_file: Option<std::path::PathBuf>,
-    /// Test hook: misbehave once (`nan@STEP`, `short@STEP`).
+    /// How tensors travel: `auto` accepts the coordinator's shared memory when it runs on this
+    /// host (same results, less copying); `tcp` always uses gRPC.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    transport: Transport,
+    /// Test hook (debug builds only): misbehave once (`nan@STEP`, `short@STEP`).
+    #[cfg(debug_assertions)]
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
     /// Test hook: announce another protocol version.
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    Auto,
+    Tcp,
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,8 +122,12 @@ async fn main() -> std::process::ExitCode {
         name,
         retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
         protocol_version: cli.protocol_version.unwrap_or(proto::PROTOCOL_VERSION),
+        #[cfg(debug_assertions)]
         fault: cli.inject_fault,
+        #[cfg(not(debug_assertions))]
+        fault: None,
         status_file: cli.status_file,
+        shared_memory: cli.transport == Transport::Auto,
     };
     match client::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

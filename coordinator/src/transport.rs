@@ -1,0 +1,159 @@
+//! How tensors reach each worker and come back: inline in the gRPC messages, or through the
+//! shared-memory directory for workers on this host that proved they see it
+//! (`proto::shared_memory`). Which path a worker uses never changes a bit of the result.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use proto::messages::{Attach, SharedMemoryOffer, TensorRef};
+use proto::shared_memory::SharedDir;
+
+use crate::error::{Error, Result};
+
+/// The parameters of one step, in each form a worker may need them.
+#[derive(Debug, Default)]
+struct Published {
+    step: Option<u64>,
+    /// Encoded on first use by an inline worker, then shared by every inline task of the step.
+    inline: Option<Bytes>,
+    /// Written by the driver when any worker is attached.
+    shared: Option<TensorRef>,
+}
+
+/// The coordinator's end of the data plane.
+#[derive(Debug)]
+pub struct Transport {
+    shared_dir: Option<SharedDir>,
+    attached: Mutex<HashSet<u64>>,
+    published: Mutex<Published>,
+}
+
+impl Transport {
+    /// `shared_dir`: `None` disables shared memory (`--transport tcp`, or no usable directory).
+    pub fn new(shared_dir: Option<SharedDir>) -> Self {
+        Transport {
+            shared_dir,
+            attached: Mutex::new(HashSet::new()),
+            published: Mutex::new(Published::default()),
+        }
+    }
+
+    /// What registration offers a worker.
+    pub fn offer(&self) -> Option<SharedMemoryOffer> {
+        self.shared_dir.as_ref().map(SharedDir::offer)
+    }
+
+    /// A worker read the probe back: attached if it matches. `registered` says whether the id is
+    /// a live worker (checked by the caller against the state machine).
+    pub fn attach(&self, request: &Attach, registered: bool) -> bool {
+        let ok = registered
+            && self
+                .shared_dir
+                .as_ref()
+                .is_some_and(|dir| dir.verify(&request.probe));
+        if ok {
+            lock(&self.attached).insert(request.worker_id);
+        }
+        ok
+    }
+
+    pub fn is_attached(&self, worker: u64) -> bool {
+        lock(&self.attached).contains(&worker)
+    }
+
+    pub fn any_attached(&self) -> bool {
+        !lock(&self.attached).is_empty()
+    }
+
+    /// A worker is gone: drop its attachment and its gradient file.
+    pub fn forget(&self, worker: u64) {
+        if lock(&self.attached).remove(&worker)
+            && let Some(dir) = &self.shared_dir
+        {
+            dir.forget(worker);
+        }
+    }
+
+    /// Makes `params` the parameters of `step`: written to shared memory now when any worker is
+    /// attached (called off the async runtime, after the update), encoded inline on demand.
+    pub fn publish(&self, step: u64, params: &[f32]) {
+        let shared = match &self.shared_dir {
+            Some(dir) if self.any_attached() => match dir.write_params(params) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot write parameters to {}: {e}; sending them inline",
+                        dir.path().display()
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        *lock(&self.published) = Published {
+            step: Some(step),
+            inline: None,
+            shared,
+        };
+    }
+
+    /// The parameter reference for `worker`'s task at `step`; `params` are the state machine's
+    /// current parameters (the caller holds its lock, so they are the step's).
+    pub fn params_for(&self, worker: u64, step: u64, params: &[f32]) -> TensorRef {
+        let mut published = lock(&self.published);
+        if published.step != Some(step) {
+            *published = Published {
+                step: Some(step),
+                ..Published::default()
+            };
+        }
+        if let Some(shared) = &published.shared
+            && self.is_attached(worker)
+        {
+            return shared.clone();
+        }
+        TensorRef::Inline(
+            published
+                .inline
+                .get_or_insert_with(|| proto::tensor::encode_f32(params))
+                .clone(),
+        )
+    }
+
+    /// The values a worker's result refers to, into `out`.
+    pub fn resolve_gradient(
+        &self,
+        worker: u64,
+        grad: &TensorRef,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        match grad {
+            TensorRef::Inline(bytes) => {
+                proto::tensor::decode_f32_into(bytes, out);
+                Ok(())
+            }
+            TensorRef::Shared { offset, len } => {
+                let dir = self
+                    .shared_dir
+                    .as_ref()
+                    .filter(|_| self.is_attached(worker))
+                    .ok_or_else(|| {
+                        Error::BadRequest(format!(
+                            "worker {worker:x} referred to shared memory it is not attached to"
+                        ))
+                    })?;
+                dir.read_gradient(worker, *offset, *len, out).map_err(|e| {
+                    Error::BadRequest(format!(
+                        "cannot read worker {worker:x}'s gradient from {}: {e}",
+                        dir.path().display()
+                    ))
+                })
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,287 @@
+//! Tensors between processes on one host through files in a memory-backed directory (`/dev/shm`),
+//! the way NCCL and MPI move data within a node: a parameter vector is written once per step and
+//! read by every co-located worker, a gradient is written by its worker and read by the
+//! coordinator, each one copy into or out of the page cache instead of a trip through prost,
+//! HTTP/2 and the loopback socket (docs/design.md §5).
+//!
+//! Plain `pread`/`pwrite` (`FileExt`), not `mmap`: no `unsafe`, and no reader ever holds a
+//! reference into memory another process is writing. What keeps it correct:
+//! - The parameter file is rewritten only between steps, after every result of the step in
+//!   progress has arrived; a task is sent only after its parameters are written. A straggler that
+//!   still reads while the next step's parameters are written computes a result for a finished
+//!   step, which the state machine ignores.
+//! - A worker writes its gradient file, then sends `SubmitResult` and waits for the reply; the
+//!   coordinator reads the file before replying. So no gradient is read while it is written.
+//! - Which file to read is never taken from a peer: the coordinator reads the gradient file named
+//!   after the worker id it issued, a worker the parameter file of its offer's directory; a
+//!   region outside the file is an error, never a short read.
+//! - Whether a worker shares the directory is tested, not assumed: the coordinator writes a random
+//!   probe; only a worker that reads it back is attached. Workers in other containers or on other
+//!   hosts fail the probe and use inline tensors.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::messages::{SharedMemoryOffer, TensorRef};
+
+/// Where shared-memory directories go when the host has `/dev/shm` (tmpfs on Linux).
+pub const DEFAULT_BASE: &str = "/dev/shm";
+const PARAMS_FILE: &str = "params.f32";
+const PROBE_FILE: &str = "probe";
+/// Directory names are `vae-shm-<pid>-<tag>`: the pid lets a later run remove a dead run's files.
+const DIR_PREFIX: &str = "vae-shm-";
+
+/// The coordinator's side: a private directory holding the parameter file and one gradient file
+/// per attached worker. Removed with its contents when dropped.
+#[derive(Debug)]
+pub struct SharedDir {
+    dir: PathBuf,
+    probe: Vec<u8>,
+    params: File,
+}
+
+impl SharedDir {
+    /// Creates a directory (mode 0700) under `base` with `probe` in its probe file. Directories
+    /// left under `base` by runs whose process is gone are removed first.
+    pub fn create(base: &Path, tag: &str, probe: &[u8]) -> io::Result<Self> {
+        remove_stale(base);
+        let dir = base.join(format!("{DIR_PREFIX}{}-{tag}", std::process::id()));
+        fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let created = (|| {
+            fs::write(dir.join(PROBE_FILE), probe)?;
+            private_file(&dir.join(PARAMS_FILE), true)
+        })();
+        match created {
+            Ok(params) => Ok(SharedDir {
+                dir,
+                probe: probe.to_vec(),
+                params,
+            }),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn offer(&self) -> SharedMemoryOffer {
+        SharedMemoryOffer {
+            dir: self.dir.clone(),
+            probe_file: PROBE_FILE.into(),
+        }
+    }
+
+    /// Whether `probe` is what this directory's probe file holds (compared in constant time).
+    pub fn verify(&self, probe: &[u8]) -> bool {
+        probe.len() == self.probe.len()
+            && probe
+                .iter()
+                .zip(&self.probe)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// Writes the parameters for the next step; the reference goes into every co-located task.
+    pub fn write_params(&self, values: &[f32]) -> io::Result<TensorRef> {
+        self.params.write_all_at(bytemuck::cast_slice(values), 0)?;
+        Ok(TensorRef::Shared {
+            offset: 0,
+            len: values.len() as u64,
+        })
+    }
+
+    /// Reads `len` values at byte `offset` of `worker`'s gradient file into `out`.
+    pub fn read_gradient(
+        &self,
+        worker: u64,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<f32>,
+    ) -> io::Result<()> {
+        let file = File::open(self.dir.join(gradient_file(worker)))?;
+        read_region(&file, offset, len, out)
+    }
+
+    /// Removes an attached worker's gradient file (the worker is gone).
+    pub fn forget(&self, worker: u64) {
+        let _ = fs::remove_file(self.dir.join(gradient_file(worker)));
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A worker's side: reads parameters from the offer's directory, writes its own gradient file.
+#[derive(Debug)]
+pub struct SharedClient {
+    params: File,
+    gradients: File,
+}
+
+impl SharedClient {
+    /// Reads the offer's probe (what the worker sends back in `AttachSharedMemory`) and opens the
+    /// files. Fails when the directory is not visible from here (another host or container).
+    pub fn open(offer: &SharedMemoryOffer, worker: u64) -> io::Result<(Self, Vec<u8>)> {
+        let probe = fs::read(offer.dir.join(&offer.probe_file))?;
+        let params = File::open(offer.dir.join(PARAMS_FILE))?;
+        let gradients = private_file(&offer.dir.join(gradient_file(worker)), false)?;
+        Ok((SharedClient { params, gradients }, probe))
+    }
+
+    /// Reads the parameters a task refers to into `out`.
+    pub fn read_params(&self, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
+        read_region(&self.params, offset, len, out)
+    }
+
+    /// Writes gradients one after another into this worker's file; their references, in order.
+    pub fn write_gradients<'a>(
+        &self,
+        grads: impl IntoIterator<Item = &'a [f32]>,
+    ) -> io::Result<Vec<TensorRef>> {
+        let mut offset = 0u64;
+        let mut refs = Vec::new();
+        for grad in grads {
+            self.gradients
+                .write_all_at(bytemuck::cast_slice(grad), offset)?;
+            refs.push(TensorRef::Shared {
+                offset,
+                len: grad.len() as u64,
+            });
+            offset += 4 * grad.len() as u64;
+        }
+        Ok(refs)
+    }
+}
+
+fn gradient_file(worker: u64) -> String {
+    format!("grad-{worker:016x}.f32")
+}
+
+/// Opens (creating, mode 0600) a file for reading and writing; `truncate` empties it.
+fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(0o600)
+        .open(path)
+}
+
+/// `len` f32 values at byte `offset` of `file`, read straight into `out`'s memory.
+fn read_region(file: &File, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
+    let size = file.metadata()?.len();
+    let end = len
+        .checked_mul(4)
+        .and_then(|bytes| bytes.checked_add(offset));
+    if end.is_none_or(|end| end > size) || offset % 4 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("region of {len} values at byte {offset} is outside the {size}-byte file"),
+        ));
+    }
+    out.resize(len as usize, 0.0);
+    file.read_exact_at(bytemuck::cast_slice_mut(&mut out[..]), offset)
+}
+
+/// Removes `vae-shm-<pid>-*` directories under `base` whose process no longer exists.
+fn remove_stale(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, salt: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect()
+    }
+
+    #[test]
+    fn parameters_and_gradients_cross_bit_for_bit() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "t", b"secret probe").unwrap();
+        assert!(dir.path().starts_with(base.path()));
+        let params = values(1000, 0.5);
+        let r = dir.write_params(&params).unwrap();
+        let (client, probe) = SharedClient::open(&dir.offer(), 42).unwrap();
+        assert!(dir.verify(&probe));
+        assert!(!dir.verify(b"secret probX"));
+        assert!(!dir.verify(b""));
+        let TensorRef::Shared { offset, len } = r else {
+            panic!()
+        };
+        let mut got = Vec::new();
+        client.read_params(offset, len, &mut got).unwrap();
+        assert_eq!(got, params);
+
+        let (a, b) = (values(300, 1.0), values(300, 2.0));
+        let refs = client.write_gradients([&a[..], &b[..]]).unwrap();
+        for (r, want) in refs.iter().zip([&a, &b]) {
+            let TensorRef::Shared { offset, len } = *r else {
+                panic!()
+            };
+            dir.read_gradient(42, offset, len, &mut got).unwrap();
+            assert_eq!(&got, want);
+        }
+        // Regions outside the file, and other workers' files, are errors.
+        assert!(dir.read_gradient(42, 0, 10_000, &mut got).is_err());
+        assert!(dir.read_gradient(42, 2, 1, &mut got).is_err());
+        assert!(dir.read_gradient(43, 0, 1, &mut got).is_err());
+        let path = dir.path().to_path_buf();
+        drop(client);
+        drop(dir);
+        assert!(!path.exists(), "the directory goes with the coordinator");
+    }
+
+    #[test]
+    fn a_directory_that_is_not_visible_fails_to_open() {
+        let offer = SharedMemoryOffer {
+            dir: "/nonexistent/vae-shm-1-x".into(),
+            probe_file: "probe".into(),
+        };
+        assert!(SharedClient::open(&offer, 1).is_err());
+    }
+
+    #[test]
+    fn directories_of_dead_runs_are_removed() {
+        let base = tempfile::tempdir().unwrap();
+        // No process has pid u32::MAX - 1.
+        let dead = base
+            .path()
+            .join(format!("{DIR_PREFIX}{}-old", u32::MAX - 1));
+        fs::create_dir(&dead).unwrap();
+        let alive = base
+            .path()
+            .join(format!("{DIR_PREFIX}{}-other", std::process::id()));
+        fs::create_dir(&alive).unwrap();
+        let _dir = SharedDir::create(base.path(), "new", b"p").unwrap();
+        assert!(!dead.exists());
+        assert!(alive.exists());
+    }
+}
