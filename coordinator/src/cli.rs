@@ -260,3 +260,83 @@ impl Cli {
         Ok(config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> std::result::Result<TrainConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("coordinator").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.into_config().map_err(|e| e.to_string())
+    }
+
+    /// A misspelt choice is refused, and the message names what was wrong and what is valid.
+    fn refused(args: &[&str], wants: &[&str]) {
+        let e = config(args).unwrap_err();
+        for want in wants {
+            assert!(e.contains(want), "{args:?}: `{want}` missing from: {e}");
+        }
+    }
+
+    #[test]
+    fn every_misspelt_choice_is_refused_with_the_valid_values() {
+        refused(
+            &["--likelihood", "gausian"],
+            &["gausian", "bernoulli", "gaussian"],
+        );
+        refused(&["--optimizer", "adamw"], &["adamw", "adam", "sgd"]);
+        refused(&["--transport", "shm"], &["shm", "auto", "tcp"]);
+        refused(
+            &["--data", "synthetc"],
+            &["synthetc", "synthetic", "idx:", "npy:"],
+        );
+        refused(&["--data", "synthetic:0"], &["positive"]);
+        refused(&["--hidden", "400,x"], &["`x` is not a layer size"]);
+        refused(&["--hidden", "400,0"], &["size 0"]);
+        refused(&["--gaussian-variance", "0.5"], &["--likelihood gaussian"]);
+        refused(&["--momentum", "0.5"], &["--optimizer sgd"]);
+        refused(&["--batch", "100"], &["multiple of --shards"]);
+        refused(&["--epochs", "0"], &["--epochs"]);
+        refused(&["--lr=-1"], &["learning rate"]);
+        refused(&["--clip-norm", "0"], &["--clip-norm"]);
+        refused(
+            &["--likelihood", "gaussian", "--gaussian-variance=-1"],
+            &["variance"],
+        );
+    }
+
+    #[test]
+    fn choices_become_typed_settings() {
+        let c = config(&[
+            "--likelihood",
+            "gaussian",
+            "--gaussian-variance",
+            "0.1",
+            "--optimizer",
+            "sgd",
+            "--momentum",
+            "0.5",
+            "--hidden",
+            "512, 256",
+            "--data",
+            "synthetic:2000",
+            "--transport",
+            "tcp",
+        ])
+        .unwrap();
+        assert_eq!(c.likelihood, Likelihood::Gaussian { variance: 0.1 });
+        assert_eq!(c.optimizer, OptimizerConfig::sgd(1e-3, 0.5));
+        assert_eq!(c.hidden, vec![512, 256]);
+        assert_eq!(c.data, DataSource::Synthetic { examples: 2000 });
+        assert_eq!(c.transport, Transport::Tcp);
+        let d = config(&[]).unwrap();
+        assert_eq!(d.likelihood, Likelihood::Bernoulli);
+        assert_eq!(d.optimizer, OptimizerConfig::adam(1e-3));
+        assert_eq!(d.transport, Transport::Auto);
+        assert_eq!(
+            config(&["--likelihood", "gaussian"]).unwrap().likelihood,
+            Likelihood::Gaussian { variance: 1.0 }
+        );
+    }
+}

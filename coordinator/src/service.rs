@@ -202,12 +202,15 @@ impl pb::trainer_server::Trainer for TrainerService {
         request: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachReply>, Status> {
         let req = Attach::from(request.into_inner());
-        let registered = self
-            .shared
-            .state()
-            .worker_name(WorkerId(req.worker_id))
-            .is_some();
-        let attached = self.shared.transport.attach(&req, registered);
+        let worker = WorkerId(req.worker_id);
+        let name = self.shared.state().worker_name(worker).map(str::to_owned);
+        let attached = self.shared.transport.attach(&req, name.is_some());
+        if attached {
+            tracing::info!(
+                "worker {worker} ({}) exchanges tensors through shared memory",
+                name.unwrap_or_default()
+            );
+        }
         Ok(Response::new(pb::AttachReply { attached }))
     }
 

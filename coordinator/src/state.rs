@@ -3,11 +3,13 @@
 //! case (a worker lost mid-step, a late or duplicate result, a poisoned gradient) is a plain unit
 //! test with no network.
 //!
-//! A step: the step's examples are fixed by the [`ShardPlan`]; live workers get contiguous blocks
-//! of shards and are asked for the sums of the tree nodes covering their block. When the received
-//! nodes cover the tree, it is evaluated in its fixed order (DESIGN.md §2), divided by the step's
-//! example count, and the optimizer steps. Which worker computed what never changes the bits, so a
-//! lost worker's nodes simply move to a survivor.
+//! A step: the step's examples are fixed by the [`ShardPlan`]; live workers each get one tree
+//! node and are asked for its sum. When the received nodes cover the tree the machine emits
+//! [`Output::StepReady`] and hands the update out ([`StateMachine::take_update`]): the driver sums
+//! the tree in its fixed order (docs/design.md §2), divides by the step's example count, steps the
+//! optimizer off the async runtime, and hands the parameters back
+//! ([`StateMachine::finish_update`]). Which worker computed what never changes the bits, so a lost
+//! worker's nodes simply move to a survivor.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

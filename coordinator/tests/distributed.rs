@@ -42,6 +42,43 @@ fn four_workers_train_and_the_heldout_elbo_improves() {
 }
 
 #[test]
+fn shared_memory_and_tcp_give_the_same_fingerprint() {
+    const ATTACHED: &str = "exchanges tensors through shared memory";
+    let run = |coordinator: &[&str], workers: &[&[&str]]| {
+        let out = tempfile::tempdir().unwrap();
+        let n = workers.len().to_string();
+        let mut args = SMALL_RUN.to_vec();
+        args.extend_from_slice(&["--epochs", "1", "--workers", &n]);
+        args.extend_from_slice(coordinator);
+        let c = Coordinator::start(out.path(), &args);
+        let children: Vec<_> = workers.iter().map(|extra| worker(&c.addr, extra)).collect();
+        let (ok, log) = c.finish(Duration::from_secs(240));
+        assert!(ok, "{log}");
+        for child in children {
+            assert!(finish_worker(child, Duration::from_secs(30)).0.success());
+        }
+        let attached = log.matches(ATTACHED).count();
+        (
+            summary(out.path())["fingerprint"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            attached,
+        )
+    };
+    // Workers on the coordinator's host attach to its shared memory by default...
+    let (shared, attached) = run(&[], &[&[], &[]]);
+    assert_eq!(attached, 2, "both local workers use shared memory");
+    // ...not when either side says tcp, and a mix of the two paths is fine.
+    let (tcp, attached) = run(&["--transport", "tcp"], &[&[], &[]]);
+    assert_eq!(attached, 0);
+    let (mixed, attached) = run(&[], &[&[], &["--transport", "tcp"], &[]]);
+    assert_eq!(attached, 2);
+    assert_eq!(shared, tcp, "the transport changed the parameters");
+    assert_eq!(shared, mixed, "a mix of transports changed the parameters");
+}
+
+#[test]
 fn the_fingerprint_does_not_depend_on_the_number_of_workers() {
     let runs: Vec<String> = (1..=4)
         .map(|n| {
