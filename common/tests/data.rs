@@ -2,20 +2,24 @@
 //! case, the held-out split, the range check, the synthetic data, and the MNIST download against a
 //! local HTTP server.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::config::Likelihood;
 use common::data::{
-    DataSource, Dataset, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, Mnist, MnistFiles, RemoteFile, SIDE,
-    Shape, ShapeParams, load_idx, load_npy, md5_of_file, synthetic, synthetic_with,
+    DataSource, Dataset, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, SIDE, Shape, ShapeParams, load_idx,
+    load_npy, synthetic, synthetic_with,
 };
-use flate2::{Compression, write::GzEncoder};
-use md5::{Digest, Md5};
+use common::model::Likelihood;
+// The MNIST download and its local HTTP server (the `download` feature).
+#[cfg(feature = "download")]
+use {
+    common::data::{Mnist, MnistFiles, RemoteFile, md5_of_file},
+    md5::{Digest, Md5},
+    std::collections::HashMap,
+    std::io::{BufRead, BufReader, Write},
+    std::net::{TcpListener, TcpStream},
+    std::sync::Arc,
+    std::sync::atomic::{AtomicUsize, Ordering},
+};
 
 // ---------------------------------------------------------------------------------------------
 // File builders
@@ -29,7 +33,10 @@ fn idx_bytes(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
     out
 }
 
+#[cfg(feature = "gzip")]
 fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use flate2::{Compression, write::GzEncoder};
+    use std::io::Write;
     let mut enc = GzEncoder::new(Vec::new(), Compression::default());
     enc.write_all(bytes).unwrap();
     enc.finish().unwrap()
@@ -89,6 +96,7 @@ fn six_images() -> (Vec<u8>, Vec<u8>) {
 // IDX
 
 #[test]
+#[cfg(feature = "gzip")]
 fn idx_round_trip_raw_and_gzip_detected_by_content() {
     let dir = tempfile::tempdir().unwrap();
     let (pixels, labels) = six_images();
@@ -135,6 +143,7 @@ fn idx_wrong_magic_names_the_file_and_both_numbers() {
 }
 
 #[test]
+#[cfg(feature = "gzip")]
 fn idx_truncated_data_reports_expected_and_actual_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (pixels, _) = six_images();
@@ -153,6 +162,7 @@ fn idx_truncated_data_reports_expected_and_actual_bytes() {
 }
 
 #[test]
+#[cfg(feature = "gzip")]
 fn idx_truncated_gzip_stream_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let (pixels, _) = six_images();
@@ -540,12 +550,14 @@ fn synthetic_classes_look_different() {
 // ---------------------------------------------------------------------------------------------
 // MNIST download, against a local HTTP server
 
+#[cfg(feature = "download")]
 /// A minimal HTTP/1.1 server on 127.0.0.1 serving `files` under `/mnist/`, counting requests.
 struct FileServer {
     mirror: String,
     requests: Arc<AtomicUsize>,
 }
 
+#[cfg(feature = "download")]
 impl FileServer {
     fn start(files: HashMap<String, Vec<u8>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -566,6 +578,7 @@ impl FileServer {
     }
 }
 
+#[cfg(feature = "download")]
 fn respond(stream: TcpStream, files: &HashMap<String, Vec<u8>>) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
@@ -597,10 +610,12 @@ fn respond(stream: TcpStream, files: &HashMap<String, Vec<u8>>) -> std::io::Resu
     stream.flush()
 }
 
+#[cfg(feature = "download")]
 fn md5_hex(bytes: &[u8]) -> String {
     hex::encode(Md5::digest(bytes))
 }
 
+#[cfg(feature = "download")]
 /// A small MNIST look-alike: 12 training and 5 test images of 28 x 28, gzipped IDX, with the
 /// served bytes and a file list carrying their checksums.
 fn fake_mnist() -> (HashMap<String, Vec<u8>>, MnistFiles) {
@@ -632,6 +647,7 @@ fn fake_mnist() -> (HashMap<String, Vec<u8>>, MnistFiles) {
     (served, files)
 }
 
+#[cfg(feature = "download")]
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|d| {
@@ -644,6 +660,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+#[cfg(feature = "download")]
 fn mnist_downloads_missing_files_once_then_reuses_them() {
     let (served, files) = fake_mnist();
     let server = FileServer::start(served);
@@ -682,6 +699,7 @@ fn mnist_downloads_missing_files_once_then_reuses_them() {
 }
 
 #[test]
+#[cfg(feature = "download")]
 fn mnist_corrupt_file_in_the_cache_is_downloaded_again() {
     let (served, files) = fake_mnist();
     let server = FileServer::start(served);
@@ -707,6 +725,7 @@ fn mnist_corrupt_file_in_the_cache_is_downloaded_again() {
 }
 
 #[test]
+#[cfg(feature = "download")]
 fn mnist_wrong_bytes_from_the_mirror_are_rejected_and_not_kept() {
     let (served, mut files) = fake_mnist();
     files.train_labels.md5 = "00000000000000000000000000000000".into();
@@ -731,6 +750,7 @@ fn mnist_wrong_bytes_from_the_mirror_are_rejected_and_not_kept() {
 }
 
 #[test]
+#[cfg(feature = "download")]
 fn mnist_missing_file_on_the_mirror_names_the_url() {
     let (mut served, files) = fake_mnist();
     served.remove(&files.test_labels.name);
@@ -750,6 +770,7 @@ fn mnist_missing_file_on_the_mirror_names_the_url() {
 }
 
 #[test]
+#[cfg(feature = "download")]
 fn mnist_unreachable_mirror_says_which_files_to_put_where() {
     // A port that was just free: nothing listens there, so connecting is refused.
     let port = TcpListener::bind("127.0.0.1:0")
@@ -781,6 +802,7 @@ fn mnist_unreachable_mirror_says_which_files_to_put_where() {
 // ---------------------------------------------------------------------------------------------
 // Optional: the real MNIST test split, when this machine has a copy (not needed by the suite)
 
+#[cfg(feature = "download")]
 fn shared_t10k() -> Option<PathBuf> {
     let dir = std::env::var_os("VAE_MNIST_T10K")
         .map(PathBuf::from)
@@ -793,6 +815,7 @@ fn shared_t10k() -> Option<PathBuf> {
 }
 
 #[test]
+#[cfg(feature = "download")]
 fn real_mnist_test_split_loads_if_present() {
     let Some(dir) = shared_t10k() else {
         eprintln!("skipped: no local copy of the MNIST test split");

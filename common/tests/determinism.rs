@@ -1,15 +1,15 @@
-//! The DESIGN.md §2 invariant at the level of the engine: a node's gradient is the same bits
-//! whatever the thread count and however its sub-nodes were split between processes; noise is a
-//! function of the example, not of the request; evaluation is deterministic too.
+//! The docs/design.md §2 invariant: the reduction tree's order of additions, whichever fold or
+//! set of covering nodes computes it; and at the level of the engine, a node's gradient is the
+//! same bits whatever the thread count and however its sub-nodes were split between processes;
+//! noise is a function of the example, not of the request; evaluation is deterministic too.
 
 use std::collections::HashMap;
 
-use common::config::{Likelihood, ModelConfig};
-use common::gradient::GradientSum;
-use common::keyed::KeyedRng;
-use common::noise::{fill_eps, sample_eps};
-use common::reduce::{Node, ReductionTree};
-use common::train::{Engine, ShardBatch};
+use common::model::KeyedRng;
+use common::model::{Likelihood, ModelConfig};
+use common::model::{fill_eps, sample_eps};
+use common::train::GradientSum;
+use common::train::{Engine, Node, ReductionTree, ShardBatch, TreeSum};
 use ndarray::Array2;
 
 fn pool(threads: usize) -> rayon::ThreadPool {
@@ -70,11 +70,122 @@ impl Step {
     }
 }
 
+/// The fewest tree nodes that together hold exactly `owned` (shard ids, any order): what a
+/// process owning those shards sends. Nodes come back in ascending order.
+fn cover(tree: &ReductionTree, owned: &[u32]) -> Vec<Node> {
+    tree.root().fold(
+        &mut |node| {
+            let mine = (node.lo..node.hi).filter(|s| owned.contains(s)).count();
+            match mine {
+                0 if !node.is_empty() => Some(Vec::new()),
+                n if n == node.len() as usize => Some(vec![node]),
+                _ => None,
+            }
+        },
+        &mut |mut left, right| {
+            left.extend(right);
+            left
+        },
+    )
+}
+
+/// A sum that records its shape, so the tests can see the order of additions.
+#[derive(Debug, Clone, PartialEq)]
+struct Expr(String);
+
+impl TreeSum for Expr {
+    fn add_assign(&mut self, other: &Self) {
+        self.0 = format!("({}+{})", self.0, other.0);
+    }
+}
+
+fn leaf(s: u32) -> (Node, Expr) {
+    (Node { lo: s, hi: s + 1 }, Expr(s.to_string()))
+}
+
+#[test]
+fn the_tree_is_balanced() {
+    let tree = ReductionTree::new(4);
+    let sum = tree.evaluate_root((0..4).map(leaf).collect()).unwrap();
+    assert_eq!(sum.0, "((0+1)+(2+3))");
+    let tree = ReductionTree::new(5);
+    let sum = tree.evaluate_root((0..5).map(leaf).collect()).unwrap();
+    assert_eq!(sum.0, "((0+1)+(2+(3+4)))");
+}
+
+#[test]
+fn missing_or_overlapping_results_are_errors() {
+    let tree = ReductionTree::new(4);
+    let mut partial: HashMap<_, _> = (0..3).map(leaf).collect();
+    assert!(tree.evaluate_root(partial.clone()).is_err());
+    partial.insert(Node { lo: 3, hi: 4 }, Expr("3".into()));
+    partial.insert(Node { lo: 0, hi: 2 }, Expr("01".into()));
+    assert!(tree.evaluate_root(partial).is_err());
+}
+
+#[test]
+fn every_fold_gives_the_tree_s_expression() {
+    for shards in 1..=9u32 {
+        let tree = ReductionTree::new(shards as usize);
+        let want = tree.evaluate_root((0..shards).map(leaf).collect()).unwrap();
+        let name = |node: Node| node.lo.to_string();
+        let plus = |left: String, right: String| format!("({left}+{right})");
+        let sequential = tree
+            .root()
+            .fold_leaves(&mut |n| name(n), &mut |l, r| plus(l, r));
+        let parallel = tree.root().par_fold_leaves(&name, &plus);
+        let leaves = (0..shards).map(|s| leaf(s).1).collect();
+        assert_eq!(sequential, want.0);
+        assert_eq!(parallel, want.0);
+        assert_eq!(tree.sum_leaves(tree.root(), leaves), want);
+    }
+}
+
+#[test]
+fn partial_sums_from_covers_give_the_same_expression() {
+    let tree = ReductionTree::new(16);
+    let whole = tree.evaluate_root((0..16).map(leaf).collect()).unwrap();
+    // Three owners with uneven, non-aligned blocks.
+    let owners: [Vec<u32>; 3] = [(0..6).collect(), (6..11).collect(), (11..16).collect()];
+    let mut values = HashMap::new();
+    for owned in &owners {
+        for node in cover(&tree, owned) {
+            let leaves = (node.lo..node.hi).map(|s| leaf(s).1).collect();
+            values.insert(node, tree.sum_leaves(node, leaves));
+        }
+    }
+    assert_eq!(tree.evaluate_root(values).unwrap(), whole);
+}
+
+#[test]
+fn covers_are_minimal_tree_nodes() {
+    let tree = ReductionTree::new(16);
+    assert_eq!(
+        cover(&tree, &(0..16).collect::<Vec<_>>()),
+        vec![tree.root()]
+    );
+    assert_eq!(cover(&tree, &[4, 5, 6, 7]), vec![Node { lo: 4, hi: 8 }]);
+    assert_eq!(
+        cover(&tree, &[6, 7, 8, 9, 10]),
+        vec![
+            Node { lo: 6, hi: 8 },
+            Node { lo: 8, hi: 10 },
+            Node { lo: 10, hi: 11 }
+        ]
+    );
+    assert!(tree.contains(Node { lo: 8, hi: 12 }));
+    assert!(!tree.contains(Node { lo: 6, hi: 10 }));
+}
+
 fn bits(sum: &GradientSum) -> (Vec<u32>, u64, [u64; 3]) {
     (
         sum.grad.iter().map(|g| g.to_bits()).collect(),
-        sum.examples,
-        [sum.elbo.to_bits(), sum.recon.to_bits(), sum.kl.to_bits()],
+        sum.stats.examples,
+        [
+            sum.stats.elbo.to_bits(),
+            sum.stats.recon.to_bits(),
+            sum.stats.kl.to_bits(),
+        ],
     )
 }
 
@@ -100,7 +211,7 @@ fn node_gradients_are_bit_identical_for_1_2_and_8_threads() {
                 })
             })
             .collect();
-        assert_eq!(results[0].examples, (shards * per_shard) as u64);
+        assert_eq!(results[0].stats.examples, (shards * per_shard) as u64);
         assert!(results[0].grad.iter().any(|g| *g != 0.0));
         assert_eq!(bits(&results[0]), bits(&results[1]), "1 vs 2 threads");
         assert_eq!(bits(&results[0]), bits(&results[2]), "1 vs 8 threads");
@@ -129,7 +240,7 @@ fn node_sums_equal_evaluate_root_over_parts_computed_separately() {
         for (w, owned) in owners.iter().enumerate() {
             let worker = Engine::new(config.clone(), 1, 9).unwrap();
             let threads = [1, 3, 8][w];
-            for node in tree.cover(owned) {
+            for node in cover(&tree, owned) {
                 let sum = pool(threads).install(|| {
                     worker
                         .node_gradient(&params, 1, &tree, node, &step.batches(node))
@@ -176,7 +287,7 @@ fn empty_shards_contribute_nothing() {
     let alone = engine
         .node_gradient(&params, 0, &tree, Node { lo: 0, hi: 1 }, &batches[..1])
         .unwrap();
-    assert_eq!(sum.examples, 5);
+    assert_eq!(sum.stats.examples, 5);
     assert_eq!(bits(&sum), bits(&alone), "x + 0 = x");
 }
 
@@ -298,7 +409,7 @@ fn evaluation_is_bit_identical_across_thread_counts() {
         .into_iter()
         .map(|t| pool(t).install(|| engine.evaluate(&params, x.view(), 4).unwrap()))
         .collect();
-    let key = |r: &common::eval::EvalReport| {
+    let key = |r: &common::model::EvalReport| {
         (
             r.examples,
             r.elbo.to_bits(),
@@ -359,9 +470,9 @@ fn importance_weighted_bound_tightens_with_k() {
 /// (including an empty shard), with K = 2 samples so decoder rows are example x sample.
 #[test]
 fn stacked_shards_equal_the_tree_sum_of_shards_alone() {
-    use common::elbo::{Vae, Workspace};
+    use common::model::{Vae, Workspace};
     let vae = Vae::new(big_model(Likelihood::Bernoulli)).unwrap();
-    let params: Vec<f32> = common::init::init_params(vae.layout(), 4);
+    let params: Vec<f32> = common::model::init_params(vae.layout(), 4);
     let sizes = [5usize, 0, 8, 3, 6];
     let n: usize = sizes.iter().sum();
     let (k, z) = (2, vae.config().latent);
@@ -393,24 +504,17 @@ fn stacked_shards_equal_the_tree_sum_of_shards_alone() {
         let xs = x.slice(ndarray::s![first..first + len, ..]);
         let es = eps.slice(ndarray::s![first * k..(first + len) * k, ..]);
         let mut alone = GradientSum::zeros(params.len());
-        let s = vae
+        alone.stats = vae
             .elbo_grad(&params, xs, es, &mut alone.grad, &mut Workspace::new())
             .unwrap();
-        alone.examples = s.examples;
-        alone.elbo = s.elbo;
-        alone.recon = s.recon;
-        alone.kl = s.kl;
         leaves.push(alone);
         first += len;
     }
     let want = tree.sum_leaves(tree.root(), leaves);
     let got = GradientSum {
         grad: stacked,
-        examples: sums.examples,
-        elbo: sums.elbo,
-        recon: sums.recon,
-        kl: sums.kl,
+        stats: sums,
     };
-    assert_eq!(got.examples, n as u64);
+    assert_eq!(got.stats.examples, n as u64);
     assert_eq!(bits(&got), bits(&want));
 }

@@ -6,7 +6,7 @@
 //! gradient with `(L(theta + h e_j) - L(theta - h e_j)) / 2h`, and the whole vector through a
 //! directional derivative `(L(theta + h v) - L(theta - h v)) / 2h = grad . v` for a random `v`.
 //!
-//! The derivatives under test (see `common::elbo` for the full list):
+//! The derivatives under test (see `common::model::Vae` for the full list):
 //! - output layer, Bernoulli: `dL/df = (sigmoid(f) - x) / K`; Gaussian: `(f - x) / (c K)`;
 //! - each linear layer: `dL/dW = delta^T input`, `dL/db = sum_rows delta`, `dL/dinput = delta W`,
 //!   ReLU passes `delta` where its output is positive;
@@ -16,11 +16,11 @@
 //! Central differences have truncation error O(h^2) and round-off ~ eps_f64 |L| / h: with
 //! h = 1e-5 and |L| ~ 10-100 both are below 1e-8, far inside the tolerance below.
 
-use common::config::{Likelihood, ModelConfig};
-use common::elbo::{Vae, Workspace};
-use common::init::init_params;
-use common::keyed::KeyedRng;
-use common::noise::fill_eps;
+use common::model::KeyedRng;
+use common::model::fill_eps;
+use common::model::init_params;
+use common::model::{Likelihood, ModelConfig};
+use common::model::{Vae, Workspace};
 use ndarray::{Array2, ArrayView2};
 
 /// Finite-difference step.
@@ -203,8 +203,8 @@ fn no_hidden_layers() {
     Case::new(small(vec![], Likelihood::Bernoulli), 4, 2, 7).check("bernoulli 7-3");
 }
 
-/// A direct transcription of DESIGN.md §1 for a one-hidden-layer model, loops only, sharing no
-/// code with the engine.
+/// A direct transcription of docs/design.md §1 for a one-hidden-layer model, loops only, sharing
+/// no code with the engine.
 struct Reference<'a> {
     vae: &'a Vae,
     params: &'a [f64],
@@ -416,8 +416,8 @@ fn rejects_inputs_of_the_wrong_width_and_bad_noise() {
 /// importance-weighted bound with k = 5, over more examples than one evaluation chunk.
 #[test]
 fn evaluation_matches_a_direct_transcription() {
-    use common::eval::{EVAL_EPOCH, evaluate};
-    use common::noise::sample_eps;
+    use common::model::sample_eps;
+    use common::model::{EVAL_EPOCH, evaluate};
     for likelihood in [Likelihood::Bernoulli, GAUSSIAN] {
         let case = Case::new(small(vec![6], likelihood), 150, 1, 21);
         let (seed, k, z_dim) = (5, 5, case.vae.config().latent);

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::checkpoint::Checkpoint;
-use common::config::{Likelihood, ModelConfig};
-use common::fingerprint::fingerprint;
-use common::layout::ParamLayout;
-use common::model_file::{LoadedModel, load_model, save_model};
+use common::formats::Checkpoint;
+use common::formats::fingerprint;
+use common::formats::{LoadedModel, load_model, save_model};
+use common::model::ParamLayout;
+use common::model::{Likelihood, ModelConfig};
 use common::optim::OptimizerConfig;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use common::reduce::{Node, ReductionTree};
+use common::train::{Node, ReductionTree};
 
 use crate::state::WorkerId;
 

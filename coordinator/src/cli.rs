@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use common::config::Likelihood;
 use common::data::DataSource;
+use common::model::Likelihood;
 use common::optim::OptimizerConfig;
 
 use crate::config::{TrainConfig, Transport};
@@ -35,7 +35,7 @@ fn data_source(s: &str) -> std::result::Result<DataSource, String> {
 
 /// `--hidden 512,256`.
 fn hidden_sizes(s: &str) -> std::result::Result<Vec<usize>, String> {
-    common::config::parse_hidden(s).map_err(|e| e.to_string())
+    common::model::parse_hidden(s).map_err(|e| e.to_string())
 }
 
 /// Trains a VAE with data-parallel workers. The trained parameters are bit-identical whatever

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::config::{Likelihood, ModelConfig};
 use common::data::DataSource;
+use common::model::{Likelihood, ModelConfig};
 use common::optim::OptimizerConfig;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -81,19 +81,19 @@ pub struct EpochMetrics {
 
 impl EpochMetrics {
     pub fn new(epoch: u64, global_step: u64, t: &EpochTotals, h: &Heldout, workers: usize) -> Self {
-        let per = |x: f64| x / t.examples.max(1) as f64;
+        let per = |x: f64| x / t.stats.examples.max(1) as f64;
         EpochMetrics {
             epoch: epoch + 1,
             global_step,
-            examples: t.examples,
-            train_elbo: per(t.elbo),
-            recon: per(t.recon),
-            kl: per(t.kl),
+            examples: t.stats.examples,
+            train_elbo: per(t.stats.elbo),
+            recon: per(t.stats.recon),
+            kl: per(t.stats.kl),
             heldout_elbo: h.elbo,
             heldout_recon: h.recon,
             heldout_kl: h.kl,
             heldout_iw_bound: h.iw_bound,
-            samples_per_s: t.examples as f64 / t.step_seconds.max(1e-9),
+            samples_per_s: t.stats.examples as f64 / t.step_seconds.max(1e-9),
             time: TimeSplit::of(t),
             workers,
         }
@@ -115,7 +115,7 @@ pub struct Summary {
     pub samples_per_s: f64,
     #[serde(flatten)]
     pub time: TimeSplit,
-    /// SHA-256 of the final parameters (see `common::fingerprint`).
+    /// SHA-256 of the final parameters (see `common::formats::fingerprint`).
     pub fingerprint: String,
     pub wall_s: f64,
 }
@@ -172,7 +172,7 @@ pub fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
 }
 
 fn write_json(path: &Path, json: &str) -> Result<()> {
-    common::atomic_file::write_atomic(path, format!("{json}\n").as_bytes()).map_err(Error::from)
+    common::formats::write_atomic(path, format!("{json}\n").as_bytes()).map_err(Error::from)
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> Error {

@@ -6,11 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::checkpoint::Checkpoint;
 use common::data::{DataSource, Dataset};
-use common::fingerprint::fingerprint;
-use common::shard::ShardPlan;
-use common::train::Engine;
+use common::formats::{Checkpoint, fingerprint};
+use common::train::{Engine, ShardPlan};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -188,9 +186,9 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
 /// The parameters of a saved model, checked against the configured architecture.
 fn initial_params_from(
     path: &std::path::Path,
-    model: &common::config::ModelConfig,
+    model: &common::model::ModelConfig,
 ) -> Result<Vec<f32>> {
-    let loaded = common::model_file::load_model(path)?;
+    let loaded = common::formats::load_model(path)?;
     if loaded.config != *model {
         return Err(Error::Config(format!(
             "--init-from {}: the saved model is {:?}, the run's model is {:?}; set --hidden, \
@@ -314,7 +312,7 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
     extra.insert("seed".to_string(), config.seed.to_string());
     extra.insert("epochs".to_string(), config.epochs.to_string());
     extra.insert("data".to_string(), config.data.to_string());
-    common::model_file::save_model(
+    common::formats::save_model(
         &config.out.join(outputs::MODEL_FILE),
         engine.config(),
         &params,
@@ -534,12 +532,13 @@ impl Driver<'_> {
         let shared = Arc::clone(self.shared);
         let started = Instant::now();
         let done = tokio::task::spawn_blocking(move || {
-            let done = job.run();
+            let mut done = job.run();
             if done.outcome.is_ok() {
                 shared
                     .transport()
                     .publish(done.global_step + 1, &done.params);
             }
+            shared.transport().recycle(done.spent.drain(..));
             done
         })
         .await
@@ -588,7 +587,7 @@ impl Driver<'_> {
         };
         let metrics = EpochMetrics::new(epoch, position.global_step, &totals, &heldout, workers);
         run_time.add(&metrics.time);
-        *run_examples += totals.examples;
+        *run_examples += totals.stats.examples;
         self.last_heldout = Some(heldout);
         self.last_train_elbo = metrics.train_elbo;
         let line = self.metrics.append(&metrics)?;

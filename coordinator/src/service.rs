@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::data::Dataset;
-use common::gradient::GradientSum;
-use common::shard::ShardPlan;
+use common::train::{GradientSum, ShardPlan};
 use proto::messages::{
     Attach, Liveness, Registered, Registration, RunSpec, ShardChunk, Submission, Task, TaskReply,
     Verdict,
@@ -109,7 +108,7 @@ impl Shared {
         let worker = WorkerId(submission.worker_id);
         let mut results = Vec::with_capacity(submission.results.len());
         for r in submission.results {
-            let mut grad = Vec::new();
+            let mut grad = self.transport.buffer();
             if let Err(e) = self
                 .transport
                 .resolve_gradient(worker.0, &r.grad, &mut grad)
@@ -128,10 +127,7 @@ impl Shared {
                 r.node,
                 GradientSum {
                     grad,
-                    examples: r.examples,
-                    elbo: r.elbo,
-                    recon: r.recon,
-                    kl: r.kl,
+                    stats: r.stats,
                 },
             ));
         }

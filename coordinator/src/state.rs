@@ -14,10 +14,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use common::gradient::{GradientSum, check_gradient};
+use common::model::BatchStats;
 use common::optim::{Moments, OptimizerConfig, OptimizerState, clip_grad_norm};
-use common::reduce::{Node, ReductionTree};
-use common::shard::ShardPlan;
+use common::train::{GradientSum, Node, ReductionTree, ShardPlan, check_gradient};
+use rayon::prelude::*;
 
 use crate::assignment::tree_blocks;
 
@@ -62,23 +62,13 @@ pub struct Position {
     pub global_step: u64,
 }
 
-/// A step's sums over its examples, as the update reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct BatchStats {
-    pub examples: u64,
-    pub elbo: f64,
-    pub recon: f64,
-    pub kl: f64,
-}
-
 /// Sums over an epoch's steps, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct EpochTotals {
     pub steps: u64,
-    pub examples: u64,
-    pub elbo: f64,
-    pub recon: f64,
-    pub kl: f64,
+    /// The steps' examples and ELBO sums.
+    #[serde(flatten)]
+    pub stats: BatchStats,
     /// Wall time of the steps, from the step's start to its update.
     pub step_seconds: f64,
     /// Per step, the slowest worker's compute time (the critical path), summed.
@@ -408,11 +398,11 @@ impl StateMachine {
                 .map(|s| step.examples[s as usize].len())
                 .sum();
             let problem = check_gradient(&sum.grad, expected_len).err().or_else(|| {
-                (sum.examples != expected_examples as u64).then(|| {
+                (sum.stats.examples != expected_examples as u64).then(|| {
                     format!(
                         "result covers {} examples, the step has {expected_examples} for these \
                          shards",
-                        sum.examples
+                        sum.stats.examples
                     )
                 })
             });
@@ -684,10 +674,7 @@ impl StateMachine {
         };
         self.phase = Phase::Training;
         self.totals.steps += 1;
-        self.totals.examples += stats.examples;
-        self.totals.elbo += stats.elbo;
-        self.totals.recon += stats.recon;
-        self.totals.kl += stats.kl;
+        self.totals.stats += stats;
         self.totals.step_seconds += now.saturating_duration_since(step.started).as_secs_f64();
         self.totals.compute_seconds += step.slowest_compute;
         self.totals.update_seconds += update_seconds;
@@ -753,6 +740,8 @@ pub struct UpdateDone {
     pub params: Vec<f32>,
     pub opt_state: OptimizerState,
     pub outcome: Result<BatchStats, String>,
+    /// The gradient buffers the update consumed, for reuse.
+    pub spent: Vec<Vec<f32>>,
 }
 
 impl UpdateJob {
@@ -767,29 +756,31 @@ impl UpdateJob {
             mut params,
             mut opt_state,
         } = self;
+        let mut spent = Vec::new();
         let outcome = (|| {
-            let sum = tree.evaluate_root(received).map_err(|e| e.to_string())?;
-            let n = sum.examples.max(1) as f32;
+            let sum = tree
+                .evaluate_root_with(received, &mut |s: GradientSum| spent.push(s.grad))
+                .map_err(|e| e.to_string())?;
+            let n = sum.stats.examples.max(1) as f32;
             let mut grad = sum.grad;
-            grad.iter_mut().for_each(|g| *g /= n);
+            // Elementwise, so any split across threads gives the same bits.
+            grad.par_chunks_mut(1 << 14)
+                .for_each(|chunk| chunk.iter_mut().for_each(|g| *g /= n));
             if let Some(max) = clip_norm {
                 clip_grad_norm(&mut grad, max);
             }
             optimizer
                 .step(&mut params, &grad, &mut opt_state)
                 .map_err(|e| format!("optimizer: {e}"))?;
-            Ok(BatchStats {
-                examples: sum.examples,
-                elbo: sum.elbo,
-                recon: sum.recon,
-                kl: sum.kl,
-            })
+            spent.push(grad);
+            Ok(sum.stats)
         })();
         UpdateDone {
             global_step,
             params,
             opt_state,
             outcome,
+            spent,
         }
     }
 }

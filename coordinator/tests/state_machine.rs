@@ -4,10 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use common::gradient::GradientSum;
 use common::optim::OptimizerConfig;
-use common::reduce::{Node, ReductionTree};
-use common::shard::ShardPlan;
+use common::train::{GradientSum, Node, ReductionTree, ShardPlan};
 use coordinator::state::{
     EpochTotals, HeartbeatAnswer, Output, Phase, Position, StateConfig, StateMachine,
     SubmitOutcome, Task, TaskDecision, WorkerId,
@@ -59,8 +57,8 @@ fn compute(task: &Task, params: &[f32]) -> Vec<(Node, GradientSum)> {
                         for (j, g) in sum.grad.iter_mut().enumerate() {
                             *g += (e as f32 * 0.37 + j as f32).sin() * params[j] + 0.1;
                         }
-                        sum.examples += 1;
-                        sum.elbo += -(e as f64) * 1e-3;
+                        sum.stats.examples += 1;
+                        sum.stats.elbo += -(e as f64) * 1e-3;
                     }
                     sum
                 })
@@ -320,7 +318,7 @@ fn wrong_example_counts_are_rejected() {
         panic!()
     };
     let mut results = compute(&task, sm.params());
-    results[0].1.examples += 1;
+    results[0].1.stats.examples += 1;
     assert!(matches!(
         submit(&mut sm, workers[0], 0, results, 0.0, now),
         SubmitOutcome::Rejected(_)

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::config::ModelConfig;
 use common::data::{Dataset, synthetic_with};
+use common::model::ModelConfig;
 use common::train::Engine;
 use coordinator::tools::chart::PALETTE;
 use image::{GrayImage, RgbImage};
@@ -67,7 +67,7 @@ impl Fixture {
             ("seed".to_string(), RUN_SEED.to_string()),
             ("data".to_string(), data_spec.clone()),
         ]);
-        common::model_file::save_model(&model, engine.config(), &params, &extra).unwrap();
+        common::formats::save_model(&model, engine.config(), &params, &extra).unwrap();
         let (_, heldout) = data.split_holdout(HOLDOUT).unwrap();
         Fixture {
             dir,
@@ -218,8 +218,7 @@ fn sample_needs_a_shape_for_non_square_images() {
     };
     let engine = Engine::new(config.clone(), 1, 0).unwrap();
     let model = dir.path().join("model.safetensors");
-    common::model_file::save_model(&model, &config, &engine.init_params(), &BTreeMap::new())
-        .unwrap();
+    common::formats::save_model(&model, &config, &engine.init_params(), &BTreeMap::new()).unwrap();
     let out = dir.path().join("s.png");
     let run = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_coordinator"))
@@ -559,10 +558,10 @@ fn write_run_images_writes_every_picture_of_a_run() {
 #[test]
 fn a_saved_model_loads_with_the_same_fingerprint() {
     let f = Fixture::new(3);
-    let loaded = common::model_file::load_model(&f.model).unwrap();
+    let loaded = common::formats::load_model(&f.model).unwrap();
     assert_eq!(
-        common::fingerprint::fingerprint(&loaded.params),
-        common::fingerprint::fingerprint(&f.params)
+        common::formats::fingerprint(&loaded.params),
+        common::formats::fingerprint(&f.params)
     );
     assert_eq!(loaded.config, *f.engine.config());
     assert_eq!(loaded.metadata["seed"], RUN_SEED.to_string());

@@ -103,7 +103,10 @@ fn every_declared_dependency_is_used() {
         let checks = [
             ("[dependencies]", sources(&dir, &["src"])),
             ("[build-dependencies]", sources(&dir, &["build.rs"])),
-            ("[dev-dependencies]", sources(&dir, &["tests", "src", "benches"])),
+            (
+                "[dev-dependencies]",
+                sources(&dir, &["tests", "src", "benches"]),
+            ),
         ];
         for (section, code) in &checks {
             for dependency in declared(&manifest, section) {

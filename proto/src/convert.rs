@@ -2,8 +2,8 @@
 //! ([`crate::messages`]): `From` towards the wire (cannot fail), `TryFrom` from it (checks every
 //! field a peer could get wrong and names it in the error).
 
-use common::config::{Likelihood, ModelConfig};
-use common::reduce::Node;
+use common::model::{BatchStats, Likelihood, ModelConfig};
+use common::train::Node;
 
 use crate::messages::*;
 use crate::pb;
@@ -277,7 +277,7 @@ impl TryFrom<pb::TensorRef> for TensorRef {
         use pb::tensor_ref::Location;
         const MSG: &str = "TensorRef";
         match required(t.location, MSG, "location")? {
-            Location::Inline(bytes) if bytes.len() % 4 == 0 => Ok(TensorRef::Inline(bytes)),
+            Location::Inline(bytes) if bytes.len().is_multiple_of(4) => Ok(TensorRef::Inline(bytes)),
             Location::Inline(bytes) => Err(malformed(
                 MSG,
                 format!("{} bytes is not a whole number of f32 values", bytes.len()),
@@ -409,10 +409,10 @@ impl From<NodeResult> for pb::NodeResult {
             lo: r.node.lo,
             hi: r.node.hi,
             grad: Some(r.grad.into()),
-            examples: r.examples,
-            elbo: r.elbo,
-            recon: r.recon,
-            kl: r.kl,
+            examples: r.stats.examples,
+            elbo: r.stats.elbo,
+            recon: r.stats.recon,
+            kl: r.stats.kl,
         }
     }
 }
@@ -433,10 +433,12 @@ impl TryFrom<pb::NodeResult> for NodeResult {
         Ok(NodeResult {
             node,
             grad: required(r.grad, MSG, "grad")?.try_into()?,
-            examples: r.examples,
-            elbo: r.elbo,
-            recon: r.recon,
-            kl: r.kl,
+            stats: BatchStats {
+                examples: r.examples,
+                elbo: r.elbo,
+                recon: r.recon,
+                kl: r.kl,
+            },
         })
     }
 }
@@ -613,10 +615,12 @@ mod tests {
                 offset: 4096,
                 len: 10,
             },
-            examples: 64,
-            elbo: -1.5,
-            recon: -1.0,
-            kl: 0.5,
+            stats: BatchStats {
+                examples: 64,
+                elbo: -1.5,
+                recon: -1.0,
+                kl: 0.5,
+            },
         };
         round_trip::<_, pb::SubmitRequest>(Submission {
             worker_id: 1,

@@ -8,7 +8,7 @@
 //!
 //! ```
 //! use proto::messages::{ShardWork, NodeWork};
-//! use common::reduce::Node;
+//! use common::train::Node;
 //! let work = NodeWork { node: Node { lo: 0, hi: 1 }, shards: vec![ShardWork { shard: 0, examples: vec![3, 1] }] };
 //! let wire = proto::pb::NodeWork::from(work.clone());
 //! assert_eq!(NodeWork::try_from(wire).unwrap(), work);

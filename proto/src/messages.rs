@@ -2,8 +2,8 @@
 //! ([`crate::convert`]), so the coordinator and the worker never see an unchecked prost field.
 
 use bytes::Bytes;
-use common::config::ModelConfig;
-use common::reduce::Node;
+use common::model::{BatchStats, ModelConfig};
+use common::train::Node;
 
 /// A worker introducing itself (`Register`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,10 +112,7 @@ pub struct NodeResult {
     pub node: Node,
     /// Sum of d(-ELBO)/d(params).
     pub grad: TensorRef,
-    pub examples: u64,
-    pub elbo: f64,
-    pub recon: f64,
-    pub kl: f64,
+    pub stats: BatchStats,
 }
 
 /// A worker's results for a step (`SubmitResult`).

@@ -183,7 +183,7 @@ fn read_region(file: &File, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Re
     let end = len
         .checked_mul(4)
         .and_then(|bytes| bytes.checked_add(offset));
-    if end.is_none_or(|end| end > size) || offset % 4 != 0 {
+    if end.is_none_or(|end| end > size) || !offset.is_multiple_of(4) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("region of {len} values at byte {offset} is outside the {size}-byte file"),

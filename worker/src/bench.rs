@@ -10,16 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use common::config::{Likelihood, ModelConfig, parse_hidden};
-use common::elbo::{Vae, Workspace, model_name};
-use common::gradient::GradientSum;
-use common::keyed::{KeyedRng, domain};
-use common::layout::{LayerRole, ParamLayout};
-use common::linalg::gemm;
-use common::noise::fill_eps;
+use common::kernels::gemm;
+use common::model::{
+    KeyedRng, LayerRole, Likelihood, ModelConfig, ParamLayout, Vae, Workspace, domain, fill_eps,
+    model_name, parse_hidden,
+};
 use common::optim::OptimizerConfig;
-use common::reduce::ReductionTree;
-use common::train::{Engine, ShardBatch};
+use common::train::{Engine, GradientSum, ReductionTree, ShardBatch};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 /// Untimed steps before measuring (page faults, buffer pools, caches, CPU clocks).
@@ -116,7 +113,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         engine.node_gradient_into(params, epoch, &tree, tree.root(), &batches, &mut sum)?;
         epoch += 1; // fresh noise every step, as in training
         // The coordinator's part: mean gradient, then the optimizer.
-        let scale = 1.0 / sum.examples as f32;
+        let scale = 1.0 / sum.stats.examples as f32;
         sum.grad.iter_mut().for_each(|g| *g *= scale);
         adam.step(params, &sum.grad, &mut state)?;
         Ok(())
@@ -278,7 +275,7 @@ fn gemm_times(
     let input = vec![0.5f32; widest];
     let mut output = vec![0.0f32; widest];
     let mut dweight = vec![0.0f32; params.len()];
-    let w = |l: &common::layout::LinearLayout| {
+    let w = |l: &common::model::LinearLayout| {
         ArrayView2::from_shape((l.out_dim, l.in_dim), &params[l.weight.clone()]).expect("weight")
     };
     let forward = fastest(|| {

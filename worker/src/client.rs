@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::reduce::ReductionTree;
+use common::train::ReductionTree;
 use proto::messages::{
     Attach, Liveness, Registered, Registration, ShardChunk, Submission, TaskReply, Verdict,
 };

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use common::gradient::GradientSum;
-use common::reduce::{Node, ReductionTree};
-use common::train::{Engine, ShardBatch};
+use common::train::{Engine, GradientSum, Node, ReductionTree, ShardBatch};
 use ndarray::Array2;
 use proto::messages::{NodeResult, RunSpec, Task, TensorRef};
 use proto::shared_memory::SharedClient;
@@ -165,10 +163,7 @@ pub async fn run_task(
         .map(|((node, sum), grad)| NodeResult {
             node,
             grad,
-            examples: sum.examples,
-            elbo: sum.elbo,
-            recon: sum.recon,
-            kl: sum.kl,
+            stats: sum.stats,
         })
         .collect();
     buffers.sums = sums;

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use ndarray::ArrayView2;
 
-use crate::config::Likelihood;
+use crate::model::Likelihood;
 use crate::{Error, Result};
 
 /// `n` examples of `D = height * width` pixels each, stored row-major as `[n, D]` f32, with
@@ -159,7 +159,8 @@ impl Dataset {
     }
 
     /// Appends `other`'s examples after this dataset's (same image shape; labels kept only if
-    /// both have them).
+    /// both have them). (MNIST's training and test files make one dataset.)
+    #[cfg(any(test, feature = "download"))]
     pub(crate) fn concat(self, other: Dataset) -> Result<Dataset> {
         if self.image_shape() != other.image_shape() {
             return Err(Error::DataMismatch(format!(

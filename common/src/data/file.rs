@@ -1,9 +1,6 @@
 //! Reading a data file whole, gunzipping it when its content (not its name) says it is gzip.
 
-use std::io::Read;
 use std::path::Path;
-
-use flate2::read::MultiGzDecoder;
 
 use crate::{Error, Result};
 
@@ -22,8 +19,15 @@ pub(crate) fn gunzip_if_gzip(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
     if !raw.starts_with(&GZIP_MAGIC) {
         return Ok(raw);
     }
+    gunzip(path, &raw)
+}
+
+/// The decompression of the gzip stream `raw` (a whole file; concatenated members are joined).
+#[cfg(feature = "gzip")]
+fn gunzip(path: &Path, raw: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read;
     let mut out = Vec::with_capacity(raw.len() * 4);
-    MultiGzDecoder::new(raw.as_slice())
+    flate2::read::MultiGzDecoder::new(raw)
         .read_to_end(&mut out)
         .map_err(|e| {
             let problem = if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -37,7 +41,17 @@ pub(crate) fn gunzip_if_gzip(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-#[cfg(test)]
+/// Built without the `gzip` feature: the file is refused, saying what to do.
+#[cfg(not(feature = "gzip"))]
+fn gunzip(path: &Path, _raw: &[u8]) -> Result<Vec<u8>> {
+    Err(Error::malformed(
+        path,
+        "the file is gzipped, and this build reads no gzip (common's `gzip` feature is off): \
+         decompress it first (`gunzip -k`)",
+    ))
+}
+
+#[cfg(all(test, feature = "gzip"))]
 mod tests {
     use std::io::Write;
 
@@ -68,6 +82,26 @@ mod tests {
         assert!(
             msg.starts_with("x.gz: ") && msg.contains("truncated"),
             "{msg}"
+        );
+    }
+}
+
+#[cfg(all(test, not(feature = "gzip")))]
+mod tests_without_gzip {
+    use super::*;
+
+    #[test]
+    fn gzipped_content_is_refused_saying_why() {
+        let msg = gunzip_if_gzip(Path::new("x.gz"), vec![0x1f, 0x8b, 8, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("x.gz: ") && msg.contains("`gzip` feature"),
+            "{msg}"
+        );
+        assert_eq!(
+            gunzip_if_gzip(Path::new("x"), b"raw".to_vec()).unwrap(),
+            b"raw"
         );
     }
 }

@@ -235,20 +235,6 @@ impl Mnist {
     }
 }
 
-/// Where `mnist` without a directory keeps its files: `$XDG_CACHE_HOME/vae-dist/mnist`, or
-/// `~/.cache/vae-dist/mnist`. `None` if neither variable is set.
-pub fn default_cache_dir() -> Option<PathBuf> {
-    let xdg = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute());
-    let base = xdg.or_else(|| {
-        std::env::var_os("HOME")
-            .filter(|h| !h.is_empty())
-            .map(|h| Path::new(&h).join(".cache"))
-    })?;
-    Some(base.join("vae-dist").join("mnist"))
-}
-
 /// MD5 of a file's bytes, lower-case hex.
 pub fn md5_of_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;

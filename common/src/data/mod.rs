@@ -4,14 +4,15 @@
 //!   10,000 held out), deterministic from a seed.
 //! - [`idx`](load_idx) and [`npy`](load_npy) files, read whole and validated (magic, header,
 //!   dtype, shape, byte counts): a malformed file is an error naming it, never a guess.
-//! - [`Mnist`]: downloaded once into a cache directory and checked against known MD5 sums.
+//! - `Mnist`: downloaded once into a cache directory and checked against known MD5 sums (with
+//!   the `download` feature, on by default; `gzip`, also on by default, reads gzipped files).
 //! - [`DataSource`]: the command-line form of all of these (`synthetic`, `idx:IMAGES[,LABELS]`,
 //!   `npy:PATH[,LABELS]`, `mnist[:DIR]`), with each source's default held-out size.
 //!
 //! Every source yields a [`Dataset`]: `n` images as f32 pixels in a row-major `[n, D]` matrix.
 //!
 //! ```
-//! use common::config::Likelihood;
+//! use common::model::Likelihood;
 //! use common::data::DataSource;
 //!
 //! let source: DataSource = "synthetic".parse()?;
@@ -26,6 +27,7 @@
 mod dataset;
 mod file;
 mod idx;
+#[cfg(feature = "download")]
 mod mnist;
 mod npy;
 mod source;
@@ -33,12 +35,10 @@ mod synthetic;
 
 pub use dataset::Dataset;
 pub use idx::{IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_idx};
-pub use mnist::{
-    DEFAULT_MIRROR, Fetched, MIRROR_ENV, Mnist, MnistFiles, RemoteFile, default_cache_dir,
-    md5_of_file,
-};
+#[cfg(feature = "download")]
+pub use mnist::{DEFAULT_MIRROR, Fetched, MIRROR_ENV, Mnist, MnistFiles, RemoteFile, md5_of_file};
 pub use npy::load_npy;
-pub use source::{DATA_SOURCE_FORMS, DataSource};
+pub use source::{DATA_SOURCE_FORMS, DataSource, default_cache_dir};
 pub use synthetic::{
     DEFAULT_SYNTHETIC_SEED, INTENSITY_RANGE, SIDE, SIZE_RANGE, STROKE_RANGE, SYNTHETIC_HELDOUT,
     SYNTHETIC_TRAIN, Shape, ShapeParams, synthetic, synthetic_with,

@@ -1,12 +1,12 @@
 //! [`DataSource`]: where the training data comes from, as given on the command line.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::{
-    DEFAULT_SYNTHETIC_SEED, Dataset, Mnist, SYNTHETIC_HELDOUT, SYNTHETIC_TRAIN, default_cache_dir,
-    load_idx, load_npy, synthetic, synthetic_with,
+    DEFAULT_SYNTHETIC_SEED, Dataset, SYNTHETIC_HELDOUT, SYNTHETIC_TRAIN, load_idx, load_npy,
+    synthetic, synthetic_with,
 };
 use crate::{Error, Result};
 
@@ -60,7 +60,7 @@ impl DataSource {
             }
             DataSource::Idx { images, labels } => load_idx(images, labels.as_deref()),
             DataSource::Npy { path, labels } => load_npy(path, labels.as_deref()),
-            DataSource::Mnist { dir } => Mnist::new(dir).load(),
+            DataSource::Mnist { dir } => load_mnist(dir),
         }
     }
 
@@ -100,6 +100,36 @@ impl DataSource {
             ),
         }
     }
+}
+
+/// MNIST from `dir`, downloaded into it when missing.
+#[cfg(feature = "download")]
+fn load_mnist(dir: &Path) -> Result<Dataset> {
+    super::Mnist::new(dir).load()
+}
+
+/// Built without the `download` feature: refused, saying what to do instead.
+#[cfg(not(feature = "download"))]
+fn load_mnist(dir: &Path) -> Result<Dataset> {
+    Err(Error::Config(format!(
+        "this build cannot download MNIST (common's `download` feature is off): put the four \
+         MNIST files in {} yourself and use `idx:IMAGES[,LABELS]`, or train on `synthetic`",
+        dir.display()
+    )))
+}
+
+/// Where `mnist` without a directory keeps its files: `$XDG_CACHE_HOME/vae-dist/mnist`, or
+/// `~/.cache/vae-dist/mnist`. `None` if neither variable is set.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let xdg = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute());
+    let base = xdg.or_else(|| {
+        std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(|h| Path::new(&h).join(".cache"))
+    })?;
+    Some(base.join("vae-dist").join("mnist"))
 }
 
 impl FromStr for DataSource {

@@ -11,7 +11,7 @@ use std::f64::consts::TAU;
 use rayon::prelude::*;
 
 use super::Dataset;
-use crate::keyed::{KeyedRng, domain};
+use crate::model::{KeyedRng, domain};
 
 /// Images are `SIDE x SIDE` pixels, like MNIST.
 pub const SIDE: usize = 28;

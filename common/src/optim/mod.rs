@@ -1,7 +1,7 @@
 //! Optimizers as pure step functions with explicit state (burn's optimizer style).
 //!
 //! Parameters, gradients and moment buffers are flat `[f32]` vectors laid out as
-//! [`crate::layout::ParamLayout`], so one step is a handful of elementwise passes and the state is
+//! [`crate::model::ParamLayout`], so one step is a handful of elementwise passes and the state is
 //! a step counter plus named vectors that a checkpoint stores as they are.
 //!
 //! The arithmetic follows PyTorch's single-tensor (non-foreach) CPU path of `torch.optim.Adam` /

@@ -134,7 +134,7 @@ pub fn save_png(path: &Path, img: impl Into<DynamicImage>) -> Result<()> {
     img.into()
         .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
         .map_err(|e| Error::Io(format!("cannot encode {} as PNG: {e}", path.display())))?;
-    common::atomic_file::write_atomic(path, &bytes).map_err(Error::from)
+    common::formats::write_atomic(path, &bytes).map_err(Error::from)
 }
 
 /// `(height, width)` of an image, as `--shape HxW` spells it (`28x28`).

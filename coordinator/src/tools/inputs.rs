@@ -8,9 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use common::config::ModelConfig;
 use common::data::{DataSource, Dataset, Shape};
-use common::model_file::load_model;
+use common::formats::load_model;
+use common::model::ModelConfig;
 
 use crate::error::{Error, Result};
 use crate::outputs::CONFIG_FILE;

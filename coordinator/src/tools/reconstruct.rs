@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use common::config::ModelConfig;
-use common::inference::{encode, mean_image};
+use common::model::{ModelConfig, encode, mean_image};
 use image::GrayImage;
 use ndarray::{ArrayView2, Axis};
 

@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use common::config::ModelConfig;
-use common::inference::{mean_image, prior_latents};
+use common::model::{ModelConfig, mean_image, prior_latents};
 use image::GrayImage;
 
 use super::images::{GridLayout, ImageShape, save_png, tile_shape};

@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::config::ModelConfig;
-use common::inference::encode;
+use common::model::{ModelConfig, encode};
 use ndarray::ArrayView2;
 use plotters::prelude::*;
 

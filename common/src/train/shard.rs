@@ -1,14 +1,14 @@
 //! Virtual shards: how the training set is cut and which examples each step uses.
 //!
 //! The training set (`n` examples, ids `0..n`) is cut into `S` contiguous shards whose sizes differ
-//! by at most one. `S` is a run setting, independent of the number of workers (DESIGN.md §2). In
-//! every epoch each shard is visited in its own order, a permutation keyed by
+//! by at most one. `S` is a run setting, independent of the number of workers (docs/design.md
+//! §2). In every epoch each shard is visited in its own order, a permutation keyed by
 //! `(seed, epoch, shard)`, and each step takes the next `batch / S` examples of every shard. The
 //! last step of an epoch takes what remains, so an epoch uses every example exactly once.
 
 use std::ops::Range;
 
-use crate::keyed::{KeyedRng, domain};
+use crate::model::{KeyedRng, domain};
 use crate::{Error, Result};
 
 /// The cut of the training set into shards and the per-step schedule.

@@ -1,7 +1,7 @@
 //! Training checkpoints: everything needed to continue a run bit for bit.
 //!
 //! One safetensors file, written atomically. Tensors: `params` (`[n]`, the flat
-//! [`ParamLayout`](crate::layout::ParamLayout) vector) and the optimizer's buffers as
+//! [`ParamLayout`](crate::model::ParamLayout) vector) and the optimizer's buffers as
 //! `optimizer.{name}` (`[n]` each: `optimizer.exp_avg`, `optimizer.exp_avg_sq` for Adam,
 //! `optimizer.momentum_buffer` for SGD with momentum once it exists). Metadata (strings):
 //!
@@ -23,11 +23,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic_file::write_atomic;
-use crate::fingerprint::{fingerprint, sha256_f32};
-use crate::model_file::{FINGERPRINT_KEY, FORMAT_VERSION, KIND_KEY, VERSION_KEY, check_kind};
+use super::atomic_file::write_atomic;
+use super::fingerprint::{fingerprint, sha256_f32};
+use super::model_file::{FINGERPRINT_KEY, FORMAT_VERSION, KIND_KEY, VERSION_KEY, check_kind};
+use super::tensor_file::{F32Tensor, TensorFile, encode};
 use crate::optim::{OptimizerConfig, OptimizerState};
-use crate::tensor_file::{F32Tensor, TensorFile, encode};
 use crate::{Error, Result};
 
 const KIND_CHECKPOINT: &str = "checkpoint";
@@ -40,7 +40,7 @@ const BUFFER_PREFIX: &str = "optimizer.";
 /// A training run's state between two steps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
-    /// Flat parameters, in [`ParamLayout`](crate::layout::ParamLayout) order.
+    /// Flat parameters, in [`ParamLayout`](crate::model::ParamLayout) order.
     pub params: Vec<f32>,
     pub optimizer: OptimizerConfig,
     pub optimizer_state: OptimizerState,

@@ -1,5 +1,5 @@
 //! safetensors files of f32 tensors: a deterministic writer and a checking reader, shared by
-//! [`crate::model_file`] and [`crate::checkpoint`].
+//! [`save_model`](super::save_model) and [`Checkpoint`](super::Checkpoint).
 //!
 //! The writer emits the format itself rather than calling `safetensors::serialize`, whose header
 //! metadata is a `HashMap` serialised in random order: ours sorts header keys and keeps tensor data

@@ -4,12 +4,13 @@
 //! is `gain * sqrt(3 / fan_in)` with `gain = sqrt(2 / (1 + 5))`, i.e. `1 / sqrt(fan_in)`, and the
 //! bias from `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`. So both are `U(-b, b)`, `b = 1/sqrt(in_dim)`.
 //! (Same distribution as PyTorch, not the same numbers: our generator is keyed, see
-//! [`crate::keyed`].) Each tensor has its own stream `(INIT, seed, layer, 0 = weight | 1 = bias)`,
-//! so the values do not depend on the order tensors are filled in.
+//! [`KeyedRng`](crate::model::KeyedRng).) Each tensor has its own stream
+//! `(INIT, seed, layer, 0 = weight | 1 = bias)`, so the values do not depend on the order tensors
+//! are filled in.
 
-use crate::keyed::{KeyedRng, domain};
-use crate::layout::ParamLayout;
-use crate::scalar::Float;
+use crate::kernels::Float;
+use crate::model::ParamLayout;
+use crate::model::{KeyedRng, domain};
 
 /// A freshly initialised parameter vector, laid out as `layout`.
 pub fn init_params<T: Float>(layout: &ParamLayout, seed: u64) -> Vec<T> {
@@ -29,7 +30,7 @@ pub fn init_params<T: Float>(layout: &ParamLayout, seed: u64) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
+    use crate::model::ModelConfig;
 
     #[test]
     fn bounds_and_moments_follow_fan_in() {

@@ -13,9 +13,9 @@
 use ndarray::{ArrayView2, Axis};
 use rayon::prelude::*;
 
-use crate::elbo::{BatchSums, Vae, Workspace};
-use crate::noise::fill_eps;
-use crate::scalar::Float;
+use crate::kernels::Float;
+use crate::model::fill_eps;
+use crate::model::{BatchStats, Vae, Workspace};
 use crate::{Error, Result};
 
 /// The `epoch` component of evaluation noise keys: no training epoch reaches it.
@@ -62,18 +62,15 @@ pub fn evaluate<T: Float>(
         .enumerate()
         .map(|(c, view)| (c * CHUNK_ROWS, view))
         .collect();
-    let results: Vec<Result<(BatchSums, f64)>> = chunks
+    let results: Vec<Result<(BatchStats, f64)>> = chunks
         .into_par_iter()
         .map(|(first, chunk)| evaluate_chunk(vae, params, chunk, first, seed, iw_samples))
         .collect();
-    let mut total = BatchSums::default();
+    let mut total = BatchStats::default();
     let mut iw_total = 0.0;
     for result in results {
-        let (sums, iw) = result?;
-        total.examples += sums.examples;
-        total.elbo += sums.elbo;
-        total.recon += sums.recon;
-        total.kl += sums.kl;
+        let (stats, iw) = result?;
+        total += stats;
         iw_total += iw;
     }
     let count = total.examples as f64;
@@ -95,7 +92,7 @@ fn evaluate_chunk<T: Float>(
     first_row: usize,
     seed: u64,
     iw_samples: usize,
-) -> Result<(BatchSums, f64)> {
+) -> Result<(BatchStats, f64)> {
     let n = x.nrows();
     let z_dim = vae.config().latent;
     let ids: Vec<u64> = (first_row as u64..(first_row + n) as u64).collect();

@@ -4,15 +4,14 @@
 //! [`GradientSum`] independently (its own forward/backward over its own examples, with noise keyed
 //! by `(seed, epoch, example, k)`), then `left += right` at every inner node. So the bits of a node
 //! do not depend on which process computes it, on how its sub-nodes were split between processes,
-//! or on the rayon pool's size (DESIGN.md §2; `tests/determinism.rs`).
+//! or on the rayon pool's size (docs/design.md §2; `tests/determinism.rs`).
 //!
 //! Callers run the engine inside their own rayon pool (`pool.install(|| engine.node_gradient(..))`):
 //! shards of a node run in parallel, and large products inside a shard split at fixed boundaries.
 //!
 //! ```
-//! use common::config::ModelConfig;
-//! use common::reduce::ReductionTree;
-//! use common::train::{Engine, ShardBatch};
+//! use common::model::ModelConfig;
+//! use common::train::{Engine, ReductionTree, ShardBatch};
 //! use ndarray::Array2;
 //!
 //! let config = ModelConfig { input_dim: 4, hidden: vec![3], latent: 2, ..ModelConfig::default() };
@@ -22,7 +21,7 @@
 //! let tree = ReductionTree::new(1);
 //! let shards = [ShardBatch { shard: 0, x: x.view(), examples: &[7, 8] }];
 //! let sum = engine.node_gradient(&params, 0, &tree, tree.root(), &shards).unwrap();
-//! assert_eq!(sum.examples, 2);
+//! assert_eq!(sum.stats.examples, 2);
 //! assert_eq!(sum.grad.len(), engine.layout().len());
 //! ```
 
@@ -30,13 +29,13 @@ use std::sync::Mutex;
 
 use ndarray::ArrayView2;
 
-use crate::config::ModelConfig;
-use crate::elbo::{Vae, Workspace, model_name};
-use crate::eval::{EvalReport, evaluate};
-use crate::gradient::GradientSum;
-use crate::layout::ParamLayout;
-use crate::noise::fill_eps;
-use crate::reduce::{Node, ReductionTree};
+use crate::model::ModelConfig;
+use crate::model::ParamLayout;
+use crate::model::fill_eps;
+use crate::model::{EvalReport, evaluate};
+use crate::model::{Vae, Workspace, model_name};
+use crate::train::GradientSum;
+use crate::train::{Node, ReductionTree};
 use crate::{Error, Result};
 
 /// One shard's examples for one step. `x` row `i` is example `examples[i]` (a global id: it keys
@@ -114,9 +113,10 @@ impl Engine {
         self.seed
     }
 
-    /// PyTorch-style initial parameters from the run seed ([`crate::init`]).
+    /// PyTorch-style initial parameters from the run seed
+    /// ([`init_params`](crate::model::init_params)).
     pub fn init_params(&self) -> Vec<f32> {
-        crate::init::init_params(self.layout(), self.seed)
+        crate::model::init_params(self.layout(), self.seed)
     }
 
     /// The gradient sum of tree node `node` from its shards' batches (`shards[i]` is shard
@@ -173,14 +173,7 @@ impl Engine {
                 shards.len()
             )));
         }
-        if params.len() != self.layout().len() {
-            return Err(Error::Tensor(format!(
-                "parameter vector has {} values, the {} model has {}",
-                params.len(),
-                model_name(self.config()),
-                self.layout().len()
-            )));
-        }
+        self.vae.check_params(params)?;
         for (i, batch) in shards.iter().enumerate() {
             let want = node.lo + i as u32;
             if batch.shard != want {
@@ -253,30 +246,20 @@ impl Engine {
                 .elbo_grad_tree(params, x_view, eps_view, node, &sizes, &mut out.grad, ws);
         ws.eps = eps;
         self.scratch.lock().expect("pool").push(scratch);
-        let sums = result?;
-        out.examples = sums.examples;
-        out.elbo = sums.elbo;
-        out.recon = sums.recon;
-        out.kl = sums.kl;
+        out.stats = result?;
         Ok(())
     }
 
-    /// Held-out evaluation ([`crate::eval`]): mean ELBO (K = 1, fixed evaluation noise), recon,
-    /// KL and, unless `iw_samples` is 0, the importance-weighted bound with that many samples.
+    /// Held-out evaluation ([`evaluate`](crate::model::evaluate)): mean ELBO (K = 1, fixed
+    /// evaluation noise), recon, KL and, unless `iw_samples` is 0, the importance-weighted bound
+    /// with that many samples.
     pub fn evaluate(
         &self,
         params: &[f32],
         x: ArrayView2<f32>,
         iw_samples: usize,
     ) -> Result<EvalReport> {
-        if params.len() != self.layout().len() {
-            return Err(Error::Tensor(format!(
-                "parameter vector has {} values, the {} model has {}",
-                params.len(),
-                model_name(self.config()),
-                self.layout().len()
-            )));
-        }
+        self.vae.check_params(params)?;
         evaluate(&self.vae, params, x, self.seed, iw_samples)
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Every random choice in training (the reparameterisation noise of an example, a shard's order in
 //! an epoch) is a pure function of a key such as `(seed, epoch, example, sample)`. Any process
-//! draws the same numbers for the same key, in any order: the basis of DESIGN.md §2.
+//! draws the same numbers for the same key, in any order: the basis of docs/design.md §2.
 
 /// SplitMix64's finaliser: a bijective 64-bit mixer with full avalanche.
 #[inline]

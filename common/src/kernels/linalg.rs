@@ -1,4 +1,4 @@
-//! The few dense kernels the engine needs, deterministic for any thread count.
+//! The GEMMs and column sums the engine needs, deterministic for any thread count.
 //!
 //! Every result here is a pure function of the inputs' shapes and values: work is split at
 //! boundaries computed from the shapes alone (never from the number of threads), and no reduction
@@ -7,8 +7,8 @@
 //!
 //! GEMMs go through `ndarray::linalg::general_mat_mul`, i.e. the `matrixmultiply` crate, one
 //! single-threaded call per piece. Measured on this project's machine (2 cores, AMD EPYC family 26,
-//! i.e. Zen 5 *with* AVX-512, unlike the Zen 3 of DESIGN.md §4), f32, the five large products of
-//! a 784-400-20 VAE step at batch 128 (~400 MFLOP), quiet machine:
+//! i.e. Zen 5 *with* AVX-512, unlike the Zen 3 of docs/design.md §4), f32, the five large products
+//! of a 784-400-20 VAE step at batch 128 (~400 MFLOP), quiet machine:
 //!
 //! | kernel                                             | 1 thread | 2 threads |
 //! |----------------------------------------------------|----------|-----------|
@@ -19,7 +19,7 @@
 //!
 //! `gemm` 0.19 uses AVX2 only on stable Rust (its AVX-512 path needs its `nightly` feature), so on
 //! this CPU `matrixmultiply` is ~1.6x faster; on an AVX2-only CPU `gemm` was ~10% faster per call
-//! (DESIGN.md §4). `gemm`'s own `Rayon(n)` split gave bit-identical results for 1, 2, 3 and 8
+//! (docs/design.md §4). `gemm`'s own `Rayon(n)` split gave bit-identical results for 1, 2, 3 and 8
 //! threads on these shapes (it splits output tiles only; its k-blocking ignores the thread count),
 //! so it would be an acceptable choice there. We keep `matrixmultiply`: safe to call through
 //! ndarray, faster here, and every piece's result is independent of any thread setting.
@@ -30,7 +30,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-use crate::scalar::Float;
+use crate::kernels::Float;
 
 /// Products below this many flops run as one call: a rayon split costs a few microseconds.
 const SPLIT_MIN_FLOPS: usize = 6 << 20;
@@ -136,36 +136,21 @@ pub fn colsum_into<T: Float>(a: &[T], cols: usize, out: &mut [T]) {
     }
 }
 
-/// Elements per piece of a parallel elementwise pass.
-const ELEMENTWISE_PIECE: usize = 1 << 14;
+/// A row-major `[rows, cols]` view of the first `rows * cols` values of `buf`.
+pub(crate) fn view<T>(buf: &[T], rows: usize, cols: usize) -> ArrayView2<'_, T> {
+    ArrayView2::from_shape((rows, cols), &buf[..rows * cols]).expect("buffer holds rows * cols")
+}
 
-/// The ReLU backward step: `d[i] = 0` where `act[i] <= 0` (`act` is the layer's post-ReLU
-/// output, so `act > 0` exactly where the pre-activation was positive).
-pub fn relu_mask<T: Float>(d: &mut [T], act: &[T]) {
-    assert_eq!(
-        d.len(),
-        act.len(),
-        "relu backward: gradient and activation differ in size"
-    );
-    let mask = |d: &mut [T], act: &[T]| {
-        for (dv, &av) in d.iter_mut().zip(act) {
-            if av <= T::zero() {
-                *dv = T::zero();
-            }
-        }
-    };
-    if d.len() < PARALLEL_COLSUM_MIN {
-        mask(d, act);
-    } else {
-        d.par_chunks_mut(ELEMENTWISE_PIECE)
-            .zip(act.par_chunks(ELEMENTWISE_PIECE))
-            .for_each(|(d, act)| mask(d, act));
-    }
+/// A mutable row-major `[rows, cols]` view of the first `rows * cols` values of `buf`.
+pub(crate) fn view_mut<T>(buf: &mut [T], rows: usize, cols: usize) -> ArrayViewMut2<'_, T> {
+    ArrayViewMut2::from_shape((rows, cols), &mut buf[..rows * cols])
+        .expect("buffer holds rows * cols")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::relu_mask;
     use ndarray::Array2;
 
     fn filled(rows: usize, cols: usize, salt: usize) -> Array2<f32> {
@@ -245,9 +230,9 @@ mod tests {
         }
     }
 
-    /// DESIGN.md §2 relies on this: a row of a product does not depend on which other rows are
-    /// computed with it (how many, or where the piece boundaries fall), so the engine may batch
-    /// the rows of several shards. Holds for matrixmultiply by construction (every element is
+    /// docs/design.md §2 relies on this: a row of a product does not depend on which other rows
+    /// are computed with it (how many, or where the piece boundaries fall), so the engine may
+    /// batch the rows of several shards. Holds for matrixmultiply by construction (every element is
     /// the same FMA chain over fixed k-blocks, edge tiles included); checked here for the
     /// operand layouts the engine uses: `x W^T` and `delta W`.
     #[test]

@@ -1,4 +1,4 @@
-//! Reparameterisation noise keyed by the example, not by the process (DESIGN.md §2).
+//! Reparameterisation noise keyed by the example, not by the process (docs/design.md §2).
 //!
 //! `eps` for `(seed, epoch, example, sample k)` is the first `Z` standard normals of the stream
 //! `KeyedRng::new(&[NOISE, seed, epoch, example, k])`, drawn in Box-Muller pairs. Any process,
@@ -6,8 +6,8 @@
 
 use rayon::prelude::*;
 
-use crate::keyed::{KeyedRng, domain};
-use crate::scalar::Float;
+use crate::kernels::Float;
+use crate::model::{KeyedRng, domain};
 
 /// Examples per parallel piece when filling noise for many examples.
 const PARALLEL_PIECE: usize = 32;

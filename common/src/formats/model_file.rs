@@ -5,7 +5,7 @@
 //! `[400]`, `fc21.*`, `fc22.*`, `fc3.*`, `fc4.*`), so
 //! `model.load_state_dict(safetensors.torch.load_file("model.safetensors"))` works unchanged.
 //! Tensor data is stored in layout order, so the file's data section is exactly the flat
-//! parameter vector and its SHA-256 is the [fingerprint](crate::fingerprint).
+//! parameter vector and its SHA-256 is the [fingerprint](super::fingerprint()).
 //!
 //! Header metadata (all strings):
 //!
@@ -20,25 +20,26 @@
 //!
 //! ```
 //! use std::collections::BTreeMap;
-//! use common::{config::ModelConfig, layout::ParamLayout, model_file};
+//! use common::formats::{load_model, save_model};
+//! use common::model::{ModelConfig, ParamLayout};
 //! let dir = tempfile::tempdir().unwrap();
 //! let path = dir.path().join("model.safetensors");
 //! let config = ModelConfig { input_dim: 6, hidden: vec![4], latent: 2, ..ModelConfig::default() };
 //! let params = vec![0.5; ParamLayout::new(&config).len()];
 //! let extra = BTreeMap::from([("epochs".to_string(), "10".to_string())]);
-//! model_file::save_model(&path, &config, &params, &extra).unwrap();
-//! let loaded = model_file::load_model(&path).unwrap();
+//! save_model(&path, &config, &params, &extra).unwrap();
+//! let loaded = load_model(&path).unwrap();
 //! assert_eq!((loaded.config, loaded.params, loaded.metadata), (config, params, extra));
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::atomic_file::write_atomic;
-use crate::config::ModelConfig;
-use crate::fingerprint::fingerprint;
-use crate::layout::ParamLayout;
-use crate::tensor_file::{F32Tensor, TensorFile, encode};
+use super::atomic_file::write_atomic;
+use super::fingerprint::fingerprint;
+use super::tensor_file::{F32Tensor, TensorFile, encode};
+use crate::model::ModelConfig;
+use crate::model::ParamLayout;
 use crate::{Error, Result};
 
 /// The `format` value Hugging Face tooling expects of PyTorch weights.

@@ -1,21 +1,18 @@
 //! What a shard, or a block of shards, contributes to a step.
 
-use crate::reduce::TreeSum;
+use crate::kernels::add_assign;
+use crate::model::BatchStats;
+use crate::train::TreeSum;
 
 /// Sums over a set of examples of the loss gradient (the gradient of the *negative* ELBO, so the
 /// optimizer minimises) and of the ELBO's parts, in nats. Summed, not averaged: the coordinator
 /// divides by the step's example count once, after the tree reduction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradientSum {
-    /// d(-ELBO)/d(params), summed over examples; laid out as [`crate::layout::ParamLayout`].
+    /// d(-ELBO)/d(params), summed over examples; laid out as [`crate::model::ParamLayout`].
     pub grad: Vec<f32>,
-    pub examples: u64,
-    /// Sum over examples of the ELBO estimate (recon - kl).
-    pub elbo: f64,
-    /// Sum over examples of E_q[log p(x|z)] (the K-sample average per example).
-    pub recon: f64,
-    /// Sum over examples of KL(q(z|x) || p(z)).
-    pub kl: f64,
+    /// The examples and the sums of the ELBO and its parts over them.
+    pub stats: BatchStats,
 }
 
 impl GradientSum {
@@ -23,38 +20,17 @@ impl GradientSum {
     pub fn zeros(len: usize) -> Self {
         GradientSum {
             grad: vec![0.0; len],
-            examples: 0,
-            elbo: 0.0,
-            recon: 0.0,
-            kl: 0.0,
+            stats: BatchStats::default(),
         }
     }
 }
-
-/// Below this many elements a vector is added on one thread: splitting costs more than it saves.
-const PARALLEL_ADD_MIN: usize = 1 << 16;
 
 impl TreeSum for GradientSum {
     /// Elementwise, so any split across threads gives the same bits.
     fn add_assign(&mut self, other: &Self) {
         assert_eq!(self.grad.len(), other.grad.len(), "gradient lengths differ");
-        add_into(&mut self.grad, &other.grad);
-        self.examples += other.examples;
-        self.elbo += other.elbo;
-        self.recon += other.recon;
-        self.kl += other.kl;
-    }
-}
-
-/// `acc[i] += x[i]`, in parallel for long vectors.
-pub fn add_into(acc: &mut [f32], x: &[f32]) {
-    use rayon::prelude::*;
-    if acc.len() < PARALLEL_ADD_MIN {
-        acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
-    } else {
-        acc.par_chunks_mut(PARALLEL_ADD_MIN)
-            .zip(x.par_chunks(PARALLEL_ADD_MIN))
-            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        add_assign(&mut self.grad, &other.grad);
+        self.stats += other.stats;
     }
 }
 

@@ -18,7 +18,7 @@
 
 use std::ops::Range;
 
-use crate::config::ModelConfig;
+use crate::model::ModelConfig;
 
 /// Which part of the network a linear layer belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

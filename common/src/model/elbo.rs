@@ -1,4 +1,4 @@
-//! The ELBO of a batch and its gradient, by hand-written backpropagation (DESIGN.md §1).
+//! The ELBO of a batch and its gradient, by hand-written backpropagation (docs/design.md §1).
 //!
 //! Model (sizes from [`ModelConfig`], tensors from [`ParamLayout`], every layer `y = x W^T + b`):
 //!
@@ -27,41 +27,22 @@
 //!
 //! Sums over examples run in example order within a shard and along the reduction tree across
 //! shards ([`Vae::elbo_grad_tree`]); every kernel is deterministic for any thread count
-//! ([`crate::linalg`]). So a batch's gradient is a pure function of its inputs and its shards.
+//! ([`crate::kernels`]). So a batch's gradient is a pure function of its inputs and its shards.
 
 use std::sync::Mutex;
 
-use ndarray::{ArrayView2, ArrayViewMut2, CowArray, Ix2, s};
-use rayon::prelude::*;
+use ndarray::{ArrayView2, CowArray, Ix2, s};
 
-use crate::config::{Likelihood, ModelConfig};
-use crate::layout::{LayerRole, LinearLayout, ParamLayout};
-use crate::linalg::{colsum_into, gemm, relu_mask};
-use crate::reduce::Node;
-use crate::scalar::Float;
+use super::stacked::{ShardRows, StackedShards};
+use crate::kernels::{
+    Float, add_bias_act, colsum_into, for_row_pieces, gemm, output_row, relu_mask, sized, view,
+    view_mut,
+};
+use crate::model::{
+    BatchStats, LayerRole, Likelihood, LinearLayout, ModelConfig, ParamLayout, model_name,
+};
+use crate::train::Node;
 use crate::{Error, Result};
-
-/// Elements per parallel piece of an elementwise pass (row-aligned; only speed depends on it).
-const PIECE_ELEMENTS: usize = 1 << 13;
-
-/// Below this many elements an elementwise pass runs on one thread.
-const PARALLEL_MIN: usize = 1 << 14;
-
-/// Lanes of the per-row log-likelihood sums: fixed, so the compiler can vectorise the sum and the
-/// result is the same whatever instruction set it picks.
-const LANES: usize = 8;
-
-/// Sums over a batch of the ELBO and its parts, in nats.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct BatchSums {
-    pub examples: u64,
-    /// Sum over examples of `recon - kl`.
-    pub elbo: f64,
-    /// Sum over examples of the K-sample average of `log p(x|z_k)`.
-    pub recon: f64,
-    /// Sum over examples of `KL(q(z|x) || p(z))`.
-    pub kl: f64,
-}
 
 /// Reusable buffers for one batch at a time: keep one per thread of work to avoid allocating in
 /// the training loop. Sizes grow to the largest batch seen and stay.
@@ -89,7 +70,7 @@ pub struct Workspace<T> {
     /// `[n, Z]` each.
     dmu: Vec<T>,
     dlogvar: Vec<T>,
-    /// Noise `[n*K, Z]`, for callers that generate it in place ([`crate::train`]).
+    /// Noise `[n*K, Z]`, for callers that generate it in place ([`Engine`](crate::train::Engine)).
     pub(crate) eps: Vec<T>,
     /// Scratch for per-layer partial sums along the reduction tree.
     tree_bufs: Mutex<Vec<Vec<T>>>,
@@ -169,129 +150,9 @@ impl<T: Float> Workspace<T> {
     }
 }
 
-/// A prefix of `v` of length `len`, growing `v` if needed (never shrinking, so steady-state
-/// training does not reallocate or re-zero).
-fn sized<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-    if v.len() < len {
-        v.resize(len, T::default());
-    }
-    &mut v[..len]
-}
-
-fn view<'a, T>(buf: &'a [T], rows: usize, cols: usize) -> ArrayView2<'a, T> {
-    ArrayView2::from_shape((rows, cols), &buf[..rows * cols]).expect("buffer holds rows * cols")
-}
-
-fn view_mut<'a, T>(buf: &'a mut [T], rows: usize, cols: usize) -> ArrayViewMut2<'a, T> {
-    ArrayViewMut2::from_shape((rows, cols), &mut buf[..rows * cols])
-        .expect("buffer holds rows * cols")
-}
-
 /// `W` of a layer as an `[out, in]` view into the flat vector.
 fn weight<'a, T>(params: &'a [T], layer: &LinearLayout) -> ArrayView2<'a, T> {
     view(&params[layer.weight.clone()], layer.out_dim, layer.in_dim)
-}
-
-/// Runs `f(first_row, rows_block, ...)` over row-aligned pieces of a `[rows, cols]` buffer, in
-/// parallel when it is large. Each row's result depends only on that row.
-fn for_row_pieces<T: Float, F>(buf: &mut [T], cols: usize, extra: &mut [f64], f: F)
-where
-    F: Fn(usize, &mut [T], &mut [f64]) + Sync + Send,
-{
-    let rows = buf.len().checked_div(cols).unwrap_or(0);
-    let rows_per_piece = (PIECE_ELEMENTS / cols.max(1)).max(1);
-    if buf.len() < PARALLEL_MIN || rows <= rows_per_piece {
-        f(0, buf, extra);
-        return;
-    }
-    buf.par_chunks_mut(rows_per_piece * cols)
-        .zip(extra.par_chunks_mut(rows_per_piece))
-        .enumerate()
-        .for_each(|(p, (block, extra))| f(p * rows_per_piece, block, extra));
-}
-
-/// `out[r, :] = act(out[r, :] + bias)` for every row.
-fn add_bias_act<T: Float>(out: &mut [T], bias: &[T], relu: bool) {
-    let cols = bias.len();
-    let kernel = |block: &mut [T]| {
-        for row in block.chunks_exact_mut(cols) {
-            for (o, &b) in row.iter_mut().zip(bias) {
-                let v = *o + b;
-                *o = if relu && v <= T::zero() { T::zero() } else { v };
-            }
-        }
-    };
-    if out.len() < PARALLEL_MIN {
-        kernel(out);
-    } else {
-        let rows_per_piece = (PIECE_ELEMENTS / cols).max(1);
-        out.par_chunks_mut(rows_per_piece * cols).for_each(kernel);
-    }
-}
-
-/// One output row: adds the bias, computes `(term, dL/df) = term_and_grad(f, x)` per element
-/// (when `GRAD`, overwriting the row with `dL/df`), and returns the row's sum of terms. The
-/// elementwise loop has no loop-carried dependency, so it vectorises; the terms go through
-/// `terms` (scratch, the row's length) and are summed by [`lane_sum`].
-#[inline(always)]
-fn output_row<T: Float, const GRAD: bool>(
-    out: &mut [T],
-    x: &[T],
-    bias: &[T],
-    terms: &mut [T],
-    term_and_grad: impl Fn(T, T) -> (T, T),
-) -> f64 {
-    for (((o, &xv), &b), t) in out.iter_mut().zip(x).zip(bias).zip(terms.iter_mut()) {
-        let (term, d) = term_and_grad(*o + b, xv);
-        *t = term;
-        if GRAD {
-            *o = d;
-        }
-    }
-    lane_sum(terms)
-}
-
-/// Sum in f64 with [`LANES`] fixed accumulators (element `i` goes to lane `i % LANES`), combined
-/// pairwise: the same result whatever vector width the compiler picks.
-#[inline(always)]
-fn lane_sum<T: Float>(v: &[T]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut chunks = v.chunks_exact(LANES);
-    for c in &mut chunks {
-        for lane in 0..LANES {
-            acc[lane] += c[lane].as_f64();
-        }
-    }
-    for (lane, &t) in chunks.remainder().iter().enumerate() {
-        acc[lane] += t.as_f64();
-    }
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-}
-
-/// The ELBO sums of consecutive segments of the last forward pass, each summed in example order
-/// from zero (so a segment's sums do not depend on its neighbours).
-fn segment_sums<T>(segments: &[usize], samples: usize, ws: &Workspace<T>) -> Vec<BatchSums> {
-    let inv_k = 1.0 / samples as f64;
-    let mut first = 0;
-    segments
-        .iter()
-        .map(|&len| {
-            let mut sums = BatchSums {
-                examples: len as u64,
-                ..BatchSums::default()
-            };
-            for i in first..first + len {
-                let lls = &ws.row_loglik[i * samples..(i + 1) * samples];
-                let recon = lls.iter().sum::<f64>() * inv_k;
-                let kl = ws.row_kl[i];
-                sums.recon += recon;
-                sums.kl += kl;
-                sums.elbo += recon - kl;
-            }
-            first += len;
-            sums
-        })
-        .collect()
 }
 
 /// A VAE's shape: configuration and parameter layout. Stateless; parameters are passed in.
@@ -317,13 +178,8 @@ impl Vae {
         &self.layout
     }
 
-    /// Checks parameter length, input width and the noise shape; returns K (samples per example).
-    fn check<T: Float>(
-        &self,
-        params: &[T],
-        x: &ArrayView2<T>,
-        eps: &ArrayView2<T>,
-    ) -> Result<usize> {
+    /// Checks that `params` has one value per parameter of the model.
+    pub fn check_params<T>(&self, params: &[T]) -> Result<()> {
         if params.len() != self.layout.len() {
             return Err(Error::Tensor(format!(
                 "parameter vector has {} values, the {} model has {}",
@@ -332,6 +188,17 @@ impl Vae {
                 self.layout.len()
             )));
         }
+        Ok(())
+    }
+
+    /// Checks parameter length, input width and the noise shape; returns K (samples per example).
+    fn check<T: Float>(
+        &self,
+        params: &[T],
+        x: &ArrayView2<T>,
+        eps: &ArrayView2<T>,
+    ) -> Result<usize> {
+        self.check_params(params)?;
         if x.ncols() != self.config.input_dim {
             return Err(Error::DataMismatch(format!(
                 "batch has {} columns per example, the model's input dimension is {}",
@@ -367,7 +234,7 @@ impl Vae {
         x: ArrayView2<T>,
         eps: ArrayView2<T>,
         ws: &mut Workspace<T>,
-    ) -> Result<BatchSums> {
+    ) -> Result<BatchStats> {
         let samples = self.check(params, &x, &eps)?;
         let x = x.as_standard_layout();
         let eps = eps.as_standard_layout();
@@ -383,7 +250,7 @@ impl Vae {
         eps: ArrayView2<T>,
         grad: &mut [T],
         ws: &mut Workspace<T>,
-    ) -> Result<BatchSums> {
+    ) -> Result<BatchStats> {
         let n = x.nrows();
         self.elbo_grad_tree(params, x, eps, Node { lo: 0, hi: 1 }, &[n], grad, ws)
     }
@@ -392,7 +259,7 @@ impl Vae {
     /// `segments[i]` examples of shard `node.lo + i`, in shard order (any may be 0). The result
     /// is bit-identical to running [`Vae::elbo_grad`] on every shard alone and adding the
     /// results along the tree below `node` (`left += right`, as
-    /// [`crate::reduce::ReductionTree::evaluate`] does), for the gradient and the sums alike.
+    /// [`ReductionTree::evaluate`](crate::train::ReductionTree::evaluate) does), for the gradient and the sums alike.
     ///
     /// Faster, because the forward pass and the products that do not sum over examples run once
     /// on all rows (a product's row does not depend on the other rows; `linalg` tests this), and
@@ -408,7 +275,7 @@ impl Vae {
         segments: &[usize],
         grad: &mut [T],
         ws: &mut Workspace<T>,
-    ) -> Result<BatchSums> {
+    ) -> Result<BatchStats> {
         let samples = self.check(params, &x, &eps)?;
         if node.is_empty()
             || segments.len() != node.len() as usize
@@ -432,19 +299,15 @@ impl Vae {
         }
         if x.nrows() == 0 {
             grad.fill(T::zero());
-            return Ok(BatchSums::default());
+            return Ok(BatchStats::default());
         }
         let x = x.as_standard_layout();
         let eps = eps.as_standard_layout();
         self.forward(params, &x, &eps, samples, ws, true);
-        let sums = segment_sums(segments, samples, ws);
-        let tree = ShardTree {
-            node,
-            enc_rows: Segments::new(segments, 1),
-            dec_rows: Segments::new(segments, samples),
-        };
-        self.backward(params, &x, &eps, samples, &tree, grad, ws);
-        Ok(tree.sum(node, &|i| sums[i]))
+        let shards = StackedShards::new(node, segments, samples);
+        let stats = shards.stats(&ws.row_loglik, &ws.row_kl, samples);
+        self.backward(params, &x, &eps, samples, &shards, grad, ws);
+        Ok(stats)
     }
 
     /// Forward pass: fills the workspace (per-row log-likelihoods and KLs) and returns the sums.
@@ -457,17 +320,17 @@ impl Vae {
         samples: usize,
         ws: &mut Workspace<T>,
         want_grad: bool,
-    ) -> BatchSums {
+    ) -> BatchStats {
         let n = x.nrows();
         if n == 0 {
             ws.row_loglik.clear();
             ws.row_kl.clear();
-            return BatchSums::default();
+            return BatchStats::default();
         }
         self.encode(params, x.view(), ws);
         self.reparameterise(eps.as_slice().expect("standard layout"), samples, ws);
         self.decode(params, x, samples, ws, want_grad);
-        segment_sums(&[n], samples, ws)[0]
+        BatchStats::of_rows(&ws.row_loglik[..n * samples], &ws.row_kl, samples)
     }
 
     /// Encoder: hidden layers, both heads, sigma and the per-example KL.
@@ -651,7 +514,7 @@ impl Vae {
         x: &CowArray<T, Ix2>,
         eps: &CowArray<T, Ix2>,
         samples: usize,
-        tree: &ShardTree,
+        shards: &StackedShards,
         grad: &mut [T],
         ws: &mut Workspace<T>,
     ) {
@@ -674,16 +537,8 @@ impl Vae {
         } = ws;
         // Row ranges of the shards: encoder rows are examples, decoder rows examples x K.
         let (enc_rows, dec_rows) = (
-            Rows {
-                tree,
-                segments: &tree.enc_rows,
-                bufs: tree_bufs,
-            },
-            Rows {
-                tree,
-                segments: &tree.dec_rows,
-                bufs: tree_bufs,
-            },
+            shards.encoder_rows(tree_bufs),
+            shards.decoder_rows(tree_bufs),
         );
 
         // Output layer: delta = dL/df, [rows, D].
@@ -783,89 +638,6 @@ impl Vae {
     }
 }
 
-/// Row ranges of consecutive segments, `rows_per_example` rows per example.
-struct Segments {
-    bounds: Vec<usize>,
-}
-
-impl Segments {
-    fn new(examples: &[usize], rows_per_example: usize) -> Self {
-        let mut bounds = Vec::with_capacity(examples.len() + 1);
-        bounds.push(0);
-        for &len in examples {
-            bounds.push(bounds.last().expect("non-empty") + len * rows_per_example);
-        }
-        Segments { bounds }
-    }
-
-    fn range(&self, s: usize) -> std::ops::Range<usize> {
-        self.bounds[s]..self.bounds[s + 1]
-    }
-}
-
-/// The shards of a batch and the reduction tree over them.
-struct ShardTree {
-    node: Node,
-    enc_rows: Segments,
-    dec_rows: Segments,
-}
-
-impl ShardTree {
-    /// Adds `leaf(i)` (shard `node.lo + i`) along the tree below `node`, left += right.
-    fn sum(&self, node: Node, leaf: &dyn Fn(usize) -> BatchSums) -> BatchSums {
-        match node.children() {
-            None => leaf((node.lo - self.node.lo) as usize),
-            Some((left, right)) => {
-                let mut sum = self.sum(left, leaf);
-                let right = self.sum(right, leaf);
-                sum.examples += right.examples;
-                sum.elbo += right.elbo;
-                sum.recon += right.recon;
-                sum.kl += right.kl;
-                sum
-            }
-        }
-    }
-}
-
-/// What a layer's backward step needs to know about the shards: their rows (encoder or decoder
-/// rows), the tree, and a pool of scratch buffers for the tree's partial sums.
-struct Rows<'a, T> {
-    tree: &'a ShardTree,
-    segments: &'a Segments,
-    bufs: &'a Mutex<Vec<Vec<T>>>,
-}
-
-impl<T: Float> Rows<'_, T> {
-    /// Writes into `out` the sum along the tree of `leaf(i, buf)` (shard `i`'s contribution,
-    /// written into `buf`), `left += right` elementwise at every inner node. Sibling subtrees run
-    /// in parallel; each inner node borrows one scratch buffer for its right child.
-    fn tree_sum(&self, node: Node, out: &mut [T], leaf: &(dyn Fn(usize, &mut [T]) + Sync)) {
-        let Some((left, right)) = node.children() else {
-            return leaf((node.lo - self.tree.node.lo) as usize, out);
-        };
-        let mut scratch = self.bufs.lock().expect("pool").pop().unwrap_or_default();
-        let right_sum = sized(&mut scratch, out.len());
-        rayon::join(
-            || self.tree_sum(left, out, leaf),
-            || self.tree_sum(right, right_sum, leaf),
-        );
-        add_assign(out, right_sum);
-        self.bufs.lock().expect("pool").push(scratch);
-    }
-}
-
-/// `acc[i] += x[i]`: the same per-element operation as [`crate::gradient::add_into`].
-fn add_assign<T: Float>(acc: &mut [T], x: &[T]) {
-    if acc.len() < PARALLEL_MIN {
-        acc.iter_mut().zip(x).for_each(|(a, &b)| *a = *a + b);
-    } else {
-        acc.par_chunks_mut(PIECE_ELEMENTS)
-            .zip(x.par_chunks(PIECE_ELEMENTS))
-            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b));
-    }
-}
-
 /// `out = input W^T + b`, then ReLU if asked. `out: [rows, out_dim]`.
 fn linear<T: Float>(
     params: &[T],
@@ -894,7 +666,7 @@ fn layer_backward<T: Float>(
     layer: &LinearLayout,
     delta: &[T],
     input: ArrayView2<T>,
-    rows: &Rows<T>,
+    rows: &ShardRows<T>,
     d_in: Option<&mut [T]>,
     grad: &mut [T],
 ) {
@@ -903,8 +675,7 @@ fn layer_backward<T: Float>(
     debug_assert_eq!(layer.weight.end, layer.bias.start);
     let weight_len = layer.weight.len();
     let block = &mut grad[layer.weight.start..layer.bias.end];
-    let leaf = |s: usize, buf: &mut [T]| {
-        let r = rows.segments.range(s);
+    let leaf = |r: std::ops::Range<usize>, buf: &mut [T]| {
         let delta_s = &delta[r.start * out_dim..r.end * out_dim];
         let (dw, db) = buf.split_at_mut(weight_len);
         colsum_into(delta_s, out_dim, db);
@@ -916,7 +687,7 @@ fn layer_backward<T: Float>(
             view_mut(dw, out_dim, in_dim),
         );
     };
-    let mut weight_grads = || rows.tree_sum(rows.tree.node, block, &leaf);
+    let mut weight_grads = || rows.tree_sum(block, &leaf);
     match d_in {
         Some(d_in) => {
             let n = input.nrows();
@@ -932,12 +703,4 @@ fn layer_backward<T: Float>(
         }
         None => weight_grads(),
     }
-}
-
-/// `784-400-20` style name for messages.
-pub fn model_name(config: &ModelConfig) -> String {
-    let mut parts = vec![config.input_dim.to_string()];
-    parts.extend(config.hidden.iter().map(|h| h.to_string()));
-    parts.push(config.latent.to_string());
-    parts.join("-")
 }

@@ -1,6 +1,6 @@
 //! Using a trained model: encode images to their posterior, decode latents to images, draw
 //! latents from the prior. Forward passes only, for pictures and reports (training and the
-//! held-out figures use [`crate::elbo`] and [`crate::eval`]).
+//! held-out figures use [`Vae`](crate::model::Vae) and [`evaluate`](crate::model::evaluate)).
 //!
 //! ```text
 //! encode       x: [n, D]  ->  mu, logvar: [n, Z]       (encoder MLP and both heads)
@@ -9,12 +9,10 @@
 //! ```
 //!
 //! ```
-//! use common::config::ModelConfig;
-//! use common::inference::{encode, mean_image, prior_latents};
-//! use common::layout::ParamLayout;
+//! use common::model::{ModelConfig, ParamLayout, encode, init_params, mean_image, prior_latents};
 //!
 //! let config = ModelConfig { input_dim: 6, hidden: vec![4], latent: 2, ..ModelConfig::default() };
-//! let params = common::init::init_params(&ParamLayout::new(&config), 0);
+//! let params = init_params(&ParamLayout::new(&config), 0);
 //! let z = prior_latents(0, 3, config.latent);
 //! let images = mean_image(&config, &params, z.view())?;
 //! assert_eq!(images.dim(), (3, 6));
@@ -26,12 +24,12 @@
 
 use ndarray::{Array2, ArrayView2, Axis};
 
-use crate::config::{Likelihood, ModelConfig};
-use crate::keyed::KeyedRng;
-use crate::layout::{LayerRole, LinearLayout, ParamLayout};
+use crate::model::KeyedRng;
+use crate::model::{LayerRole, LinearLayout, ParamLayout};
+use crate::model::{Likelihood, ModelConfig};
 use crate::{Error, Result};
 
-/// Key domain of [`prior_latents`], distinct from the tags in [`crate::keyed::domain`] (1..=5)
+/// Key domain of [`prior_latents`], distinct from the tags in [`crate::model::domain`] (1..=5)
 /// so pictures never reuse training noise.
 pub const PRIOR_DOMAIN: u64 = 0x0050_5249_4f52; // "PRIOR" in ASCII
 
@@ -161,7 +159,7 @@ mod tests {
             latent: 2,
             ..ModelConfig::default()
         };
-        let params = crate::init::init_params(&ParamLayout::new(&config), 3);
+        let params = crate::model::init_params(&ParamLayout::new(&config), 3);
         (config, params)
     }
 
@@ -172,8 +170,8 @@ mod tests {
         let (config, params) = small();
         let x = Array2::from_shape_fn((3, 5), |(i, j)| ((i * 5 + j) % 7) as f32 / 7.0);
         let ours = encode(&config, &params, x.view()).unwrap();
-        let vae = crate::elbo::Vae::new(config.clone()).unwrap();
-        let mut ws = crate::elbo::Workspace::new();
+        let vae = crate::model::Vae::new(config.clone()).unwrap();
+        let mut ws = crate::model::Workspace::new();
         let eps = Array2::<f32>::zeros((3, 2));
         vae.elbo(&params, x.view(), eps.view(), &mut ws).unwrap();
         let (mu, logvar) = ws.posterior();

@@ -99,6 +99,14 @@ pub fn parse_hidden(spec: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// `784-400-20` style name for messages.
+pub fn model_name(config: &ModelConfig) -> String {
+    let mut parts = vec![config.input_dim.to_string()];
+    parts.extend(config.hidden.iter().map(|h| h.to_string()));
+    parts.push(config.latent.to_string());
+    parts.join("-")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! A model's fingerprint: the SHA-256 of its parameters, to compare runs bit for bit.
 //!
 //! The hash covers the flat parameter vector as little-endian f32 bytes, in
-//! [`ParamLayout`](crate::layout::ParamLayout) storage order: for each linear layer its weight
+//! [`ParamLayout`](crate::model::ParamLayout) storage order: for each linear layer its weight
 //! (`[out, in]`, row-major) then its bias, layers in the order encoder hidden layers, mean head,
 //! log-variance head, decoder hidden layers, decoder output layer (for the default model: `fc1`,
 //! `fc21`, `fc22`, `fc3`, `fc4`). The same model trained with 1 or 8 workers has the same
@@ -20,7 +20,7 @@ const BATCH: usize = 4096;
 /// ```
 /// // python3 -c "import hashlib; print(hashlib.sha256(b'').hexdigest())"
 /// assert_eq!(
-///     common::fingerprint::fingerprint(&[]),
+///     common::formats::fingerprint(&[]),
 ///     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 /// );
 /// ```

@@ -1,0 +1,17 @@
+//! The deterministic arithmetic everything else runs on: the floating-point types ([`Float`]:
+//! f32 for training, f64 for gradient checks), the GEMMs and column sums ([`gemm`],
+//! [`colsum_into`]), and the elementwise kernels beside them (bias and activation, the ReLU
+//! backward step [`relu_mask`], fixed-lane row sums, [`add_assign`]). Work is split at boundaries
+//! computed from the shapes alone and no sum is ever reordered, so every result is a pure function
+//! of its inputs' shapes and values, never of the thread count (docs/design.md §2).
+
+mod elementwise;
+mod linalg;
+mod scalar;
+
+pub use elementwise::{add_assign, relu_mask};
+pub use linalg::{colsum_into, gemm};
+pub use scalar::{Float, exp_nonpositive_f32, ln_1p_unit_f32};
+
+pub(crate) use elementwise::{add_bias_act, for_row_pieces, output_row, sized};
+pub(crate) use linalg::{view, view_mut};

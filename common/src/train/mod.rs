@@ -1,0 +1,15 @@
+//! Training: how a step's examples are split into virtual shards ([`ShardPlan`]), the fixed
+//! reduction tree over the shards and its one fold ([`ReductionTree`], [`Node`]), what a shard
+//! or a tree node contributes to a step ([`GradientSum`]), and the [`Engine`] the coordinator
+//! and the workers call to compute a node's gradient. However the shards are split between
+//! processes and threads, a step's gradient has the same bits (docs/design.md §2).
+
+mod engine;
+mod gradient;
+mod reduce;
+mod shard;
+
+pub use engine::{Engine, ShardBatch};
+pub use gradient::{GradientSum, check_gradient};
+pub use reduce::{Node, ReductionTree, TreeSum};
+pub use shard::ShardPlan;
