@@ -34,14 +34,6 @@ impl ShardCache {
         self.shards.clear();
     }
 
-    pub fn len(&self) -> usize {
-        self.shards.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.shards.is_empty()
-    }
-
     /// The rows of `examples` (global ids) from `shard`, as an `[n, dim]` array.
     pub fn gather(&self, shard: u32, examples: &[u32], dim: usize) -> Result<Array2<f32>> {
         let data = self.shards.get(&shard).ok_or_else(|| {

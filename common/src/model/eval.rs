@@ -28,7 +28,7 @@ const CHUNK_ROWS: usize = 128;
 const IW_DECODER_ROWS: usize = 4096;
 
 /// Held-out figures, means per example, in nats.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalReport {
     pub examples: u64,
     /// Mean ELBO (K = 1, evaluation noise).

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use common::model::EvalReport;
 use common::train::Engine;
 use serde::{Deserialize, Serialize};
 
@@ -48,16 +49,9 @@ pub struct Evaluation {
     pub data: String,
     pub holdout: usize,
     pub seed: u64,
-    pub examples: u64,
-    /// Mean ELBO, nats per example.
-    pub elbo: f64,
-    /// Mean reconstruction term E_q[log p(x|z)].
-    pub recon: f64,
-    /// Mean KL(q(z|x) || p(z)).
-    pub kl: f64,
-    pub iw_samples: usize,
-    /// Mean importance-weighted bound, absent when `iw_samples` is 0.
-    pub iw_bound: Option<f64>,
+    /// Examples, ELBO, reconstruction and KL (means per example, nats), the IW bound.
+    #[serde(flatten)]
+    pub report: EvalReport,
 }
 
 impl std::fmt::Display for Evaluation {
@@ -65,15 +59,15 @@ impl std::fmt::Display for Evaluation {
         write!(
             f,
             "held-out ELBO {:.4} nats/example (reconstruction {:.4}, KL {:.4})",
-            self.elbo, self.recon, self.kl
+            self.report.elbo, self.report.recon, self.report.kl
         )?;
-        if let Some(bound) = self.iw_bound {
-            write!(f, ", IW bound (k={}) {bound:.4}", self.iw_samples)?;
+        if let Some(bound) = self.report.iw_bound {
+            write!(f, ", IW bound (k={}) {bound:.4}", self.report.iw_samples)?;
         }
         write!(
             f,
             "; {} examples (the last {} of {}), seed {}",
-            self.examples, self.holdout, self.data, self.seed
+            self.report.examples, self.holdout, self.data, self.seed
         )
     }
 }
@@ -91,12 +85,7 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<Evaluation> {
         data: heldout.data,
         holdout: heldout.holdout,
         seed,
-        examples: report.examples,
-        elbo: report.elbo,
-        recon: report.recon,
-        kl: report.kl,
-        iw_samples: report.iw_samples,
-        iw_bound: report.iw_bound,
+        report,
     })
 }
 
