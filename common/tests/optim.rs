@@ -529,3 +529,42 @@ fn steps_are_identical_for_any_thread_count() {
         assert_eq!(results[0].1.to_bits(), results[1].1.to_bits(), "{config:?}");
     }
 }
+
+/// The coordinator divides the summed gradient by the step's example count inside the optimizer's
+/// pass (`step_scaled`); it must give exactly the bits of dividing first.
+#[test]
+fn a_scaled_step_equals_dividing_first_bit_for_bit() {
+    let n = 70_000; // past the parallel threshold
+    let grad: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 * 0.37 - 185.0)
+        .collect();
+    let start: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01 - 0.4).collect();
+    let divisor = 128.0f32;
+    let divided: Vec<f32> = grad.iter().map(|g| g / divisor).collect();
+    let sgd_nesterov = match OptimizerConfig::sgd(0.05, 0.9) {
+        OptimizerConfig::Sgd { lr, momentum, .. } => OptimizerConfig::Sgd {
+            lr,
+            momentum,
+            dampening: 0.0,
+            nesterov: true,
+            weight_decay: 0.01,
+        },
+        other => other,
+    };
+    for config in [
+        OptimizerConfig::adam(1e-3),
+        OptimizerConfig::sgd(0.05, 0.0),
+        sgd_nesterov,
+    ] {
+        let (mut a, mut b) = (start.clone(), start.clone());
+        let (mut sa, mut sb) = (config.init_state(n), config.init_state(n));
+        for _ in 0..3 {
+            config.step(&mut a, &divided, &mut sa).unwrap();
+            config.step_scaled(&mut b, &grad, divisor, &mut sb).unwrap();
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b), "{config:?}");
+        assert_eq!(sa, sb, "{config:?}");
+        assert_ne!(a, start);
+    }
+}

@@ -531,8 +531,11 @@ impl Driver<'_> {
         };
         let shared = Arc::clone(self.shared);
         let started = Instant::now();
+        tracing::trace!("step {}: update starts", job.global_step);
         let done = tokio::task::spawn_blocking(move || {
+            tracing::trace!("step {}: update thread runs", job.global_step);
             let mut done = job.run();
+            tracing::trace!("step {}: optimizer done", done.global_step);
             if done.outcome.is_ok() {
                 shared
                     .transport()
@@ -544,6 +547,7 @@ impl Driver<'_> {
         .await
         .map_err(|e| Error::Io(format!("the optimizer step panicked: {e}")))?;
         let seconds = started.elapsed().as_secs_f64();
+        tracing::trace!("step {}: update back on the driver", done.global_step);
         self.shared
             .state()
             .finish_update(done, seconds, Instant::now());

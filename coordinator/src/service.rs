@@ -106,6 +106,7 @@ impl Shared {
     /// the state machine. A result that cannot be read removes the worker, so its work is redone.
     fn submit(&self, submission: Submission) -> SubmitOutcome {
         let worker = WorkerId(submission.worker_id);
+        tracing::trace!("step {}: result arrives", submission.step);
         let mut results = Vec::with_capacity(submission.results.len());
         for r in submission.results {
             let mut grad = self.transport.buffer();
@@ -131,6 +132,7 @@ impl Shared {
                 },
             ));
         }
+        tracing::trace!("step {}: result read", submission.step);
         self.state().submit(
             worker,
             submission.step,
@@ -283,6 +285,7 @@ impl pb::trainer_server::Trainer for TrainerService {
                 }
             };
             if let Some(reply) = reply {
+                tracing::trace!("next task answered");
                 return Ok(Response::new(reply.into()));
             }
             if tokio::time::timeout_at(deadline, changed.changed())

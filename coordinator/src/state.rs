@@ -763,15 +763,18 @@ impl UpdateJob {
                 .map_err(|e| e.to_string())?;
             let n = sum.stats.examples.max(1) as f32;
             let mut grad = sum.grad;
-            // Elementwise, so any split across threads gives the same bits.
-            grad.par_chunks_mut(1 << 14)
-                .for_each(|chunk| chunk.iter_mut().for_each(|g| *g /= n));
-            if let Some(max) = clip_norm {
-                clip_grad_norm(&mut grad, max);
-            }
-            optimizer
-                .step(&mut params, &grad, &mut opt_state)
-                .map_err(|e| format!("optimizer: {e}"))?;
+            let stepped = match clip_norm {
+                // The mean gradient is divided inside the optimizer's pass (same bits).
+                None => optimizer.step_scaled(&mut params, &grad, n, &mut opt_state),
+                Some(max) => {
+                    // Elementwise, so any split across threads gives the same bits.
+                    grad.par_chunks_mut(1 << 14)
+                        .for_each(|chunk| chunk.iter_mut().for_each(|g| *g /= n));
+                    clip_grad_norm(&mut grad, max);
+                    optimizer.step(&mut params, &grad, &mut opt_state)
+                }
+            };
+            stepped.map_err(|e| format!("optimizer: {e}"))?;
             spent.push(grad);
             Ok(sum.stats)
         })();

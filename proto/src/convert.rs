@@ -277,7 +277,9 @@ impl TryFrom<pb::TensorRef> for TensorRef {
         use pb::tensor_ref::Location;
         const MSG: &str = "TensorRef";
         match required(t.location, MSG, "location")? {
-            Location::Inline(bytes) if bytes.len().is_multiple_of(4) => Ok(TensorRef::Inline(bytes)),
+            Location::Inline(bytes) if bytes.len().is_multiple_of(4) => {
+                Ok(TensorRef::Inline(bytes))
+            }
             Location::Inline(bytes) => Err(malformed(
                 MSG,
                 format!("{} bytes is not a whole number of f32 values", bytes.len()),

@@ -4,14 +4,17 @@
 //! coordinator, each one copy into or out of the page cache instead of a trip through prost,
 //! HTTP/2 and the loopback socket (docs/design.md §5).
 //!
-//! Plain `pread`/`pwrite` (`FileExt`), not `mmap`: no `unsafe`, and no reader ever holds a
-//! reference into memory another process is writing. What keeps it correct:
+//! Files are mapped into memory (`mmap`), so a transfer is one `memcpy` into or out of the
+//! mapping (the page cache's per-page `pread`/`pwrite` path measured ~10x slower here). Every value
+//! is copied out of a mapping before it is used: no reference into memory that another process
+//! writes ever reaches the rest of the program. The only `unsafe` code is the [`mapping`] module;
+//! its invariants are stated there. What keeps the exchange correct:
 //! - The parameter file is rewritten only between steps, after every result of the step in
 //!   progress has arrived; a task is sent only after its parameters are written. A straggler that
 //!   still reads while the next step's parameters are written computes a result for a finished
 //!   step, which the state machine ignores.
 //! - A worker writes its gradient file, then sends `SubmitResult` and waits for the reply; the
-//!   coordinator reads the file before replying. So no gradient is read while it is written.
+//!   coordinator copies the values out before replying. So no gradient is read while it is written.
 //! - Which file to read is never taken from a peer: the coordinator reads the gradient file named
 //!   after the worker id it issued, a worker the parameter file of its offer's directory; a
 //!   region outside the file is an error, never a short read.
@@ -19,10 +22,14 @@
 //!   probe; only a worker that reads it back is attached. Workers in other containers or on other
 //!   hosts fail the probe and use inline tensors.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use mapping::{ReadMap, WriteMap};
 
 use crate::messages::{SharedMemoryOffer, TensorRef};
 
@@ -39,7 +46,9 @@ const DIR_PREFIX: &str = "vae-shm-";
 pub struct SharedDir {
     dir: PathBuf,
     probe: Vec<u8>,
-    params: File,
+    params: Mutex<WriteMap>,
+    /// Each attached worker's gradient file, mapped on first use.
+    gradients: Mutex<HashMap<u64, ReadMap>>,
 }
 
 impl SharedDir {
@@ -57,7 +66,8 @@ impl SharedDir {
             Ok(params) => Ok(SharedDir {
                 dir,
                 probe: probe.to_vec(),
-                params,
+                params: Mutex::new(WriteMap::new(params)),
+                gradients: Mutex::new(HashMap::new()),
             }),
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -89,7 +99,7 @@ impl SharedDir {
 
     /// Writes the parameters for the next step; the reference goes into every co-located task.
     pub fn write_params(&self, values: &[f32]) -> io::Result<TensorRef> {
-        self.params.write_all_at(bytemuck::cast_slice(values), 0)?;
+        lock(&self.params).write(0, bytemuck::cast_slice(values))?;
         Ok(TensorRef::Shared {
             offset: 0,
             len: values.len() as u64,
@@ -104,12 +114,20 @@ impl SharedDir {
         len: u64,
         out: &mut Vec<f32>,
     ) -> io::Result<()> {
-        let file = File::open(self.dir.join(gradient_file(worker)))?;
-        read_region(&file, offset, len, out)
+        let mut maps = lock(&self.gradients);
+        let map = match maps.entry(worker) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let file = File::open(self.dir.join(gradient_file(worker)))?;
+                e.insert(ReadMap::new(file))
+            }
+        };
+        read_region(map, offset, len, out)
     }
 
     /// Removes an attached worker's gradient file (the worker is gone).
     pub fn forget(&self, worker: u64) {
+        lock(&self.gradients).remove(&worker);
         let _ = fs::remove_file(self.dir.join(gradient_file(worker)));
     }
 }
@@ -123,8 +141,8 @@ impl Drop for SharedDir {
 /// A worker's side: reads parameters from the offer's directory, writes its own gradient file.
 #[derive(Debug)]
 pub struct SharedClient {
-    params: File,
-    gradients: File,
+    params: Mutex<ReadMap>,
+    gradients: Mutex<WriteMap>,
 }
 
 impl SharedClient {
@@ -133,13 +151,17 @@ impl SharedClient {
     pub fn open(offer: &SharedMemoryOffer, worker: u64) -> io::Result<(Self, Vec<u8>)> {
         let probe = fs::read(offer.dir.join(&offer.probe_file))?;
         let params = File::open(offer.dir.join(PARAMS_FILE))?;
-        let gradients = private_file(&offer.dir.join(gradient_file(worker)), false)?;
-        Ok((SharedClient { params, gradients }, probe))
+        let gradients = private_file(&offer.dir.join(gradient_file(worker)), true)?;
+        let client = SharedClient {
+            params: Mutex::new(ReadMap::new(params)),
+            gradients: Mutex::new(WriteMap::new(gradients)),
+        };
+        Ok((client, probe))
     }
 
     /// Reads the parameters a task refers to into `out`.
     pub fn read_params(&self, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
-        read_region(&self.params, offset, len, out)
+        read_region(&mut lock(&self.params), offset, len, out)
     }
 
     /// Writes gradients one after another into this worker's file; their references, in order.
@@ -149,9 +171,9 @@ impl SharedClient {
     ) -> io::Result<Vec<TensorRef>> {
         let mut offset = 0u64;
         let mut refs = Vec::new();
+        let mut file = lock(&self.gradients);
         for grad in grads {
-            self.gradients
-                .write_all_at(bytemuck::cast_slice(grad), offset)?;
+            file.write(offset, bytemuck::cast_slice(grad))?;
             refs.push(TensorRef::Shared {
                 offset,
                 len: grad.len() as u64,
@@ -177,20 +199,121 @@ fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
         .open(path)
 }
 
-/// `len` f32 values at byte `offset` of `file`, read straight into `out`'s memory.
-fn read_region(file: &File, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
-    let size = file.metadata()?.len();
-    let end = len
+/// `len` f32 values at byte `offset` of a mapped file, copied into `out` (resized; its allocation
+/// is reused).
+fn read_region(map: &mut ReadMap, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
+    let bytes = len
         .checked_mul(4)
-        .and_then(|bytes| bytes.checked_add(offset));
-    if end.is_none_or(|end| end > size) || !offset.is_multiple_of(4) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("region of {len} values at byte {offset} is outside the {size}-byte file"),
-        ));
-    }
+        .filter(|_| offset.is_multiple_of(4))
+        .ok_or_else(|| outside(offset, len, None))?;
     out.resize(len as usize, 0.0);
-    file.read_exact_at(bytemuck::cast_slice_mut(&mut out[..]), offset)
+    map.read(offset, bytemuck::cast_slice_mut(&mut out[..]))
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                outside(offset, bytes / 4, Some(e))
+            } else {
+                e
+            }
+        })
+}
+
+fn outside(offset: u64, len: u64, cause: Option<io::Error>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "region of {len} values at byte {offset} is outside the file{}",
+            cause.map_or(String::new(), |c| format!(" ({c})"))
+        ),
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Files mapped into memory: the only `unsafe` code of the workspace.
+///
+/// Invariants that make the mappings sound in this process:
+/// - A mapping never outlives its file handle, and is replaced (never resized in place) when the
+///   file grows; every access is bounds-checked against the mapping's length.
+/// - A mapped file is never shrunk: files only grow (`set_len` to a larger size), so no access
+///   within a mapping can touch pages past the end of the file (which would raise SIGBUS). The
+///   directory is private (0700) and its files 0600, so only processes of the same user, which
+///   could equally kill the coordinator, could truncate them.
+/// - Bytes are only copied into or out of a mapping (`copy_from_slice`), never lent out as
+///   references or reinterpreted, so a concurrent writer in another process can change what a
+///   copy reads (a result the protocol then ignores or rejects) but not break this process's
+///   aliasing rules.
+#[allow(unsafe_code)]
+mod mapping {
+    use std::fs::File;
+    use std::io;
+
+    use memmap2::{Mmap, MmapMut, MmapOptions};
+
+    /// A file this process reads through a read-only mapping, remapped when it has grown.
+    #[derive(Debug)]
+    pub struct ReadMap {
+        file: File,
+        map: Option<Mmap>,
+    }
+
+    impl ReadMap {
+        pub fn new(file: File) -> Self {
+            ReadMap { file, map: None }
+        }
+
+        /// Copies `out.len()` bytes at `offset` into `out`; `UnexpectedEof` when the file is
+        /// shorter.
+        pub fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            let end = offset
+                .checked_add(out.len() as u64)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            if self.map.as_ref().is_none_or(|m| (m.len() as u64) < end) {
+                let size = self.file.metadata()?.len();
+                if size < end {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the file has {size} bytes"),
+                    ));
+                }
+                // SAFETY: see the module's invariants (file kept open, never shrunk, copies only).
+                self.map = Some(unsafe { MmapOptions::new().len(size as usize).map(&self.file)? });
+            }
+            let map = self.map.as_ref().expect("mapped above");
+            out.copy_from_slice(&map[offset as usize..end as usize]);
+            Ok(())
+        }
+    }
+
+    /// A file this process writes through a shared writable mapping, grown (and remapped) on
+    /// demand.
+    #[derive(Debug)]
+    pub struct WriteMap {
+        file: File,
+        map: Option<MmapMut>,
+    }
+
+    impl WriteMap {
+        pub fn new(file: File) -> Self {
+            WriteMap { file, map: None }
+        }
+
+        /// Copies `bytes` to `offset`, growing the file first if it is too short.
+        pub fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+            let end = offset + bytes.len() as u64;
+            if self.map.as_ref().is_none_or(|m| (m.len() as u64) < end) {
+                let size = self.file.metadata()?.len().max(end);
+                self.file.set_len(size)?;
+                // SAFETY: see the module's invariants (file kept open, never shrunk, copies only).
+                self.map =
+                    Some(unsafe { MmapOptions::new().len(size as usize).map_mut(&self.file)? });
+            }
+            let map = self.map.as_mut().expect("mapped above");
+            map[offset as usize..end as usize].copy_from_slice(bytes);
+            Ok(())
+        }
+    }
 }
 
 /// Removes `vae-shm-<pid>-*` directories under `base` whose process no longer exists.
@@ -257,6 +380,34 @@ mod tests {
         drop(client);
         drop(dir);
         assert!(!path.exists(), "the directory goes with the coordinator");
+    }
+
+    #[test]
+    fn rewritten_and_grown_files_are_seen_through_existing_mappings() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "g", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 7).unwrap();
+        let mut got = Vec::new();
+        for (n, salt) in [(100, 0.0), (100, 1.0), (5000, 2.0), (10, 3.0)] {
+            let params = values(n, salt);
+            dir.write_params(&params).unwrap();
+            client.read_params(0, n as u64, &mut got).unwrap();
+            assert_eq!(got, params, "{n} values, salt {salt}");
+            let grads = [values(n, salt + 0.5), values(n, salt + 0.7)];
+            let refs = client
+                .write_gradients(grads.iter().map(|g| &g[..]))
+                .unwrap();
+            for (r, want) in refs.iter().zip(&grads) {
+                let TensorRef::Shared { offset, len } = *r else {
+                    panic!()
+                };
+                dir.read_gradient(7, offset, len, &mut got).unwrap();
+                assert_eq!(&got, want);
+            }
+        }
+        // Files never shrink: after the 10-value step the 5000-value regions are still readable.
+        client.read_params(0, 5000, &mut got).unwrap();
+        assert!(client.read_params(0, 5001, &mut got).is_err());
     }
 
     #[test]

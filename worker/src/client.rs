@@ -227,6 +227,7 @@ async fn work_loop(
             }
         }
         let step = task.step;
+        tracing::trace!("step {step}: task received");
         let output = compute::run_task(
             ctx,
             &tree,
@@ -238,6 +239,7 @@ async fn work_loop(
             transfer.fault,
         )
         .await?;
+        tracing::trace!("step {step}: computed");
         let submission = Submission {
             worker_id,
             step,
@@ -249,6 +251,7 @@ async fn work_loop(
             .await
         {
             Ok(reply) => {
+                tracing::trace!("step {step}: submitted");
                 let verdict = Verdict::from(reply.into_inner());
                 if !verdict.accepted {
                     tracing::warn!(

@@ -89,6 +89,7 @@ pub async fn run_task(
     let layout_len = ctx.engine.layout().len();
     let mut params = std::mem::take(&mut buffers.params);
     read_params(&task.params, shared, layout_len, &mut params)?;
+    tracing::trace!("step {}: parameters read", task.step);
     let dim = ctx.engine.config().input_dim;
     // Gathering copies ~400 KB per step: cheap enough for the async thread.
     let mut nodes = Vec::with_capacity(task.nodes.len());
@@ -118,6 +119,7 @@ pub async fn run_task(
     let ctx = Arc::clone(ctx);
     let tree = *tree;
     let epoch = task.epoch;
+    tracing::trace!("step {}: rows gathered", task.step);
     let clock = PoolClock::start(pool);
     pool.spawn(move || {
         let outcome = nodes
@@ -141,6 +143,7 @@ pub async fn run_task(
     let (outcome, nodes, params, mut sums) = rx
         .await
         .map_err(|_| Error::Other("gradient computation panicked".into()))?;
+    tracing::trace!("step {}: gradients computed", task.step);
     let compute_seconds = clock.seconds(pool);
     buffers.params = params;
     outcome?;
@@ -156,6 +159,7 @@ pub async fn run_task(
         }
     }
     let grads = write_gradients(&sums, shared)?;
+    tracing::trace!("step {}: gradients written", task.step);
     let results = nodes
         .into_iter()
         .zip(&sums)

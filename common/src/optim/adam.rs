@@ -29,6 +29,8 @@ pub(super) struct Scalars {
     bias_correction2_sqrt: f32,
     eps: f32,
     neg_step_size: f32,
+    /// Every gradient value is divided by this first (1 leaves it unchanged).
+    divisor: f32,
 }
 
 impl Scalars {
@@ -48,7 +50,13 @@ impl Scalars {
             bias_correction2_sqrt: bias_correction2.sqrt() as f32,
             eps: eps as f32,
             neg_step_size: (-step_size) as f32,
+            divisor: 1.0,
         }
+    }
+
+    /// The step for `grad / divisor`, divided value by value inside the step's one pass.
+    pub(super) fn with_divisor(self, divisor: f32) -> Self {
+        Scalars { divisor, ..self }
     }
 }
 
@@ -74,6 +82,7 @@ pub(super) fn step(
 
 fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m).zip(v) {
+        let g = g / s.divisor;
         if let Some(decay) = s.decay {
             *p *= decay;
         }

@@ -19,6 +19,8 @@ pub(super) struct Scalars {
     weight_decay: Option<f32>,
     momentum: Option<Momentum>,
     neg_lr: f32,
+    /// Every gradient value is divided by this first (1 leaves it unchanged).
+    divisor: f32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +40,13 @@ impl Scalars {
                 nesterov,
             }),
             neg_lr: (-lr) as f32,
+            divisor: 1.0,
         }
+    }
+
+    /// The step for `grad / divisor`, divided value by value inside the step's one pass.
+    pub(super) fn with_divisor(self, divisor: f32) -> Self {
+        Scalars { divisor, ..self }
     }
 }
 
@@ -87,6 +95,7 @@ fn for_chunks(
 
 fn plain(s: &Scalars, params: &mut [f32], grad: &[f32]) {
     for (p, &g) in params.iter_mut().zip(grad) {
+        let g = g / s.divisor;
         let d = match s.weight_decay {
             Some(wd) => g + wd * *p,
             None => g,
@@ -104,6 +113,7 @@ fn with_momentum(
     buffer: &mut [f32],
 ) {
     for ((p, &g), b) in params.iter_mut().zip(grad).zip(buffer) {
+        let g = g / s.divisor;
         let d = match s.weight_decay {
             Some(wd) => g + wd * *p,
             None => g,

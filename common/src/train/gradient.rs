@@ -82,6 +82,10 @@ mod tests {
                 assert!(e.contains(&format!("value {i} ")), "{e}");
             }
         }
-        assert!(check_gradient(&ok, n + 1).unwrap_err().contains("10000 values"));
+        assert!(
+            check_gradient(&ok, n + 1)
+                .unwrap_err()
+                .contains("10000 values")
+        );
     }
 }
