@@ -233,6 +233,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Files mapped into memory: the only `unsafe` code of the workspace.
 ///
+/// A file grows by writing zeros through the file API before it is mapped, so a full `/dev/shm`
+/// is an `ENOSPC` error here (and the caller falls back to inline tensors) instead of a SIGBUS
+/// on the first store into a page tmpfs cannot back.
+///
 /// Invariants that make the mappings sound in this process:
 /// - A mapping never outlives its file handle, and is replaced (never resized in place) when the
 ///   file grows; every access is bounds-checked against the mapping's length.
@@ -286,6 +290,21 @@ mod mapping {
         }
     }
 
+    /// Grows `file` from `from` to `to` bytes by writing zeros, so its pages exist before any
+    /// store through a mapping reaches them.
+    fn reserve(file: &File, from: u64, to: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const BLOCK: usize = 1 << 20;
+        let zeros = vec![0u8; BLOCK];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(BLOCK as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     /// A file this process writes through a shared writable mapping, grown (and remapped) on
     /// demand.
     #[derive(Debug)]
@@ -303,8 +322,9 @@ mod mapping {
         pub fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
             let end = offset + bytes.len() as u64;
             if self.map.as_ref().is_none_or(|m| (m.len() as u64) < end) {
-                let size = self.file.metadata()?.len().max(end);
-                self.file.set_len(size)?;
+                let current = self.file.metadata()?.len();
+                let size = current.max(end);
+                reserve(&self.file, current, size)?;
                 // SAFETY: see the module's invariants (file kept open, never shrunk, copies only).
                 self.map =
                     Some(unsafe { MmapOptions::new().len(size as usize).map_mut(&self.file)? });

@@ -82,7 +82,8 @@ pub(super) fn step(
 
 fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m).zip(v) {
-        let g = g / s.divisor;
+        // Loop-invariant: unswitched, so a plain step pays no division.
+        let g = if s.divisor == 1.0 { g } else { g / s.divisor };
         if let Some(decay) = s.decay {
             *p *= decay;
         }

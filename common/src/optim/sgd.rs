@@ -95,7 +95,8 @@ fn for_chunks(
 
 fn plain(s: &Scalars, params: &mut [f32], grad: &[f32]) {
     for (p, &g) in params.iter_mut().zip(grad) {
-        let g = g / s.divisor;
+        // Loop-invariant: unswitched, so a plain step pays no division.
+        let g = if s.divisor == 1.0 { g } else { g / s.divisor };
         let d = match s.weight_decay {
             Some(wd) => g + wd * *p,
             None => g,
@@ -113,7 +114,8 @@ fn with_momentum(
     buffer: &mut [f32],
 ) {
     for ((p, &g), b) in params.iter_mut().zip(grad).zip(buffer) {
-        let g = g / s.divisor;
+        // Loop-invariant: unswitched, so a plain step pays no division.
+        let g = if s.divisor == 1.0 { g } else { g / s.divisor };
         let d = match s.weight_decay {
             Some(wd) => g + wd * *p,
             None => g,
