@@ -496,6 +496,21 @@ impl Driver<'_> {
                             node.hi
                         );
                     }
+                    Output::NodeBackedUp {
+                        slow,
+                        name,
+                        node,
+                        held_seconds,
+                        backup,
+                    } => {
+                        tracing::warn!(
+                            "worker {slow} ({name}) has held shards {}..{} for {held_seconds:.1}s \
+                             while the step's other work finished: worker {backup} computes them \
+                             too, and the first result is used",
+                            node.lo,
+                            node.hi
+                        );
+                    }
                     Output::StepReady { .. } => self.update().await?,
                     Output::StepApplied { position, elbo, .. } => {
                         self.progress.step(position, elbo, self.config.batch as u64);

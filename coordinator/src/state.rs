@@ -36,6 +36,19 @@ impl std::fmt::Display for WorkerId {
 /// non-finite on several workers means training diverged, not that a worker is faulty.
 const MAX_REJECTIONS_PER_NODE: u32 = 3;
 
+/// A node held this many times longer than the slowest node of the previous step (and at least
+/// [`STRAGGLER_MIN`]) gets a backup copy on another worker: whichever result arrives first is
+/// used, and both are the same bits. A worker that heartbeats but never finishes cannot stall
+/// the run this way.
+const STRAGGLER_FACTOR: f64 = 10.0;
+const STRAGGLER_MIN: Duration = Duration::from_secs(1);
+/// The limit before any step has completed in this process: the first step includes fetching
+/// shard data, whose time no completed step tells yet.
+const STRAGGLER_FIRST: Duration = Duration::from_secs(30);
+/// A worker whose nodes were finished by backups this many steps in a row is removed; it may
+/// register again.
+const MAX_OVERTAKEN: u32 = 3;
+
 /// Settings of the state machine.
 #[derive(Debug, Clone)]
 pub struct StateConfig {
@@ -103,6 +116,14 @@ pub enum Output {
         reason: String,
         /// Tree nodes of the current step that moved to other workers.
         moved: Vec<Node>,
+    },
+    /// `slow` held `node` for `held_seconds`, past the straggler limit: `backup` computes it too.
+    NodeBackedUp {
+        slow: WorkerId,
+        name: String,
+        node: Node,
+        held_seconds: f64,
+        backup: WorkerId,
     },
     ResultRejected {
         worker: WorkerId,
@@ -183,6 +204,12 @@ struct StepState {
     orphans: Vec<Node>,
     received: HashMap<Node, GradientSum>,
     rejections: HashMap<Node, u32>,
+    /// When each worker was handed each node it holds.
+    handed_out: HashMap<(WorkerId, Node), Instant>,
+    /// Nodes given a backup copy, with the worker that was too slow with them.
+    backups: HashMap<Node, WorkerId>,
+    /// The slowest time from hand-out to an accepted result in this step.
+    slowest_node: Duration,
     started: Instant,
     slowest_compute: f64,
     /// Whether [`StateMachine::take_update`] has handed this (complete) step's update out.
@@ -207,6 +234,10 @@ pub struct StateMachine {
     step: Option<StepState>,
     /// A complete step whose update is ready or being applied.
     ready: Option<StepState>,
+    /// The slowest node of the last completed step: the yardstick for stragglers.
+    last_slowest_node: Duration,
+    /// Per worker, how many steps in a row a backup finished its node first.
+    overtaken: HashMap<WorkerId, u32>,
     no_workers_since: Option<Instant>,
     outputs: Vec<Output>,
 }
@@ -247,6 +278,8 @@ impl StateMachine {
             epoch_orders: None,
             step: None,
             ready: None,
+            last_slowest_node: Duration::ZERO,
+            overtaken: HashMap::new(),
             no_workers_since: None,
             outputs: Vec::new(),
         }
@@ -342,6 +375,9 @@ impl StateMachine {
             .entry(worker)
             .or_default()
             .extend(nodes.iter().copied());
+        for &node in &nodes {
+            step.handed_out.insert((worker, node), now);
+        }
         let nodes = nodes
             .into_iter()
             .map(|node| NodeWork {
@@ -385,8 +421,18 @@ impl StateMachine {
         let mut rejected = Vec::new();
         let mut ignored = Vec::new();
         let mut failed = None;
+        let mut overtook = Vec::new();
         for (node, sum) in results {
             let in_flight = step.in_flight.entry(worker).or_default();
+            if step.received.contains_key(&node) {
+                // A backup (or the original) was faster: same bits, nothing to do.
+                in_flight.retain(|n| *n != node);
+                ignored.push(format!(
+                    "shards {}..{} were already computed by another worker",
+                    node.lo, node.hi
+                ));
+                continue;
+            }
             let Some(pos) = in_flight.iter().position(|n| *n == node) else {
                 ignored.push(format!(
                     "shards {}..{} were not assigned to it",
@@ -410,6 +456,17 @@ impl StateMachine {
             match problem {
                 None => {
                     step.received.insert(node, sum);
+                    if let Some(since) = step.handed_out.get(&(worker, node)) {
+                        step.slowest_node =
+                            step.slowest_node.max(now.saturating_duration_since(*since));
+                    }
+                    // Copies still waiting to be taken are no longer needed.
+                    for queue in step.queued.values_mut() {
+                        queue.retain(|n| *n != node);
+                    }
+                    if let Some(slow) = step.backups.get(&node) {
+                        overtook.push((*slow, *slow != worker));
+                    }
                 }
                 Some(reason) => {
                     let count = step.rejections.entry(node).or_insert(0);
@@ -435,6 +492,9 @@ impl StateMachine {
             }
         }
         step.slowest_compute = step.slowest_compute.max(compute_seconds);
+        for (slow, overtaken) in overtook {
+            self.note_overtaken(slow, overtaken);
+        }
         if let Some(reason) = failed {
             self.fail(reason);
             return SubmitOutcome::Rejected(rejected[0].1.clone());
@@ -485,6 +545,7 @@ impl StateMachine {
                 format!("no heartbeat for more than {:.1}s", timeout.as_secs_f64()),
             );
         }
+        self.back_up_stragglers(now);
         if self.phase == Phase::Training && self.workers.is_empty() {
             let since = *self.no_workers_since.get_or_insert(now);
             if now.saturating_duration_since(since) > self.config.no_worker_timeout {
@@ -495,6 +556,74 @@ impl StateMachine {
                     self.position.global_step
                 ));
             }
+        }
+    }
+
+    /// Gives every node held longer than the straggler limit a backup copy on another worker.
+    fn back_up_stragglers(&mut self, now: Instant) {
+        if self.phase != Phase::Training {
+            return;
+        }
+        let limit = if self.last_slowest_node.is_zero() {
+            STRAGGLER_FIRST
+        } else {
+            STRAGGLER_MIN.max(self.last_slowest_node.mul_f64(STRAGGLER_FACTOR))
+        };
+        let Some(step) = &self.step else { return };
+        // Nodes handed out count from their hand-out, nodes never asked for from the step's start
+        // (a worker that heartbeats but stopped asking for work).
+        let held = step
+            .in_flight
+            .iter()
+            .chain(&step.queued)
+            .flat_map(|(&w, nodes)| {
+                nodes.iter().map(move |&n| {
+                    let since = step.handed_out.get(&(w, n)).unwrap_or(&step.started);
+                    (w, n, now.saturating_duration_since(*since))
+                })
+            });
+        let late: Vec<(WorkerId, Node, Duration)> = held
+            .filter(|(_, n, held)| {
+                *held > limit && !step.backups.contains_key(n) && !step.received.contains_key(n)
+            })
+            .collect();
+        for (slow, node, held) in late {
+            let Some(backup) = self.pick_worker(Some(slow)).filter(|b| *b != slow) else {
+                continue;
+            };
+            let step = self.step.as_mut().expect("checked above");
+            step.queued.entry(backup).or_default().push(node);
+            step.backups.insert(node, slow);
+            self.outputs.push(Output::NodeBackedUp {
+                slow,
+                name: self
+                    .workers
+                    .get(&slow)
+                    .map_or_else(String::new, |w| w.name.clone()),
+                node,
+                held_seconds: held.as_secs_f64(),
+                backup,
+            });
+        }
+    }
+
+    /// A backed-up node's result arrived: from a backup (`overtaken`) or from the slow worker.
+    fn note_overtaken(&mut self, slow: WorkerId, overtaken: bool) {
+        if !overtaken {
+            self.overtaken.remove(&slow);
+            return;
+        }
+        let count = self.overtaken.entry(slow).or_insert(0);
+        *count += 1;
+        if *count >= MAX_OVERTAKEN {
+            self.overtaken.remove(&slow);
+            self.remove_worker(
+                slow,
+                format!(
+                    "it held its work while others finished it, {MAX_OVERTAKEN} steps in a row \
+                     (heartbeating but not computing?)"
+                ),
+            );
         }
     }
 
@@ -509,6 +638,19 @@ impl StateMachine {
             moved.extend(step.in_flight.remove(&worker).unwrap_or_default());
         }
         moved.sort();
+        if let Some(step) = &self.step {
+            // A node already received, or held or queued by another worker (a backup), needs no
+            // further copy.
+            let elsewhere = |n: &Node| {
+                step.received.contains_key(n)
+                    || step
+                        .in_flight
+                        .values()
+                        .chain(step.queued.values())
+                        .any(|v| v.contains(n))
+            };
+            moved.retain(|n| !elsewhere(n));
+        }
         for &node in &moved {
             let target = self.pick_worker(None);
             let step = self.step.as_mut().expect("moved nodes imply a step");
@@ -606,6 +748,9 @@ impl StateMachine {
             orphans,
             received: HashMap::new(),
             rejections: HashMap::new(),
+            handed_out: HashMap::new(),
+            backups: HashMap::new(),
+            slowest_node: Duration::ZERO,
             started: now,
             slowest_compute: 0.0,
             update_taken: false,
@@ -663,6 +808,7 @@ impl StateMachine {
             return;
         };
         debug_assert_eq!(step.global_step, done.global_step);
+        self.last_slowest_node = step.slowest_node;
         self.params = done.params;
         self.opt_state = done.opt_state;
         let stats = match done.outcome {

@@ -393,3 +393,110 @@ fn training_waits_for_the_requested_workers() {
     let _c = sm.register("c".into(), now);
     assert!(matches!(sm.next_task(a, now), TaskDecision::Task(_)));
 }
+
+#[test]
+fn a_worker_that_heartbeats_but_never_finishes_does_not_stall_the_run() {
+    let reference = reference_params();
+    let (mut sm, workers, mut now) = start(2);
+    let (good, stuck) = (workers[0], workers[1]);
+    let mut backed_up = 0;
+    let mut removed = false;
+    for _ in 0..10_000 {
+        match sm.phase() {
+            Phase::Finished | Phase::Failed(_) => break,
+            Phase::Evaluating => sm.finish_evaluation(now),
+            _ => {}
+        }
+        // The stuck worker takes whatever it is given and never answers, but stays alive.
+        let _ = sm.next_task(stuck, now);
+        if let TaskDecision::Task(task) = sm.next_task(good, now) {
+            let results = compute(&task, sm.params());
+            submit(&mut sm, good, task.global_step, results, 0.01, now);
+        }
+        now += Duration::from_millis(400);
+        if !removed {
+            sm.heartbeat(stuck, now);
+        }
+        sm.heartbeat(good, now);
+        sm.tick(now);
+        for output in sm.drain_outputs() {
+            match output {
+                Output::NodeBackedUp { slow, backup, .. } => {
+                    assert_eq!((slow, backup), (stuck, good));
+                    backed_up += 1;
+                }
+                Output::WorkerLost { worker, reason, .. } => {
+                    assert_eq!(worker, stuck);
+                    assert!(reason.contains("held its work"), "{reason}");
+                    removed = true;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        *sm.phase(),
+        Phase::Finished,
+        "the run went on without the stuck worker"
+    );
+    assert!(
+        removed,
+        "the stuck worker is removed after being overtaken repeatedly"
+    );
+    assert!(backed_up >= 3, "{backed_up} backups");
+    assert_eq!(bits(sm.params()), reference, "backups change no bit");
+}
+
+#[test]
+fn a_slow_original_and_its_backup_give_one_result() {
+    let reference = reference_params();
+    let (mut sm, workers, mut now) = start(2);
+    let (a, b) = (workers[0], workers[1]);
+    // Step 0: both finish quickly, so the straggler limit becomes the minimum.
+    for w in [a, b] {
+        let TaskDecision::Task(task) = sm.next_task(w, now) else {
+            panic!()
+        };
+        let results = compute(&task, sm.params());
+        now += Duration::from_millis(10);
+        submit(&mut sm, w, task.global_step, results, 0.01, now);
+    }
+    // Step 1: b is slow; a finishes, then gets b's node as a backup and finishes it too.
+    let TaskDecision::Task(slow_task) = sm.next_task(b, now) else {
+        panic!()
+    };
+    let TaskDecision::Task(task) = sm.next_task(a, now) else {
+        panic!()
+    };
+    let results = compute(&task, sm.params());
+    submit(&mut sm, a, task.global_step, results, 0.01, now);
+    now += Duration::from_secs(2);
+    sm.heartbeat(a, now);
+    sm.heartbeat(b, now);
+    sm.tick(now);
+    assert!(
+        sm.drain_outputs()
+            .iter()
+            .any(|o| matches!(o, Output::NodeBackedUp { slow, .. } if *slow == b))
+    );
+    let TaskDecision::Task(backup) = sm.next_task(a, now) else {
+        panic!("the backup goes to the other worker")
+    };
+    assert_eq!(backup.nodes, slow_task.nodes);
+    let slow_results = compute(&slow_task, sm.params());
+    let results = compute(&backup, sm.params());
+    assert_eq!(
+        submit(&mut sm, a, backup.global_step, results, 0.01, now),
+        SubmitOutcome::Accepted
+    );
+    assert_eq!(sm.position().global_step, 2, "the backup completed step 1");
+    // The original's late answer is for a finished step: ignored.
+    assert!(matches!(
+        submit(&mut sm, b, slow_task.global_step, slow_results, 0.01, now),
+        SubmitOutcome::Ignored(_)
+    ));
+    // Both carry on and the result is the reference's.
+    let mut workers = vec![a, b];
+    run(&mut sm, &mut workers, &mut now, |_, _, _, _| {});
+    assert_eq!(bits(sm.params()), reference);
+}
