@@ -41,6 +41,37 @@ fn four_workers_train_and_the_heldout_elbo_improves() {
     }
 }
 
+// The fault-injection hook exists only in debug builds of the worker.
+#[cfg(debug_assertions)]
+#[test]
+fn a_worker_that_heartbeats_but_never_answers_does_not_stall_the_run() {
+    let clean = tempfile::tempdir().unwrap();
+    let reference = train(clean.path(), 1, &["--epochs", "1"]);
+    let out = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend_from_slice(&["--workers", "2", "--epochs", "1"]);
+    let c = Coordinator::start(out.path(), &args);
+    let good = worker(&c.addr, &[]);
+    let mut stuck = worker(&c.addr, &["--inject-fault", "stall@3"]);
+    let (ok, log) = c.finish(Duration::from_secs(240));
+    let _ = stuck.kill();
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("computes them too"),
+        "a backup was issued: {log}"
+    );
+    assert!(
+        log.contains("held its work"),
+        "the stuck worker was removed: {log}"
+    );
+    assert!(finish_worker(good, Duration::from_secs(30)).0.success());
+    assert_eq!(
+        summary(out.path())["fingerprint"].as_str().unwrap(),
+        reference,
+        "backups change no bit"
+    );
+}
+
 #[test]
 fn shared_memory_and_tcp_give_the_same_fingerprint() {
     const ATTACHED: &str = "exchanges tensors through shared memory";

@@ -52,23 +52,27 @@ pub enum Fault {
     NanAtStep(u64),
     /// At this global step, send a gradient one value short.
     ShortAtStep(u64),
+    /// From this global step on, take the task and never answer (heartbeats go on).
+    StallAtStep(u64),
 }
 
 impl std::str::FromStr for Fault {
     type Err = String;
 
-    /// `nan@STEP` or `short@STEP`.
+    /// `nan@STEP`, `short@STEP` or `stall@STEP`.
     fn from_str(s: &str) -> Result<Self, String> {
+        const FORMS: &str = "use nan@STEP, short@STEP or stall@STEP";
         let (kind, step) = s
             .split_once('@')
-            .ok_or_else(|| format!("fault `{s}`: use nan@STEP or short@STEP"))?;
+            .ok_or_else(|| format!("fault `{s}`: {FORMS}"))?;
         let step: u64 = step
             .parse()
             .map_err(|_| format!("fault `{s}`: `{step}` is not a step number"))?;
         match kind {
             "nan" => Ok(Fault::NanAtStep(step)),
             "short" => Ok(Fault::ShortAtStep(step)),
-            _ => Err(format!("fault `{s}`: use nan@STEP or short@STEP")),
+            "stall" => Ok(Fault::StallAtStep(step)),
+            _ => Err(format!("fault `{s}`: {FORMS}")),
         }
     }
 }
@@ -86,6 +90,12 @@ pub async fn run_task(
     buffers: &mut StepBuffers,
     fault: &mut Option<Fault>,
 ) -> Result<TaskOutput> {
+    if let Some(Fault::StallAtStep(from)) = fault
+        && task.step >= *from
+    {
+        tracing::warn!("step {}: stalling on purpose (--inject-fault)", task.step);
+        std::future::pending::<()>().await;
+    }
     let layout_len = ctx.engine.layout().len();
     let mut params = std::mem::take(&mut buffers.params);
     read_params(&task.params, shared, layout_len, &mut params)?;
@@ -155,7 +165,7 @@ pub async fn run_task(
             Some(Fault::ShortAtStep(_)) => {
                 sum.grad.pop();
             }
-            None => {}
+            Some(Fault::StallAtStep(_)) | None => {}
         }
     }
     let grads = write_gradients(&sums, shared)?;
