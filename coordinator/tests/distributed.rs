@@ -55,6 +55,7 @@ fn a_worker_that_heartbeats_but_never_answers_does_not_stall_the_run() {
     let mut stuck = worker(&c.addr, &["--inject-fault", "stall@3"]);
     let (ok, log) = c.finish(Duration::from_secs(240));
     let _ = stuck.kill();
+    let _ = stuck.wait();
     assert!(ok, "{log}");
     assert!(
         log.contains("computes them too"),
