@@ -34,9 +34,14 @@ build() {
   fi
   echo "cluster.sh: building static binaries" >&2
   # A separate target directory keeps these flags from invalidating the normal build cache.
-  (cd "$root" && RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release --locked --target "$target" --bins \
-    --target-dir "$root/target/static")
+  # One package at a time: built together, cargo would unify common's features and link the
+  # coordinator's MNIST downloader into the worker, which never uses it.
+  local package
+  for package in worker coordinator; do
+    (cd "$root" && RUSTFLAGS='-C target-feature=+crt-static' \
+      cargo build --release --locked --target "$target" -p "$package" --bins \
+      --target-dir "$root/target/static")
+  done
   local ctx="$root/target/docker-context"
   rm -rf "$ctx" && mkdir -p "$ctx/bin"
   cp -r "$here/rootfs" "$ctx/rootfs"
