@@ -15,6 +15,8 @@ for the 1-minute load average to drop below --max-load before measuring.
 import argparse, datetime, json, math, os, re, shlex, signal, statistics, subprocess, sys
 import tempfile, threading, time
 
+from distributed import git_commit  # bench/distributed.py, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> (hidden, latent). Parameter counts are read back from each run's model.safetensors.
 MODELS = {"tiny": ("1", 1), "default": ("400", 20), "wide": ("1024", 64), "large": ("1024,1024", 64)}
@@ -64,22 +66,11 @@ def family(pid):
     return seen
 
 
-def repo_commit():
-    """HEAD of this repository, `+dirty` when sources outside bench/ and docs/ differ from it."""
-    git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
-    try:
-        head = git("log", "-1", "--format=%h") or "unknown"
-        dirty = git("status", "--porcelain", "--", ".", ":!bench", ":!docs")
-    except OSError:
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-COMMIT = None  # of the binaries measured: --commit, else repo_commit()
+COMMIT = None  # of the binaries measured: --commit, else git_commit()
 
 
 def stamp():
-    return {"commit": COMMIT or repo_commit(), "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    return {"commit": COMMIT or git_commit(), "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "load": round(os.getloadavg()[0], 2)}
 
 

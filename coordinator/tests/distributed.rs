@@ -41,16 +41,24 @@ fn four_workers_train_and_the_heldout_elbo_improves() {
     }
 }
 
-// The fault-injection hook exists only in debug builds of the worker.
+/// The fingerprint of a clean 1-worker run, and a coordinator of the same run waiting for two
+/// workers (the tests below start them, one misbehaving).
 #[cfg(debug_assertions)]
-#[test]
-fn a_worker_that_heartbeats_but_never_answers_does_not_stall_the_run() {
+fn reference_and_two_worker_run() -> (String, tempfile::TempDir, Coordinator) {
     let clean = tempfile::tempdir().unwrap();
     let reference = train(clean.path(), 1, &["--epochs", "1"]);
     let out = tempfile::tempdir().unwrap();
     let mut args = SMALL_RUN.to_vec();
     args.extend_from_slice(&["--workers", "2", "--epochs", "1"]);
     let c = Coordinator::start(out.path(), &args);
+    (reference, out, c)
+}
+
+// The fault-injection hook exists only in debug builds of the worker.
+#[cfg(debug_assertions)]
+#[test]
+fn a_worker_that_heartbeats_but_never_answers_does_not_stall_the_run() {
+    let (reference, out, c) = reference_and_two_worker_run();
     let good = worker(&c.addr, &[]);
     let mut stuck = worker(&c.addr, &["--inject-fault", "stall@3"]);
     let (ok, log) = c.finish(Duration::from_secs(240));
@@ -180,12 +188,7 @@ fn a_worker_with_the_wrong_token_is_refused_on_both_sides() {
 #[cfg(debug_assertions)]
 #[test]
 fn poisoned_gradients_are_rejected_and_do_not_change_the_result() {
-    let clean = tempfile::tempdir().unwrap();
-    let reference = train(clean.path(), 1, &["--epochs", "1"]);
-    let out = tempfile::tempdir().unwrap();
-    let mut args = SMALL_RUN.to_vec();
-    args.extend_from_slice(&["--workers", "2", "--epochs", "1"]);
-    let c = Coordinator::start(out.path(), &args);
+    let (reference, out, c) = reference_and_two_worker_run();
     let bad = worker(&c.addr, &["--inject-fault", "nan@3"]);
     let short = worker(&c.addr, &["--inject-fault", "short@5"]);
     let (ok, log) = c.finish(Duration::from_secs(240));

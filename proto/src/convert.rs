@@ -520,14 +520,6 @@ pub fn inline_tensor(values: &[f32]) -> TensorRef {
     TensorRef::Inline(tensor::encode_f32(values))
 }
 
-/// The values of an inline tensor; `None` for a shared-memory reference.
-pub fn inline_values(t: &TensorRef) -> Option<Vec<f32>> {
-    match t {
-        TensorRef::Inline(bytes) => tensor::decode_f32(bytes),
-        TensorRef::Shared { .. } => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
