@@ -28,6 +28,15 @@ pub enum OptimizerKind {
     Sgd,
 }
 
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// `--data`, parsed at the edge so a typo fails before anything loads.
 fn data_source(s: &str) -> std::result::Result<DataSource, String> {
     s.parse().map_err(|e: common::Error| e.to_string())
@@ -55,13 +64,25 @@ fn hidden_sizes(s: &str) -> std::result::Result<Vec<usize>, String> {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Log lines on stderr: `text` (coloured only on a terminal and without NO_COLOR) or `json`
+    /// (one object per line, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "VAE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     /// Workers to wait for before training starts.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Spawn the workers as local processes (and listen on 127.0.0.1 unless --listen is given).
+    /// Spawn the workers as local processes (and listen on a free loopback port unless --listen
+    /// is given).
     #[arg(long)]
     pub local: bool,
-    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    /// Address to listen on [default: 127.0.0.1:50051]; port 0 picks a free port (the bound
+    /// address is printed). Beyond loopback it needs a token or TLS (or --insecure).
     #[arg(long)]
     pub listen: Option<String>,
     /// Training data: `synthetic` (built in), `synthetic:N` (its first N examples),
@@ -144,9 +165,40 @@ pub struct Cli {
     /// can see it (same results, less copying) and gRPC for the rest.
     #[arg(long, value_enum, default_value_t = Transport::Auto)]
     pub transport: Transport,
-    /// Shared secret workers must present.
-    #[arg(long, env = "VAE_TOKEN", hide_env_values = true)]
+    /// Shared secret every call must present. Visible to other local users in `ps`: prefer
+    /// --token-file or the VAE_TOKEN variable.
+    #[arg(
+        long,
+        env = "VAE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     pub token: Option<String>,
+    /// Read the shared secret from this file (surrounding whitespace ignored), e.g. one made by
+    /// `openssl rand -hex 32 > token`.
+    #[arg(long, env = "VAE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// TLS: the coordinator's certificate chain (PEM). Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: refuse workers whose certificate this CA (PEM) did not sign.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Listen beyond loopback with neither a token nor TLS (only on a network you trust).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Refuse registrations beyond this many live workers.
+    #[arg(long, default_value_t = 256)]
+    pub max_workers: usize,
+    /// Close connections beyond this many on accept.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds after which a connection that sends nothing is closed.
+    #[arg(long, default_value_t = 30.0)]
+    pub idle_timeout: f64,
 }
 
 /// Tools besides training.
@@ -225,7 +277,7 @@ impl Cli {
             if self.local {
                 "127.0.0.1:0".into()
             } else {
-                "0.0.0.0:50051".into()
+                "127.0.0.1:50051".into()
             }
         });
         let config = TrainConfig {
@@ -254,7 +306,26 @@ impl Cli {
             init_from: self.init_from,
             pictures_every_epoch: self.pictures_every_epoch,
             transport: self.transport,
-            token: self.token.filter(|t| !t.is_empty()),
+            token: match &self.token_file {
+                Some(path) => Some(
+                    proto::credentials::read_token_file(path)
+                        .map_err(|e| Error::Config(format!("--token-file: {e}")))?,
+                ),
+                None => self.token.filter(|t| !t.is_empty()),
+            },
+            token_file: self.token_file,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::config::ServerTls {
+                    cert,
+                    key,
+                    client_ca: self.tls_ca,
+                }),
+                _ => None,
+            },
+            insecure: self.insecure,
+            max_workers: self.max_workers,
+            max_connections: self.max_connections,
+            idle_timeout_secs: self.idle_timeout,
         };
         config.validate()?;
         Ok(config)

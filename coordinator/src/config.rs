@@ -22,6 +22,16 @@ pub enum Transport {
     Tcp,
 }
 
+/// TLS on the coordinator's listener (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA of worker certificates: set for mutual TLS (workers without one are refused).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Everything a run needs, typed: every choice was parsed and checked at the edge. Saved as
 /// `config.json` in the output directory, which reads back into the same settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,9 +75,20 @@ pub struct TrainConfig {
     pub transport: Transport,
     /// Start from the parameters of a saved `model.safetensors` instead of a fresh initialisation.
     pub init_from: Option<PathBuf>,
-    /// Shared secret; never written to disk.
+    /// Where the token was read from; the token itself is never written to disk.
+    pub token_file: Option<PathBuf>,
+    /// Shared secret every call must present; never written to disk.
     #[serde(skip)]
     pub token: Option<String>,
+    pub tls: Option<ServerTls>,
+    /// Listen beyond loopback with neither a token nor TLS.
+    pub insecure: bool,
+    /// Registrations beyond this many live workers are refused.
+    pub max_workers: usize,
+    /// Connections beyond this many are closed on accept.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_secs: f64,
 }
 
 impl Default for TrainConfig {
@@ -87,7 +108,7 @@ impl Default for TrainConfig {
             clip_norm: None,
             iw_samples: 100,
             workers: 1,
-            listen: "0.0.0.0:50051".into(),
+            listen: "127.0.0.1:50051".into(),
             local: false,
             worker_threads: None,
             out: PathBuf::from("out"),
@@ -98,7 +119,13 @@ impl Default for TrainConfig {
             init_from: None,
             pictures_every_epoch: false,
             transport: Transport::Auto,
+            token_file: None,
             token: None,
+            tls: None,
+            insecure: false,
+            max_workers: 256,
+            max_connections: 1024,
+            idle_timeout_secs: 30.0,
         }
     }
 }
@@ -131,7 +158,53 @@ impl TrainConfig {
         }
         self.optimizer.validate().map_err(Error::from)?;
         self.model(784).validate().map_err(Error::from)?;
+        self.validate_exposure()
+    }
+
+    /// Who can reach the listener, and what protects it. Beyond loopback, anyone on the network
+    /// could otherwise download the data and feed the run gradients.
+    fn validate_exposure(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if let Some(token) = &self.token {
+            proto::credentials::Token::new(token).map_err(Error::Config)?;
+        }
+        if self.max_workers == 0 || self.max_connections == 0 {
+            return bad("--max-workers and --max-connections must be at least 1".into());
+        }
+        if self.workers > self.max_workers {
+            return bad(format!(
+                "--workers {} is more than --max-workers {}",
+                self.workers, self.max_workers
+            ));
+        }
+        if !(self.idle_timeout_secs.is_finite() && self.idle_timeout_secs >= 1.0) {
+            return bad(format!(
+                "--idle-timeout must be at least 1 second, got {}",
+                self.idle_timeout_secs
+            ));
+        }
+        if self.local && self.tls.is_some() {
+            return bad(
+                "--local workers talk to the coordinator over loopback and take no TLS \
+                 settings: drop --local, or drop --tls-cert/--tls-key"
+                    .into(),
+            );
+        }
+        let protected = self.token.is_some() || self.tls.is_some();
+        if !protected && !self.insecure && !is_loopback(&self.listen) {
+            return bad(format!(
+                "refusing to listen on {} with neither a token nor TLS: anyone who reaches that \
+                 address could download the training data and send the run gradients. Give a \
+                 token (--token-file, see README \"Security\") or TLS (--tls-cert, --tls-key), \
+                 listen on 127.0.0.1, or pass --insecure on a network you trust",
+                self.listen
+            ));
+        }
         Ok(())
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_timeout_secs)
     }
 
     /// The model for data of `input_dim` values per example.
@@ -176,6 +249,16 @@ impl TrainConfig {
         let bytes = serde_json::to_vec(&self.identity()).expect("JSON of plain values");
         hex::encode(Sha256::digest(bytes))
     }
+}
+
+/// Whether `listen` (`ip:port` or `host:port`) only accepts connections from this host.
+pub fn is_loopback(listen: &str) -> bool {
+    if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    listen
+        .rsplit_once(':')
+        .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
 }
 
 /// Serde through `Display` and `FromStr`: a setting is written as the command line spells it.
@@ -241,6 +324,57 @@ mod tests {
             ..a.clone()
         };
         assert_ne!(a.run_id(), c.run_id());
+    }
+
+    #[test]
+    fn an_exposed_listener_needs_a_token_tls_or_insecure() {
+        let open = TrainConfig {
+            listen: "0.0.0.0:50051".into(),
+            ..TrainConfig::default()
+        };
+        let e = open.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("0.0.0.0:50051") && e.contains("--insecure"),
+            "{e}"
+        );
+        for listen in ["127.0.0.1:0", "[::1]:50051", "localhost:50051"] {
+            let local = TrainConfig {
+                listen: listen.into(),
+                ..TrainConfig::default()
+            };
+            local.validate().unwrap();
+        }
+        for ok in [
+            TrainConfig {
+                token: Some("s3cret".into()),
+                ..open.clone()
+            },
+            TrainConfig {
+                insecure: true,
+                ..open.clone()
+            },
+            TrainConfig {
+                tls: Some(ServerTls {
+                    cert: "c.pem".into(),
+                    key: "k.pem".into(),
+                    client_ca: None,
+                }),
+                ..open.clone()
+            },
+        ] {
+            ok.validate().unwrap();
+        }
+        let spaced = TrainConfig {
+            token: Some("two words".into()),
+            ..open
+        };
+        assert!(
+            spaced
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("printable")
+        );
     }
 
     #[test]

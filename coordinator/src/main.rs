@@ -1,18 +1,16 @@
 //! `coordinator`: parse arguments, set up logging, run.
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
+
 use clap::Parser;
-use coordinator::cli::{Cli, Command};
+use coordinator::cli::{Cli, Command, LogFormat};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Parsed first so the log format is known; `--help` and usage errors exit here.
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     if let Some(command) = &cli.command {
         use coordinator::tools;
         return match command {
@@ -42,6 +40,31 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Logs to stderr at `RUST_LOG`'s levels (default `info`), as text or one JSON object per line.
+// The worker's main.rs has the same function: neither binary's library crate nor `common`
+// depends on tracing-subscriber.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(use_colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .init(),
+        LogFormat::Json => logs.with_ansi(false).json().flatten_event(true).init(),
+    }
+}
+
+/// Colour only on a terminal, and never when `NO_COLOR` is set to anything but "" (no-color.org).
+fn use_colour(is_terminal: bool, no_color: Option<OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// The exit status of a tool subcommand (its error printed).
 fn tool(result: coordinator::Result<()>) -> std::process::ExitCode {
     match result {
@@ -67,5 +90,19 @@ fn health(addr: &str) -> std::process::ExitCode {
     } else {
         eprintln!("unhealthy: nothing accepts connections at {addr}");
         std::process::ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some("".into())));
+        assert!(!use_colour(true, Some("1".into())));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(false, Some("1".into())));
     }
 }

@@ -9,14 +9,18 @@ use std::time::{Duration, Instant};
 use common::data::{DataSource, Dataset};
 use common::formats::{Checkpoint, fingerprint};
 use common::train::{Engine, ShardPlan};
+use proto::credentials::Token;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
+use crate::gate::{Gate, GateLayer, SMALL_REQUEST_BYTES};
+use crate::listener::{self, ConnectionLimits};
 use crate::outputs::{self, EpochMetrics, Heldout, MetricsLog, Summary, TimeSplit};
 use crate::progress::Progress;
 use crate::service::{Shared, TrainerService};
+use crate::sessions::Sessions;
 use crate::state::{EpochTotals, Output, Phase, Position, StateConfig, StateMachine};
 
 /// How often the driver checks for silent workers. A fraction of the default worker timeout, so
@@ -26,6 +30,10 @@ const TICK: Duration = Duration::from_millis(200);
 /// How long the server keeps answering after training ends, so every worker hears `Done`
 /// (workers heartbeat every 0.5 s and long-poll for at most 2 s).
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(2500);
+
+/// Concurrent calls one connection may have open. A worker needs three (long poll, heartbeat,
+/// and a submit or shard download); more only serve a flood.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// What a checkpoint carries besides parameters and optimizer state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +48,8 @@ struct RunState {
 #[derive(Debug)]
 pub struct Prepared {
     config: TrainConfig,
+    /// TLS for the listener, loaded and checked (`None`: plaintext).
+    tls: Option<tonic::transport::ServerTlsConfig>,
     train: Arc<Dataset>,
     heldout: Dataset,
     engine: Arc<Engine>,
@@ -53,6 +63,7 @@ pub struct Prepared {
 /// Loads the dataset, builds or resumes the state. Opens no socket.
 pub fn prepare(config: TrainConfig) -> Result<Prepared> {
     config.validate()?;
+    let tls = load_tls(&config)?;
     outputs::prepare_dir(&config.out)?;
     let source: &DataSource = &config.data;
     let started = Instant::now();
@@ -172,6 +183,7 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
     outputs::write_config(&config.out, &config)?;
     Ok(Prepared {
         config,
+        tls,
         train: Arc::new(train),
         heldout,
         engine,
@@ -181,6 +193,39 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
         run_time,
         run_examples,
     })
+}
+
+/// The listener's TLS settings, with a warning when the certificate expires soon.
+fn load_tls(config: &TrainConfig) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let files = proto::tls::IdentityFiles {
+        cert: tls.cert.clone(),
+        key: tls.key.clone(),
+    };
+    let loaded = proto::tls::server_config(&files, tls.client_ca.as_deref())
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    if let Some(left) = loaded.expires_in {
+        let days = left.as_secs() / 86_400;
+        if left < proto::tls::EXPIRY_WARNING {
+            tracing::warn!(
+                "the TLS certificate {} expires in {days} day(s): renew it and restart with \
+                 --resume",
+                tls.cert.display()
+            );
+        }
+        tracing::info!(
+            "TLS with {} (expires in {days} days){}",
+            tls.cert.display(),
+            if tls.client_ca.is_some() {
+                "; workers must present a certificate signed by --tls-ca"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(Some(loaded.config))
 }
 
 /// The parameters of a saved model, checked against the configured architecture.
@@ -221,6 +266,7 @@ pub async fn run(config: TrainConfig) -> Result<Summary> {
 pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary> {
     let Prepared {
         config,
+        tls,
         train,
         heldout,
         engine,
@@ -249,27 +295,50 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         shards: plan.shards(),
         run_id: config.run_id(),
     };
+    let sessions = Arc::new(Sessions::default());
     let shared = Shared::new(
         state,
         Arc::clone(&train),
         plan.clone(),
         run_spec,
-        config.token.clone(),
+        Arc::clone(&sessions),
+        config.max_workers,
         crate::transport::Transport::new(shared_dir(&config)),
     );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let token = config
+        .token
+        .as_deref()
+        .map(Token::new)
+        .transpose()
+        .map_err(Error::Config)?;
+    // A result carries at most one inline gradient per shard (a worker holding every node).
+    let submit_bytes = plan.shards() * (engine.layout().len() * 4 + 1024) + SMALL_REQUEST_BYTES;
+    let gate = Arc::new(Gate::new(token, sessions, submit_bytes));
+    let limits = ConnectionLimits {
+        max_connections: config.max_connections,
+        idle_timeout: config.idle_timeout(),
+    };
+    // Pings keep live but quiet connections (a worker deep in a long step) under the idle timeout.
+    let ping_every = limits.idle_timeout / 3;
+    let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(proto::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(proto::CONNECTION_WINDOW_BYTES))
         .max_frame_size(Some(proto::MAX_FRAME_BYTES))
-        .add_service(TrainerService::new(Arc::clone(&shared)).into_server())
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small replies wait on delayed ACKs (~40 ms a step).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(ping_every))
+        .http2_keepalive_timeout(Some(ping_every));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = builder
+        .layer(GateLayer(Arc::clone(&gate)))
+        .add_service(TrainerService::new(Arc::clone(&shared)).into_server(gate.max_request_bytes()))
+        .serve_with_incoming_shutdown(listener::incoming(listener, limits), async {
+            let _ = stop_rx.await;
+        });
     let server = tokio::spawn(server);
 
     let mut children = if config.local {
@@ -475,7 +544,7 @@ impl Driver<'_> {
                         reason,
                         moved,
                     } => {
-                        self.shared.transport().forget(worker.0);
+                        self.shared.forget_worker(worker);
                         tracing::warn!(
                             "worker {worker} ({name}) lost: {reason}; {} unfinished node(s) of \
                              this step moved to other workers",

@@ -17,6 +17,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::gate::Caller;
+use crate::names::{MAX_NAME_BYTES, escape};
+use crate::sessions::Sessions;
 use crate::state::{HeartbeatAnswer, StateMachine, SubmitOutcome, TaskDecision, WorkerId};
 use crate::transport::Transport;
 
@@ -33,7 +36,9 @@ pub struct Shared {
     train: Arc<Dataset>,
     plan: ShardPlan,
     run: RunSpec,
-    token: Option<String>,
+    sessions: Arc<Sessions>,
+    /// Registrations beyond this many live workers are refused.
+    max_workers: usize,
     transport: Transport,
 }
 
@@ -43,7 +48,8 @@ impl Shared {
         train: Arc<Dataset>,
         plan: ShardPlan,
         run: RunSpec,
-        token: Option<String>,
+        sessions: Arc<Sessions>,
+        max_workers: usize,
         transport: Transport,
     ) -> Arc<Self> {
         Arc::new(Shared {
@@ -52,7 +58,8 @@ impl Shared {
             train,
             plan,
             run,
-            token,
+            sessions,
+            max_workers,
             transport,
         })
     }
@@ -77,35 +84,44 @@ impl Shared {
         self.changed.subscribe()
     }
 
-    fn check_version_and_token(&self, req: &Registration) -> Result<(), Error> {
+    /// Whether a registration may join: same protocol, a sane name, room for one more worker.
+    /// The token was checked by the gate before the request was read.
+    fn admit(&self, req: &Registration) -> Result<(), Status> {
+        if req.name.len() > MAX_NAME_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "worker name is {} bytes, at most {MAX_NAME_BYTES} are allowed: choose a \
+                 shorter --name",
+                req.name.len()
+            )));
+        }
         if req.protocol_version != proto::PROTOCOL_VERSION {
             return Err(Error::Version(format!(
                 "worker `{}` speaks protocol {}, this coordinator speaks {}: run the same \
                  release on both sides",
-                req.name,
+                escape(&req.name, 64),
                 req.protocol_version,
                 proto::PROTOCOL_VERSION
+            ))
+            .into());
+        }
+        if self.sessions.len() >= self.max_workers {
+            return Err(Status::resource_exhausted(format!(
+                "{} workers are registered, the most this coordinator accepts (--max-workers)",
+                self.max_workers
             )));
         }
-        match &self.token {
-            Some(token) if *token != req.token => Err(Error::Auth(format!(
-                "worker `{}` presented {} token: set the same --token (or VAE_TOKEN) on \
-                 coordinator and workers",
-                req.name,
-                if req.token.is_empty() {
-                    "no"
-                } else {
-                    "the wrong"
-                }
-            ))),
-            _ => Ok(()),
-        }
+        Ok(())
+    }
+
+    /// A worker is gone: its key names nobody from now on.
+    pub fn forget_worker(&self, worker: WorkerId) {
+        self.sessions.close(worker);
+        self.transport.forget(worker.0);
     }
 
     /// Reads every result's gradient (inline or from shared memory) and hands the results to
     /// the state machine. A result that cannot be read removes the worker, so its work is redone.
-    fn submit(&self, submission: Submission) -> SubmitOutcome {
-        let worker = WorkerId(submission.worker_id);
+    fn submit(&self, worker: WorkerId, submission: Submission) -> SubmitOutcome {
         tracing::trace!("step {}: result arrives", submission.step);
         let mut results = Vec::with_capacity(submission.results.len());
         for r in submission.results {
@@ -154,9 +170,11 @@ impl TrainerService {
         TrainerService { shared }
     }
 
-    pub fn into_server(self) -> pb::trainer_server::TrainerServer<Self> {
+    /// The tonic server; `max_request_bytes` is the largest message it decodes (the gate caps
+    /// each call lower still).
+    pub fn into_server(self, max_request_bytes: usize) -> pb::trainer_server::TrainerServer<Self> {
         pb::trainer_server::TrainerServer::new(self)
-            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(max_request_bytes)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
     }
 }
@@ -166,6 +184,15 @@ type ShardStream = Pin<Box<dyn Stream<Item = Result<pb::ShardChunk, Status>> + S
 /// A request that did not decode: the peer is of another version or broken.
 fn bad_request(e: proto::WireError) -> Status {
     Error::BadRequest(e.to_string()).into()
+}
+
+/// The worker the gate resolved from the call's key.
+fn caller<T>(request: &Request<T>) -> Result<WorkerId, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.0)
+        .ok_or_else(|| Status::unauthenticated("no worker key: register first"))
 }
 
 #[tonic::async_trait]
@@ -178,16 +205,25 @@ impl pb::trainer_server::Trainer for TrainerService {
             .remote_addr()
             .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
         let req = Registration::try_from(request.into_inner()).map_err(bad_request)?;
-        if let Err(e) = self.shared.check_version_and_token(&req) {
-            tracing::warn!("refused worker `{}` from {peer}: {e}", req.name);
-            return Err(e.into());
+        if let Err(status) = self.shared.admit(&req) {
+            tracing::warn!(
+                "refused worker `{}` from {peer}: {}",
+                escape(&req.name, 64),
+                status.message()
+            );
+            return Err(status);
         }
-        let name = format!("{} ({peer})", req.name);
-        let id = self.shared.state().register(name, Instant::now());
+        let name = format!("{} ({peer})", escape(&req.name, MAX_NAME_BYTES));
+        let (id, worker_key) = {
+            let mut state = self.shared.state();
+            let id = state.register(name, Instant::now());
+            (id, self.shared.sessions.open(id))
+        };
         self.shared.notify();
         Ok(Response::new(
             Registered {
                 worker_id: id.0,
+                worker_key,
                 run: self.shared.run.clone(),
                 shared_memory: self.shared.transport.offer(),
             }
@@ -199,10 +235,10 @@ impl pb::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachReply>, Status> {
+        let worker = caller(&request)?;
         let req = Attach::from(request.into_inner());
-        let worker = WorkerId(req.worker_id);
         let name = self.shared.state().worker_name(worker).map(str::to_owned);
-        let attached = self.shared.transport.attach(&req, name.is_some());
+        let attached = name.is_some() && self.shared.transport.attach(worker.0, &req);
         if attached {
             tracing::info!(
                 "worker {worker} ({}) exchanges tensors through shared memory",
@@ -218,6 +254,7 @@ impl pb::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<pb::FetchShardRequest>,
     ) -> Result<Response<Self::FetchShardStream>, Status> {
+        let worker = caller(&request)?;
         let req = request.into_inner();
         let shards = self.shared.plan.shards();
         if req.shard as usize >= shards {
@@ -226,6 +263,13 @@ impl pb::trainer_server::Trainer for TrainerService {
                 req.shard
             ))
             .into());
+        }
+        if !self.shared.state().holds_shard(worker, req.shard) {
+            return Err(Status::permission_denied(format!(
+                "shard {} is not part of this worker's current work: a worker may fetch only \
+                 the shards of the nodes it has been given",
+                req.shard
+            )));
         }
         let range = self.shared.plan.shard_range(req.shard as usize);
         let dim = self.shared.train.dim();
@@ -252,7 +296,7 @@ impl pb::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<pb::NextTaskRequest>,
     ) -> Result<Response<pb::NextTaskReply>, Status> {
-        let worker = WorkerId(request.into_inner().worker_id);
+        let worker = caller(&request)?;
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut changed = self.shared.subscribe();
         loop {
@@ -301,11 +345,11 @@ impl pb::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
+        let worker = caller(&request)?;
         let req = request.into_inner();
-        let worker = WorkerId(req.worker_id);
         let step = req.step;
         let outcome = match Submission::try_from(req) {
-            Ok(submission) => self.shared.submit(submission),
+            Ok(submission) => self.shared.submit(worker, submission),
             Err(e) => {
                 let mut state = self.shared.state();
                 let name = state.worker_name(worker).unwrap_or("unknown").to_string();
@@ -339,7 +383,7 @@ impl pb::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let worker = WorkerId(request.into_inner().worker_id);
+        let worker = caller(&request)?;
         let answer = match self.shared.state().heartbeat(worker, Instant::now()) {
             HeartbeatAnswer::Known => Liveness::Known,
             HeartbeatAnswer::Unknown => Liveness::Unknown,

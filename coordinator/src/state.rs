@@ -317,6 +317,20 @@ impl StateMachine {
         self.workers.get(&worker).map(|w| w.name.as_str())
     }
 
+    /// Whether `shard` lies under a node `worker` has been given in the current step (queued or
+    /// in flight): the only shards a worker may download.
+    pub fn holds_shard(&self, worker: WorkerId, shard: u32) -> bool {
+        let Some(step) = &self.step else {
+            return false;
+        };
+        step.queued
+            .get(&worker)
+            .into_iter()
+            .chain(step.in_flight.get(&worker))
+            .flatten()
+            .any(|node| (node.lo..node.hi).contains(&shard))
+    }
+
     /// Takes what happened since the last call.
     pub fn drain_outputs(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.outputs)

@@ -65,16 +65,14 @@ impl Transport {
         self.shared_dir.as_ref().map(SharedDir::offer)
     }
 
-    /// A worker read the probe back: attached if it matches. `registered` says whether the id is
-    /// a live worker (checked by the caller against the state machine).
-    pub fn attach(&self, request: &Attach, registered: bool) -> bool {
-        let ok = registered
-            && self
-                .shared_dir
-                .as_ref()
-                .is_some_and(|dir| dir.verify(&request.probe));
+    /// A registered worker read the probe back: attached if it matches.
+    pub fn attach(&self, worker: u64, request: &Attach) -> bool {
+        let ok = self
+            .shared_dir
+            .as_ref()
+            .is_some_and(|dir| dir.verify(&request.probe));
         if ok {
-            lock(&self.attached).insert(request.worker_id);
+            lock(&self.attached).insert(worker);
         }
         ok
     }

@@ -167,12 +167,15 @@ fn a_worker_with_the_wrong_token_is_refused_on_both_sides() {
     assert_eq!(status.code(), Some(3), "{err}");
     assert!(err.contains("refused") && err.contains("token"), "{err}");
     assert!(
-        c.wait_log("refused worker", Duration::from_secs(5)),
+        c.wait_log(
+            "refused a call without the right token",
+            Duration::from_secs(5)
+        ),
         "{}",
         c.log.join("\n")
     );
     let (status, err) = finish_worker(
-        worker(&c.addr, &["--protocol-version", "99"]),
+        worker(&c.addr, &["--token", "s3cret", "--protocol-version", "99"]),
         Duration::from_secs(30),
     );
     assert_eq!(status.code(), Some(3), "{err}");

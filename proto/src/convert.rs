@@ -39,7 +39,6 @@ impl From<Registration> for pb::RegisterRequest {
     fn from(r: Registration) -> Self {
         pb::RegisterRequest {
             protocol_version: r.protocol_version,
-            token: r.token,
             name: r.name,
             capabilities: Some(pb::Capabilities {
                 threads: r.threads,
@@ -56,7 +55,6 @@ impl TryFrom<pb::RegisterRequest> for Registration {
         let caps = r.capabilities.unwrap_or_default();
         Ok(Registration {
             protocol_version: r.protocol_version,
-            token: r.token,
             name: r.name,
             threads: caps.threads,
             build: caps.build,
@@ -151,6 +149,7 @@ impl From<Registered> for pb::RegisterReply {
     fn from(r: Registered) -> Self {
         pb::RegisterReply {
             worker_id: r.worker_id,
+            worker_key: r.worker_key.as_bytes().to_vec().into(),
             config: Some(r.run.into()),
             shared_memory: r.shared_memory.map(|s| pb::SharedMemoryOffer {
                 dir: s.dir.to_string_lossy().into_owned(),
@@ -189,8 +188,16 @@ impl TryFrom<pb::RegisterReply> for Registered {
                 })
             }
         };
+        let worker_key =
+            crate::credentials::WorkerKey::from_bytes(&r.worker_key).ok_or_else(|| {
+                malformed(
+                    MSG,
+                    format!("worker_key has {} bytes, not 16", r.worker_key.len()),
+                )
+            })?;
         Ok(Registered {
             worker_id: r.worker_id,
+            worker_key,
             run: required(r.config, MSG, "config")?.try_into()?,
             shared_memory,
         })
@@ -200,7 +207,6 @@ impl TryFrom<pb::RegisterReply> for Registered {
 impl From<Attach> for pb::AttachRequest {
     fn from(a: Attach) -> Self {
         pb::AttachRequest {
-            worker_id: a.worker_id,
             probe: a.probe.into(),
         }
     }
@@ -209,7 +215,6 @@ impl From<Attach> for pb::AttachRequest {
 impl From<pb::AttachRequest> for Attach {
     fn from(a: pb::AttachRequest) -> Self {
         Attach {
-            worker_id: a.worker_id,
             probe: a.probe.to_vec(),
         }
     }
@@ -448,7 +453,6 @@ impl TryFrom<pb::NodeResult> for NodeResult {
 impl From<Submission> for pb::SubmitRequest {
     fn from(s: Submission) -> Self {
         pb::SubmitRequest {
-            worker_id: s.worker_id,
             step: s.step,
             results: s.results.into_iter().map(Into::into).collect(),
             compute_seconds: s.compute_seconds,
@@ -466,7 +470,6 @@ impl TryFrom<pb::SubmitRequest> for Submission {
             ));
         }
         Ok(Submission {
-            worker_id: s.worker_id,
             step: s.step,
             results: s
                 .results
@@ -560,7 +563,6 @@ mod tests {
     fn every_message_round_trips() {
         round_trip::<_, pb::RegisterRequest>(Registration {
             protocol_version: 2,
-            token: "t".into(),
             name: "w (host)".into(),
             threads: 3,
             build: "0.1.0".into(),
@@ -579,8 +581,10 @@ mod tests {
         };
         round_trip::<_, pb::RunConfig>(run.clone());
         round_trip::<_, pb::ModelConfig>(ModelConfig::default());
+        let worker_key = crate::credentials::WorkerKey::random();
         round_trip::<_, pb::RegisterReply>(Registered {
             worker_id: 7,
+            worker_key,
             run: run.clone(),
             shared_memory: Some(SharedMemoryOffer {
                 dir: "/dev/shm/vae-1".into(),
@@ -589,6 +593,7 @@ mod tests {
         });
         round_trip::<_, pb::RegisterReply>(Registered {
             worker_id: 7,
+            worker_key,
             run,
             shared_memory: None,
         });
@@ -617,7 +622,6 @@ mod tests {
             },
         };
         round_trip::<_, pb::SubmitRequest>(Submission {
-            worker_id: 1,
             step: 2,
             results: vec![
                 result.clone(),
@@ -629,7 +633,6 @@ mod tests {
             compute_seconds: 0.25,
         });
         let attach = Attach {
-            worker_id: 5,
             probe: vec![1, 2, 3],
         };
         assert_eq!(
@@ -728,6 +731,7 @@ mod tests {
 
         let mut reply = pb::RegisterReply::from(Registered {
             worker_id: 1,
+            worker_key: crate::credentials::WorkerKey::random(),
             run: RunSpec {
                 model: ModelConfig::default(),
                 samples: 1,

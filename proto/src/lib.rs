@@ -17,18 +17,20 @@
 /// The generated prost messages and tonic client/server.
 #[allow(missing_debug_implementations, clippy::all)]
 pub mod pb {
-    tonic::include_proto!("vae.trainer.v2");
+    tonic::include_proto!("vae.trainer.v3");
 }
 
 pub mod convert;
+pub mod credentials;
 pub mod messages;
 pub mod shared_memory;
 pub mod tensor;
+pub mod tls;
 
 pub use convert::WireError;
 
 /// Bumped on any incompatible change to `trainer.proto` or to what its fields mean.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's
 /// parameters are 2.6 MB and a `--hidden 2048,2048` model is ~60 MB, so parameters and gradients

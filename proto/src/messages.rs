@@ -9,8 +9,6 @@ use common::train::Node;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
     pub protocol_version: u32,
-    /// Empty when the worker has none.
-    pub token: String,
     pub name: String,
     pub threads: u32,
     /// The worker's package version.
@@ -40,7 +38,10 @@ pub struct SharedMemoryOffer {
 /// The coordinator's answer to a [`Registration`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registered {
+    /// The worker's number in logs and shared-memory file names (public).
     pub worker_id: u64,
+    /// The worker's credential for every later call.
+    pub worker_key: crate::credentials::WorkerKey,
     pub run: RunSpec,
     pub shared_memory: Option<SharedMemoryOffer>,
 }
@@ -48,7 +49,6 @@ pub struct Registered {
 /// A worker's proof that it sees the shared-memory directory (`AttachSharedMemory`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attach {
-    pub worker_id: u64,
     pub probe: Vec<u8>,
 }
 
@@ -118,7 +118,6 @@ pub struct NodeResult {
 /// A worker's results for a step (`SubmitResult`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Submission {
-    pub worker_id: u64,
     pub step: u64,
     pub results: Vec<NodeResult>,
     /// CPU seconds of the compute threads divided by their number (finite, not negative).

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::train::ReductionTree;
+use proto::credentials::{Credentials, Token};
 use proto::messages::{
     Attach, Liveness, Registered, Registration, ShardChunk, Submission, TaskReply, Verdict,
 };
@@ -14,7 +15,8 @@ use proto::pb;
 use proto::pb::trainer_client::TrainerClient;
 use proto::shared_memory::SharedClient;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::compute::{self, Fault, RunContext, StepBuffers};
 use crate::error::{Error, Result};
@@ -32,12 +34,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A connection to the coordinator that adds our credentials to every call.
+type Client = TrainerClient<InterceptedService<Channel, Credentials>>;
+
 /// Settings of a worker process.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// `host:port` of the coordinator.
     pub addr: String,
-    pub token: Option<String>,
+    pub token: Option<Token>,
+    /// TLS to the coordinator (loaded and checked); `None`: plaintext.
+    pub tls: Option<ClientTlsConfig>,
     pub threads: usize,
     pub name: String,
     /// How long to keep retrying an unreachable coordinator before giving up.
@@ -98,13 +105,11 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
         let (done_tx, mut done_rx) = watch::channel(HeartbeatState::Alive);
         let heartbeat = tokio::spawn(heartbeat_loop(
             client.clone(),
-            worker_id,
             done_tx,
             config.status_file.clone(),
         ));
         let outcome = work_loop(
             &mut client,
-            worker_id,
             &ctx,
             &pool,
             &mut cache,
@@ -152,7 +157,7 @@ struct Transfer<'a> {
 /// Tries the coordinator's shared-memory offer: attached only if this worker can read the
 /// probe file and the coordinator agrees it is the right one.
 async fn attach(
-    client: &mut TrainerClient<Channel>,
+    client: &mut Client,
     worker_id: u64,
     offer: &proto::messages::SharedMemoryOffer,
 ) -> Option<SharedClient> {
@@ -166,7 +171,7 @@ async fn attach(
             return None;
         }
     };
-    let request = pb::AttachRequest::from(Attach { worker_id, probe });
+    let request = pb::AttachRequest::from(Attach { probe });
     match client.attach_shared_memory(request).await {
         Ok(reply) if reply.get_ref().attached => Some(shared),
         Ok(_) => None,
@@ -178,8 +183,7 @@ async fn attach(
 }
 
 async fn work_loop(
-    client: &mut TrainerClient<Channel>,
-    worker_id: u64,
+    client: &mut Client,
     ctx: &Arc<RunContext>,
     pool: &Arc<rayon::ThreadPool>,
     cache: &mut ShardCache,
@@ -197,7 +201,7 @@ async fn work_loop(
             }
             HeartbeatState::Alive => {}
         }
-        let reply = match client.next_task(pb::NextTaskRequest { worker_id }).await {
+        let reply = match client.next_task(pb::NextTaskRequest {}).await {
             Ok(reply) => TaskReply::try_from(reply.into_inner())
                 .map_err(|e| Error::Protocol(e.to_string()))?,
             Err(status) => return Ok(LoopEnd::Reregister(describe(&status))),
@@ -215,16 +219,29 @@ async fn work_loop(
                 "the coordinator now serves another run".into(),
             ));
         }
-        for work in &task.nodes {
+        let mut withdrawn = None;
+        'fetch: for work in &task.nodes {
             for shard in &work.shards {
                 if !cache.contains(shard.shard) {
-                    match fetch_shard(client, worker_id, shard.shard).await {
+                    match fetch_shard(client, shard.shard).await {
                         Ok(data) => cache.insert(shard.shard, data),
+                        Err(FetchError::Withdrawn(why)) => {
+                            withdrawn = Some(why);
+                            break 'fetch;
+                        }
                         Err(FetchError::Rpc(why)) => return Ok(LoopEnd::Reregister(why)),
                         Err(FetchError::Invalid(e)) => return Err(e),
                     }
                 }
             }
+        }
+        if let Some(why) = withdrawn {
+            // The step finished without us (a backup delivered our node first): next task.
+            tracing::info!(
+                "step {}: task withdrawn while fetching data: {why}",
+                task.step
+            );
+            continue;
         }
         let step = task.step;
         tracing::trace!("step {step}: task received");
@@ -241,7 +258,6 @@ async fn work_loop(
         .await?;
         tracing::trace!("step {step}: computed");
         let submission = Submission {
-            worker_id,
             step,
             results: output.results,
             compute_seconds: output.compute_seconds,
@@ -268,19 +284,20 @@ async fn work_loop(
 }
 
 enum FetchError {
+    /// The shard is no longer part of our work.
+    Withdrawn(String),
     Rpc(String),
     Invalid(Error),
 }
 
-async fn fetch_shard(
-    client: &mut TrainerClient<Channel>,
-    worker_id: u64,
-    shard: u32,
-) -> Result<ShardData, FetchError> {
+async fn fetch_shard(client: &mut Client, shard: u32) -> Result<ShardData, FetchError> {
     let mut stream = client
-        .fetch_shard(pb::FetchShardRequest { worker_id, shard })
+        .fetch_shard(pb::FetchShardRequest { shard })
         .await
-        .map_err(|s| FetchError::Rpc(describe(&s)))?
+        .map_err(|s| match s.code() {
+            tonic::Code::PermissionDenied => FetchError::Withdrawn(s.message().to_string()),
+            _ => FetchError::Rpc(describe(&s)),
+        })?
         .into_inner();
     let mut data: Option<ShardData> = None;
     let invalid = |msg: String| FetchError::Invalid(Error::Protocol(msg));
@@ -314,15 +331,14 @@ async fn fetch_shard(
 }
 
 async fn heartbeat_loop(
-    mut client: TrainerClient<Channel>,
-    worker_id: u64,
+    mut client: Client,
     state: watch::Sender<HeartbeatState>,
     status_file: Option<std::path::PathBuf>,
 ) {
     let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
     loop {
         ticker.tick().await;
-        if let Ok(reply) = client.heartbeat(pb::HeartbeatRequest { worker_id }).await {
+        if let Ok(reply) = client.heartbeat(pb::HeartbeatRequest {}).await {
             if let Some(path) = &status_file {
                 // Best effort: a failed touch only makes the health check pessimistic.
                 let _ = std::fs::write(path, b"alive\n");
@@ -342,15 +358,15 @@ async fn heartbeat_loop(
 
 /// Dials and registers, retrying unreachable coordinators with exponential backoff until
 /// `retry_for` has passed. A refusal (version, token) is final.
-async fn connect_and_register(
-    config: &WorkerConfig,
-) -> Result<(TrainerClient<Channel>, Registered)> {
+async fn connect_and_register(config: &WorkerConfig) -> Result<(Client, Registered)> {
     let uri = if config.addr.contains("://") {
         config.addr.clone()
+    } else if config.tls.is_some() {
+        format!("https://{}", config.addr)
     } else {
         format!("http://{}", config.addr)
     };
-    let endpoint = Endpoint::from_shared(uri.clone())
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|e| Error::Other(format!("--addr `{}` is not an address: {e}", config.addr)))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(CALL_TIMEOUT)
@@ -361,6 +377,17 @@ async fn connect_and_register(
         .initial_connection_window_size(proto::CONNECTION_WINDOW_BYTES)
         .max_frame_size(proto::MAX_FRAME_BYTES)
         .tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| Error::Other(format!("TLS settings: {e}: {}", source_chain(&e))))?;
+    }
+    let credentials = Credentials::new(config.token.clone());
+    let client = |channel: Channel, credentials: Credentials| {
+        TrainerClient::with_interceptor(channel, credentials)
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES)
+    };
     let started = Instant::now();
     let mut backoff = INITIAL_BACKOFF;
     let mut attempts = 0u32;
@@ -371,26 +398,25 @@ async fn connect_and_register(
                 .connect()
                 .await
                 .map_err(|e| format!("{e}: {}", source_chain(&e)))?;
-            let mut client = TrainerClient::new(channel)
-                .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+            let mut unregistered = client(channel.clone(), credentials.clone());
             let registration = Registration {
                 protocol_version: config.protocol_version,
-                token: config.token.clone().unwrap_or_default(),
                 name: config.name.clone(),
                 threads: config.threads as u32,
                 build: env!("CARGO_PKG_VERSION").into(),
             };
-            let reply = client
+            let reply = unregistered
                 .register(pb::RegisterRequest::from(registration))
                 .await;
-            Ok::<_, String>((client, reply))
+            Ok::<_, String>((channel, reply))
         };
         let last_error = match attempt.await {
-            Ok((client, Ok(reply))) => {
+            Ok((channel, Ok(reply))) => {
                 let registered = Registered::try_from(reply.into_inner())
                     .map_err(|e| Error::Protocol(e.to_string()))?;
-                return Ok((client, registered));
+                let registered_client =
+                    client(channel, credentials.with_key(registered.worker_key));
+                return Ok((registered_client, registered));
             }
             Ok((_, Err(status)))
                 if matches!(
@@ -399,6 +425,7 @@ async fn connect_and_register(
                         | tonic::Code::Unauthenticated
                         | tonic::Code::PermissionDenied
                         | tonic::Code::InvalidArgument
+                        | tonic::Code::ResourceExhausted
                 ) =>
             {
                 return Err(Error::Refused {

@@ -1,8 +1,11 @@
 //! `worker`: parse arguments, set up logging, run (or benchmark).
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use proto::credentials::Token;
 use worker::client::{self, WorkerConfig};
 #[cfg(debug_assertions)]
 use worker::compute::Fault;
@@ -14,15 +17,46 @@ use worker::compute::Fault;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Log lines on stderr: `text` (coloured only on a terminal and without NO_COLOR) or `json`
+    /// (one object per line, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "VAE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     /// Coordinator address, `host:port`.
     #[arg(long, default_value = "127.0.0.1:50051", env = "VAE_COORDINATOR")]
     addr: String,
     /// Threads for gradient computation [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Shared secret the coordinator expects.
-    #[arg(long, env = "VAE_TOKEN", hide_env_values = true)]
+    /// Shared secret the coordinator expects. Visible to other local users in `ps`: prefer
+    /// --token-file or the VAE_TOKEN variable.
+    #[arg(
+        long,
+        env = "VAE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     token: Option<String>,
+    /// Read the shared secret from this file (surrounding whitespace ignored).
+    #[arg(long, env = "VAE_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// TLS: verify the coordinator's certificate against this CA (PEM); turns TLS on.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Mutual TLS: this worker's certificate chain (PEM). Needs --tls-key and --tls-ca.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Mutual TLS: the private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The name the coordinator's certificate must carry [default: the host of --addr].
+    #[arg(long, requires = "tls_ca")]
+    tls_server_name: Option<String>,
     /// Name in the coordinator's logs [default: host name and process id].
     #[arg(long)]
     name: Option<String>,
@@ -51,6 +85,15 @@ enum Transport {
     Tcp,
 }
 
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Time full training steps (forward, backward, optimizer) on random data.
@@ -69,14 +112,9 @@ enum Command {
 // threads contend less with co-located workers.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Parsed first so the log format is known; `--help` and usage errors exit here.
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     if let Some(Command::Bench(args)) = &cli.command {
         return match worker::bench::run(args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
@@ -106,6 +144,13 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
+    let (token, tls) = match security(&cli) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let threads = cli
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -117,7 +162,8 @@ async fn main() -> std::process::ExitCode {
     });
     let config = WorkerConfig {
         addr: cli.addr,
-        token: cli.token.filter(|t| !t.is_empty()),
+        token,
+        tls,
         threads: threads.max(1),
         name,
         retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
@@ -140,4 +186,87 @@ async fn main() -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// Logs to stderr at `RUST_LOG`'s levels (default `info`), as text or one JSON object per line.
+// The coordinator's main.rs has the same function: neither binary's library crate nor `common`
+// depends on tracing-subscriber.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(use_colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .init(),
+        LogFormat::Json => logs.with_ansi(false).json().flatten_event(true).init(),
+    }
+}
+
+/// Colour only on a terminal, and never when `NO_COLOR` is set to anything but "" (no-color.org).
+fn use_colour(is_terminal: bool, no_color: Option<OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some("".into())));
+        assert!(!use_colour(true, Some("1".into())));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(false, Some("1".into())));
+    }
+}
+
+/// The token and TLS settings, read and checked before anything connects.
+fn security(
+    cli: &Cli,
+) -> Result<(Option<Token>, Option<tonic::transport::ClientTlsConfig>), String> {
+    let secret = match &cli.token_file {
+        Some(path) => Some(proto::credentials::read_token_file(path)?),
+        None => cli.token.clone().filter(|t| !t.is_empty()),
+    };
+    let token = secret
+        .as_deref()
+        .map(Token::new)
+        .transpose()
+        .map_err(|e| format!("--token: {e}"))?;
+    let Some(ca) = &cli.tls_ca else {
+        return Ok((token, None));
+    };
+    let host = cli
+        .addr
+        .rsplit_once("://")
+        .map_or(cli.addr.as_str(), |(_, rest)| rest);
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let server_name = cli
+        .tls_server_name
+        .clone()
+        .unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+    let identity = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(proto::tls::IdentityFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    let loaded = proto::tls::client_config(ca, &server_name, identity.as_ref())?;
+    if let Some(left) = loaded.expires_in
+        && left < proto::tls::EXPIRY_WARNING
+    {
+        tracing::warn!(
+            "this worker's TLS certificate expires in {} day(s): renew it",
+            left.as_secs() / 86_400
+        );
+    }
+    Ok((token, Some(loaded.config)))
 }
