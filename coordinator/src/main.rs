@@ -10,9 +10,11 @@ use coordinator::cli::{Cli, Command, LogFormat};
 async fn main() -> std::process::ExitCode {
     // Parsed first so the log format is known; `--help` and usage errors exit here.
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_format = cli.log_format;
+    init_logging(log_format);
     if let Some(command) = &cli.command {
         use coordinator::tools;
+        let tool = |result| tool(result, log_format);
         return match command {
             Command::Health { addr } => health(addr),
             Command::Sample(args) => tool(tools::samples::run(args)),
@@ -26,7 +28,7 @@ async fn main() -> std::process::ExitCode {
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("error: {e}");
+            report(log_format, &e);
             return std::process::ExitCode::from(2);
         }
     };
@@ -34,7 +36,9 @@ async fn main() -> std::process::ExitCode {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("error: {e}");
+            if log_format == LogFormat::Text {
+                eprintln!("error: {e}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -65,12 +69,21 @@ fn use_colour(is_terminal: bool, no_color: Option<OsString>) -> bool {
     is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
-/// The exit status of a tool subcommand (its error printed).
-fn tool(result: coordinator::Result<()>) -> std::process::ExitCode {
+/// Tells the user about `e`: `error: ...` on stderr, or a log record with `--log-format json`
+/// (so that stderr stays one JSON object per line).
+fn report(format: LogFormat, e: &coordinator::Error) {
+    match format {
+        LogFormat::Text => eprintln!("error: {e}"),
+        LogFormat::Json => tracing::error!("{e}"),
+    }
+}
+
+/// The exit status of a tool subcommand (its error reported).
+fn tool(result: coordinator::Result<()>, format: LogFormat) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            report(format, &e);
             std::process::ExitCode::FAILURE
         }
     }

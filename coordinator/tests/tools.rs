@@ -22,10 +22,16 @@ const RUN_SEED: u64 = 7;
 const EXAMPLES: usize = 300;
 const HOLDOUT: usize = 100;
 
+/// Tiles are upscaled by SCALE, or more when a side is under 14 pixels: to at least 28.
+fn scale((h, w): (u32, u32)) -> u32 {
+    SCALE.max(28_u32.div_ceil(h.min(w)))
+}
+
 fn grid_size(rows: u32, cols: u32, (h, w): (u32, u32)) -> (u32, u32) {
+    let scale = scale((h, w));
     (
-        cols * w * SCALE + (cols + 1) * PAD,
-        rows * h * SCALE + (rows + 1) * PAD,
+        cols * w * scale + (cols + 1) * PAD,
+        rows * h * scale + (rows + 1) * PAD,
     )
 }
 
@@ -144,11 +150,12 @@ fn open_rgb(path: &Path) -> RgbImage {
 /// The pixels of tile `index` of a grid with `cols` columns (source-resolution samples: the
 /// top-left pixel of each upscaled block).
 fn tile(img: &GrayImage, cols: u32, index: u32, (h, w): (u32, u32)) -> Vec<u8> {
-    let x0 = PAD + (index % cols) * (w * SCALE + PAD);
-    let y0 = PAD + (index / cols) * (h * SCALE + PAD);
+    let scale = scale((h, w));
+    let x0 = PAD + (index % cols) * (w * scale + PAD);
+    let y0 = PAD + (index / cols) * (h * scale + PAD);
     (0..h)
         .flat_map(|y| (0..w).map(move |x| (x, y)))
-        .map(|(x, y)| img.get_pixel(x0 + x * SCALE, y0 + y * SCALE).0[0])
+        .map(|(x, y)| img.get_pixel(x0 + x * scale, y0 + y * scale).0[0])
         .collect()
 }
 

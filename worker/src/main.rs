@@ -13,7 +13,14 @@ use worker::compute::Fault;
 /// Computes ELBO gradients for the shards a coordinator hands out. Needs no flag but the
 /// coordinator's address: the model and run settings come from the coordinator.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
+// A flag given twice takes its last value, so scripts can append overrides.
+#[command(
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -179,51 +186,15 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("error: {e}");
+            // With `--log-format json` stderr stays one JSON object per line.
+            if cli.log_format == LogFormat::Text {
+                eprintln!("error: {e}");
+            }
             match e {
                 worker::Error::Refused { .. } => std::process::ExitCode::from(3),
                 _ => std::process::ExitCode::FAILURE,
             }
         }
-    }
-}
-
-/// Logs to stderr at `RUST_LOG`'s levels (default `info`), as text or one JSON object per line.
-// The coordinator's main.rs has the same function: neither binary's library crate nor `common`
-// depends on tracing-subscriber.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs
-            .with_ansi(use_colour(
-                std::io::stderr().is_terminal(),
-                std::env::var_os("NO_COLOR"),
-            ))
-            .init(),
-        LogFormat::Json => logs.with_ansi(false).json().flatten_event(true).init(),
-    }
-}
-
-/// Colour only on a terminal, and never when `NO_COLOR` is set to anything but "" (no-color.org).
-fn use_colour(is_terminal: bool, no_color: Option<OsString>) -> bool {
-    is_terminal && no_color.is_none_or(|v| v.is_empty())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn colour_only_on_a_terminal_without_no_color() {
-        assert!(use_colour(true, None));
-        assert!(use_colour(true, Some("".into())));
-        assert!(!use_colour(true, Some("1".into())));
-        assert!(!use_colour(false, None));
-        assert!(!use_colour(false, Some("1".into())));
     }
 }
 
@@ -269,4 +240,43 @@ fn security(
         );
     }
     Ok((token, Some(loaded.config)))
+}
+
+/// Logs to stderr at `RUST_LOG`'s levels (default `info`), as text or one JSON object per line.
+// The coordinator's main.rs has the same function: neither binary's library crate nor `common`
+// depends on tracing-subscriber.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(use_colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .init(),
+        LogFormat::Json => logs.with_ansi(false).json().flatten_event(true).init(),
+    }
+}
+
+/// Colour only on a terminal, and never when `NO_COLOR` is set to anything but "" (no-color.org).
+fn use_colour(is_terminal: bool, no_color: Option<OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some("".into())));
+        assert!(!use_colour(true, Some("1".into())));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(false, Some("1".into())));
+    }
 }

@@ -73,3 +73,45 @@ fn a_malformed_fault_or_address_is_refused_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an address"));
 }
+
+#[test]
+fn piped_logs_are_plain_text_or_json_lines() {
+    // An unreachable coordinator: an info line per retry, then an error.
+    let run = |format: &[&str]| {
+        let out = worker()
+            .args(["--addr", "127.0.0.1:1", "--retry-for", "0.3"])
+            .args(format)
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .env_remove("VAE_LOG_FORMAT")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(!out.stderr.contains(&0x1b), "escape codes: {out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let text = run(&[]);
+    assert!(
+        text.contains("INFO") && text.contains("error: cannot reach"),
+        "{text}"
+    );
+    let json = run(&["--log-format", "json"]);
+    let records: Vec<serde_json::Value> = json
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    for record in &records {
+        assert!(
+            record["level"].is_string() && record["message"].is_string(),
+            "no level or message: {record}"
+        );
+    }
+    assert!(
+        records
+            .iter()
+            .any(|r| r["level"] == "ERROR"
+                && r["message"].as_str().unwrap().contains("cannot reach")),
+        "no error record: {json}"
+    );
+}

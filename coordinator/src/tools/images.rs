@@ -1,5 +1,6 @@
 //! Image grids: tiles of `[height, width]` pixels in [0, 1] laid out in rows and columns,
-//! upscaled (nearest neighbour) and separated by padding, written as 8-bit grey PNG.
+//! upscaled (nearest neighbour: 2x, more for tiles under 14 pixels a side, see [`scale_for`]) and
+//! separated by padding, written as 8-bit grey PNG.
 //!
 //! ```text
 //! width  = cols * tile_width  * scale + (cols + 1) * pad
@@ -18,6 +19,16 @@ use crate::error::{Error, Result};
 
 /// Upscaling of each pixel: a 28 x 28 tile becomes 56 x 56, visible without zooming.
 pub const SCALE: u32 = 2;
+/// Smaller tiles are upscaled further, until their shorter side is at least this many pixels
+/// (an 8 x 8 tile becomes 32 x 32).
+pub const MIN_TILE_SIDE: u32 = 28;
+
+/// The nearest-neighbour upscaling factor of a `(height, width)` tile: [`SCALE`], or more for
+/// tiles with a side under [`MIN_TILE_SIDE`] / 2 pixels: `ceil(MIN_TILE_SIDE / shorter side)`.
+pub fn scale_for((height, width): (usize, usize)) -> u32 {
+    let side = height.min(width).clamp(1, MIN_TILE_SIDE as usize) as u32;
+    SCALE.max(MIN_TILE_SIDE.div_ceil(side))
+}
 /// Pixels of padding between tiles and around the grid (after scaling).
 pub const PAD: u32 = 2;
 /// Grey level of the padding.
@@ -35,13 +46,14 @@ pub struct GridLayout {
 }
 
 impl GridLayout {
-    /// `rows x cols` tiles of `tile = (height, width)` pixels, with the default scale and padding.
+    /// `rows x cols` tiles of `tile = (height, width)` pixels, scaled by [`scale_for`], with the
+    /// default padding.
     pub fn new(rows: usize, cols: usize, tile: (usize, usize)) -> Self {
         GridLayout {
             rows,
             cols,
             tile,
-            scale: SCALE,
+            scale: scale_for(tile),
             pad: PAD,
         }
     }
@@ -188,7 +200,10 @@ mod tests {
 
     #[test]
     fn layout_sizes_and_origins() {
-        let g = GridLayout::square(10, (3, 2));
+        let g = GridLayout {
+            scale: SCALE,
+            ..GridLayout::square(10, (3, 2))
+        };
         assert_eq!((g.rows, g.cols), (3, 4));
         assert_eq!(g.size(), (4 * 4 + 5 * 2, 3 * 6 + 4 * 2));
         assert_eq!(g.origin(0), (2, 2));
@@ -199,8 +214,37 @@ mod tests {
     }
 
     #[test]
+    fn small_tiles_are_scaled_up_to_at_least_28_pixels_a_side() {
+        assert_eq!(scale_for((28, 28)), SCALE);
+        assert_eq!(scale_for((14, 14)), SCALE);
+        assert_eq!(scale_for((13, 13)), 3);
+        assert_eq!(scale_for((8, 8)), 4);
+        assert_eq!(scale_for((3, 4)), 10);
+        assert_eq!(scale_for((1, 1)), 28);
+        assert_eq!(scale_for((100, 100)), SCALE);
+        // An 8 x 8 tile becomes 32 x 32, each source pixel a 4 x 4 block.
+        let tile: Vec<f32> = (0..64).map(|i| i as f32 / 63.0).collect();
+        let g = GridLayout::new(1, 1, (8, 8));
+        let img = g.render([&tile[..]]).unwrap();
+        assert_eq!(img.dimensions(), (32 + 2 * PAD, 32 + 2 * PAD));
+        for y in 0..32 {
+            for x in 0..32 {
+                let source = tile[(y / 4 * 8 + x / 4) as usize];
+                assert_eq!(
+                    img.get_pixel(PAD + x, PAD + y).0,
+                    [to_level(source)],
+                    "pixel ({x}, {y})"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn render_scales_tiles_and_pads() {
-        let g = GridLayout::new(1, 2, (1, 2));
+        let g = GridLayout {
+            scale: SCALE,
+            ..GridLayout::new(1, 2, (1, 2))
+        };
         let img = g.render([&[0.0, 1.0][..], &[0.5, 2.0][..]]).unwrap();
         assert_eq!(img.dimensions(), (2 * 4 + 3 * 2, 2 + 2 * 2));
         assert_eq!(img.get_pixel(0, 0).0, [PAD_LEVEL]);

@@ -2,11 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::Deserialize;
 
-use super::chart::{colour, draw_error, padded_range, render_png, tick};
+use super::chart::{ChartArea, colour, draw_error, padded_range, render_png, tick};
 use crate::error::{Error, Result};
 
 /// Chart size in pixels: four panels in a 2 x 2 grid.
@@ -139,7 +138,7 @@ pub fn write_curves(path: &Path, lines: &[MetricsLine]) -> Result<()> {
 }
 
 fn panel(
-    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    area: &ChartArea<'_>,
     title: &str,
     y_desc: &str,
     (x0, x1, x_ticks): (f64, f64, usize),

@@ -14,7 +14,8 @@ use crate::error::Result;
 /// Draws latents z ~ N(0, I) from the prior, decodes them and writes the mean images as a grid:
 /// sigmoid of the logits for a bernoulli model, the mean clamped to [0, 1] for a gaussian one.
 ///
-/// The grid has ceil(sqrt(n)) columns; each tile is upscaled 2x with 2 pixels of grey padding.
+/// The grid has ceil(sqrt(n)) columns; each tile is upscaled 2x (more for images under 14 pixels
+/// a side, to at least 28) with 2 pixels of grey padding.
 /// Sample i depends only on (seed, i), so a smaller --n shows a prefix of a larger one.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SampleArgs {
