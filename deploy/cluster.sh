@@ -6,7 +6,8 @@
 #   deploy/cluster.sh build   build binaries and image only
 #
 # Environment: TRAIN_ARGS (extra coordinator flags), OUT_DIR (default deploy/out), IMAGE
-# (default vae-dist:latest), PROJECT (compose project name, default vae), VAE_TOKEN.
+# (default vae-dist:latest), PROJECT (compose project name, default vae), TOKEN_FILE (default: a
+# fresh token for each `up`, in target/cluster-secrets/; kept off command lines and logs).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,9 +52,26 @@ build() {
   docker build -q -t "$IMAGE" "$ctx" >/dev/null
 }
 
+# A fresh random token for this cluster, readable inside the containers (which run as uid
+# 65532) but kept in a directory only this user can enter.
+new_token() {
+  local dir="$root/target/cluster-secrets"
+  mkdir -p "$dir" && chmod 700 "$dir"
+  local file="$dir/$project.token"
+  (umask 022 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$file")
+  echo "$file"
+}
+
+# The containers write outputs as uid 65532.
+writable_out() {
+  mkdir -p "$OUT_DIR"
+  chown 65532:65532 "$OUT_DIR" 2>/dev/null || chmod a+rwx "$OUT_DIR"
+}
+
 up() {
   build
-  mkdir -p "$OUT_DIR"
+  writable_out
+  export TOKEN_FILE="${TOKEN_FILE:-$(new_token)}"
   compose up -d --force-recreate --remove-orphans
   local id
   id="$(compose ps -q coordinator)"
@@ -70,7 +88,7 @@ up() {
 
 case "${1:-}" in
   up) up ;;
-  down) compose down -v --remove-orphans --timeout 5 ;;
+  down) TOKEN_FILE="${TOKEN_FILE:-/dev/null}" compose down -v --remove-orphans --timeout 5 ;;
   build) build ;;
   *) echo "usage: deploy/cluster.sh up|down|build" >&2; exit 2 ;;
 esac

@@ -90,22 +90,41 @@ fn compose_base() -> Vec<String> {
     }
 }
 
-/// A compose project with its own output directory; torn down on drop.
+/// A compose project with its own output directory and token; torn down on drop.
 struct Cluster {
     project: String,
     out: tempfile::TempDir,
+    secrets: tempfile::TempDir,
     started: Instant,
 }
+
+/// The unprivileged user every container runs as (deploy/Dockerfile).
+const CONTAINER_UID: u32 = 65532;
 
 impl Cluster {
     fn up(name: &str) -> Cluster {
         let cluster = Cluster {
             project: format!("vaetest{}{}", name, std::process::id()),
             out: tempfile::tempdir().unwrap(),
+            secrets: tempfile::tempdir().unwrap(),
             started: Instant::now(),
         };
+        // The containers write as an unprivileged user; the token is fresh for each cluster.
+        if std::os::unix::fs::chown(cluster.out.path(), Some(CONTAINER_UID), Some(CONTAINER_UID))
+            .is_err()
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(cluster.out.path(), std::fs::Permissions::from_mode(0o777))
+                .unwrap();
+        }
+        let token: [u8; 16] = rand::random();
+        std::fs::write(cluster.token_file(), hex::encode(token)).unwrap();
         run(cluster.compose().args(["up", "-d", "--force-recreate"]));
         cluster
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.secrets.path().join("token")
     }
 
     fn compose(&self) -> Command {
@@ -116,6 +135,7 @@ impl Cluster {
             .arg(root().join("deploy/docker-compose.yml"))
             .env("IMAGE", IMAGE)
             .env("OUT_DIR", self.out.path())
+            .env("TOKEN_FILE", self.token_file())
             .env("TRAIN_ARGS", CLUSTER_ARGS)
             .env("WORKER_RETRY_FOR", "120");
         cmd
@@ -256,7 +276,54 @@ fn a_compose_run_equals_a_single_worker_run() {
     }
     let _lock = cluster_lock();
     let cluster = Cluster::up("full");
+    cluster.wait_log("joined", 4, Duration::from_secs(60));
+    let coordinator = cluster.coordinator();
+    for id in std::iter::once(coordinator).chain(cluster.ids("worker")) {
+        assert_hardened(&id);
+    }
+    let logs = cluster.logs();
+    let token = std::fs::read_to_string(cluster.token_file()).unwrap();
+    assert!(
+        !logs.contains(token.trim()),
+        "the token never reaches the log"
+    );
     assert_eq!(cluster.finish(Duration::from_secs(300)), reference());
+}
+
+/// A container runs unprivileged: its processes as uid 65532, a read-only root filesystem, no
+/// capabilities, no privilege escalation, and the token as a mounted secret.
+fn assert_hardened(id: &str) {
+    let inspect = run(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} \
+         {{.HostConfig.SecurityOpt}} {{range .Mounts}}{{.Destination}},{{end}}",
+        id,
+    ]));
+    let inspect = String::from_utf8_lossy(&inspect.stdout).trim().to_string();
+    for expected in [
+        "65532:65532 true",
+        "[ALL]",
+        "no-new-privileges:true",
+        "/run/secrets/vae_token",
+    ] {
+        assert!(
+            inspect.contains(expected),
+            "{id}: `{expected}` not in `{inspect}`"
+        );
+    }
+    // What the kernel says about the running processes, not only the configuration.
+    let top = run(Command::new("docker").args(["top", id, "-o", "uid,comm"]));
+    let top = String::from_utf8_lossy(&top.stdout).to_string();
+    let uids: Vec<&str> = top
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        !uids.is_empty() && uids.iter().all(|u| *u == CONTAINER_UID.to_string()),
+        "{id}: processes run as {uids:?}:\n{top}"
+    );
 }
 
 #[test]

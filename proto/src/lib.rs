@@ -35,7 +35,8 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's
 /// parameters are 2.6 MB and a `--hidden 2048,2048` model is ~60 MB, so parameters and gradients
 /// go in one message with this raised limit, while shard data is streamed in chunks of
-/// [`SHARD_CHUNK_BYTES`]. 1 GiB bounds memory per message on a 24 GiB machine.
+/// [`SHARD_CHUNK_BYTES`]. This is what a worker accepts from its coordinator; the coordinator
+/// accepts far less, capped per call from the model's size (docs/security.md).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 /// Target size of one `ShardChunk`'s pixels.
