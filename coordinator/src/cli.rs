@@ -74,6 +74,10 @@ pub struct Cli {
         env = "VAE_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    /// Read settings from a TOML file keyed like these flags (`epochs = 3`, `hidden = [512, 256]`);
+    /// flags given as well override it. A run writes its own as `config.toml` in --out.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Workers to wait for before training starts.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -196,9 +200,19 @@ pub struct Cli {
     /// Close connections beyond this many on accept.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// Fraction of tree nodes (0 to 1) also computed by a second worker and compared bit for bit;
+    /// on a mismatch the coordinator computes the node itself and quarantines the worker that
+    /// was wrong. Which nodes is secret to the coordinator.
+    #[arg(long, default_value_t = 0.0)]
+    pub verify: f64,
     /// Seconds after which a connection that sends nothing is closed.
     #[arg(long, default_value_t = 30.0)]
     pub idle_timeout: f64,
+    /// Serve Prometheus metrics (`GET /metrics`, text format) on this address, e.g.
+    /// 127.0.0.1:9464; port 0 picks a free port (the bound address is printed). No token: it
+    /// shows only training figures.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 /// Tools besides training.
@@ -326,6 +340,8 @@ impl Cli {
             max_workers: self.max_workers,
             max_connections: self.max_connections,
             idle_timeout_secs: self.idle_timeout,
+            verify: self.verify,
+            metrics_addr: self.metrics_addr,
         };
         config.validate()?;
         Ok(config)

@@ -89,6 +89,13 @@ pub struct TrainConfig {
     pub max_connections: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout_secs: f64,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (`None`: no endpoint). Not
+    /// part of [`Self::identity`]: watching a run changes nothing in it.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    /// Fraction of tree nodes computed by a second worker and compared bit for bit.
+    #[serde(default)]
+    pub verify: f64,
 }
 
 impl Default for TrainConfig {
@@ -126,6 +133,8 @@ impl Default for TrainConfig {
             max_workers: 256,
             max_connections: 1024,
             idle_timeout_secs: 30.0,
+            verify: 0.0,
+            metrics_addr: None,
         }
     }
 }
@@ -150,6 +159,12 @@ impl TrainConfig {
         }
         if !(self.worker_timeout_secs > 0.0 && self.no_worker_timeout_secs > 0.0) {
             return bad("timeouts must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.verify) {
+            return bad(format!(
+                "--verify is the fraction of nodes to verify, from 0 to 1; got {}",
+                self.verify
+            ));
         }
         if let Some(c) = self.clip_norm
             && !(c.is_finite() && c > 0.0)

@@ -15,6 +15,7 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
+use crate::metrics::{Metrics, Refusal};
 use crate::names::escape;
 use crate::sessions::Sessions;
 use crate::state::WorkerId;
@@ -60,15 +61,23 @@ pub struct Gate {
     /// Largest `SubmitResult` body: every node of the tree with an inline gradient.
     submit_bytes: usize,
     refused: RefusalLog,
+    /// Counts refusals by reason (`vae_calls_refused_total`).
+    metrics: Metrics,
 }
 
 impl Gate {
-    pub fn new(token: Option<Token>, sessions: Arc<Sessions>, submit_bytes: usize) -> Self {
+    pub fn new(
+        token: Option<Token>,
+        sessions: Arc<Sessions>,
+        submit_bytes: usize,
+        metrics: Metrics,
+    ) -> Self {
         Gate {
             token,
             sessions,
             submit_bytes,
             refused: RefusalLog::default(),
+            metrics,
         }
     }
 
@@ -85,12 +94,14 @@ impl Gate {
             && !token.presented_in(&metadata)
         {
             self.refused.note(peer(request));
+            self.metrics.call_refused(Refusal::Token);
             return Err(Status::unauthenticated(
                 "missing or wrong token: give the worker the coordinator's token (--token-file \
                  or VAE_TOKEN)",
             ));
         }
         if rpc == Rpc::Other && request.uri().path().starts_with("/vae.trainer.") {
+            self.metrics.call_refused(Refusal::Protocol);
             return Err(Status::failed_precondition(format!(
                 "this coordinator speaks protocol {} ({}), the worker called {}: run the same \
                  release on both sides",
@@ -103,6 +114,7 @@ impl Gate {
             let caller = WorkerKey::from_metadata(&metadata)
                 .and_then(|key| self.sessions.find(&key))
                 .ok_or_else(|| {
+                    self.metrics.call_refused(Refusal::WorkerKey);
                     Status::not_found(
                         "this call's worker key names no registered worker (declared lost, the \
                          coordinator restarted, or never registered): register again",
@@ -115,9 +127,11 @@ impl Gate {
             _ => SMALL_REQUEST_BYTES,
         };
         let body = std::mem::take(request.body_mut());
+        let metrics = self.metrics.clone();
         *request.body_mut() =
             Body::new(http_body_util::Limited::new(body, limit).map_err(move |e| {
                 if e.is::<http_body_util::LengthLimitError>() {
+                    metrics.call_refused(Refusal::TooLarge);
                     Box::new(Status::resource_exhausted(format!(
                         "request body larger than {limit} bytes, the most this call needs"
                     ))) as tonic::codegen::StdError

@@ -7,10 +7,12 @@
 pub mod assignment;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod error;
 pub mod gate;
 pub mod listener;
 pub mod local;
+pub mod metrics;
 pub mod names;
 pub mod outputs;
 pub mod progress;
@@ -20,5 +22,6 @@ pub mod sessions;
 pub mod state;
 pub mod tools;
 pub mod transport;
+pub mod verification;
 
 pub use error::{Error, Result};

@@ -8,8 +8,16 @@ use coordinator::cli::{Cli, Command, LogFormat};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // `--config FILE` becomes flags in front of the real ones, so the command line overrides it.
+    let args = match coordinator::config_file::expand(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     // Parsed first so the log format is known; `--help` and usage errors exit here.
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(args);
     let log_format = cli.log_format;
     init_logging(log_format);
     if let Some(command) = &cli.command {

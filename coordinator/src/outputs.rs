@@ -161,9 +161,14 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
     })
 }
 
+/// The effective settings, as `config.json` (read by the tools) and `config.toml` (read by
+/// `--config`).
 pub fn write_config(dir: &Path, config: &TrainConfig) -> Result<()> {
     let json = serde_json::to_string_pretty(config).expect("config serialises");
-    write_json(&dir.join(CONFIG_FILE), &json)
+    write_json(&dir.join(CONFIG_FILE), &json)?;
+    let toml = crate::config_file::to_toml(config);
+    let path = dir.join(crate::config_file::CONFIG_TOML);
+    common::formats::write_atomic(&path, toml.as_bytes()).map_err(Error::from)
 }
 
 pub fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::data::{DataSource, Dataset};
 use common::formats::{Checkpoint, fingerprint};
-use common::train::{Engine, ShardPlan};
+use common::train::{Engine, ReductionTree, ShardBatch, ShardPlan};
 use proto::credentials::Token;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -17,6 +17,7 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::gate::{Gate, GateLayer, SMALL_REQUEST_BYTES};
 use crate::listener::{self, ConnectionLimits};
+use crate::metrics::{Metrics, Throughput};
 use crate::outputs::{self, EpochMetrics, Heldout, MetricsLog, Summary, TimeSplit};
 use crate::progress::Progress;
 use crate::service::{Shared, TrainerService};
@@ -94,6 +95,9 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
         no_worker_timeout: config.no_worker_timeout(),
         checkpoint_every: config.checkpoint_every,
         param_len: engine.layout().len(),
+        verify_fraction: config.verify,
+        // Never sent: workers cannot tell which nodes are verified.
+        verify_secret: rand::random(),
     };
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -295,6 +299,35 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         shards: plan.shards(),
         run_id: config.run_id(),
     };
+    let prometheus = Metrics::new();
+    {
+        let position = state.position();
+        let last = history
+            .last()
+            .and_then(|line| serde_json::from_str::<EpochMetrics>(line).ok());
+        prometheus.start_at(
+            position.global_step,
+            position.epoch,
+            run_examples,
+            last.as_ref(),
+        );
+    }
+    let metrics_server = match &config.metrics_addr {
+        Some(metrics_addr) => {
+            let listener = crate::metrics::bind(metrics_addr).await?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| Error::Io(format!("metrics listener address: {e}")))?;
+            // Like the line above: tests and scripts read it to find an ephemeral port.
+            println!("metrics listening on {bound}");
+            tracing::info!("Prometheus metrics at http://{bound}/metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                prometheus.clone(),
+            )))
+        }
+        None => None,
+    };
     let sessions = Arc::new(Sessions::default());
     let shared = Shared::new(
         state,
@@ -304,6 +337,7 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         Arc::clone(&sessions),
         config.max_workers,
         crate::transport::Transport::new(shared_dir(&config)),
+        prometheus.clone(),
     );
     let token = config
         .token
@@ -313,7 +347,7 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         .map_err(Error::Config)?;
     // A result carries at most one inline gradient per shard (a worker holding every node).
     let submit_bytes = plan.shards() * (engine.layout().len() * 4 + 1024) + SMALL_REQUEST_BYTES;
-    let gate = Arc::new(Gate::new(token, sessions, submit_bytes));
+    let gate = Arc::new(Gate::new(token, sessions, submit_bytes, prometheus.clone()));
     let limits = ConnectionLimits {
         max_connections: config.max_connections,
         idle_timeout: config.idle_timeout(),
@@ -361,6 +395,8 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         progress: Progress::new(plan.steps_per_epoch() as u64, config.epochs),
         last_heldout: None,
         last_train_elbo: f64::NAN,
+        prometheus,
+        throughput: Throughput::default(),
     };
     let result = driver.drive(&mut run_time, &mut run_examples).await;
 
@@ -368,6 +404,9 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
     tokio::time::sleep(SHUTDOWN_GRACE).await;
     let _ = stop_tx.send(());
     let _ = server.await;
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     for child in &mut children {
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
         let _ = child.start_kill();
@@ -499,6 +538,9 @@ struct Driver<'a> {
     progress: Progress,
     last_heldout: Option<Heldout>,
     last_train_elbo: f64,
+    /// What `--metrics-addr` serves (updated whether or not it is served).
+    prometheus: Metrics,
+    throughput: Throughput,
 }
 
 impl Driver<'_> {
@@ -536,6 +578,7 @@ impl Driver<'_> {
             for output in outputs {
                 match output {
                     Output::WorkerJoined { worker, name } => {
+                        self.prometheus.worker_joined();
                         tracing::info!("worker {worker} joined: {name}");
                     }
                     Output::WorkerLost {
@@ -545,6 +588,7 @@ impl Driver<'_> {
                         moved,
                     } => {
                         self.shared.forget_worker(worker);
+                        self.prometheus.worker_lost(worker);
                         tracing::warn!(
                             "worker {worker} ({name}) lost: {reason}; {} unfinished node(s) of \
                              this step moved to other workers",
@@ -558,6 +602,7 @@ impl Driver<'_> {
                         node,
                         reason,
                     } => {
+                        self.prometheus.result_rejected();
                         tracing::warn!(
                             "rejected the result of worker {worker} ({name}) for step {step}, \
                              shards {}..{}: {reason}; the step will use a recomputed one",
@@ -572,6 +617,7 @@ impl Driver<'_> {
                         held_seconds,
                         backup,
                     } => {
+                        self.prometheus.node_backed_up();
                         tracing::warn!(
                             "worker {slow} ({name}) has held shards {}..{} for {held_seconds:.1}s \
                              while the step's other work finished: worker {backup} computes them \
@@ -580,8 +626,43 @@ impl Driver<'_> {
                             node.hi
                         );
                     }
+                    Output::ComputeNode {
+                        global_step,
+                        epoch,
+                        work,
+                    } => self.compute_here(global_step, epoch, work),
+                    Output::NodeVerified { step, node, agreed } => {
+                        tracing::debug!(
+                            "step {step}: shards {}..{} verified ({})",
+                            node.lo,
+                            node.hi,
+                            if agreed {
+                                "two workers agree"
+                            } else {
+                                "computed here"
+                            }
+                        );
+                    }
+                    Output::WorkerQuarantined {
+                        worker,
+                        name,
+                        reason,
+                    } => {
+                        self.prometheus.worker_quarantined();
+                        tracing::warn!(
+                            "worker {worker} ({name}) quarantined: {reason}; its work moves to \
+                             the others and it may not register again under that name"
+                        );
+                    }
                     Output::StepReady { .. } => self.update().await?,
-                    Output::StepApplied { position, elbo, .. } => {
+                    Output::StepApplied {
+                        position,
+                        examples,
+                        elbo,
+                        seconds,
+                    } => {
+                        let rate = self.throughput.add(Instant::now(), examples, seconds);
+                        self.prometheus.step_applied(examples, elbo, seconds, rate);
                         self.progress.step(position, elbo, self.config.batch as u64);
                     }
                     Output::EpochEnded { epoch, totals } => {
@@ -605,6 +686,54 @@ impl Driver<'_> {
                 }
             }
         }
+    }
+
+    /// Computes a tree node here, off the async threads, and hands it to the state machine: the
+    /// trusted copy that settles a verification (the parameters are the step's: a step with a
+    /// node outstanding cannot complete).
+    fn compute_here(&self, global_step: u64, epoch: u64, work: proto::messages::NodeWork) {
+        let shared = Arc::clone(self.shared);
+        let engine = Arc::clone(&self.engine);
+        let train = Arc::clone(self.shared.train());
+        let params = self.shared.state().params().to_vec();
+        tokio::task::spawn_blocking(move || {
+            let tree = ReductionTree::new(shared.plan().shards());
+            let pixels = train.pixels();
+            let rows: Vec<ndarray::Array2<f32>> = work
+                .shards
+                .iter()
+                .map(|s| {
+                    let ids: Vec<usize> = s.examples.iter().map(|&e| e as usize).collect();
+                    pixels.select(ndarray::Axis(0), &ids)
+                })
+                .collect();
+            let batches: Vec<ShardBatch<'_>> = work
+                .shards
+                .iter()
+                .zip(&rows)
+                .map(|(s, x)| ShardBatch {
+                    shard: s.shard,
+                    x: x.view(),
+                    examples: &s.examples,
+                })
+                .collect();
+            match engine.node_gradient(&params, epoch, &tree, work.node, &batches) {
+                Ok(sum) => {
+                    shared.state().accept_own_computation(
+                        global_step,
+                        work.node,
+                        sum,
+                        Instant::now(),
+                    );
+                    shared.notify();
+                }
+                Err(e) => tracing::error!(
+                    "step {global_step}: cannot compute shards {}..{} here: {e}",
+                    work.node.lo,
+                    work.node.hi
+                ),
+            }
+        });
     }
 
     /// Applies a ready step's update on a blocking thread, so heartbeats and long polls go on
@@ -680,6 +809,7 @@ impl Driver<'_> {
         self.last_train_elbo = metrics.train_elbo;
         let line = self.metrics.append(&metrics)?;
         self.history.push(line);
+        self.prometheus.epoch_ended(&metrics);
         if self.config.pictures_every_epoch && !last_epoch {
             let params = self.shared.state().params().to_vec();
             draw_pictures(self.config, &self.engine, &self.heldout, params).await;
@@ -716,6 +846,7 @@ impl Driver<'_> {
         tokio::task::spawn_blocking(move || checkpoint.save(&path))
             .await
             .map_err(|e| Error::Io(format!("checkpoint writer panicked: {e}")))??;
+        self.prometheus.checkpoint_written();
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::gate::Caller;
+use crate::metrics::Metrics;
 use crate::names::{MAX_NAME_BYTES, escape};
 use crate::sessions::Sessions;
 use crate::state::{HeartbeatAnswer, StateMachine, SubmitOutcome, TaskDecision, WorkerId};
@@ -40,9 +41,12 @@ pub struct Shared {
     /// Registrations beyond this many live workers are refused.
     max_workers: usize,
     transport: Transport,
+    /// Tensor and shard bytes (atomics) and node times (`crate::metrics`).
+    metrics: Metrics,
 }
 
 impl Shared {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state: StateMachine,
         train: Arc<Dataset>,
@@ -51,6 +55,7 @@ impl Shared {
         sessions: Arc<Sessions>,
         max_workers: usize,
         transport: Transport,
+        metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new(Shared {
             state: Mutex::new(state),
@@ -61,6 +66,7 @@ impl Shared {
             sessions,
             max_workers,
             transport,
+            metrics,
         })
     }
 
@@ -73,6 +79,15 @@ impl Shared {
 
     pub fn transport(&self) -> &Transport {
         &self.transport
+    }
+
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    /// The training set (the coordinator computes disputed nodes itself).
+    pub fn train(&self) -> &Arc<Dataset> {
+        &self.train
     }
 
     /// Signals that the state changed.
@@ -123,8 +138,10 @@ impl Shared {
     /// the state machine. A result that cannot be read removes the worker, so its work is redone.
     fn submit(&self, worker: WorkerId, submission: Submission) -> SubmitOutcome {
         tracing::trace!("step {}: result arrives", submission.step);
+        let compute_seconds = submission.compute_seconds;
         let mut results = Vec::with_capacity(submission.results.len());
         for r in submission.results {
+            self.metrics.gradient_received(&r.grad);
             let mut grad = self.transport.buffer();
             if let Err(e) = self
                 .transport
@@ -149,13 +166,17 @@ impl Shared {
             ));
         }
         tracing::trace!("step {}: result read", submission.step);
-        self.state().submit(
+        let outcome = self.state().submit(
             worker,
             submission.step,
             results,
-            submission.compute_seconds,
+            compute_seconds,
             Instant::now(),
-        )
+        );
+        if outcome == SubmitOutcome::Accepted {
+            self.metrics.node_computed(worker, compute_seconds);
+        }
+        outcome
     }
 }
 
@@ -205,6 +226,21 @@ impl pb::trainer_server::Trainer for TrainerService {
             .remote_addr()
             .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
         let req = Registration::try_from(request.into_inner()).map_err(bad_request)?;
+        let quarantined = self
+            .shared
+            .state()
+            .quarantine_reason(&escape(&req.name, MAX_NAME_BYTES))
+            .map(str::to_owned);
+        if let Some(reason) = quarantined {
+            tracing::warn!(
+                "refused worker `{}` from {peer}: quarantined ({reason})",
+                escape(&req.name, 64)
+            );
+            return Err(Status::permission_denied(format!(
+                "this worker was quarantined for sending wrong results ({reason}): check its \
+                 hardware and software, then start it under another --name"
+            )));
+        }
         if let Err(status) = self.shared.admit(&req) {
             tracing::warn!(
                 "refused worker `{}` from {peer}: {}",
@@ -275,11 +311,13 @@ impl pb::trainer_server::Trainer for TrainerService {
         let dim = self.shared.train.dim();
         let rows_per_chunk = (proto::SHARD_CHUNK_BYTES / (4 * dim)).max(1);
         let train = Arc::clone(&self.shared.train);
+        let metrics = self.shared.metrics.clone();
         let shard = req.shard;
         // Chunks are encoded lazily, one at a time, as the client reads them.
         let chunks = range.clone().step_by(rows_per_chunk).map(move |start| {
             let end = (start + rows_per_chunk).min(range.end);
             let rows = train.rows(start..end);
+            metrics.shard_bytes_sent((rows.len() * 4) as u64);
             let chunk = ShardChunk {
                 shard,
                 first_example: start as u32,
@@ -310,6 +348,7 @@ impl pb::trainer_server::Trainer for TrainerService {
                             work.global_step,
                             state.params(),
                         );
+                        self.shared.metrics.params_sent(&params);
                         Some(TaskReply::Task(Task {
                             step: work.global_step,
                             epoch: work.epoch,

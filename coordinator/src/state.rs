@@ -11,15 +11,18 @@
 //! ([`StateMachine::finish_update`]). Which worker computed what never changes the bits, so a lost
 //! worker's nodes simply move to a survivor.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use common::model::BatchStats;
 use common::optim::{Moments, OptimizerConfig, OptimizerState, clip_grad_norm};
-use common::train::{GradientSum, Node, ReductionTree, ShardPlan, check_gradient};
+use common::train::{
+    GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, Node, ReductionTree, ShardPlan, check_gradient,
+};
 use rayon::prelude::*;
 
 use crate::assignment::tree_blocks;
+use crate::verification::{self, Copies, Decision, Source};
 
 /// A worker's id within this coordinator's lifetime. Ids carry an incarnation prefix so a worker
 /// left over from a previous coordinator process is never mistaken for a new one.
@@ -32,9 +35,14 @@ impl std::fmt::Display for WorkerId {
     }
 }
 
-/// How many times one node's result may be rejected before the run stops: a gradient that is
-/// non-finite on several workers means training diverged, not that a worker is faulty.
-const MAX_REJECTIONS_PER_NODE: u32 = 3;
+/// A node whose result was rejected from this many different workers (or from the only worker
+/// there is) is computed by the coordinator itself: if its own result is bad too, training
+/// diverged and the run stops; if not, the workers were wrong. No worker can stop the run.
+const REJECTIONS_BEFORE_COMPUTING_HERE: usize = 2;
+
+/// A worker with this many rejected results that other workers then computed correctly is
+/// quarantined: removed, and refused if it registers again under the same name.
+const STRIKES_BEFORE_QUARANTINE: u32 = 2;
 
 /// A node held this many times longer than the slowest node of the previous step (and at least
 /// [`STRAGGLER_MIN`]) gets a backup copy on another worker: whichever result arrives first is
@@ -65,6 +73,10 @@ pub struct StateConfig {
     /// Ask for a checkpoint every this many steps (0: only at epoch ends).
     pub checkpoint_every: u64,
     pub param_len: usize,
+    /// Fraction of tree nodes computed twice and compared bit for bit (`--verify`).
+    pub verify_fraction: f64,
+    /// Picks which nodes are verified; drawn by the coordinator and never sent to workers.
+    pub verify_secret: u64,
 }
 
 /// Where training is.
@@ -141,11 +153,32 @@ pub enum Output {
         position: Position,
         examples: u64,
         elbo: f64,
+        /// Wall time of the step, from its start to its update applied.
+        seconds: f64,
     },
     /// The epoch's last step was applied: evaluate, record, then call `finish_evaluation`.
     EpochEnded {
         epoch: u64,
         totals: EpochTotals,
+    },
+    /// Compute `work` here (its copies disagreed, or no second worker can verify it) and hand the
+    /// result to [`StateMachine::accept_own_computation`].
+    ComputeNode {
+        global_step: u64,
+        epoch: u64,
+        work: NodeWork,
+    },
+    /// A verified node's copies agreed (`agreed`), or the coordinator's computation decided.
+    NodeVerified {
+        step: u64,
+        node: Node,
+        agreed: bool,
+    },
+    /// `worker` sent wrong results: removed, and refused if it registers again.
+    WorkerQuarantined {
+        worker: WorkerId,
+        name: String,
+        reason: String,
     },
     CheckpointDue,
     Finished,
@@ -203,7 +236,12 @@ struct StepState {
     /// Nodes whose worker was lost when no other worker was alive.
     orphans: Vec<Node>,
     received: HashMap<Node, GradientSum>,
-    rejections: HashMap<Node, u32>,
+    /// Per node, the workers whose result for it was rejected.
+    rejections: HashMap<Node, BTreeSet<WorkerId>>,
+    /// Rejected results whose node no other worker has computed yet: (node, worker).
+    unconfirmed_rejections: Vec<(Node, WorkerId)>,
+    /// Nodes computed twice this step (`--verify`), with the copies received so far.
+    verifying: HashMap<Node, Copies>,
     /// When each worker was handed each node it holds.
     handed_out: HashMap<(WorkerId, Node), Instant>,
     /// Nodes given a backup copy, with the worker that was too slow with them.
@@ -238,6 +276,10 @@ pub struct StateMachine {
     last_slowest_node: Duration,
     /// Per worker, how many steps in a row a backup finished its node first.
     overtaken: HashMap<WorkerId, u32>,
+    /// Per worker, rejected results that others then computed correctly.
+    strikes: HashMap<WorkerId, u32>,
+    /// Names (as the workers gave them) of quarantined workers, with the reason.
+    quarantined: BTreeMap<String, String>,
     no_workers_since: Option<Instant>,
     outputs: Vec<Output>,
 }
@@ -280,6 +322,8 @@ impl StateMachine {
             ready: None,
             last_slowest_node: Duration::ZERO,
             overtaken: HashMap::new(),
+            strikes: HashMap::new(),
+            quarantined: BTreeMap::new(),
             no_workers_since: None,
             outputs: Vec::new(),
         }
@@ -329,6 +373,16 @@ impl StateMachine {
             .chain(step.in_flight.get(&worker))
             .flatten()
             .any(|node| (node.lo..node.hi).contains(&shard))
+    }
+
+    /// Why a worker registering as `identity` (the name it gives) was quarantined, if it was.
+    pub fn quarantine_reason(&self, identity: &str) -> Option<&str> {
+        self.quarantined.get(identity).map(String::as_str)
+    }
+
+    /// How many workers were quarantined in this run.
+    pub fn quarantined_count(&self) -> usize {
+        self.quarantined.len()
     }
 
     /// Takes what happened since the last call.
@@ -394,15 +448,7 @@ impl StateMachine {
         }
         let nodes = nodes
             .into_iter()
-            .map(|node| NodeWork {
-                node,
-                shards: (node.lo..node.hi)
-                    .map(|s| ShardWork {
-                        shard: s,
-                        examples: step.examples[s as usize].clone(),
-                    })
-                    .collect(),
-            })
+            .map(|node| node_work(step, node))
             .collect();
         TaskDecision::Task(Task {
             global_step: step.global_step,
@@ -434,8 +480,8 @@ impl StateMachine {
         };
         let mut rejected = Vec::new();
         let mut ignored = Vec::new();
-        let mut failed = None;
-        let mut overtook = Vec::new();
+        let mut accepted = Vec::new();
+        let mut to_settle = Vec::new();
         for (node, sum) in results {
             let in_flight = step.in_flight.entry(worker).or_default();
             if step.received.contains_key(&node) {
@@ -454,46 +500,55 @@ impl StateMachine {
                 ));
                 continue;
             };
+            in_flight.remove(pos);
             let expected_examples: usize = (node.lo..node.hi)
                 .map(|s| step.examples[s as usize].len())
                 .sum();
-            let problem = check_gradient(&sum.grad, expected_len).err().or_else(|| {
-                (sum.stats.examples != expected_examples as u64).then(|| {
-                    format!(
-                        "result covers {} examples, the step has {expected_examples} for these \
-                         shards",
-                        sum.stats.examples
-                    )
+            let bound = MAX_ABS_GRADIENT_PER_EXAMPLE * expected_examples.max(1) as f32;
+            let problem = check_gradient(&sum.grad, expected_len, bound)
+                .err()
+                .or_else(|| {
+                    (sum.stats.examples != expected_examples as u64).then(|| {
+                        format!(
+                            "result covers {} examples, the step has {expected_examples} for \
+                             these shards",
+                            sum.stats.examples
+                        )
+                    })
                 })
-            });
-            in_flight.remove(pos);
+                .or_else(|| {
+                    let s = &sum.stats;
+                    (!(s.elbo.is_finite() && s.recon.is_finite() && s.kl.is_finite())).then(|| {
+                        format!(
+                            "ELBO statistics are not finite (elbo {}, recon {}, kl {})",
+                            s.elbo, s.recon, s.kl
+                        )
+                    })
+                });
             match problem {
                 None => {
-                    step.received.insert(node, sum);
                     if let Some(since) = step.handed_out.get(&(worker, node)) {
                         step.slowest_node =
                             step.slowest_node.max(now.saturating_duration_since(*since));
                     }
-                    // Copies still waiting to be taken are no longer needed.
-                    for queue in step.queued.values_mut() {
-                        queue.retain(|n| *n != node);
+                    if let Some(copies) = step.verifying.get_mut(&node) {
+                        if copies.has_from(worker) {
+                            ignored.push(format!(
+                                "shards {}..{}: a second copy from the same worker",
+                                node.lo, node.hi
+                            ));
+                        } else {
+                            copies.add(Source::Worker(worker), sum);
+                            to_settle.push(node);
+                        }
+                        continue;
                     }
-                    if let Some(slow) = step.backups.get(&node) {
-                        overtook.push((*slow, *slow != worker));
-                    }
+                    step.received.insert(node, sum);
+                    accepted.push(node);
                 }
                 Some(reason) => {
-                    let count = step.rejections.entry(node).or_insert(0);
-                    *count += 1;
-                    if *count >= MAX_REJECTIONS_PER_NODE {
-                        failed = Some(format!(
-                            "the result for shards {}..{} at step {global_step} was rejected {} \
-                             times, last from worker {worker} ({name}): {reason}. If values are \
-                             not finite on several workers, training diverged: lower --lr or \
-                             set --clip-norm",
-                            node.lo, node.hi, count
-                        ));
-                    }
+                    step.rejections.entry(node).or_default().insert(worker);
+                    step.unconfirmed_rejections.push((node, worker));
                     self.outputs.push(Output::ResultRejected {
                         worker,
                         name: name.clone(),
@@ -506,21 +561,37 @@ impl StateMachine {
             }
         }
         step.slowest_compute = step.slowest_compute.max(compute_seconds);
-        for (slow, overtaken) in overtook {
-            self.note_overtaken(slow, overtaken);
+        for node in accepted {
+            self.node_accepted(node, Source::Worker(worker));
         }
-        if let Some(reason) = failed {
-            self.fail(reason);
-            return SubmitOutcome::Rejected(rejected[0].1.clone());
-        }
-        // A rejected node is recomputed, by another worker where there is one.
+        // A rejected node is recomputed by a worker that has not failed it, or else here.
         for (node, _) in &rejected {
-            let target = self.pick_worker(Some(worker));
-            let step = self.step.as_mut().expect("step in progress");
+            let Some(step) = self.step.as_ref() else {
+                break;
+            };
+            let failed_it = step.rejections.get(node).cloned().unwrap_or_default();
+            let target = self.pick_worker_avoiding(&failed_it);
+            let step = self.step.as_mut().expect("checked above");
             match target {
-                Some(w) => step.queued.entry(w).or_default().push(*node),
-                None => step.orphans.push(*node),
+                Some(w) if failed_it.len() < REJECTIONS_BEFORE_COMPUTING_HERE => {
+                    step.queued.entry(w).or_default().push(*node);
+                }
+                _ => {
+                    let copies = step.verifying.entry(*node).or_default();
+                    if !copies.coordinator_asked {
+                        copies.coordinator_asked = true;
+                        let work = node_work(step, *node);
+                        self.outputs.push(Output::ComputeNode {
+                            global_step,
+                            epoch: self.position.epoch,
+                            work,
+                        });
+                    }
+                }
             }
+        }
+        for node in to_settle {
+            self.settle(node);
         }
         self.try_complete_step();
         if let Some((_, reason)) = rejected.first() {
@@ -530,6 +601,153 @@ impl StateMachine {
         } else {
             SubmitOutcome::Accepted
         }
+    }
+
+    /// The coordinator's own computation of a node it was asked to compute
+    /// ([`Output::ComputeNode`]): trusted, so it decides the node.
+    pub fn accept_own_computation(
+        &mut self,
+        global_step: u64,
+        node: Node,
+        sum: GradientSum,
+        now: Instant,
+    ) {
+        let _ = now;
+        let Some(step) = self.step.as_mut().filter(|s| s.global_step == global_step) else {
+            return;
+        };
+        if !step.verifying.contains_key(&node) {
+            return;
+        }
+        let examples: u64 = (node.lo..node.hi)
+            .map(|s| step.examples[s as usize].len() as u64)
+            .sum();
+        let bound = MAX_ABS_GRADIENT_PER_EXAMPLE * examples.max(1) as f32;
+        let stats = &sum.stats;
+        let problem = check_gradient(&sum.grad, self.config.param_len, bound)
+            .err()
+            .or_else(|| {
+                (!(stats.elbo.is_finite() && stats.recon.is_finite() && stats.kl.is_finite()))
+                    .then(|| "the ELBO is not finite".to_string())
+            });
+        if let Some(problem) = problem {
+            self.fail(format!(
+                "training diverged: the coordinator's own computation of shards {}..{} at step \
+                 {global_step} gives {problem}; lower --lr or set --clip-norm, then --resume \
+                 (the last checkpoint holds the parameters before this step)",
+                node.lo, node.hi
+            ));
+            return;
+        }
+        let copies = step.verifying.get_mut(&node).expect("checked above");
+        copies.add(Source::Coordinator, sum);
+        self.settle(node);
+        self.try_complete_step();
+    }
+
+    /// Decides a verified node if its copies allow it.
+    fn settle(&mut self, node: Node) {
+        let Some(step) = self.step.as_mut() else {
+            return;
+        };
+        let global_step = step.global_step;
+        let Some(copies) = step.verifying.get_mut(&node) else {
+            return;
+        };
+        let coordinator_involved = copies.coordinator_asked;
+        match copies.decide() {
+            Decision::Wait => {}
+            Decision::Arbitrate => {
+                let work = node_work(step, node);
+                self.outputs.push(Output::ComputeNode {
+                    global_step,
+                    epoch: self.position.epoch,
+                    work,
+                });
+            }
+            Decision::Accept { sum, wrong } => {
+                step.verifying.remove(&node);
+                step.received.insert(node, sum);
+                self.outputs.push(Output::NodeVerified {
+                    step: global_step,
+                    node,
+                    agreed: wrong.is_empty() && !coordinator_involved,
+                });
+                self.node_accepted(node, Source::Coordinator);
+                for worker in wrong {
+                    self.quarantine(
+                        worker,
+                        format!(
+                            "its result for shards {}..{} at step {global_step} differs from the \
+                             coordinator's own computation of them (--verify)",
+                            node.lo, node.hi
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Bookkeeping once `node` has its result: drop copies still queued, note a straggler
+    /// overtaken by its backup, and confirm earlier rejections of the node as the rejected
+    /// workers' fault.
+    fn node_accepted(&mut self, node: Node, from: Source) {
+        let Some(step) = self.step.as_mut() else {
+            return;
+        };
+        for queue in step.queued.values_mut() {
+            queue.retain(|n| *n != node);
+        }
+        let overtook = step.backups.get(&node).map(|&slow| {
+            let by_other = match from {
+                Source::Worker(w) => w != slow,
+                Source::Coordinator => true,
+            };
+            (slow, by_other)
+        });
+        let mut confirmed = Vec::new();
+        step.unconfirmed_rejections.retain(|&(n, w)| {
+            let confirm = n == node && from != Source::Worker(w);
+            if confirm {
+                confirmed.push(w);
+            }
+            !confirm && n != node
+        });
+        if let Some((slow, overtaken)) = overtook {
+            self.note_overtaken(slow, overtaken);
+        }
+        for worker in confirmed {
+            let count = self.strikes.entry(worker).or_insert(0);
+            *count += 1;
+            if *count >= STRIKES_BEFORE_QUARANTINE {
+                let count = *count;
+                self.quarantine(
+                    worker,
+                    format!(
+                        "{count} of its results were rejected and then computed correctly by \
+                         others"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Removes `worker` for sending wrong results and refuses its name from now on. It never
+    /// fails the run: its work moves to the others.
+    fn quarantine(&mut self, worker: WorkerId, reason: String) {
+        let Some(info) = self.workers.get(&worker) else {
+            return;
+        };
+        let name = info.name.clone();
+        self.quarantined
+            .insert(identity(&name).to_string(), reason.clone());
+        self.strikes.remove(&worker);
+        self.outputs.push(Output::WorkerQuarantined {
+            worker,
+            name,
+            reason: reason.clone(),
+        });
+        self.remove_worker(worker, format!("quarantined: {reason}"));
     }
 
     /// A worker says it is alive.
@@ -584,30 +802,59 @@ impl StateMachine {
             STRAGGLER_MIN.max(self.last_slowest_node.mul_f64(STRAGGLER_FACTOR))
         };
         let Some(step) = &self.step else { return };
-        // Nodes handed out count from their hand-out, nodes never asked for from the step's start
-        // (a worker that heartbeats but stopped asking for work).
-        let held = step
-            .in_flight
-            .iter()
-            .chain(&step.queued)
-            .flat_map(|(&w, nodes)| {
-                nodes.iter().map(move |&n| {
-                    let since = step.handed_out.get(&(w, n)).unwrap_or(&step.started);
-                    (w, n, now.saturating_duration_since(*since))
-                })
-            });
-        let late: Vec<(WorkerId, Node, Duration)> = held
-            .filter(|(_, n, held)| {
-                *held > limit && !step.backups.contains_key(n) && !step.received.contains_key(n)
+        // Per node, who holds it and for how long: nodes handed out count from their hand-out
+        // (or from being queued as a backup), nodes never asked for from the step's start (a
+        // worker that heartbeats but stopped asking for work).
+        let mut holders: BTreeMap<Node, Vec<(WorkerId, Duration)>> = BTreeMap::new();
+        for (&w, nodes) in step.in_flight.iter().chain(&step.queued) {
+            for &n in nodes {
+                let since = step.handed_out.get(&(w, n)).unwrap_or(&step.started);
+                holders
+                    .entry(n)
+                    .or_default()
+                    .push((w, now.saturating_duration_since(*since)));
+            }
+        }
+        // A node is late when everyone holding it has held it past the limit: a backup that
+        // stalls too gets a backup of its own.
+        let late: Vec<(Node, Vec<(WorkerId, Duration)>)> = holders
+            .into_iter()
+            .filter(|(n, held)| {
+                !step.received.contains_key(n) && held.iter().all(|(_, d)| *d > limit)
             })
             .collect();
-        for (slow, node, held) in late {
-            let Some(backup) = self.pick_worker(Some(slow)).filter(|b| *b != slow) else {
-                continue;
-            };
+        for (node, held) in late {
+            let (slow, held_for) = held[0];
+            let mut avoid: BTreeSet<WorkerId> = held.iter().map(|(w, _)| *w).collect();
+            let step = self.step.as_ref().expect("checked above");
+            if let Some(copies) = step.verifying.get(&node) {
+                if copies.coordinator_asked {
+                    continue;
+                }
+                // A verified node's backup must be a new source.
+                avoid.extend(copies.workers());
+            }
+            let backup = self.pick_worker_avoiding(&avoid);
             let step = self.step.as_mut().expect("checked above");
+            let backup = match (backup, step.verifying.get_mut(&node)) {
+                (Some(b), _) => b,
+                (None, Some(copies)) => {
+                    // No other worker: the coordinator computes it.
+                    copies.coordinator_asked = true;
+                    step.backups.entry(node).or_insert(slow);
+                    let work = node_work(step, node);
+                    self.outputs.push(Output::ComputeNode {
+                        global_step: step.global_step,
+                        epoch: self.position.epoch,
+                        work,
+                    });
+                    continue;
+                }
+                (None, None) => continue,
+            };
             step.queued.entry(backup).or_default().push(node);
-            step.backups.insert(node, slow);
+            step.handed_out.insert((backup, node), now);
+            step.backups.entry(node).or_insert(slow);
             self.outputs.push(Output::NodeBackedUp {
                 slow,
                 name: self
@@ -615,7 +862,7 @@ impl StateMachine {
                     .get(&slow)
                     .map_or_else(String::new, |w| w.name.clone()),
                 node,
-                held_seconds: held.as_secs_f64(),
+                held_seconds: held_for.as_secs_f64(),
                 backup,
             });
         }
@@ -652,6 +899,18 @@ impl StateMachine {
             moved.extend(step.in_flight.remove(&worker).unwrap_or_default());
         }
         moved.sort();
+        // A verified node needs copies from two workers: find another, or compute it here.
+        let verifying: Vec<Node> = self.step.as_ref().map_or_else(Vec::new, |step| {
+            moved
+                .iter()
+                .copied()
+                .filter(|n| step.verifying.contains_key(n))
+                .collect()
+        });
+        moved.retain(|n| !verifying.contains(n));
+        for node in verifying {
+            self.find_second_copy(node, worker);
+        }
         if let Some(step) = &self.step {
             // A node already received, or held or queued by another worker (a backup), needs no
             // further copy.
@@ -679,6 +938,56 @@ impl StateMachine {
             reason,
             moved,
         });
+    }
+
+    /// `gone` held verified `node`: make sure two copies can still arrive, from a worker that has
+    /// neither sent nor holds one, or else from the coordinator.
+    fn find_second_copy(&mut self, node: Node, gone: WorkerId) {
+        let Some(step) = self.step.as_ref() else {
+            return;
+        };
+        let Some(copies) = step.verifying.get(&node) else {
+            return;
+        };
+        if copies.coordinator_asked {
+            return;
+        }
+        let holds = |w: &WorkerId| {
+            step.in_flight
+                .get(w)
+                .into_iter()
+                .chain(step.queued.get(w))
+                .any(|nodes| nodes.contains(&node))
+        };
+        let involved: BTreeSet<WorkerId> = copies
+            .workers()
+            .chain(self.workers.keys().copied().filter(holds))
+            .filter(|w| *w != gone)
+            .collect();
+        if involved.len() >= 2 {
+            return;
+        }
+        let free = self
+            .workers
+            .keys()
+            .copied()
+            .find(|w| *w != gone && !involved.contains(w));
+        let global_step = step.global_step;
+        let step = self.step.as_mut().expect("checked above");
+        match free {
+            Some(w) => step.queued.entry(w).or_default().push(node),
+            None => {
+                if let Some(copies) = step.verifying.get_mut(&node) {
+                    copies.coordinator_asked = true;
+                }
+                let work = node_work(step, node);
+                self.outputs.push(Output::ComputeNode {
+                    global_step,
+                    epoch: self.position.epoch,
+                    work,
+                });
+            }
+        }
     }
 
     /// The held-out evaluation of the epoch that just ended is done: go on or finish.
@@ -714,6 +1023,12 @@ impl StateMachine {
 
     /// The live worker with the least work in the current step, avoiding `avoid` if possible.
     fn pick_worker(&self, avoid: Option<WorkerId>) -> Option<WorkerId> {
+        self.pick_worker_avoiding(&avoid.into_iter().collect())
+            .or_else(|| self.workers.keys().next().copied())
+    }
+
+    /// The live worker with the least work in the current step among those not in `avoid`.
+    fn pick_worker_avoiding(&self, avoid: &BTreeSet<WorkerId>) -> Option<WorkerId> {
         let load = |w: &WorkerId| -> u32 {
             self.step.as_ref().map_or(0, |s| {
                 let count = |m: &BTreeMap<WorkerId, Vec<Node>>| {
@@ -722,13 +1037,11 @@ impl StateMachine {
                 count(&s.queued) + count(&s.in_flight)
             })
         };
-        let candidates: Vec<&WorkerId> = self.workers.keys().collect();
-        candidates
-            .iter()
-            .filter(|w| Some(***w) != avoid)
-            .min_by_key(|w| (load(w), ***w))
-            .or_else(|| candidates.first())
-            .map(|w| **w)
+        self.workers
+            .keys()
+            .filter(|w| !avoid.contains(w))
+            .min_by_key(|w| (load(w), **w))
+            .copied()
     }
 
     fn start_step(&mut self, now: Instant) {
@@ -751,8 +1064,29 @@ impl StateMachine {
         if workers.is_empty() {
             orphans.push(self.tree.root());
         }
-        for (worker, node) in tree_blocks(&self.tree, &workers) {
+        let blocks = tree_blocks(&self.tree, &workers);
+        for (&worker, &node) in &blocks {
             queued.insert(worker, vec![node]);
+        }
+        // Verified nodes get a second copy on the next worker in order (each worker verifies
+        // one neighbour, so the load stays even), or from the coordinator when alone.
+        let mut verifying = HashMap::new();
+        let mut compute_here = Vec::new();
+        let global_step = self.position.global_step;
+        for (i, (&owner, &node)) in blocks.iter().enumerate() {
+            let (secret, fraction) = (self.config.verify_secret, self.config.verify_fraction);
+            if !verification::selected(secret, fraction, global_step, node) {
+                continue;
+            }
+            let mut copies = Copies::default();
+            let verifier = workers[(i + 1) % workers.len()];
+            if verifier == owner {
+                copies.coordinator_asked = true;
+                compute_here.push(node);
+            } else {
+                queued.entry(verifier).or_default().push(node);
+            }
+            verifying.insert(node, copies);
         }
         self.step = Some(StepState {
             global_step: self.position.global_step,
@@ -762,6 +1096,8 @@ impl StateMachine {
             orphans,
             received: HashMap::new(),
             rejections: HashMap::new(),
+            unconfirmed_rejections: Vec::new(),
+            verifying,
             handed_out: HashMap::new(),
             backups: HashMap::new(),
             slowest_node: Duration::ZERO,
@@ -769,6 +1105,14 @@ impl StateMachine {
             slowest_compute: 0.0,
             update_taken: false,
         });
+        let step = self.step.as_ref().expect("just set");
+        for node in compute_here {
+            self.outputs.push(Output::ComputeNode {
+                global_step,
+                epoch,
+                work: node_work(step, node),
+            });
+        }
     }
 
     /// When the received nodes cover the tree, the step's update is ready: hand it to the driver.
@@ -835,7 +1179,8 @@ impl StateMachine {
         self.phase = Phase::Training;
         self.totals.steps += 1;
         self.totals.stats += stats;
-        self.totals.step_seconds += now.saturating_duration_since(step.started).as_secs_f64();
+        let step_seconds = now.saturating_duration_since(step.started).as_secs_f64();
+        self.totals.step_seconds += step_seconds;
         self.totals.compute_seconds += step.slowest_compute;
         self.totals.update_seconds += update_seconds;
         self.position.global_step += 1;
@@ -844,6 +1189,7 @@ impl StateMachine {
             position: self.position,
             examples: stats.examples,
             elbo: stats.elbo / stats.examples.max(1) as f64,
+            seconds: step_seconds,
         });
         let epoch_done = self.position.step_in_epoch as usize >= self.config.plan.steps_per_epoch();
         if epoch_done {
@@ -874,6 +1220,25 @@ impl StateMachine {
         if let Some(job) = self.take_update() {
             self.finish_update(job.run(), 0.0, now);
         }
+    }
+}
+
+/// The name a worker gave, without the peer address the service appends (`name (peer)`): what
+/// quarantine remembers, since a reconnecting worker keeps its name but not its port.
+fn identity(name: &str) -> &str {
+    name.rsplit_once(" (").map_or(name, |(given, _)| given)
+}
+
+/// A node's work description: its shards and their examples this step.
+fn node_work(step: &StepState, node: Node) -> NodeWork {
+    NodeWork {
+        node,
+        shards: (node.lo..node.hi)
+            .map(|s| ShardWork {
+                shard: s,
+                examples: step.examples[s as usize].clone(),
+            })
+            .collect(),
     }
 }
 

@@ -165,6 +165,37 @@ impl Cluster {
         )
     }
 
+    /// The last lines of every worker's log and its state, for failure messages.
+    fn worker_logs(&self) -> String {
+        self.ids("worker")
+            .iter()
+            .map(|id| {
+                let state = Command::new("docker")
+                    .args([
+                        "inspect",
+                        "-f",
+                        "{{.State.Status}} exit {{.State.ExitCode}} oom {{.State.OOMKilled}}",
+                        id,
+                    ])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .unwrap_or_default();
+                let log = Command::new("docker")
+                    .args(["logs", "--tail", "15", id])
+                    .output()
+                    .map(|o| {
+                        format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&o.stdout),
+                            String::from_utf8_lossy(&o.stderr)
+                        )
+                    })
+                    .unwrap_or_default();
+                format!("--- worker {id} ({state})\n{log}")
+            })
+            .collect()
+    }
+
     fn wait_log(&self, needle: &str, count: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.logs().matches(needle).count() < count {
@@ -199,7 +230,8 @@ impl Cluster {
         assert_eq!(
             String::from_utf8_lossy(&code.stdout).trim(),
             "0",
-            "coordinator failed:\n{logs}"
+            "coordinator failed:\n{logs}\nworkers:\n{}",
+            self.worker_logs()
         );
         let summary: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(self.out.path().join("summary.json")).expect("summary.json"),
@@ -313,12 +345,13 @@ fn assert_hardened(id: &str) {
         );
     }
     // What the kernel says about the running processes, not only the configuration.
-    let top = run(Command::new("docker").args(["top", id, "-o", "uid,comm"]));
+    // Docker needs the pid column to map processes to the container.
+    let top = run(Command::new("docker").args(["top", id, "-o", "pid,uid,comm"]));
     let top = String::from_utf8_lossy(&top.stdout).to_string();
     let uids: Vec<&str> = top
         .lines()
         .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
     assert!(
         !uids.is_empty() && uids.iter().all(|u| *u == CONTAINER_UID.to_string()),

@@ -25,6 +25,8 @@ fn config(min_workers: usize) -> StateConfig {
         no_worker_timeout: Duration::from_secs(10),
         checkpoint_every: 5,
         param_len: PARAMS,
+        verify_fraction: 0.0,
+        verify_secret: 0,
     }
 }
 
@@ -328,6 +330,7 @@ fn wrong_example_counts_are_rejected() {
 #[test]
 fn a_diverging_run_stops_instead_of_looping() {
     let (mut sm, workers, now) = start(2);
+    let mut outputs = Vec::new();
     for _ in 0..6 {
         for &w in &workers {
             if let TaskDecision::Task(task) = sm.next_task(w, now) {
@@ -338,6 +341,26 @@ fn a_diverging_run_stops_instead_of_looping() {
                 submit(&mut sm, w, task.global_step, results, 0.0, now);
             }
         }
+        // Rejected by both workers, the node is computed here: diverged for real, so the
+        // coordinator's own result is not finite either.
+        for output in sm.drain_outputs() {
+            if let Output::ComputeNode {
+                global_step,
+                epoch,
+                work,
+            } = &output
+            {
+                let task = Task {
+                    global_step: *global_step,
+                    epoch: *epoch,
+                    nodes: vec![work.clone()],
+                };
+                let (node, mut sum) = compute(&task, sm.params()).remove(0);
+                sum.grad[0] = f32::INFINITY;
+                sm.accept_own_computation(*global_step, node, sum, now);
+            }
+            outputs.push(output);
+        }
     }
     assert!(
         matches!(sm.phase(), Phase::Failed(reason) if reason.contains("diverged")),
@@ -345,6 +368,12 @@ fn a_diverging_run_stops_instead_of_looping() {
         sm.phase()
     );
     assert_eq!(sm.next_task(workers[0], now), TaskDecision::Done);
+    assert!(
+        !outputs
+            .iter()
+            .any(|o| matches!(o, Output::WorkerQuarantined { .. })),
+        "honest workers of a diverging run are not blamed"
+    );
 }
 
 #[test]
@@ -499,4 +528,387 @@ fn a_slow_original_and_its_backup_give_one_result() {
     let mut workers = vec![a, b];
     run(&mut sm, &mut workers, &mut now, |_, _, _, _| {});
     assert_eq!(bits(sm.params()), reference);
+}
+
+fn verified_machine(min_workers: usize) -> StateMachine {
+    let cfg = StateConfig {
+        verify_fraction: 1.0,
+        verify_secret: 42,
+        ..config(min_workers)
+    };
+    let state = cfg.optimizer.init_state(PARAMS);
+    StateMachine::new(
+        cfg,
+        vec![0.5; PARAMS],
+        state,
+        Position::default(),
+        EpochTotals::default(),
+        1,
+    )
+}
+
+/// Computes what the machine asks the coordinator to compute itself, as the driver does.
+fn serve_compute_requests(sm: &mut StateMachine, outputs: &mut Vec<Output>, now: Instant) {
+    loop {
+        let drained = sm.drain_outputs();
+        if drained.is_empty() {
+            return;
+        }
+        for output in &drained {
+            if let Output::ComputeNode {
+                global_step,
+                epoch,
+                work,
+            } = output
+            {
+                let task = Task {
+                    global_step: *global_step,
+                    epoch: *epoch,
+                    nodes: vec![work.clone()],
+                };
+                let (node, sum) = compute(&task, sm.params()).remove(0);
+                sm.accept_own_computation(*global_step, node, sum, now);
+                sm.apply_ready_update(now);
+            }
+        }
+        outputs.extend(drained);
+    }
+}
+
+/// Runs to the end under verification; `tamper` may change a worker's results before they go.
+fn run_verified(
+    sm: &mut StateMachine,
+    workers: &[WorkerId],
+    now: Instant,
+    mut tamper: impl FnMut(WorkerId, u64, &mut Vec<(Node, GradientSum)>),
+) -> Vec<Output> {
+    let mut outputs = Vec::new();
+    for _ in 0..10_000 {
+        match sm.phase() {
+            Phase::Finished | Phase::Failed(_) => break,
+            Phase::Evaluating => sm.finish_evaluation(now),
+            _ => {}
+        }
+        for &w in workers {
+            if let TaskDecision::Task(task) = sm.next_task(w, now) {
+                let mut results = compute(&task, sm.params());
+                tamper(w, task.global_step, &mut results);
+                submit(sm, w, task.global_step, results, 0.01, now);
+            }
+            serve_compute_requests(sm, &mut outputs, now);
+        }
+    }
+    outputs
+}
+
+#[test]
+fn verification_quarantines_a_worker_one_ulp_off_and_keeps_the_honest_bits() {
+    let reference = reference_params();
+    let mut sm = verified_machine(2);
+    let now = Instant::now();
+    let workers = vec![
+        sm.register("honest (10.0.0.1:1)".into(), now),
+        sm.register("flaky (10.0.0.2:1)".into(), now),
+    ];
+    let outputs = run_verified(&mut sm, &workers, now, |w, step, results| {
+        if w == workers[1] && step == 4 {
+            let g = &mut results[0].1.grad[3];
+            *g = f32::from_bits(g.to_bits() ^ 1);
+        }
+    });
+    assert_eq!(*sm.phase(), Phase::Finished);
+    assert_eq!(bits(sm.params()), reference);
+    let quarantined: Vec<&Output> = outputs
+        .iter()
+        .filter(|o| matches!(o, Output::WorkerQuarantined { .. }))
+        .collect();
+    assert!(
+        matches!(quarantined[..], [Output::WorkerQuarantined { worker, reason, .. }]
+            if *worker == workers[1] && reason.contains("step 4")),
+        "{quarantined:?}"
+    );
+    assert!(
+        sm.quarantine_reason("flaky").is_some(),
+        "its name is refused"
+    );
+    assert!(sm.quarantine_reason("honest").is_none());
+    let verified = outputs
+        .iter()
+        .filter(|o| matches!(o, Output::NodeVerified { agreed: true, .. }))
+        .count();
+    // Steps 0-3 with two workers: both nodes of each step agreed; after the quarantine the
+    // coordinator verifies the lone worker itself.
+    assert!(
+        verified >= 8,
+        "nodes were verified by a second worker: {verified}"
+    );
+}
+
+#[test]
+fn a_lone_worker_is_verified_by_the_coordinator_itself() {
+    let reference = reference_params();
+    let mut sm = verified_machine(1);
+    let now = Instant::now();
+    let workers = vec![sm.register("solo".into(), now)];
+    let outputs = run_verified(&mut sm, &workers, now, |_, _, _| {});
+    assert_eq!(*sm.phase(), Phase::Finished);
+    assert_eq!(bits(sm.params()), reference);
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, Output::ComputeNode { .. }))
+    );
+}
+
+#[test]
+fn a_worker_whose_rejected_results_others_compute_correctly_is_quarantined_not_the_run_failed() {
+    let reference = reference_params();
+    let (mut sm, mut workers, mut now) = start(2);
+    let hostile = workers[0];
+    let outputs = run(&mut sm, &mut workers, &mut now, |sm, workers, now, _| {
+        if !workers.contains(&hostile) {
+            return;
+        }
+        let TaskDecision::Task(task) = sm.next_task(hostile, *now) else {
+            return;
+        };
+        let mut results = compute(&task, sm.params());
+        // Finite, but far beyond any honest gradient.
+        results[0].1.grad.iter_mut().for_each(|g| *g = 1e22);
+        let outcome = submit(sm, hostile, task.global_step, results, 0.0, *now);
+        assert!(matches!(outcome, SubmitOutcome::Rejected(ref r) if r.contains("honest")));
+        if sm.quarantine_reason("w0").is_some() {
+            workers.retain(|w| *w != hostile);
+        }
+    });
+    assert_eq!(*sm.phase(), Phase::Finished);
+    assert_eq!(bits(sm.params()), reference);
+    assert!(sm.params().iter().all(|p| p.is_finite()));
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, Output::WorkerQuarantined { worker, .. } if *worker == hostile))
+    );
+}
+
+mod interleavings {
+    //! Any interleaving of registrations, losses, waits, late, duplicate, withheld and poisoned
+    //! results ends with the single-worker parameters, bit for bit, and finite. One worker (the
+    //! first) is hostile: it may poison; the others are honest but unreliable.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Answer {
+        Honest,
+        Duplicate,
+        /// Kept and delivered later (a late result).
+        Late,
+        /// Taken and never answered (heartbeats go on).
+        Never,
+        /// Hostile worker only: NaN, a short vector, a huge finite value, or one ulp off
+        /// (the last only under verification, which is what catches it).
+        Nan,
+        Short,
+        Huge,
+        Ulp,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Event {
+        Join,
+        Lose(usize),
+        Turn(usize, Answer),
+        DeliverLate,
+        Wait(u8),
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        let answer = prop_oneof![
+            4 => Just(Answer::Honest),
+            1 => Just(Answer::Duplicate),
+            1 => Just(Answer::Late),
+            1 => Just(Answer::Never),
+            1 => Just(Answer::Nan),
+            1 => Just(Answer::Short),
+            1 => Just(Answer::Huge),
+            1 => Just(Answer::Ulp),
+        ];
+        prop_oneof![
+            1 => Just(Event::Join),
+            1 => (0..8usize).prop_map(Event::Lose),
+            8 => (0..8usize, answer).prop_map(|(w, a)| Event::Turn(w, a)),
+            1 => Just(Event::DeliverLate),
+            1 => (1..40u8).prop_map(Event::Wait),
+        ]
+    }
+
+    /// A worker's results for a step, kept to be delivered late.
+    type Withheld = (WorkerId, u64, Vec<(Node, GradientSum)>);
+
+    struct World {
+        sm: StateMachine,
+        now: Instant,
+        /// Registered (possibly since removed) workers; index 0 is the hostile one.
+        workers: Vec<WorkerId>,
+        late: Vec<Withheld>,
+        outputs: Vec<Output>,
+        verify: bool,
+    }
+
+    impl World {
+        fn new(verify: bool) -> World {
+            let cfg = StateConfig {
+                verify_fraction: if verify { 1.0 } else { 0.0 },
+                verify_secret: 3,
+                ..config(1)
+            };
+            let state = cfg.optimizer.init_state(PARAMS);
+            let mut sm = StateMachine::new(
+                cfg,
+                vec![0.5; PARAMS],
+                state,
+                Position::default(),
+                EpochTotals::default(),
+                1,
+            );
+            let now = Instant::now();
+            let hostile = sm.register("hostile".into(), now);
+            World {
+                sm,
+                now,
+                workers: vec![hostile],
+                late: Vec::new(),
+                outputs: Vec::new(),
+                verify,
+            }
+        }
+
+        fn settle(&mut self) {
+            if *self.sm.phase() == Phase::Evaluating {
+                self.sm.finish_evaluation(self.now);
+            }
+            serve_compute_requests(&mut self.sm, &mut self.outputs, self.now);
+        }
+
+        fn apply(&mut self, event: Event) {
+            match event {
+                Event::Join => {
+                    let name = format!("w{}", self.workers.len());
+                    self.workers.push(self.sm.register(name, self.now));
+                }
+                Event::Lose(i) => {
+                    let w = self.workers[i % self.workers.len()];
+                    self.sm.remove_worker(w, "lost (test)".into());
+                }
+                Event::Turn(i, answer) => {
+                    let i = i % self.workers.len();
+                    let w = self.workers[i];
+                    let answer = match answer {
+                        Answer::Nan | Answer::Short | Answer::Huge if i != 0 => Answer::Honest,
+                        Answer::Ulp if i != 0 || !self.verify => Answer::Honest,
+                        a => a,
+                    };
+                    let TaskDecision::Task(task) = self.sm.next_task(w, self.now) else {
+                        return;
+                    };
+                    let mut results = compute(&task, self.sm.params());
+                    let step = task.global_step;
+                    match answer {
+                        Answer::Never => return,
+                        Answer::Late => {
+                            self.late.push((w, step, results));
+                            return;
+                        }
+                        Answer::Nan => results[0].1.grad[1] = f32::NAN,
+                        Answer::Short => {
+                            results[0].1.grad.pop();
+                        }
+                        Answer::Huge => results[0].1.grad[0] = 1e22,
+                        Answer::Ulp => {
+                            let g = &mut results[0].1.grad[2];
+                            *g = f32::from_bits(g.to_bits() ^ 1);
+                        }
+                        Answer::Honest | Answer::Duplicate => {}
+                    }
+                    if matches!(answer, Answer::Duplicate) {
+                        submit(&mut self.sm, w, step, results.clone(), 0.01, self.now);
+                    }
+                    submit(&mut self.sm, w, step, results, 0.01, self.now);
+                }
+                Event::DeliverLate => {
+                    for (w, step, results) in std::mem::take(&mut self.late) {
+                        submit(&mut self.sm, w, step, results, 0.01, self.now);
+                    }
+                }
+                Event::Wait(seconds) => {
+                    // With nobody left the run would rightly stop (--no-worker-timeout): a
+                    // newcomer arrives first.
+                    if self.sm.live_workers() == 0 {
+                        self.apply(Event::Join);
+                    }
+                    // Live workers heartbeat while time passes; only losses remove them.
+                    for s in 0..seconds {
+                        self.now += Duration::from_secs(1);
+                        for &w in &self.workers {
+                            self.sm.heartbeat(w, self.now);
+                        }
+                        self.sm.tick(self.now);
+                        if s % 8 == 0 {
+                            self.settle();
+                        }
+                    }
+                }
+            }
+            self.settle();
+        }
+
+        /// An honest newcomer and the honest survivors finish the run; time passes so that work
+        /// withheld by anyone gets a backup.
+        fn finish(&mut self) {
+            let closer = self.sm.register("closer".into(), self.now);
+            self.workers.push(closer);
+            for _ in 0..5_000 {
+                match self.sm.phase() {
+                    Phase::Finished | Phase::Failed(_) => return,
+                    _ => {}
+                }
+                let honest: Vec<WorkerId> = self.workers[1..].to_vec();
+                for w in honest {
+                    if let TaskDecision::Task(task) = self.sm.next_task(w, self.now) {
+                        let results = compute(&task, self.sm.params());
+                        submit(&mut self.sm, w, task.global_step, results, 0.01, self.now);
+                    }
+                    self.settle();
+                }
+                self.now += Duration::from_millis(500);
+                for &w in &self.workers {
+                    self.sm.heartbeat(w, self.now);
+                }
+                self.sm.tick(self.now);
+                self.settle();
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_interleaving_ends_with_the_single_worker_parameters(
+            verify in any::<bool>(),
+            events in proptest::collection::vec(event(), 0..80),
+        ) {
+            let reference = reference_params();
+            let mut world = World::new(verify);
+            for event in events {
+                world.apply(event);
+            }
+            world.finish();
+            prop_assert_eq!(world.sm.phase(), &Phase::Finished, "{:?}", world.sm.phase());
+            prop_assert!(world.sm.params().iter().all(|p| p.is_finite()));
+            prop_assert_eq!(bits(world.sm.params()), reference);
+        }
+    }
 }

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::train::ReductionTree;
 use proto::credentials::{Credentials, Token};
-use proto::messages::{
-    Attach, Liveness, Registered, Registration, ShardChunk, Submission, TaskReply, Verdict,
-};
+use proto::messages::{Attach, Liveness, Registered, Registration, Submission, TaskReply, Verdict};
 use proto::pb;
 use proto::pb::trainer_client::TrainerClient;
 use proto::shared_memory::SharedClient;
@@ -20,7 +18,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::compute::{self, Fault, RunContext, StepBuffers};
 use crate::error::{Error, Result};
-use crate::shard_cache::{ShardCache, ShardData};
+use crate::shard_cache::{ShardAssembler, ShardCache, ShardData};
 
 /// Between liveness messages. The coordinator's default timeout (3 s) allows several misses.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -299,35 +297,15 @@ async fn fetch_shard(client: &mut Client, shard: u32) -> Result<ShardData, Fetch
             _ => FetchError::Rpc(describe(&s)),
         })?
         .into_inner();
-    let mut data: Option<ShardData> = None;
-    let invalid = |msg: String| FetchError::Invalid(Error::Protocol(msg));
+    let mut shard_data = ShardAssembler::new(shard);
     while let Some(chunk) = stream
         .message()
         .await
         .map_err(|s| FetchError::Rpc(describe(&s)))?
     {
-        let chunk = ShardChunk::try_from(chunk).map_err(|e| invalid(e.to_string()))?;
-        if chunk.shard != shard {
-            return Err(invalid(format!(
-                "asked for shard {shard}, received a chunk of shard {}",
-                chunk.shard
-            )));
-        }
-        let d = data.get_or_insert_with(|| ShardData {
-            first_example: chunk.first_example,
-            examples: 0,
-            dim: chunk.dim as usize,
-            pixels: Vec::new(),
-        });
-        if chunk.first_example != d.first_example + d.examples || chunk.dim as usize != d.dim {
-            return Err(invalid(format!(
-                "shard {shard}: chunks out of order or of mixed sizes"
-            )));
-        }
-        d.pixels.extend_from_slice(&chunk.pixels);
-        d.examples += chunk.examples;
+        shard_data.push(chunk).map_err(FetchError::Invalid)?;
     }
-    data.ok_or_else(|| invalid(format!("shard {shard} arrived empty")))
+    shard_data.finish().map_err(FetchError::Invalid)
 }
 
 async fn heartbeat_loop(

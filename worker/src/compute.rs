@@ -52,6 +52,10 @@ pub enum Fault {
     NanAtStep(u64),
     /// At this global step, send a gradient one value short.
     ShortAtStep(u64),
+    /// At this global step, send a finite but huge gradient (1e22 in every value).
+    HugeAtStep(u64),
+    /// At this global step, send a gradient one ulp off in one value (finite, plausible, wrong).
+    UlpAtStep(u64),
     /// From this global step on, take the task and never answer (heartbeats go on).
     StallAtStep(u64),
 }
@@ -59,9 +63,9 @@ pub enum Fault {
 impl std::str::FromStr for Fault {
     type Err = String;
 
-    /// `nan@STEP`, `short@STEP` or `stall@STEP`.
+    /// `nan@STEP`, `short@STEP`, `huge@STEP`, `ulp@STEP` or `stall@STEP`.
     fn from_str(s: &str) -> Result<Self, String> {
-        const FORMS: &str = "use nan@STEP, short@STEP or stall@STEP";
+        const FORMS: &str = "use nan@STEP, short@STEP, huge@STEP, ulp@STEP or stall@STEP";
         let (kind, step) = s
             .split_once('@')
             .ok_or_else(|| format!("fault `{s}`: {FORMS}"))?;
@@ -71,6 +75,8 @@ impl std::str::FromStr for Fault {
         match kind {
             "nan" => Ok(Fault::NanAtStep(step)),
             "short" => Ok(Fault::ShortAtStep(step)),
+            "huge" => Ok(Fault::HugeAtStep(step)),
+            "ulp" => Ok(Fault::UlpAtStep(step)),
             "stall" => Ok(Fault::StallAtStep(step)),
             _ => Err(format!("fault `{s}`: {FORMS}")),
         }
@@ -158,13 +164,16 @@ pub async fn run_task(
     buffers.params = params;
     outcome?;
     for sum in &mut sums {
-        match fault.take_if(
-            |f| matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) if *s == task.step),
-        ) {
+        match fault.take_if(|f| {
+            matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) | Fault::HugeAtStep(s)
+                | Fault::UlpAtStep(s) if *s == task.step)
+        }) {
             Some(Fault::NanAtStep(_)) => sum.grad[0] = f32::NAN,
             Some(Fault::ShortAtStep(_)) => {
                 sum.grad.pop();
             }
+            Some(Fault::HugeAtStep(_)) => sum.grad.iter_mut().for_each(|g| *g = 1e22),
+            Some(Fault::UlpAtStep(_)) => sum.grad[0] = f32::from_bits(sum.grad[0].to_bits() ^ 1),
             Some(Fault::StallAtStep(_)) | None => {}
         }
     }

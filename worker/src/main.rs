@@ -77,7 +77,8 @@ struct Cli {
     /// host (same results, less copying); `tcp` always uses gRPC.
     #[arg(long, value_enum, default_value_t = Transport::Auto)]
     transport: Transport,
-    /// Test hook (debug builds only): misbehave (`nan@STEP`, `short@STEP`, `stall@STEP`).
+    /// Test hook (debug builds only): misbehave (`nan@STEP`, `short@STEP`, `huge@STEP`, `ulp@STEP`,
+    /// `stall@STEP`).
     #[cfg(debug_assertions)]
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,

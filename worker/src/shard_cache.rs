@@ -1,8 +1,12 @@
-//! The worker's copy of the shards it has been handed, and gathering a step's rows from them.
+//! The worker's copy of the shards it has been handed, gathering a step's rows from them, and
+//! assembling a shard from the chunks `FetchShard` streams ([`ShardAssembler`], a pure function
+//! of the chunks so it can be fuzzed: `fuzz/fuzz_targets/shard_chunks.rs`).
 
 use std::collections::HashMap;
 
 use ndarray::Array2;
+use proto::messages::ShardChunk;
+use proto::pb;
 
 use crate::error::{Error, Result};
 
@@ -13,6 +17,79 @@ pub struct ShardData {
     pub examples: u32,
     pub dim: usize,
     pub pixels: Vec<f32>,
+}
+
+/// Builds one shard's [`ShardData`] from the chunks the coordinator streams, checking each as it
+/// arrives: it decodes, belongs to the shard asked for, has examples of a positive size, follows
+/// the previous chunk (consecutive example ids, the same size) and keeps ids within `u32`. The
+/// pixels kept are only those received, so memory is bounded by the bytes that arrived.
+#[derive(Debug)]
+pub struct ShardAssembler {
+    shard: u32,
+    data: Option<ShardData>,
+}
+
+impl ShardAssembler {
+    /// Starts assembling `shard`.
+    pub fn new(shard: u32) -> Self {
+        ShardAssembler { shard, data: None }
+    }
+
+    /// Adds the next chunk off the wire.
+    pub fn push(&mut self, chunk: pb::ShardChunk) -> Result<()> {
+        let shard = self.shard;
+        let invalid = |msg: String| Error::Protocol(format!("shard {shard}: {msg}"));
+        let chunk = ShardChunk::try_from(chunk).map_err(|e| invalid(e.to_string()))?;
+        if chunk.shard != shard {
+            return Err(Error::Protocol(format!(
+                "asked for shard {shard}, received a chunk of shard {}",
+                chunk.shard
+            )));
+        }
+        if chunk.examples == 0 || chunk.dim == 0 {
+            return Err(invalid(format!(
+                "a chunk of {} examples of {} values: chunks are never empty",
+                chunk.examples, chunk.dim
+            )));
+        }
+        let end = u64::from(chunk.first_example) + u64::from(chunk.examples);
+        if end > u64::from(u32::MAX) + 1 {
+            return Err(invalid(format!(
+                "a chunk of {} examples from id {} runs past the largest example id",
+                chunk.examples, chunk.first_example
+            )));
+        }
+        match &mut self.data {
+            None => {
+                self.data = Some(ShardData {
+                    first_example: chunk.first_example,
+                    examples: chunk.examples,
+                    dim: chunk.dim as usize,
+                    pixels: chunk.pixels,
+                });
+            }
+            Some(d) => {
+                let next = u64::from(d.first_example) + u64::from(d.examples);
+                if u64::from(chunk.first_example) != next || chunk.dim as usize != d.dim {
+                    return Err(invalid(format!(
+                        "chunks out of order or of mixed sizes: expected examples from {next} of \
+                         {} values, received {} from {} of {} values",
+                        d.dim, chunk.examples, chunk.first_example, chunk.dim
+                    )));
+                }
+                d.pixels.extend_from_slice(&chunk.pixels);
+                // `end` fits in u32 + 1 and starts at d.first_example: the count fits in u32.
+                d.examples += chunk.examples;
+            }
+        }
+        Ok(())
+    }
+
+    /// The assembled shard; an error if no chunk arrived.
+    pub fn finish(self) -> Result<ShardData> {
+        self.data
+            .ok_or_else(|| Error::Protocol(format!("shard {} arrived empty", self.shard)))
+    }
 }
 
 /// Shards received from the coordinator, by shard id.
@@ -47,17 +124,21 @@ impl ShardCache {
         }
         let mut x = Array2::<f32>::zeros((examples.len(), dim));
         for (row, &id) in x.rows_mut().into_iter().zip(examples) {
+            let not_here = || {
+                Error::Protocol(format!(
+                    "example {id} is not in shard {shard} (examples {}..{})",
+                    data.first_example,
+                    u64::from(data.first_example) + u64::from(data.examples)
+                ))
+            };
             let local = id
                 .checked_sub(data.first_example)
                 .filter(|&l| l < data.examples)
-                .ok_or_else(|| {
-                    Error::Protocol(format!(
-                        "example {id} is not in shard {shard} (examples {}..{})",
-                        data.first_example,
-                        data.first_example + data.examples
-                    ))
-                })? as usize;
-            let src = &data.pixels[local * dim..(local + 1) * dim];
+                .ok_or_else(not_here)? as usize;
+            let src = local
+                .checked_mul(dim)
+                .and_then(|start| data.pixels.get(start..start.checked_add(dim)?))
+                .ok_or_else(not_here)?;
             row.into_slice()
                 .expect("rows of a fresh array are contiguous")
                 .copy_from_slice(src);

@@ -3,11 +3,15 @@
 //!
 //! Images: magic 2051 (`0x00000803`: unsigned bytes, 3 dimensions), `[n, rows, cols]`.
 //! Labels: magic 2049 (`0x00000801`: unsigned bytes, 1 dimension), `[n]`.
+//!
+//! Nothing is allocated from the header's sizes: the byte count they imply is checked (without
+//! overflow) against the bytes present first, and a gzipped file is decompressed no further than
+//! its header declares (see `file.rs`).
 
 use std::path::Path;
 
 use super::Dataset;
-use super::file::read_maybe_gzip;
+use super::file::{Declared, decode_maybe_gzip};
 use crate::{Error, Result};
 
 /// Magic number of an IDX file of unsigned-byte images `[n, rows, cols]`.
@@ -17,10 +21,27 @@ pub const IDX_LABELS_MAGIC: u32 = 0x0801;
 
 /// Loads IDX images (pixels divided by 255, so in [0, 1]) and, if given, their labels.
 pub fn load_idx(images: &Path, labels: Option<&Path>) -> Result<Dataset> {
-    let (pixels, n, shape) = parse_images(images, &read_maybe_gzip(images)?)?;
+    let image_bytes = std::fs::read(images).map_err(|e| Error::io(images, e))?;
     let labels = match labels {
-        Some(path) => {
-            let labels = parse_labels(path, &read_maybe_gzip(path)?)?;
+        Some(path) => Some((path, std::fs::read(path).map_err(|e| Error::io(path, e))?)),
+        None => None,
+    };
+    idx_from_bytes(images, image_bytes, labels)
+}
+
+/// [`load_idx`] on files' contents already in memory (raw or gzipped, as on disk); the paths
+/// name them in errors.
+pub fn idx_from_bytes(
+    images: &Path,
+    image_bytes: Vec<u8>,
+    labels: Option<(&Path, Vec<u8>)>,
+) -> Result<Dataset> {
+    let image_bytes = decode_maybe_gzip(images, image_bytes, declared_images_len)?;
+    let (pixels, n, shape) = parse_images(images, &image_bytes)?;
+    drop(image_bytes);
+    let labels = match labels {
+        Some((path, bytes)) => {
+            let labels = parse_labels(path, &decode_maybe_gzip(path, bytes, declared_labels_len)?)?;
             if labels.len() != n {
                 return Err(Error::malformed(
                     path,
@@ -37,6 +58,35 @@ pub fn load_idx(images: &Path, labels: Option<&Path>) -> Result<Dataset> {
         None => None,
     };
     Dataset::from_parts(pixels, shape.0 * shape.1, shape, labels)
+}
+
+/// The length of an image file, from its first bytes (for capping decompression).
+fn declared_images_len(prefix: &[u8]) -> Declared {
+    declared_len(prefix, IDX_IMAGES_MAGIC)
+}
+
+/// The length of a label file, from its first bytes.
+fn declared_labels_len(prefix: &[u8]) -> Declared {
+    declared_len(prefix, IDX_LABELS_MAGIC)
+}
+
+/// Header plus one byte per element; [`Declared::Invalid`] where [`parse_header`] and
+/// [`check_length`] refuse the header itself (wrong magic, impossibly large).
+fn declared_len(prefix: &[u8], magic: u32) -> Declared {
+    let ndims = (magic & 0xff) as usize;
+    let header_len = 4 + 4 * ndims;
+    let word =
+        |i: usize| u32::from_be_bytes([prefix[i], prefix[i + 1], prefix[i + 2], prefix[i + 3]]);
+    if prefix.len() >= 4 && word(0) != magic {
+        return Declared::Invalid;
+    }
+    if prefix.len() < header_len {
+        return Declared::Incomplete;
+    }
+    (0..ndims)
+        .try_fold(1usize, |acc, d| acc.checked_mul(word(4 + 4 * d) as usize))
+        .and_then(|n| n.checked_add(header_len))
+        .map_or(Declared::Invalid, |len| Declared::Length(len as u64))
 }
 
 /// Parses an image file's bytes into pixels in [0, 1], the count, and `(rows, cols)`.

@@ -8,21 +8,43 @@
 use std::path::Path;
 
 use super::Dataset;
-use super::file::read_maybe_gzip;
+use super::file::{Declared, decode_maybe_gzip};
 use crate::{Error, Result};
 
 /// The first six bytes of every `.npy` file.
 const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 
+/// The longest header read. numpy writes about 128 bytes and by default refuses to read more
+/// than 10,000 (`max_header_size`); this bounds how much is decompressed before the data's length
+/// is known.
+const MAX_HEADER_LEN: usize = 64 << 10;
+
 /// Loads images from a `.npy` file and, if given, labels from another.
 pub fn load_npy(images: &Path, labels: Option<&Path>) -> Result<Dataset> {
-    let bytes = read_maybe_gzip(images)?;
+    let image_bytes = std::fs::read(images).map_err(|e| Error::io(images, e))?;
+    let labels = match labels {
+        Some(path) => Some((path, std::fs::read(path).map_err(|e| Error::io(path, e))?)),
+        None => None,
+    };
+    npy_from_bytes(images, image_bytes, labels)
+}
+
+/// [`load_npy`] on files' contents already in memory (raw or gzipped, as on disk); the paths
+/// name them in errors.
+pub fn npy_from_bytes(
+    images: &Path,
+    image_bytes: Vec<u8>,
+    labels: Option<(&Path, Vec<u8>)>,
+) -> Result<Dataset> {
+    let bytes = decode_maybe_gzip(images, image_bytes, declared_len)?;
     let array = NpyArray::parse(images, &bytes)?;
     let (n, (height, width)) = image_shape(images, &array.shape)?;
     let pixels = array.to_f32_pixels(images)?;
+    drop(bytes);
     let labels = match labels {
-        Some(path) => {
-            let labels = NpyArray::parse(path, &read_maybe_gzip(path)?)?.to_labels(path)?;
+        Some((path, bytes)) => {
+            let bytes = decode_maybe_gzip(path, bytes, declared_len)?;
+            let labels = NpyArray::parse(path, &bytes)?.to_labels(path)?;
             if labels.len() != n {
                 return Err(Error::malformed(
                     path,
@@ -135,23 +157,46 @@ struct NpyArray<'a> {
     data: &'a [u8],
 }
 
-impl<'a> NpyArray<'a> {
-    fn parse(path: &Path, bytes: &'a [u8]) -> Result<Self> {
-        let bad = |problem: String| Error::malformed(path, problem);
+/// A `.npy` header, checked: where the data starts and how many bytes it must have.
+#[derive(Debug)]
+struct NpyHeader {
+    dtype: Dtype,
+    descr: String,
+    shape: Vec<usize>,
+    data_start: usize,
+    /// Shape times element size, checked for overflow.
+    data_len: usize,
+}
+
+/// Why a header does not parse.
+#[derive(Debug)]
+enum HeaderProblem {
+    /// The bytes end inside the header: more bytes might make it valid.
+    Truncated(String),
+    /// The header itself is wrong, whatever follows.
+    Bad(String),
+}
+
+impl NpyHeader {
+    /// Reads and checks the header at the start of `bytes` (the whole file or a prefix of it).
+    fn parse(path: &Path, bytes: &[u8]) -> Result<Self, HeaderProblem> {
+        use HeaderProblem::{Bad, Truncated};
         if !bytes.starts_with(NPY_MAGIC) {
-            return Err(bad(
-                "not a .npy file: it does not start with the \\x93NUMPY magic".into(),
-            ));
+            return Err(if NPY_MAGIC.starts_with(bytes) && !bytes.is_empty() {
+                Truncated("truncated .npy header".into())
+            } else {
+                Bad("not a .npy file: it does not start with the \\x93NUMPY magic".into())
+            });
         }
         let (major, minor) = match bytes.get(6..8) {
             Some(v) => (v[0], v[1]),
-            None => return Err(bad("truncated .npy header".into())),
+            None => return Err(Truncated("truncated .npy header".into())),
         };
         let (len_bytes, header_start) = match major {
             1 => (2, 10),
             2 | 3 => (4, 12),
             _ => {
-                return Err(bad(format!(
+                return Err(Bad(format!(
                     ".npy format version {major}.{minor} is not supported (1.0, 2.0 and 3.0 are)"
                 )));
             }
@@ -159,63 +204,107 @@ impl<'a> NpyArray<'a> {
         let header_len = match bytes.get(8..8 + len_bytes) {
             Some([a, b]) => u16::from_le_bytes([*a, *b]) as usize,
             Some([a, b, c, d]) => u32::from_le_bytes([*a, *b, *c, *d]) as usize,
-            _ => return Err(bad("truncated .npy header".into())),
+            _ => return Err(Truncated("truncated .npy header".into())),
         };
+        if header_len > MAX_HEADER_LEN {
+            return Err(Bad(format!(
+                "the .npy header claims to be {header_len} bytes long, more than the \
+                 {MAX_HEADER_LEN} this program reads (numpy writes about 128): the file is \
+                 corrupt or not a NumPy array"
+            )));
+        }
         let header = bytes
             .get(header_start..header_start + header_len)
             .ok_or_else(|| {
-                bad(format!(
+                Truncated(format!(
                     "truncated .npy header: {header_len} header bytes announced, {} present",
                     bytes.len().saturating_sub(header_start)
                 ))
             })?;
         let header =
-            std::str::from_utf8(header).map_err(|_| bad(".npy header is not text".into()))?;
+            std::str::from_utf8(header).map_err(|_| Bad(".npy header is not text".into()))?;
         let fields = HeaderDict::parse(header).map_err(|problem| {
-            bad(format!(
+            Bad(format!(
                 "bad .npy header `{}`: {problem}",
                 header.trim_end()
             ))
         })?;
         if fields.fortran_order {
-            return Err(bad(
+            return Err(Bad(
                 "the array is in Fortran order (fortran_order: True), which is not supported: \
                  save it in C order, e.g. `numpy.save(path, numpy.ascontiguousarray(a))`"
                     .into(),
             ));
         }
-        let dtype = Dtype::parse(path, &fields.descr)?;
-        let data = &bytes[header_start + header_len..];
-        let count = fields
+        let dtype = Dtype::parse(path, &fields.descr).map_err(|e| match e {
+            Error::Malformed { problem, .. } => Bad(problem),
+            other => Bad(other.to_string()),
+        })?;
+        let data_len = fields
             .shape
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .and_then(|c| c.checked_mul(dtype.size()));
-        let shape = show_shape(&fields.shape);
-        match count {
-            Some(expected) if expected == data.len() => {}
-            Some(expected) if expected > data.len() => {
-                return Err(bad(format!(
-                    "truncated: shape {shape} of `{}` needs {expected} bytes of data but only {} \
-                     follow the header",
-                    fields.descr,
-                    data.len()
-                )));
-            }
-            Some(expected) => {
-                return Err(bad(format!(
-                    "{} bytes follow the header but shape {shape} of `{}` needs exactly \
-                     {expected}: trailing data, or a wrong header",
-                    data.len(),
-                    fields.descr
-                )));
-            }
-            None => return Err(bad(format!("shape {shape} is impossibly large"))),
-        }
-        Ok(NpyArray {
+            .and_then(|c| c.checked_mul(dtype.size()))
+            .filter(|len| len.checked_add(header_start + header_len).is_some())
+            .ok_or_else(|| {
+                Bad(format!(
+                    "shape {} is impossibly large",
+                    show_shape(&fields.shape)
+                ))
+            })?;
+        Ok(NpyHeader {
             dtype,
             descr: fields.descr,
             shape: fields.shape,
+            data_start: header_start + header_len,
+            data_len,
+        })
+    }
+}
+
+/// The length of a `.npy` file from its first bytes (for capping decompression).
+fn declared_len(prefix: &[u8]) -> Declared {
+    match NpyHeader::parse(Path::new(""), prefix) {
+        Ok(h) => Declared::Length((h.data_start + h.data_len) as u64),
+        Err(HeaderProblem::Truncated(_)) => Declared::Incomplete,
+        Err(HeaderProblem::Bad(_)) => Declared::Invalid,
+    }
+}
+
+impl<'a> NpyArray<'a> {
+    fn parse(path: &Path, bytes: &'a [u8]) -> Result<Self> {
+        let header = NpyHeader::parse(path, bytes).map_err(|problem| match problem {
+            HeaderProblem::Truncated(p) | HeaderProblem::Bad(p) => Error::malformed(path, p),
+        })?;
+        let data = &bytes[header.data_start..];
+        let expected = header.data_len;
+        let shape = show_shape(&header.shape);
+        if expected > data.len() {
+            return Err(Error::malformed(
+                path,
+                format!(
+                    "truncated: shape {shape} of `{}` needs {expected} bytes of data but only {} \
+                     follow the header",
+                    header.descr,
+                    data.len()
+                ),
+            ));
+        }
+        if expected < data.len() {
+            return Err(Error::malformed(
+                path,
+                format!(
+                    "{} bytes follow the header but shape {shape} of `{}` needs exactly \
+                     {expected}: trailing data, or a wrong header",
+                    data.len(),
+                    header.descr
+                ),
+            ));
+        }
+        Ok(NpyArray {
+            dtype: header.dtype,
+            descr: header.descr,
+            shape: header.shape,
             data,
         })
     }

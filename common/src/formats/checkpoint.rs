@@ -132,8 +132,18 @@ impl Checkpoint {
     /// wrong: not safetensors or truncated, a model rather than a checkpoint, missing or invalid
     /// metadata, missing, unexpected or wrongly shaped tensors, or tensors whose hash does not
     /// match the one recorded (corruption).
+    ///
+    /// The file is untrusted: every buffer is allocated only after its shape was checked against
+    /// the file's own tensors, so memory stays within about twice the file's size plus its
+    /// header's strings.
     pub fn load(path: &Path) -> Result<Self> {
-        let file = TensorFile::read(path)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// [`load`](Self::load) on a file's contents already in memory; `path` names it in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let file = TensorFile::from_bytes(path, bytes)?;
         check_kind(&file, KIND_CHECKPOINT)?;
         let hint = "the checkpoint is incomplete; it was not written by this program";
         let state_json = file.required_metadata(STATE_KEY, hint)?;
@@ -161,6 +171,7 @@ impl Checkpoint {
             }
             None => return Err(file.error(format!("missing tensor `{PARAMS}`"))),
         };
+        file.check_f32(PARAMS, &[n])?;
         let mut params = vec![0.0; n];
         file.read_f32_into(PARAMS, &[n], &mut params)?;
         let actual = fingerprint(&params);
@@ -176,6 +187,7 @@ impl Checkpoint {
             let Some(buffer_name) = name.strip_prefix(BUFFER_PREFIX) else {
                 return Err(file.error(format!("unexpected tensor `{name}`")));
             };
+            file.check_f32(name, &[n])?;
             let mut data = vec![0.0; n];
             file.read_f32_into(name, &[n], &mut data)?;
             let actual = hex::encode(sha256_f32(&data));

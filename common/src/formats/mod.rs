@@ -14,5 +14,6 @@ pub use atomic_file::write_atomic;
 pub use checkpoint::Checkpoint;
 pub use fingerprint::fingerprint;
 pub use model_file::{
-    FINGERPRINT_KEY, FORMAT_VERSION, LoadedModel, MODEL_CONFIG_KEY, load_model, save_model,
+    FINGERPRINT_KEY, FORMAT_VERSION, LoadedModel, MODEL_CONFIG_KEY, load_model,
+    load_model_from_bytes, save_model,
 };

@@ -123,8 +123,18 @@ pub fn save_model(
 /// truncated, a training checkpoint rather than a model, missing or invalid configuration, a
 /// missing, unexpected, wrongly shaped or non-F32 tensor, or parameters that do not match the
 /// recorded fingerprint.
+///
+/// The file is untrusted: nothing is allocated from a size it states before that size is checked
+/// against the bytes it holds. Memory is bounded by about twice the file's size (its bytes, and
+/// the parameters read from them) plus its header's strings.
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
-    let file = TensorFile::read(path)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    load_model_from_bytes(path, bytes)
+}
+
+/// [`load_model`] on a file's contents already in memory; `path` names it in errors.
+pub fn load_model_from_bytes(path: &Path, bytes: Vec<u8>) -> Result<LoadedModel> {
+    let file = TensorFile::from_bytes(path, bytes)?;
     check_kind(&file, KIND_MODEL)?;
     let config_json = file.required_metadata(
         MODEL_CONFIG_KEY,
@@ -139,6 +149,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     config
         .validate()
         .map_err(|e| file.error(format!("`{MODEL_CONFIG_KEY}`: {e}")))?;
+    check_size(&file, &config)?;
 
     let layout = ParamLayout::new(&config);
     let tensors = layout.tensors();
@@ -153,6 +164,20 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
                 .map(|t| format!("`{}`", t.name))
                 .collect::<Vec<_>>()
                 .join(", ")
+        )));
+    }
+    // Every tensor present with its shape before the parameters are allocated: their number is
+    // then the file's own tensor data.
+    for t in &tensors {
+        file.check_f32(&t.name, &t.shape)?;
+    }
+    debug_assert_eq!(param_count(&config), Some(layout.len()));
+    if layout.len().checked_mul(4) != Some(file.data_len()) {
+        return Err(file.error(format!(
+            "the tensors hold {} bytes of data but the model's {} parameters need {}",
+            file.data_len(),
+            layout.len(),
+            layout.len().saturating_mul(4)
         )));
     }
     let mut params = vec![0.0; layout.len()];
@@ -179,6 +204,60 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         params,
         metadata,
     })
+}
+
+/// Checks, before the layout of `config` is built, that the file could hold such a model: not
+/// far more layers than the file has tensors (so the layout's size is bounded by the header's),
+/// and a parameter count that does not overflow (the layout adds and multiplies unchecked).
+/// Whether the tensors are the right ones is checked after, by name and shape, so that a file
+/// missing one tensor hears which.
+fn check_size(file: &TensorFile, config: &ModelConfig) -> Result<()> {
+    // Two tensors per linear layer: encoder hidden layers, mu, logvar, decoder hidden, output.
+    let tensors = config
+        .hidden
+        .len()
+        .checked_mul(2)
+        .and_then(|n| n.checked_add(3))
+        .and_then(|n| n.checked_mul(2));
+    if tensors.is_none_or(|n| n > 2 * file.tensor_count() + 10) {
+        return Err(file.error(format!(
+            "the model configuration has {} hidden layers, far more than the file's {} tensors \
+             can hold: the configuration does not belong to these tensors",
+            config.hidden.len(),
+            file.tensor_count()
+        )));
+    }
+    if param_count(config).is_none() {
+        return Err(file.error(format!(
+            "the model configuration {} has more parameters than this machine can address: \
+             the configuration does not belong to these tensors",
+            crate::model::model_name(config)
+        )));
+    }
+    Ok(())
+}
+
+/// The number of parameters of `config`, as [`ParamLayout::len`] computes it, or `None` on
+/// overflow.
+fn param_count(config: &ModelConfig) -> Option<usize> {
+    let layer = |count: usize, fan_in: usize, fan_out: usize| {
+        count.checked_add(fan_in.checked_mul(fan_out)?.checked_add(fan_out)?)
+    };
+    let mut count = 0;
+    let mut prev = config.input_dim;
+    for &h in &config.hidden {
+        count = layer(count, prev, h)?;
+        prev = h;
+    }
+    // mu and logvar both read the last hidden layer.
+    count = layer(count, prev, config.latent)?;
+    count = layer(count, prev, config.latent)?;
+    let mut prev = config.latent;
+    for &h in config.hidden.iter().rev() {
+        count = layer(count, prev, h)?;
+        prev = h;
+    }
+    layer(count, prev, config.input_dim)
 }
 
 /// Checks `vae.kind` (absent counts as a model) and `vae.format_version` (absent counts as 1).

@@ -10,6 +10,6 @@ mod reduce;
 mod shard;
 
 pub use engine::{Engine, ShardBatch};
-pub use gradient::{GradientSum, check_gradient};
+pub use gradient::{GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, all_finite, check_gradient};
 pub use reduce::{Node, ReductionTree, TreeSum};
 pub use shard::ShardPlan;
