@@ -719,20 +719,18 @@ impl Driver<'_> {
                 .collect();
             match engine.node_gradient(&params, epoch, &tree, work.node, &batches) {
                 Ok(sum) => {
-                    shared.state().accept_own_computation(
-                        global_step,
-                        work.node,
-                        sum,
-                        Instant::now(),
-                    );
-                    shared.notify();
+                    shared
+                        .state()
+                        .accept_own_computation(global_step, work.node, sum);
                 }
-                Err(e) => tracing::error!(
-                    "step {global_step}: cannot compute shards {}..{} here: {e}",
-                    work.node.lo,
-                    work.node.hi
-                ),
+                // The step cannot complete without this node: stop rather than wait forever.
+                Err(e) => shared.state().stop(format!(
+                    "step {global_step}: the coordinator cannot compute shards {}..{} itself: \
+                     {e}",
+                    work.node.lo, work.node.hi
+                )),
             }
+            shared.notify();
         });
     }
 

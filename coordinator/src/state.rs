@@ -605,14 +605,7 @@ impl StateMachine {
 
     /// The coordinator's own computation of a node it was asked to compute
     /// ([`Output::ComputeNode`]): trusted, so it decides the node.
-    pub fn accept_own_computation(
-        &mut self,
-        global_step: u64,
-        node: Node,
-        sum: GradientSum,
-        now: Instant,
-    ) {
-        let _ = now;
+    pub fn accept_own_computation(&mut self, global_step: u64, node: Node, sum: GradientSum) {
         let Some(step) = self.step.as_mut().filter(|s| s.global_step == global_step) else {
             return;
         };
@@ -1013,6 +1006,11 @@ impl StateMachine {
             }
             None => false,
         }
+    }
+
+    /// Stops the run for a reason found outside the machine (it checkpoints the last applied step).
+    pub fn stop(&mut self, reason: String) {
+        self.fail(reason);
     }
 
     fn fail(&mut self, reason: String) {

@@ -357,7 +357,7 @@ fn a_diverging_run_stops_instead_of_looping() {
                 };
                 let (node, mut sum) = compute(&task, sm.params()).remove(0);
                 sum.grad[0] = f32::INFINITY;
-                sm.accept_own_computation(*global_step, node, sum, now);
+                sm.accept_own_computation(*global_step, node, sum);
             }
             outputs.push(output);
         }
@@ -567,7 +567,7 @@ fn serve_compute_requests(sm: &mut StateMachine, outputs: &mut Vec<Output>, now:
                     nodes: vec![work.clone()],
                 };
                 let (node, sum) = compute(&task, sm.params()).remove(0);
-                sm.accept_own_computation(*global_step, node, sum, now);
+                sm.accept_own_computation(*global_step, node, sum);
                 sm.apply_ready_update(now);
             }
         }
