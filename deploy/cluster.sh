@@ -33,6 +33,10 @@ build() {
     echo "cluster.sh: no Docker engine is reachable (is the daemon running?)" >&2
     exit 1
   fi
+  # One build at a time: concurrent builds (two test binaries) would share the context below.
+  mkdir -p "$root/target"
+  exec 9>"$root/target/.cluster-build.lock"
+  flock 9
   echo "cluster.sh: building static binaries" >&2
   # A separate target directory keeps these flags from invalidating the normal build cache.
   # One package at a time: built together, cargo would unify common's features and link the
