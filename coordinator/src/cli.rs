@@ -155,9 +155,16 @@ pub struct Cli {
     /// Seconds to wait with no worker at all before stopping with a checkpoint.
     #[arg(long, default_value_t = 60.0)]
     pub no_worker_timeout: f64,
-    /// Continue from the checkpoint in --out (starts fresh when there is none).
+    /// Continue from the checkpoint in --out (starts fresh when there is none; falls back to the
+    /// previous checkpoint when the newest cannot be read).
     #[arg(long)]
     pub resume: bool,
+    /// Start afresh in an --out that holds another run's results (a checkpoint, model, summary or
+    /// metrics), which is otherwise refused: that run's checkpoints, model, summary, metrics and
+    /// settings files are deleted first (other files stay). Only on the command line, never in a
+    /// settings file.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Redraw samples, reconstructions and curves in --out after every epoch (always at the end).
     #[arg(long)]
     pub pictures_every_epoch: bool,
@@ -317,6 +324,7 @@ impl Cli {
             worker_timeout_secs: self.worker_timeout,
             no_worker_timeout_secs: self.no_worker_timeout,
             resume: self.resume,
+            force: self.force,
             init_from: self.init_from,
             pictures_every_epoch: self.pictures_every_epoch,
             transport: self.transport,

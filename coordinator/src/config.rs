@@ -70,6 +70,11 @@ pub struct TrainConfig {
     pub worker_timeout_secs: f64,
     pub no_worker_timeout_secs: f64,
     pub resume: bool,
+    /// A fresh run may replace another run's files in `out` (deleting them first). Never saved:
+    /// `config.json` and `config.toml` describe the run, and a run repeated from them must not
+    /// delete outputs without being told so again on its own command line.
+    #[serde(skip)]
+    pub force: bool,
     /// Redraw the run's pictures after every epoch, not only at the end.
     pub pictures_every_epoch: bool,
     pub transport: Transport,
@@ -123,6 +128,7 @@ impl Default for TrainConfig {
             worker_timeout_secs: 3.0,
             no_worker_timeout_secs: 60.0,
             resume: false,
+            force: false,
             init_from: None,
             pictures_every_epoch: false,
             transport: Transport::Auto,

@@ -72,12 +72,15 @@ pub fn read(path: &Path) -> Result<Vec<String>> {
     to_flags(&table).map_err(what)
 }
 
-/// Keys a settings file may use: every long flag of the training command but these.
+/// Keys a settings file may use: every long flag of the training command but these. `force`
+/// deletes another run's outputs: it is given on the command line each time, never kept in a
+/// file (and [`to_toml`] never writes it), so repeating a run from its `config.toml` into the same
+/// `--out` is refused rather than silently replacing the run.
 fn allowed_keys() -> Vec<String> {
     Cli::command()
         .get_arguments()
         .filter_map(|a| a.get_long())
-        .filter(|name| !matches!(*name, "help" | "version" | "config" | "token"))
+        .filter(|name| !matches!(*name, "help" | "version" | "config" | "token" | "force"))
         .map(str::to_string)
         .collect()
 }
@@ -90,6 +93,13 @@ fn to_flags(table: &Table) -> std::result::Result<Vec<String>, String> {
             return Err(
                 "`token` does not belong in a settings file (files get copied and committed): \
                  put the token in its own file and name it with `token-file`"
+                    .into(),
+            );
+        }
+        if key == "force" {
+            return Err(
+                "`force` does not belong in a settings file (it deletes the outputs of the run \
+                 in --out): give --force on the command line when you mean it"
                     .into(),
             );
         }
@@ -335,6 +345,9 @@ mod tests {
         assert!(e.contains("`epochz`") && e.contains("run.toml"), "{e}");
         std::fs::write(&path, "token = \"s3cret\"\n").unwrap();
         assert!(read(&path).unwrap_err().to_string().contains("token-file"));
+        std::fs::write(&path, "force = true\n").unwrap();
+        let e = read(&path).unwrap_err().to_string();
+        assert!(e.contains("--force on the command line"), "{e}");
         std::fs::write(&path, "epochs = [\n").unwrap();
         assert!(read(&path).unwrap_err().to_string().contains("run.toml"));
         std::fs::write(&path, "likelihood = \"gausian\"\n").unwrap();

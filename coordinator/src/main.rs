@@ -41,7 +41,8 @@ async fn main() -> std::process::ExitCode {
         }
     };
     match coordinator::run::run(config).await {
-        Ok(_) => std::process::ExitCode::SUCCESS,
+        // 0, or 130/143 after SIGINT/SIGTERM stopped the run with a checkpoint.
+        Ok(outcome) => std::process::ExitCode::from(outcome.exit_code()),
         Err(e) => {
             tracing::error!("{e}");
             if log_format == LogFormat::Text {

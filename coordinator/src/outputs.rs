@@ -1,5 +1,6 @@
 //! What a run writes into `--out`: `config.json`, `metrics.jsonl`, checkpoints,
-//! `model.safetensors` and `summary.json`.
+//! `model.safetensors` and `summary.json`; which directory a fresh run may take; and the two
+//! checkpoints kept, the newest and the previous.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -7,15 +8,46 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use common::formats::Checkpoint;
+
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::state::EpochTotals;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The newest checkpoint.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The checkpoint before the newest: `--resume` falls back to it when the newest is unreadable.
+pub const PREV_CHECKPOINT_FILE: &str = "checkpoint.prev.safetensors";
+/// An unreadable newest checkpoint, moved here by a `--resume` that fell back to the previous one
+/// (kept for inspection; out of the rotation, so it never becomes "the previous").
+pub const CORRUPT_CHECKPOINT_FILE: &str = "checkpoint.corrupt.safetensors";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const SUMMARY_FILE: &str = "summary.json";
+
+/// The files that hold a run's results. A fresh run (no `--resume`) refuses a directory with any
+/// of them (`metrics.jsonl` only when it has a line) unless `--force`.
+const RESULT_FILES: &[&str] = &[
+    CHECKPOINT_FILE,
+    PREV_CHECKPOINT_FILE,
+    CORRUPT_CHECKPOINT_FILE,
+    MODEL_FILE,
+    SUMMARY_FILE,
+    METRICS_FILE,
+];
+
+/// Every file a run writes but its pictures (which every run redraws): what `--force` deletes.
+pub const RUN_FILES: &[&str] = &[
+    CHECKPOINT_FILE,
+    PREV_CHECKPOINT_FILE,
+    CORRUPT_CHECKPOINT_FILE,
+    MODEL_FILE,
+    SUMMARY_FILE,
+    METRICS_FILE,
+    CONFIG_FILE,
+    crate::config_file::CONFIG_TOML,
+];
 
 /// The time split of a span of steps, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -152,13 +184,157 @@ impl MetricsLog {
     }
 }
 
-pub fn prepare_dir(dir: &Path) -> Result<()> {
+/// Creates `dir` if needed. A fresh run (`resume` false) must not silently replace another run:
+/// if `dir` holds a run's results (a checkpoint, model, summary or metrics line) it is refused,
+/// unless `force`, which first deletes every file of that run ([`RUN_FILES`]). Settings files
+/// alone (a run stopped before it trained anything) are simply rewritten.
+pub fn prepare_dir(dir: &Path, resume: bool, force: bool) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| {
         Error::Io(format!(
             "cannot create output directory {}: {e}; choose another with --out",
             dir.display()
         ))
-    })
+    })?;
+    if resume {
+        return Ok(());
+    }
+    let results: Vec<&str> = RESULT_FILES
+        .iter()
+        .copied()
+        .filter(|&name| {
+            let path = dir.join(name);
+            if name == METRICS_FILE {
+                fs::metadata(&path).is_ok_and(|m| m.len() > 0)
+            } else {
+                path.exists()
+            }
+        })
+        .collect();
+    if results.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        return Err(Error::Config(format!(
+            "{} holds another run ({}): continue it with --resume, replace it with --force \
+             (which deletes its files first), or choose another --out",
+            dir.display(),
+            results.join(", ")
+        )));
+    }
+    let present: Vec<&str> = RUN_FILES
+        .iter()
+        .copied()
+        .filter(|name| dir.join(name).exists())
+        .collect();
+    for name in &present {
+        let path = dir.join(name);
+        fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
+    }
+    tracing::warn!(
+        "--force: deleted the files of the run that was in {}: {}",
+        dir.display(),
+        present.join(", ")
+    );
+    Ok(())
+}
+
+/// Writes `checkpoint` as the newest in `dir` and keeps the one it replaces as the previous
+/// ([`PREV_CHECKPOINT_FILE`]). The newest is renamed before the new one is written (atomically),
+/// so at every moment one of the two names holds a complete checkpoint.
+pub fn save_checkpoint(dir: &Path, checkpoint: &Checkpoint) -> Result<()> {
+    let newest = dir.join(CHECKPOINT_FILE);
+    if newest.exists() {
+        let prev = dir.join(PREV_CHECKPOINT_FILE);
+        fs::rename(&newest, &prev).map_err(|e| io_error(&prev, e))?;
+    }
+    checkpoint.save(&newest).map_err(Error::from)
+}
+
+/// A checkpoint read back for `--resume`.
+#[derive(Debug)]
+pub struct LoadedCheckpoint {
+    pub checkpoint: Checkpoint,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The newest checkpoint when it could not be read (and `path` is the previous one): once the
+    /// resume is accepted, [`set_aside`] moves it out of the rotation.
+    pub unreadable: Option<PathBuf>,
+}
+
+/// Moves an unreadable newest checkpoint to [`CORRUPT_CHECKPOINT_FILE`] beside it, so the next
+/// checkpoint does not rotate it into the previous one's place.
+pub fn set_aside(unreadable: &Path) -> Result<()> {
+    let aside = unreadable.with_file_name(CORRUPT_CHECKPOINT_FILE);
+    fs::rename(unreadable, &aside).map_err(|e| io_error(&aside, e))?;
+    tracing::warn!(
+        "moved the unreadable {} to {}",
+        unreadable.display(),
+        aside.display()
+    );
+    Ok(())
+}
+
+/// The checkpoint `--resume` continues from: the newest in `dir`, or the previous one when the
+/// newest is missing or cannot be read (truncated, corrupt), with a warning naming it. `None`
+/// when `dir` holds neither; an error when neither of those present can be read.
+pub fn load_checkpoint(dir: &Path) -> Result<Option<LoadedCheckpoint>> {
+    let newest = dir.join(CHECKPOINT_FILE);
+    let prev = dir.join(PREV_CHECKPOINT_FILE);
+    let newest_error = if newest.exists() {
+        match Checkpoint::load(&newest) {
+            Ok(checkpoint) => {
+                return Ok(Some(LoadedCheckpoint {
+                    checkpoint,
+                    path: newest,
+                    unreadable: None,
+                }));
+            }
+            Err(e) => Some(e),
+        }
+    } else {
+        None
+    };
+    if !prev.exists() {
+        return match newest_error {
+            None => Ok(None),
+            Some(e) => Err(Error::Io(format!(
+                "cannot resume: {e}; and there is no previous checkpoint {} to fall back to. \
+                 Restore a checkpoint, or start afresh with --force instead of --resume",
+                prev.display()
+            ))),
+        };
+    }
+    match Checkpoint::load(&prev) {
+        Ok(checkpoint) => {
+            match &newest_error {
+                Some(e) => tracing::warn!(
+                    "the newest checkpoint cannot be read ({e}): resuming from the previous one, \
+                     {}",
+                    prev.display()
+                ),
+                None => tracing::warn!(
+                    "no {} (the run stopped while replacing it): resuming from the previous \
+                     checkpoint, {}",
+                    newest.display(),
+                    prev.display()
+                ),
+            }
+            Ok(Some(LoadedCheckpoint {
+                checkpoint,
+                path: prev,
+                unreadable: newest_error.map(|_| newest),
+            }))
+        }
+        Err(prev_error) => Err(Error::Io(format!(
+            "cannot resume: no checkpoint in {} can be read ({}; {prev_error}). Restore one, or \
+             start afresh with --force instead of --resume",
+            dir.display(),
+            newest_error.map_or_else(
+                || format!("{} is missing", newest.display()),
+                |e| e.to_string()
+            ),
+        ))),
+    }
 }
 
 /// The effective settings, as `config.json` (read by the tools) and `config.toml` (read by
@@ -182,4 +358,112 @@ fn write_json(path: &Path, json: &str) -> Result<()> {
 
 fn io_error(path: &Path, e: std::io::Error) -> Error {
     Error::Io(format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::optim::OptimizerConfig;
+
+    fn checkpoint(global_step: u64) -> Checkpoint {
+        let optimizer = OptimizerConfig::adam(1e-3);
+        Checkpoint {
+            params: vec![global_step as f32; 8],
+            optimizer_state: optimizer.init_state(8),
+            optimizer,
+            global_step,
+            epoch: 0,
+            step_in_epoch: global_step,
+            run_config_json: "{}".into(),
+            metrics_history: Vec::new(),
+        }
+    }
+
+    fn step_of(dir: &Path) -> u64 {
+        load_checkpoint(dir)
+            .unwrap()
+            .expect("a checkpoint")
+            .checkpoint
+            .global_step
+    }
+
+    #[test]
+    fn the_last_two_checkpoints_are_kept_and_an_unreadable_newest_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (newest, prev) = (
+            dir.path().join(CHECKPOINT_FILE),
+            dir.path().join(PREV_CHECKPOINT_FILE),
+        );
+        assert!(load_checkpoint(dir.path()).unwrap().is_none());
+        for step in 1..=3 {
+            save_checkpoint(dir.path(), &checkpoint(step)).unwrap();
+        }
+        assert_eq!(step_of(dir.path()), 3);
+        assert_eq!(Checkpoint::load(&prev).unwrap().global_step, 2);
+
+        // Truncated newest: the previous one, and the newest named as unreadable.
+        let bytes = fs::read(&newest).unwrap();
+        fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+        let loaded = load_checkpoint(dir.path()).unwrap().unwrap();
+        assert_eq!(
+            (loaded.checkpoint.global_step, &loaded.path),
+            (2, &prev),
+            "fell back"
+        );
+        assert_eq!(loaded.unreadable.as_ref(), Some(&newest));
+        // Set aside, it never becomes "the previous": the next save keeps step 2 there.
+        set_aside(&newest).unwrap();
+        assert!(dir.path().join(CORRUPT_CHECKPOINT_FILE).is_file());
+        save_checkpoint(dir.path(), &checkpoint(4)).unwrap();
+        assert_eq!(step_of(dir.path()), 4);
+        assert_eq!(Checkpoint::load(&prev).unwrap().global_step, 2);
+
+        // A crash between the rotation's rename and the write: only the previous is there.
+        fs::remove_file(&newest).unwrap();
+        assert_eq!(step_of(dir.path()), 2);
+
+        // Neither readable: an error naming both.
+        fs::write(&newest, b"garbage").unwrap();
+        fs::write(&prev, b"garbage").unwrap();
+        let e = load_checkpoint(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(CHECKPOINT_FILE)
+                && e.contains(PREV_CHECKPOINT_FILE)
+                && e.contains("--force"),
+            "{e}"
+        );
+        // An unreadable newest with no previous: an error, not a fresh start.
+        fs::remove_file(&prev).unwrap();
+        let e = load_checkpoint(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(CHECKPOINT_FILE) && e.contains("no previous"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_fresh_run_takes_only_a_directory_without_another_runs_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        prepare_dir(&out, false, false).unwrap();
+        // Other files, settings alone and an empty metrics file are no run to keep.
+        fs::write(out.join("notes.txt"), "mine").unwrap();
+        fs::write(out.join(CONFIG_FILE), "{}").unwrap();
+        fs::write(out.join(crate::config_file::CONFIG_TOML), "").unwrap();
+        fs::write(out.join(METRICS_FILE), "").unwrap();
+        prepare_dir(&out, false, false).unwrap();
+        for name in RESULT_FILES {
+            fs::write(out.join(name), "x").unwrap();
+            let e = prepare_dir(&out, false, false).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("--force"), "{e}");
+            prepare_dir(&out, true, false).unwrap();
+            assert!(out.join(name).exists(), "--resume deletes nothing");
+        }
+        prepare_dir(&out, false, true).unwrap();
+        for name in RUN_FILES {
+            assert!(!out.join(name).exists(), "--force deleted {name}");
+        }
+        assert!(out.join("notes.txt").exists(), "other files stay");
+        prepare_dir(&out, false, false).unwrap();
+    }
 }

@@ -37,12 +37,160 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(2500);
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// What a checkpoint carries besides parameters and optimizer state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct RunState {
     identity: serde_json::Value,
     epoch_totals: EpochTotals,
     run_time: TimeSplit,
     run_examples: u64,
+}
+
+/// The sections of [`RunState`] made only of figures (sums and times for the reports).
+const FIGURES: [&str; 2] = ["epoch_totals", "run_time"];
+
+impl RunState {
+    /// The JSON stored in a checkpoint. JSON has no NaN or infinity (serde_json writes `null`,
+    /// which does not read back as a number), so a non-finite figure is stored as 0 with a
+    /// warning: the figures feed only the reports, never the parameters, and the checkpoint stays
+    /// resumable.
+    fn to_json(&self) -> String {
+        let mut value = serde_json::to_value(self).expect("run state serialises");
+        let repaired = repair_figures(&mut value);
+        if !repaired.is_empty() {
+            tracing::warn!(
+                "run figures {} are not finite: stored as 0 in the checkpoint so that --resume \
+                 can read it (the reported figures of this epoch are off; the parameters are not \
+                 affected)",
+                repaired.join(", ")
+            );
+        }
+        value.to_string()
+    }
+
+    /// Reads [`to_json`](Self::to_json)'s output. A `null` figure (a non-finite value stored by
+    /// an earlier version) reads as 0, with a warning.
+    fn from_json(json: &str, path: &std::path::Path) -> Result<Self> {
+        let unreadable = |e: serde_json::Error| {
+            Error::Config(format!(
+                "checkpoint {} has unreadable run state: {e}",
+                path.display()
+            ))
+        };
+        let mut value: serde_json::Value = serde_json::from_str(json).map_err(unreadable)?;
+        let repaired = repair_figures(&mut value);
+        if !repaired.is_empty() {
+            tracing::warn!(
+                "checkpoint {}: run figures {} were stored as null (not finite); read as 0",
+                path.display(),
+                repaired.join(", ")
+            );
+        }
+        serde_json::from_value(value).map_err(unreadable)
+    }
+}
+
+/// Sets every `null` in the figure sections of a run state's JSON to 0; returns their names.
+fn repair_figures(value: &mut serde_json::Value) -> Vec<String> {
+    let mut repaired = Vec::new();
+    for section in FIGURES {
+        if let Some(serde_json::Value::Object(fields)) = value.get_mut(section) {
+            for (name, figure) in fields.iter_mut().filter(|(_, v)| v.is_null()) {
+                *figure = serde_json::Value::from(0);
+                repaired.push(format!("{section}.{name}"));
+            }
+        }
+    }
+    repaired
+}
+
+/// A signal that stops a run with a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM (`docker stop`, Kubernetes, Slurm's `scancel`).
+    Terminate,
+}
+
+impl StopSignal {
+    pub fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
+
+    /// 128 + the signal's number, the status shells report for a process a signal ended: 130 for
+    /// SIGINT, 143 for SIGTERM. Not 0, so a Kubernetes Job or a script does not take a stopped run
+    /// for a finished one.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            StopSignal::Interrupt => 130,
+            StopSignal::Terminate => 143,
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, caught from the moment this is made (a signal that arrives while the
+/// driver is busy waits here) until the process ends.
+#[derive(Debug)]
+pub struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers (inside a tokio runtime).
+    pub fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind| {
+            signal(kind).map_err(|e| Error::Io(format!("cannot install a signal handler: {e}")))
+        };
+        Ok(StopSignals {
+            terminate: listen(SignalKind::terminate())?,
+            interrupt: listen(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) -> StopSignal {
+        tokio::select! {
+            Some(()) = self.terminate.recv() => StopSignal::Terminate,
+            Some(()) = self.interrupt.recv() => StopSignal::Interrupt,
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// How a training command ended, errors aside.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Trained to the last epoch: model, summary and pictures written.
+    Finished(Summary),
+    /// `--resume` of a run that had finished training but whose model (or summary) was missing:
+    /// written from the final checkpoint; this is its fingerprint.
+    Completed { fingerprint: String },
+    /// A signal stopped the run after a checkpoint at `position`; `--resume` continues it.
+    Stopped {
+        signal: StopSignal,
+        position: Position,
+    },
+}
+
+impl Outcome {
+    /// The process's exit status: 0, or 128 + the signal's number for a stopped run.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Finished(_) | Outcome::Completed { .. } => 0,
+            Outcome::Stopped { signal, .. } => signal.exit_code(),
+        }
+    }
+}
+
+/// How the driver's loop ended, errors aside.
+enum Ended {
+    Finished { heldout: Heldout, train_elbo: f64 },
+    Stopped(StopSignal),
 }
 
 /// Everything loaded and checked, no socket open yet.
@@ -59,13 +207,23 @@ pub struct Prepared {
     history: Vec<String>,
     run_time: TimeSplit,
     run_examples: u64,
+    /// The global step of the newest checkpoint file when the run resumed from it.
+    checkpointed: Option<u64>,
 }
 
-/// Loads the dataset, builds or resumes the state. Opens no socket.
+impl Prepared {
+    /// Whether the resumed checkpoint is at the end of training (nothing left to train).
+    pub fn is_finished(&self) -> bool {
+        *self.state.phase() == Phase::Finished
+    }
+}
+
+/// Loads the dataset, builds or resumes the state. Opens no socket. A fresh run refuses an
+/// `--out` holding another run unless `--force` (then deletes that run's files).
 pub fn prepare(config: TrainConfig) -> Result<Prepared> {
     config.validate()?;
     let tls = load_tls(&config)?;
-    outputs::prepare_dir(&config.out)?;
+    outputs::prepare_dir(&config.out, config.resume, config.force)?;
     let source: &DataSource = &config.data;
     let started = Instant::now();
     let data = source.load()?;
@@ -102,26 +260,25 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_millis() as u64);
-    let checkpoint_path = config.out.join(outputs::CHECKPOINT_FILE);
-    let resumed = if config.resume && checkpoint_path.exists() {
-        Some(Checkpoint::load(&checkpoint_path)?)
-    } else {
-        if config.resume {
+    let resumed = if config.resume {
+        let loaded = outputs::load_checkpoint(&config.out)?;
+        if loaded.is_none() {
             tracing::info!(
-                "--resume: no checkpoint at {}, starting from scratch",
-                checkpoint_path.display()
+                "--resume: no checkpoint in {}, starting from scratch",
+                config.out.display()
             );
         }
+        loaded
+    } else {
         None
     };
-    let (state, history, run_time, run_examples) = match resumed {
-        Some(ckpt) => {
-            let run_state: RunState = serde_json::from_str(&ckpt.run_config_json).map_err(|e| {
-                Error::Config(format!(
-                    "checkpoint {} has unreadable run state: {e}",
-                    checkpoint_path.display()
-                ))
-            })?;
+    let (state, history, run_time, run_examples, checkpointed) = match resumed {
+        Some(outputs::LoadedCheckpoint {
+            checkpoint: ckpt,
+            path: checkpoint_path,
+            unreadable,
+        }) => {
+            let run_state = RunState::from_json(&ckpt.run_config_json, &checkpoint_path)?;
             if run_state.identity != config.identity() {
                 return Err(Error::Config(format!(
                     "checkpoint {} was written by a run with other settings ({}) than these \
@@ -139,6 +296,9 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
                     ckpt.params.len(),
                     engine.layout().len()
                 )));
+            }
+            if let Some(unreadable) = &unreadable {
+                outputs::set_aside(unreadable)?;
             }
             let position = Position {
                 epoch: ckpt.epoch,
@@ -160,11 +320,13 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
                 run_state.epoch_totals,
                 incarnation,
             );
+            let newest = checkpoint_path == config.out.join(outputs::CHECKPOINT_FILE);
             (
                 state,
                 ckpt.metrics_history,
                 run_state.run_time,
                 run_state.run_examples,
+                newest.then_some(position.global_step),
             )
         }
         None => {
@@ -181,7 +343,7 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
                 EpochTotals::default(),
                 incarnation,
             );
-            (state, Vec::new(), TimeSplit::default(), 0)
+            (state, Vec::new(), TimeSplit::default(), 0, None)
         }
     };
     outputs::write_config(&config.out, &config)?;
@@ -196,6 +358,7 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
         history,
         run_time,
         run_examples,
+        checkpointed,
     })
 }
 
@@ -251,23 +414,34 @@ fn initial_params_from(
     Ok(loaded.params)
 }
 
-/// Prepares, binds `--listen`, and trains to the end.
-pub async fn run(config: TrainConfig) -> Result<Summary> {
+/// Prepares, binds `--listen`, and trains to the end or until SIGTERM or SIGINT (caught from
+/// the end of the preparation on). A resumed run that had already finished training only writes
+/// the outputs a crash left missing.
+pub async fn run(config: TrainConfig) -> Result<Outcome> {
     let listen = config.listen.clone();
     let prepared = tokio::task::spawn_blocking(move || prepare(config))
         .await
         .map_err(|e| Error::Io(format!("preparation panicked: {e}")))??;
+    if prepared.is_finished() {
+        return complete_finished(prepared).await;
+    }
+    let signals = StopSignals::install()?;
     let listener = TcpListener::bind(&listen).await.map_err(|e| {
         Error::Io(format!(
             "cannot listen on {listen}: {e}; choose another address with --listen (port 0 picks \
              a free one)"
         ))
     })?;
-    serve(prepared, listener).await
+    serve(prepared, listener, signals).await
 }
 
-/// Serves workers on `listener` and drives the run to its end.
-pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary> {
+/// Serves workers on `listener` and drives the run to its end, or until a signal from `signals`
+/// stops it with a checkpoint of the last applied step.
+pub async fn serve(
+    prepared: Prepared,
+    listener: TcpListener,
+    mut signals: StopSignals,
+) -> Result<Outcome> {
     let Prepared {
         config,
         tls,
@@ -279,6 +453,7 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         history,
         mut run_time,
         mut run_examples,
+        checkpointed,
     } = prepared;
     let addr: SocketAddr = listener
         .local_addr()
@@ -397,13 +572,57 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         last_train_elbo: f64::NAN,
         prometheus,
         throughput: Throughput::default(),
+        checkpointed,
     };
-    let result = driver.drive(&mut run_time, &mut run_examples).await;
-
-    // Let workers hear `Done` before the server goes away.
-    tokio::time::sleep(SHUTDOWN_GRACE).await;
+    let ended = driver
+        .drive(&mut signals, &mut run_time, &mut run_examples)
+        .await;
+    let (params, position) = {
+        let state = shared.state();
+        (state.params().to_vec(), state.position())
+    };
+    // A finished run's model and summary come first, before the wait for workers and the
+    // pictures: the run is complete once they are on disk.
+    let outcome = match ended {
+        Ok(Ended::Finished {
+            heldout,
+            train_elbo,
+        }) => write_model(&config, &engine, &params).and_then(|fingerprint| {
+            let summary = final_summary(
+                &config,
+                position,
+                train_elbo,
+                &heldout,
+                run_time,
+                run_examples,
+                fingerprint,
+                started.elapsed().as_secs_f64(),
+            );
+            outputs::write_summary(&config.out, &summary)?;
+            Ok(Outcome::Finished(summary))
+        }),
+        Ok(Ended::Stopped(signal)) => Ok(Outcome::Stopped { signal, position }),
+        Err(e) => Err(e),
+    };
+    let stopped = matches!(outcome, Ok(Outcome::Stopped { .. }));
+    if stopped {
+        // Remote workers are left to retry: a coordinator restarted with --resume continues
+        // with them. Local ones are this process's children, stopped with it.
+        for child in &mut children {
+            let _ = child.start_kill();
+        }
+    } else {
+        // Let workers hear `Done` before the server goes away; a signal cuts the wait short.
+        tokio::select! {
+            _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+            signal = signals.recv() => tracing::info!(
+                "{} received: not waiting for the workers to hear that training ended",
+                signal.name()
+            ),
+        }
+    }
     let _ = stop_tx.send(());
-    let _ = server.await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }
@@ -412,36 +631,22 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         let _ = child.start_kill();
     }
     driver.progress.finish();
-    let last = result?;
-    let params = shared.state().params().to_vec();
-    let fingerprint = fingerprint(&params);
-    let mut extra = BTreeMap::new();
-    extra.insert("fingerprint".to_string(), fingerprint.clone());
-    extra.insert("seed".to_string(), config.seed.to_string());
-    extra.insert("epochs".to_string(), config.epochs.to_string());
-    extra.insert("data".to_string(), config.data.to_string());
-    common::formats::save_model(
-        &config.out.join(outputs::MODEL_FILE),
-        engine.config(),
-        &params,
-        &extra,
-    )?;
-    let position = shared.state().position();
-    let summary = Summary {
-        epochs: position.epoch,
-        global_steps: position.global_step,
-        train_elbo: last.1,
-        heldout_elbo: last.0.elbo,
-        heldout_recon: last.0.recon,
-        heldout_kl: last.0.kl,
-        heldout_iw_bound: last.0.iw_bound,
-        iw_samples: config.iw_samples,
-        samples_per_s: run_examples as f64 / run_time.step_s.max(1e-9),
-        time: run_time,
-        fingerprint: fingerprint.clone(),
-        wall_s: started.elapsed().as_secs_f64(),
+    let summary = match outcome? {
+        Outcome::Finished(summary) => summary,
+        Outcome::Stopped { signal, position } => {
+            tracing::warn!(
+                "stopped by {} at epoch {}, step {} (global step {}); checkpoint in {}: rerun the \
+                 same command with --resume to continue",
+                signal.name(),
+                position.epoch + 1,
+                position.step_in_epoch,
+                position.global_step,
+                config.out.join(outputs::CHECKPOINT_FILE).display()
+            );
+            return Ok(Outcome::Stopped { signal, position });
+        }
+        completed @ Outcome::Completed { .. } => return Ok(completed),
     };
-    outputs::write_summary(&config.out, &summary)?;
     if let Some(paths) = draw_pictures(&config, &engine, &driver.heldout, params).await {
         let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         tracing::info!("pictures: {}", paths.join(", "));
@@ -460,8 +665,146 @@ pub async fn serve(prepared: Prepared, listener: TcpListener) -> Result<Summary>
         run_time.update_s,
         run_time.step_s
     );
-    println!("fingerprint {fingerprint}");
-    Ok(summary)
+    println!("fingerprint {}", summary.fingerprint);
+    Ok(Outcome::Finished(summary))
+}
+
+/// Writes `model.safetensors` with `params`; returns their fingerprint.
+fn write_model(config: &TrainConfig, engine: &Engine, params: &[f32]) -> Result<String> {
+    let fingerprint = fingerprint(params);
+    let mut extra = BTreeMap::new();
+    extra.insert("fingerprint".to_string(), fingerprint.clone());
+    extra.insert("seed".to_string(), config.seed.to_string());
+    extra.insert("epochs".to_string(), config.epochs.to_string());
+    extra.insert("data".to_string(), config.data.to_string());
+    common::formats::save_model(
+        &config.out.join(outputs::MODEL_FILE),
+        engine.config(),
+        params,
+        &extra,
+    )?;
+    Ok(fingerprint)
+}
+
+/// `summary.json` of a run that ended at `position` with these figures.
+#[allow(clippy::too_many_arguments)]
+fn final_summary(
+    config: &TrainConfig,
+    position: Position,
+    train_elbo: f64,
+    heldout: &Heldout,
+    run_time: TimeSplit,
+    run_examples: u64,
+    fingerprint: String,
+    wall_s: f64,
+) -> Summary {
+    Summary {
+        epochs: position.epoch,
+        global_steps: position.global_step,
+        train_elbo,
+        heldout_elbo: heldout.elbo,
+        heldout_recon: heldout.recon,
+        heldout_kl: heldout.kl,
+        heldout_iw_bound: heldout.iw_bound,
+        iw_samples: config.iw_samples,
+        samples_per_s: run_examples as f64 / run_time.step_s.max(1e-9),
+        time: run_time,
+        fingerprint,
+        wall_s,
+    }
+}
+
+/// `--resume` of a run whose checkpoint is at the end of training. The final checkpoint is
+/// written before the model, so a crash between them leaves a finished run without its model:
+/// this writes the model (and the summary and pictures) from the checkpoint. With every output
+/// present there is nothing to do, and the run is refused as before.
+async fn complete_finished(prepared: Prepared) -> Result<Outcome> {
+    let started = Instant::now();
+    let Prepared {
+        config,
+        engine,
+        heldout,
+        state,
+        history,
+        run_time,
+        run_examples,
+        ..
+    } = prepared;
+    let params = state.params().to_vec();
+    let position = state.position();
+    let expected = fingerprint(&params);
+    let model_path = config.out.join(outputs::MODEL_FILE);
+    let model_problem = if !model_path.exists() {
+        Some("is missing".to_string())
+    } else {
+        match common::formats::load_model(&model_path) {
+            Ok(model) if fingerprint(&model.params) == expected => None,
+            Ok(_) => Some("holds other parameters than the final checkpoint".to_string()),
+            Err(e) => Some(format!("cannot be read ({e})")),
+        }
+    };
+    let summary_missing = !config.out.join(outputs::SUMMARY_FILE).is_file();
+    if model_problem.is_none() && !summary_missing {
+        return Err(Error::Config(format!(
+            "the run in {} already finished all {} epochs, and its model and summary are \
+             written; raise --epochs to train longer",
+            config.out.display(),
+            position.epoch
+        )));
+    }
+    if let Some(problem) = &model_problem {
+        write_model(&config, &engine, &params)?;
+        tracing::warn!(
+            "the run in {} had finished training, but {} {problem}: wrote it from the final \
+             checkpoint",
+            config.out.display(),
+            model_path.display()
+        );
+    }
+    if summary_missing {
+        let last = history
+            .last()
+            .and_then(|line| serde_json::from_str::<EpochMetrics>(line).ok());
+        match last {
+            Some(last) => {
+                let heldout = Heldout {
+                    elbo: last.heldout_elbo,
+                    recon: last.heldout_recon,
+                    kl: last.heldout_kl,
+                    iw_bound: last.heldout_iw_bound,
+                };
+                let summary = final_summary(
+                    &config,
+                    position,
+                    last.train_elbo,
+                    &heldout,
+                    run_time,
+                    run_examples,
+                    expected.clone(),
+                    started.elapsed().as_secs_f64(),
+                );
+                outputs::write_summary(&config.out, &summary)?;
+                tracing::warn!(
+                    "wrote the missing {}",
+                    config.out.join(outputs::SUMMARY_FILE).display()
+                );
+            }
+            None => tracing::warn!(
+                "cannot write {}: the checkpoint holds no readable metrics line",
+                outputs::SUMMARY_FILE
+            ),
+        }
+    }
+    if model_problem.is_some()
+        && let Some(paths) = draw_pictures(&config, &engine, &Arc::new(heldout), params).await
+    {
+        let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        tracing::info!("pictures: {}", paths.join(", "));
+    }
+    println!("fingerprint {expected}");
+    Ok(Outcome::Completed {
+        fingerprint: expected,
+    })
 }
 
 /// The shared-memory directory offered to workers on this host, unless `--transport tcp` or the
@@ -541,16 +884,26 @@ struct Driver<'a> {
     /// What `--metrics-addr` serves (updated whether or not it is served).
     prometheus: Metrics,
     throughput: Throughput,
+    /// The global step of the newest checkpoint file, when this process wrote it or resumed
+    /// from it: a stop at that step writes no copy (which would rotate the previous one away).
+    checkpointed: Option<u64>,
 }
 
 impl Driver<'_> {
-    /// Runs until the state machine finishes (Ok: final held-out figures and train ELBO) or
-    /// fails (Err, after writing a checkpoint of the last applied step).
+    /// Runs until the state machine finishes (final held-out figures and train ELBO), a signal
+    /// stops the run (after a checkpoint of the last applied step), or the run fails (Err, after
+    /// a checkpoint of the last applied step).
+    ///
+    /// On a signal no further update is applied: a step whose results are all in is left to the
+    /// resumed run, and the checkpoint holds the parameters, optimizer state and position after
+    /// the last applied update. An epoch that has just ended is evaluated and recorded first (its
+    /// position is already the next epoch's), and a run that has just finished finishes.
     async fn drive(
         &mut self,
+        signals: &mut StopSignals,
         run_time: &mut TimeSplit,
         run_examples: &mut u64,
-    ) -> Result<(Heldout, f64)> {
+    ) -> Result<Ended> {
         let mut changed = self.shared.subscribe();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -561,20 +914,27 @@ impl Driver<'_> {
                 self.config.epochs
             )));
         }
+        let mut stop: Option<StopSignal> = None;
         loop {
             tokio::select! {
                 _ = changed.changed() => {}
                 _ = ticker.tick() => {}
+                signal = signals.recv(), if stop.is_none() => {
+                    tracing::warn!(
+                        "{} received: stopping with a checkpoint of the last applied step",
+                        signal.name()
+                    );
+                    stop = Some(signal);
+                }
             }
             let outputs = {
                 let mut state = self.shared.state();
                 state.tick(Instant::now());
                 state.drain_outputs()
             };
-            if outputs.is_empty() {
-                continue;
+            if !outputs.is_empty() {
+                self.shared.notify();
             }
-            self.shared.notify();
             for output in outputs {
                 match output {
                     Output::WorkerJoined { worker, name } => {
@@ -654,6 +1014,8 @@ impl Driver<'_> {
                              the others and it may not register again under that name"
                         );
                     }
+                    // Stopping: this step is left to the resumed run.
+                    Output::StepReady { .. } if stop.is_some() => {}
                     Output::StepReady { .. } => self.update().await?,
                     Output::StepApplied {
                         position,
@@ -669,12 +1031,17 @@ impl Driver<'_> {
                         self.end_epoch(epoch, totals, run_time, run_examples)
                             .await?;
                     }
+                    // Stopping: the stop's own checkpoint follows.
+                    Output::CheckpointDue if stop.is_some() => {}
                     Output::CheckpointDue => self.checkpoint(*run_time, *run_examples).await?,
                     Output::Finished => {
                         let heldout = self.last_heldout.ok_or_else(|| {
                             Error::Training("finished without an evaluation".into())
                         })?;
-                        return Ok((heldout, self.last_train_elbo));
+                        return Ok(Ended::Finished {
+                            heldout,
+                            train_elbo: self.last_train_elbo,
+                        });
                     }
                     Output::Failed(reason) => {
                         self.checkpoint(*run_time, *run_examples).await?;
@@ -683,6 +1050,23 @@ impl Driver<'_> {
                             self.config.out.join(outputs::CHECKPOINT_FILE).display()
                         )));
                     }
+                }
+            }
+            if let Some(signal) = stop {
+                // Evaluating: an ended epoch's outputs are still to be drained; Finished and
+                // Failed: so are those that end the run.
+                let settled = !matches!(
+                    *self.shared.state().phase(),
+                    Phase::Evaluating | Phase::Finished | Phase::Failed(_)
+                );
+                if settled {
+                    // Unless the newest is of this very step (an epoch's end, or nothing
+                    // trained since the resume).
+                    let step = self.shared.state().position().global_step;
+                    if self.checkpointed != Some(step) {
+                        self.checkpoint(*run_time, *run_examples).await?;
+                    }
+                    return Ok(Ended::Stopped(signal));
                 }
             }
         }
@@ -819,7 +1203,7 @@ impl Driver<'_> {
         self.checkpoint(*run_time, *run_examples).await
     }
 
-    async fn checkpoint(&self, run_time: TimeSplit, run_examples: u64) -> Result<()> {
+    async fn checkpoint(&mut self, run_time: TimeSplit, run_examples: u64) -> Result<()> {
         let checkpoint = {
             let state = self.shared.state();
             let position = state.position();
@@ -836,15 +1220,79 @@ impl Driver<'_> {
                 global_step: position.global_step,
                 epoch: position.epoch,
                 step_in_epoch: position.step_in_epoch,
-                run_config_json: serde_json::to_string(&run_state).expect("run state serialises"),
+                run_config_json: run_state.to_json(),
                 metrics_history: self.history.clone(),
             }
         };
-        let path = self.config.out.join(outputs::CHECKPOINT_FILE);
-        tokio::task::spawn_blocking(move || checkpoint.save(&path))
+        let (dir, global_step) = (self.config.out.clone(), checkpoint.global_step);
+        tokio::task::spawn_blocking(move || outputs::save_checkpoint(&dir, &checkpoint))
             .await
             .map_err(|e| Error::Io(format!("checkpoint writer panicked: {e}")))??;
+        self.checkpointed = Some(global_step);
         self.prometheus.checkpoint_written();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_figures_never_make_a_checkpoint_unreadable() {
+        let mut epoch_totals = EpochTotals {
+            steps: 3,
+            compute_seconds: f64::INFINITY,
+            update_seconds: 0.25,
+            ..EpochTotals::default()
+        };
+        epoch_totals.stats.examples = 192;
+        epoch_totals.stats.elbo = f64::NAN;
+        epoch_totals.stats.kl = 12.5;
+        let state = RunState {
+            identity: serde_json::json!({ "holdout": null, "seed": 0 }),
+            epoch_totals,
+            run_time: TimeSplit {
+                step_s: f64::NEG_INFINITY,
+                compute_s: 1.5,
+                ..TimeSplit::default()
+            },
+            run_examples: 1000,
+        };
+        let path = std::path::Path::new("checkpoint.safetensors");
+        let back = RunState::from_json(&state.to_json(), path).unwrap();
+        let mut repaired = state.clone();
+        repaired.epoch_totals.compute_seconds = 0.0;
+        repaired.epoch_totals.stats.elbo = 0.0;
+        repaired.run_time.step_s = 0.0;
+        assert_eq!(
+            back, repaired,
+            "non-finite figures become 0, the rest is kept"
+        );
+        assert!(back.identity["holdout"].is_null(), "identity nulls stay");
+
+        // As an earlier version wrote them: `null` figures read as 0.
+        let old = serde_json::to_string(&state).unwrap();
+        assert!(old.contains("\"compute_seconds\":null"), "{old}");
+        assert_eq!(RunState::from_json(&old, path).unwrap(), repaired);
+        // Anything else unreadable is still refused, naming the file.
+        let e = RunState::from_json("{\"identity\": 1}", path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("checkpoint.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn a_stopped_run_exits_with_128_plus_the_signal() {
+        let stopped = |signal| Outcome::Stopped {
+            signal,
+            position: Position::default(),
+        };
+        assert_eq!(stopped(StopSignal::Interrupt).exit_code(), 130);
+        assert_eq!(stopped(StopSignal::Terminate).exit_code(), 143);
+        let done = Outcome::Completed {
+            fingerprint: String::new(),
+        };
+        assert_eq!(done.exit_code(), 0);
     }
 }
