@@ -237,8 +237,10 @@ impl From<ShardChunk> for pb::ShardChunk {
 impl TryFrom<pb::ShardChunk> for ShardChunk {
     type Error = WireError;
     fn try_from(c: pb::ShardChunk) -> Result<Self, WireError> {
-        let values = c.examples as u64 * c.dim as u64;
-        if c.pixels.len() as u64 != values * 4 {
+        // Checked: examples and dim near u32::MAX make the byte count overflow u64, and a wrapped
+        // count could match a short message (found by fuzz/fuzz_targets/shard_chunks.rs).
+        let bytes = (c.examples as u64 * c.dim as u64).checked_mul(4);
+        if bytes != Some(c.pixels.len() as u64) {
             return Err(malformed(
                 "ShardChunk",
                 format!(
@@ -725,6 +727,13 @@ mod tests {
             examples: 2,
             dim: 3,
             pixels: vec![0u8; 20].into(),
+            ..Default::default()
+        };
+        assert!(ShardChunk::try_from(chunk).is_err());
+        // 2^31 x 2^31 values are 2^64 bytes, which wraps to 0 unchecked.
+        let chunk = pb::ShardChunk {
+            examples: 1 << 31,
+            dim: 1 << 31,
             ..Default::default()
         };
         assert!(ShardChunk::try_from(chunk).is_err());

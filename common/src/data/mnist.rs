@@ -22,6 +22,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Give up when the connection stalls this long without a byte; a slow but live link (the largest
 /// file is ~10 MB) keeps going.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most bytes accepted for one file (MNIST's largest, `train-images-idx3-ubyte.gz`, is 9.9 MB;
+/// Fashion-MNIST's 26 MB): a mirror streaming without end cannot fill the disk.
+const MAX_DOWNLOAD_BYTES: u64 = 64 << 20;
 
 /// One file of a remote dataset: its name under the mirror URL and its expected MD5 (hex).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +181,7 @@ impl Mnist {
             .map_err(|e| Error::io(&self.dir, e))?;
         let mut hasher = Md5::new();
         let mut buf = vec![0u8; 1 << 16];
+        let mut received = 0u64;
         loop {
             let n = match body.read(&mut buf) {
                 Ok(0) => break,
@@ -185,6 +189,15 @@ impl Mnist {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.unreachable(&url, &format!("download cut off: {e}"))),
             };
+            received += n as u64;
+            if received > MAX_DOWNLOAD_BYTES {
+                return Err(Error::Download(format!(
+                    "{url} sent more than {MAX_DOWNLOAD_BYTES} bytes for {}, far more than \
+                     any MNIST-style file (under 30 MB): the mirror serves something else; try \
+                     another mirror with {MIRROR_ENV}",
+                    file.name
+                )));
+            }
             hasher.update(&buf[..n]);
             tmp.write_all(&buf[..n])
                 .map_err(|e| Error::io(tmp.path(), e))?;
