@@ -206,6 +206,10 @@ fn read_region(map: &mut ReadMap, offset: u64, len: u64, out: &mut Vec<f32>) -> 
         .checked_mul(4)
         .filter(|_| offset.is_multiple_of(4))
         .ok_or_else(|| outside(offset, len, None))?;
+    // The region must lie inside the file before the buffer grows to it: a peer's `len` could
+    // otherwise ask for terabytes.
+    map.ensure(offset, bytes)
+        .map_err(|e| outside(offset, len, Some(e)))?;
     out.resize(len as usize, 0.0);
     map.read(offset, bytemuck::cast_slice_mut(&mut out[..]))
         .map_err(|e| {
@@ -267,11 +271,11 @@ mod mapping {
             ReadMap { file, map: None }
         }
 
-        /// Copies `out.len()` bytes at `offset` into `out`; `UnexpectedEof` when the file is
-        /// shorter.
-        pub fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        /// Maps the file far enough that `len` bytes at `offset` are inside it;
+        /// `UnexpectedEof` when the file is shorter (checked before any caller allocates).
+        pub fn ensure(&mut self, offset: u64, len: u64) -> io::Result<()> {
             let end = offset
-                .checked_add(out.len() as u64)
+                .checked_add(len)
                 .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
             if self.map.as_ref().is_none_or(|m| (m.len() as u64) < end) {
                 let size = self.file.metadata()?.len();
@@ -284,8 +288,16 @@ mod mapping {
                 // SAFETY: see the module's invariants (file kept open, never shrunk, copies only).
                 self.map = Some(unsafe { MmapOptions::new().len(size as usize).map(&self.file)? });
             }
+            Ok(())
+        }
+
+        /// Copies `out.len()` bytes at `offset` into `out`; `UnexpectedEof` when the file is
+        /// shorter.
+        pub fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.ensure(offset, out.len() as u64)?;
             let map = self.map.as_ref().expect("mapped above");
-            out.copy_from_slice(&map[offset as usize..end as usize]);
+            let end = offset as usize + out.len();
+            out.copy_from_slice(&map[offset as usize..end]);
             Ok(())
         }
     }
@@ -394,6 +406,10 @@ mod tests {
         }
         // Regions outside the file, and other workers' files, are errors.
         assert!(dir.read_gradient(42, 0, 10_000, &mut got).is_err());
+        // A region claiming 2^40 values is refused before any buffer grows to it.
+        got.clear();
+        assert!(dir.read_gradient(42, 0, 1 << 40, &mut got).is_err());
+        assert!(got.capacity() < 1 << 20, "nothing allocated for it");
         assert!(dir.read_gradient(42, 2, 1, &mut got).is_err());
         assert!(dir.read_gradient(43, 0, 1, &mut got).is_err());
         let path = dir.path().to_path_buf();
