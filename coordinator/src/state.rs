@@ -570,23 +570,19 @@ impl StateMachine {
                 break;
             };
             let failed_it = step.rejections.get(node).cloned().unwrap_or_default();
-            let target = self.pick_worker_avoiding(&failed_it);
-            let step = self.step.as_mut().expect("checked above");
-            match target {
-                Some(w) if failed_it.len() < REJECTIONS_BEFORE_COMPUTING_HERE => {
-                    step.queued.entry(w).or_default().push(*node);
-                }
-                _ => {
-                    let copies = step.verifying.entry(*node).or_default();
-                    if !copies.coordinator_asked {
-                        copies.coordinator_asked = true;
-                        let work = node_work(step, *node);
-                        self.outputs.push(Output::ComputeNode {
-                            global_step,
-                            epoch: self.position.epoch,
-                            work,
-                        });
+            if failed_it.len() >= REJECTIONS_BEFORE_COMPUTING_HERE {
+                self.compute_here(*node);
+            } else if step.verifying.contains_key(node) {
+                // A verified node still needs two agreeing copies from workers that have not
+                // failed it (one may already be in).
+                self.find_second_copy(*node, &failed_it);
+            } else {
+                match self.pick_worker_avoiding(&failed_it) {
+                    Some(w) => {
+                        let step = self.step.as_mut().expect("checked above");
+                        step.queued.entry(w).or_default().push(*node);
                     }
+                    None => self.compute_here(*node),
                 }
             }
         }
@@ -820,6 +816,7 @@ impl StateMachine {
             let (slow, held_for) = held[0];
             let mut avoid: BTreeSet<WorkerId> = held.iter().map(|(w, _)| *w).collect();
             let step = self.step.as_ref().expect("checked above");
+            avoid.extend(step.rejections.get(&node).into_iter().flatten());
             if let Some(copies) = step.verifying.get(&node) {
                 if copies.coordinator_asked {
                     continue;
@@ -827,24 +824,18 @@ impl StateMachine {
                 // A verified node's backup must be a new source.
                 avoid.extend(copies.workers());
             }
-            let backup = self.pick_worker_avoiding(&avoid);
-            let step = self.step.as_mut().expect("checked above");
-            let backup = match (backup, step.verifying.get_mut(&node)) {
-                (Some(b), _) => b,
-                (None, Some(copies)) => {
-                    // No other worker: the coordinator computes it.
-                    copies.coordinator_asked = true;
-                    step.backups.entry(node).or_insert(slow);
-                    let work = node_work(step, node);
-                    self.outputs.push(Output::ComputeNode {
-                        global_step: step.global_step,
-                        epoch: self.position.epoch,
-                        work,
-                    });
-                    continue;
-                }
-                (None, None) => continue,
+            let Some(backup) = self.pick_worker_avoiding(&avoid) else {
+                // No other worker: the coordinator computes it.
+                self.step
+                    .as_mut()
+                    .expect("checked above")
+                    .backups
+                    .entry(node)
+                    .or_insert(slow);
+                self.compute_here(node);
+                continue;
             };
+            let step = self.step.as_mut().expect("checked above");
             step.queued.entry(backup).or_default().push(node);
             step.handed_out.insert((backup, node), now);
             step.backups.entry(node).or_insert(slow);
@@ -902,7 +893,7 @@ impl StateMachine {
         });
         moved.retain(|n| !verifying.contains(n));
         for node in verifying {
-            self.find_second_copy(node, worker);
+            self.find_second_copy(node, &BTreeSet::from([worker]));
         }
         if let Some(step) = &self.step {
             // A node already received, or held or queued by another worker (a backup), needs no
@@ -933,9 +924,10 @@ impl StateMachine {
         });
     }
 
-    /// `gone` held verified `node`: make sure two copies can still arrive, from a worker that has
-    /// neither sent nor holds one, or else from the coordinator.
-    fn find_second_copy(&mut self, node: Node, gone: WorkerId) {
+    /// Verified `node` lost a copy (its worker left, or sent an invalid result): make sure two
+    /// copies can still arrive, from workers outside `excluded` that have neither sent nor hold
+    /// one, or else from the coordinator.
+    fn find_second_copy(&mut self, node: Node, excluded: &BTreeSet<WorkerId>) {
         let Some(step) = self.step.as_ref() else {
             return;
         };
@@ -955,32 +947,37 @@ impl StateMachine {
         let involved: BTreeSet<WorkerId> = copies
             .workers()
             .chain(self.workers.keys().copied().filter(holds))
-            .filter(|w| *w != gone)
+            .filter(|w| !excluded.contains(w))
             .collect();
         if involved.len() >= 2 {
             return;
         }
-        let free = self
-            .workers
-            .keys()
-            .copied()
-            .find(|w| *w != gone && !involved.contains(w));
-        let global_step = step.global_step;
-        let step = self.step.as_mut().expect("checked above");
-        match free {
-            Some(w) => step.queued.entry(w).or_default().push(node),
-            None => {
-                if let Some(copies) = step.verifying.get_mut(&node) {
-                    copies.coordinator_asked = true;
-                }
-                let work = node_work(step, node);
-                self.outputs.push(Output::ComputeNode {
-                    global_step,
-                    epoch: self.position.epoch,
-                    work,
-                });
+        let avoid: BTreeSet<WorkerId> = involved.union(excluded).copied().collect();
+        match self.pick_worker_avoiding(&avoid) {
+            Some(w) => {
+                let step = self.step.as_mut().expect("checked above");
+                step.queued.entry(w).or_default().push(node);
             }
+            None => self.compute_here(node),
         }
+    }
+
+    /// Asks the driver to compute `node` of the current step here (once): its copy decides.
+    fn compute_here(&mut self, node: Node) {
+        let Some(step) = self.step.as_mut() else {
+            return;
+        };
+        let copies = step.verifying.entry(node).or_default();
+        if copies.coordinator_asked {
+            return;
+        }
+        copies.coordinator_asked = true;
+        let work = node_work(step, node);
+        self.outputs.push(Output::ComputeNode {
+            global_step: step.global_step,
+            epoch: self.position.epoch,
+            work,
+        });
     }
 
     /// The held-out evaluation of the epoch that just ended is done: go on or finish.
