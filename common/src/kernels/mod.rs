@@ -8,10 +8,12 @@
 mod elementwise;
 mod linalg;
 mod scalar;
+mod tree_gemm;
 
 pub use elementwise::{add_assign, relu_mask};
 pub use linalg::{colsum_into, gemm};
 pub use scalar::{Float, exp_nonpositive_f32, ln_1p_unit_f32};
+pub use tree_gemm::{TreeProgram, tree_weight_grad};
 
 pub(crate) use elementwise::{add_bias_act, for_row_pieces, output_row, sized};
 pub(crate) use linalg::{view, view_mut};

@@ -31,12 +31,12 @@
 
 use std::sync::Mutex;
 
-use ndarray::{ArrayView2, CowArray, Ix2, s};
+use ndarray::{ArrayView2, CowArray, Ix2};
 
 use super::stacked::{ShardRows, StackedShards};
 use crate::kernels::{
-    Float, add_bias_act, colsum_into, for_row_pieces, gemm, output_row, relu_mask, sized, view,
-    view_mut,
+    Float, add_bias_act, colsum_into, for_row_pieces, gemm, output_row, relu_mask, sized,
+    tree_weight_grad, view, view_mut,
 };
 use crate::model::{
     BatchStats, LayerRole, Likelihood, LinearLayout, ModelConfig, ParamLayout, model_name,
@@ -674,20 +674,16 @@ fn layer_backward<T: Float>(
     // The layout stores a layer's bias right after its weight: one block per layer.
     debug_assert_eq!(layer.weight.end, layer.bias.start);
     let weight_len = layer.weight.len();
-    let block = &mut grad[layer.weight.start..layer.bias.end];
-    let leaf = |r: std::ops::Range<usize>, buf: &mut [T]| {
-        let delta_s = &delta[r.start * out_dim..r.end * out_dim];
-        let (dw, db) = buf.split_at_mut(weight_len);
-        colsum_into(delta_s, out_dim, db);
-        gemm(
-            T::one(),
-            view(delta_s, r.len(), out_dim).t(),
-            input.slice(s![r, ..]),
-            T::zero(),
-            view_mut(dw, out_dim, in_dim),
-        );
+    let (dw, db) = grad[layer.weight.start..layer.bias.end].split_at_mut(weight_len);
+    let mut weight_grads = || {
+        // The fused kernel reads rows of a standard-layout input (every caller's is).
+        let input = input.as_standard_layout();
+        let x = input.as_slice().expect("standard layout");
+        tree_weight_grad(&rows.program(), delta, out_dim, x, in_dim, in_dim, dw);
+        rows.tree_sum(db, &|r, buf| {
+            colsum_into(&delta[r.start * out_dim..r.end * out_dim], out_dim, buf)
+        });
     };
-    let mut weight_grads = || rows.tree_sum(block, &leaf);
     match d_in {
         Some(d_in) => {
             let n = input.nrows();

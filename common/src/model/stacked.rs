@@ -8,7 +8,7 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
-use crate::kernels::Float;
+use crate::kernels::{Float, TreeProgram};
 use crate::model::BatchStats;
 use crate::train::Node;
 
@@ -108,5 +108,12 @@ impl<T: Float> ShardRows<'_, T> {
         shards.node.par_sum_into(out, self.pool, &|leaf_node, buf| {
             leaf(self.segments.range(shards.shard(leaf_node)), buf)
         });
+    }
+
+    /// The node's tree sum over these rows as a program for the fused kernels
+    /// ([`crate::kernels::tree_weight_grad`]).
+    pub(crate) fn program(&self) -> TreeProgram {
+        let shards = self.shards;
+        TreeProgram::new(shards.node, |leaf| self.segments.range(shards.shard(leaf)))
     }
 }

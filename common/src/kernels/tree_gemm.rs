@@ -1,0 +1,391 @@
+//! A layer's weight gradient over a tree node's stacked shards, in one pass: for every element of
+//! `dW = delta^T input`, each shard's sum over its own rows, added along the reduction tree.
+//!
+//! Why a kernel of our own: the contract (docs/design.md §2) needs each shard's sum on its own,
+//! then `left + right` along the tree. Done as one GEMM per shard, the default 16 shards of a
+//! batch of 128 are 16 products with 8 rows each, each writing (and the tree then re-reading) a
+//! full 1.25 MB `dW` of the 784-400 layers: the engine ran at 0.63x its one-shard speed. Here each
+//! output tile keeps the tree's partial sums in a small stack while it walks the node's shards, so
+//! `dW` is written once and the inputs are read once per tile, as in one GEMM.
+//!
+//! Bits: every output element is the same sequence of operations on every path, tile and thread
+//! count: per shard `acc = fma(delta, input, acc)` over the shard's rows in order from zero, then
+//! `left + right` in the tree's order. The fused multiply-add rounds once everywhere: the hardware
+//! instruction where the CPU has one, and the standard library's correctly rounded `mul_add`
+//! otherwise (slow, but the same bits), so machines with and without FMA agree.
+//!
+//! Unsafe: the only unsafe code is the call of a `#[target_feature]` copy of the kernel, made
+//! after `is_x86_feature_detected!` has confirmed that this CPU has those features.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::kernels::Float;
+use crate::train::Node;
+
+/// One step of a tree node's sum in postfix order.
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    /// Push the sum over these rows (one shard's).
+    Leaf(Range<usize>),
+    /// Pop the right sum and add it into the left one below it.
+    Add,
+}
+
+/// The shape of a node's sum along the reduction tree, with each leaf's rows: the fold of
+/// [`Node::fold_leaves`] written out as a program for a small stack machine.
+#[derive(Debug, Clone)]
+pub struct TreeProgram {
+    ops: Vec<Op>,
+    depth: usize,
+    /// One past the last row any leaf reads.
+    rows: usize,
+}
+
+impl TreeProgram {
+    /// The program of `node`'s tree sum, `rows(leaf)` giving each shard's rows.
+    pub fn new(node: Node, rows: impl Fn(Node) -> Range<usize>) -> Self {
+        // A fold whose values are (program, depth needed): the same shape and order as every
+        // other sum along the tree.
+        let (ops, depth) = node.fold_leaves(
+            &mut |leaf| (vec![Op::Leaf(rows(leaf))], 1),
+            &mut |(mut left, left_depth): (Vec<Op>, usize), (right, right_depth)| {
+                left.extend(right);
+                left.push(Op::Add);
+                (left, left_depth.max(right_depth + 1))
+            },
+        );
+        let rows = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Leaf(r) => Some(r.end),
+                Op::Add => None,
+            })
+            .max()
+            .unwrap_or(0);
+        TreeProgram { ops, depth, rows }
+    }
+}
+
+/// Output rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// `out[o, i] = tree sum over the leaves of (sum over the leaf's rows r of delta[r, o] *
+/// input[r, i])` for row-major `delta: [n, out_dim]`, `input: [n, in_dim]` (rows `in_stride`
+/// apart) and `out: [out_dim, in_dim]`. Parallel over fixed blocks of output rows.
+///
+/// # Panics
+/// If the buffers are shorter than the shapes and the program's rows need.
+pub fn tree_weight_grad<T: Float>(
+    program: &TreeProgram,
+    delta: &[T],
+    out_dim: usize,
+    input: &[T],
+    in_dim: usize,
+    in_stride: usize,
+    out: &mut [T],
+) {
+    assert_eq!(out.len(), out_dim * in_dim, "dW is [out_dim, in_dim]");
+    assert!(in_stride >= in_dim, "input rows overlap");
+    let rows = program.rows;
+    assert!(delta.len() >= rows * out_dim, "delta holds every row");
+    assert!(
+        rows == 0 || input.len() >= (rows - 1) * in_stride + in_dim,
+        "input holds every row"
+    );
+    if in_dim == 0 {
+        return;
+    }
+    let shape = Shape {
+        out_dim,
+        in_dim,
+        in_stride,
+    };
+    out.par_chunks_mut(ROWS_PER_TASK * in_dim)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first_row = task * ROWS_PER_TASK;
+            block(program, delta, input, shape, first_row, out);
+        });
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    out_dim: usize,
+    in_dim: usize,
+    in_stride: usize,
+}
+
+/// Output rows `first_row..` (as many as `out` holds), on the best path this CPU has.
+fn block<T: Float>(
+    program: &TreeProgram,
+    delta: &[T],
+    input: &[T],
+    shape: Shape,
+    first_row: usize,
+    out: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX-512F and FMA, the features `block_avx512` is compiled for.
+            unsafe {
+                block_avx512(program, delta, input, shape, first_row, out)
+            };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2 and FMA, the features `block_avx2` is compiled for.
+            unsafe {
+                block_avx2(program, delta, input, shape, first_row, out)
+            };
+            return;
+        }
+    }
+    block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
+}
+
+/// 8 x 32 f32 accumulators: 16 of the 32 zmm registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn block_avx512<T: Float>(
+    program: &TreeProgram,
+    delta: &[T],
+    input: &[T],
+    shape: Shape,
+    first_row: usize,
+    out: &mut [T],
+) {
+    block_tiles::<T, 8, 32>(program, delta, input, shape, first_row, out);
+}
+
+/// 4 x 16 f32 accumulators: 8 of the 16 ymm registers (4 x 24 spilled in the inner loop).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_avx2<T: Float>(
+    program: &TreeProgram,
+    delta: &[T],
+    input: &[T],
+    shape: Shape,
+    first_row: usize,
+    out: &mut [T],
+) {
+    block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
+}
+
+/// The block in `MR x NR` tiles (smaller at the edges, with the same operations per element).
+/// The block's delta columns and, strip by strip, the input's columns are first copied into
+/// contiguous rows, so the tiles read memory in order.
+#[inline(always)]
+fn block_tiles<T: Float, const MR: usize, const NR: usize>(
+    program: &TreeProgram,
+    delta: &[T],
+    input: &[T],
+    shape: Shape,
+    first_row: usize,
+    out: &mut [T],
+) {
+    let rows = out.len() / shape.in_dim;
+    let n = program.rows;
+    let mut d = vec![T::zero(); n * rows];
+    for (r, packed) in d.chunks_exact_mut(rows.max(1)).enumerate().take(n) {
+        let at = r * shape.out_dim + first_row;
+        packed.copy_from_slice(&delta[at..at + rows]);
+    }
+    let mut x = vec![T::zero(); n * NR];
+    let mut stack = vec![[[T::zero(); NR]; MR]; program.depth];
+    // Column strips outside: a strip of every row of the input stays in L1 while the block's
+    // output rows walk over it.
+    for i in (0..shape.in_dim).step_by(NR) {
+        let nr = NR.min(shape.in_dim - i);
+        for (r, packed) in x.chunks_exact_mut(NR).enumerate() {
+            let at = r * shape.in_stride + i;
+            packed[..nr].copy_from_slice(&input[at..at + nr]);
+        }
+        for o in (0..rows).step_by(MR) {
+            let mr = MR.min(rows - o);
+            let packed = Packed {
+                d: &d[o..],
+                d_stride: rows,
+                x: &x,
+            };
+            if mr == MR && nr == NR {
+                tile_sum::<T, MR, NR>(program, packed, MR, NR, &mut stack);
+            } else {
+                tile_sum::<T, MR, NR>(program, packed, mr, nr, &mut stack);
+            }
+            for (m, sum) in stack[0][..mr].iter().enumerate() {
+                let at = (o + m) * shape.in_dim + i;
+                out[at..at + nr].copy_from_slice(&sum[..nr]);
+            }
+        }
+    }
+}
+
+/// A tile's operands: row `r`'s delta values at `d[r * d_stride..]`, its input values at
+/// `x[r * NR..]`.
+#[derive(Clone, Copy)]
+struct Packed<'a, T> {
+    d: &'a [T],
+    d_stride: usize,
+    x: &'a [T],
+}
+
+/// Runs the program for one `mr x nr` tile; its sum ends in `stack[0]`.
+#[inline(always)]
+fn tile_sum<T: Float, const MR: usize, const NR: usize>(
+    program: &TreeProgram,
+    packed: Packed<T>,
+    mr: usize,
+    nr: usize,
+    stack: &mut [[[T; NR]; MR]],
+) {
+    let mut top = 0;
+    for op in &program.ops {
+        match op {
+            Op::Leaf(rows) => {
+                let mut acc = [[T::zero(); NR]; MR];
+                // Row r's delta values start at d[r * d_stride] (an empty shard reads none).
+                let d_rows = packed.d.chunks(packed.d_stride).skip(rows.start);
+                let x_rows = packed.x[rows.start * NR..rows.end * NR].chunks_exact(NR);
+                for (d, x) in d_rows.zip(x_rows) {
+                    let (d, x) = (&d[..mr], &x[..nr]);
+                    for (acc, &d) in acc.iter_mut().zip(d) {
+                        for (a, &x) in acc.iter_mut().zip(x) {
+                            *a = d.mul_add(x, *a);
+                        }
+                    }
+                }
+                stack[top] = acc;
+                top += 1;
+            }
+            Op::Add => {
+                top -= 1;
+                let (below, right) = stack.split_at_mut(top);
+                let left = &mut below[top - 1];
+                for (left, right) in left.iter_mut().zip(&right[0]) {
+                    for (l, &r) in left.iter_mut().zip(right) {
+                        *l = *l + r;
+                    }
+                }
+            }
+        }
+    }
+    debug_assert_eq!(top, 1, "a tree sum leaves one value");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(len: usize, salt: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + salt * 104_729) % 2003) as f32 - 1001.0) / 317.0)
+            .collect()
+    }
+
+    /// The definition: each shard's product on its own (fused multiply-adds in row order), then
+    /// the tree.
+    fn reference(
+        node: Node,
+        bounds: &[usize],
+        delta: &[f32],
+        out_dim: usize,
+        input: &[f32],
+        in_dim: usize,
+    ) -> Vec<f32> {
+        node.fold_leaves(
+            &mut |leaf| {
+                let s = (leaf.lo - node.lo) as usize;
+                let mut dw = vec![0f32; out_dim * in_dim];
+                for r in bounds[s]..bounds[s + 1] {
+                    for o in 0..out_dim {
+                        for i in 0..in_dim {
+                            let a = &mut dw[o * in_dim + i];
+                            *a = delta[r * out_dim + o].mul_add(input[r * in_dim + i], *a);
+                        }
+                    }
+                }
+                dw
+            },
+            &mut |mut left, right| {
+                left.iter_mut().zip(&right).for_each(|(l, r)| *l += r);
+                left
+            },
+        )
+    }
+
+    #[test]
+    fn the_fused_sum_is_the_per_shard_products_added_along_the_tree_bit_for_bit() {
+        // Edges on both sides (37 rows, 45 columns), uneven and empty shards.
+        for (shards, sizes) in [
+            (1usize, vec![9usize]),
+            (6, vec![3, 0, 8, 1, 5, 0]),
+            (16, vec![2; 16]),
+        ] {
+            let node = Node {
+                lo: 3,
+                hi: 3 + shards as u32,
+            };
+            let mut bounds = vec![0];
+            for s in &sizes {
+                bounds.push(bounds.last().unwrap() + s);
+            }
+            let n = *bounds.last().unwrap();
+            let (out_dim, in_dim) = (37, 45);
+            let delta = filled(n * out_dim, 1);
+            let input = filled(n * in_dim, 2);
+            let program = TreeProgram::new(node, |leaf| {
+                let s = (leaf.lo - node.lo) as usize;
+                bounds[s]..bounds[s + 1]
+            });
+            let mut out = vec![f32::NAN; out_dim * in_dim];
+            tree_weight_grad(&program, &delta, out_dim, &input, in_dim, in_dim, &mut out);
+            let want = reference(node, &bounds, &delta, out_dim, &input, in_dim);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&want), "{shards} shards");
+            // Every portable path gives the same bits as the best one.
+            let mut portable = vec![f32::NAN; out_dim * in_dim];
+            let shape = Shape {
+                out_dim,
+                in_dim,
+                in_stride: in_dim,
+            };
+            block_tiles::<f32, 3, 5>(&program, &delta, &input, shape, 0, &mut portable);
+            assert_eq!(bits(&portable), bits(&want), "{shards} shards, 3 x 5 tiles");
+        }
+    }
+
+    #[test]
+    fn a_node_split_between_processes_adds_up_to_the_same_bits() {
+        let node = Node { lo: 0, hi: 8 };
+        let (left, right) = node.children().unwrap();
+        let bounds: Vec<usize> = (0..=8).map(|s| s * 3).collect();
+        let (out_dim, in_dim) = (20, 33);
+        let delta = filled(24 * out_dim, 3);
+        let input = filled(24 * in_dim, 4);
+        let run = |n: Node| {
+            let program = TreeProgram::new(n, |leaf| {
+                bounds[leaf.lo as usize]..bounds[leaf.lo as usize + 1]
+            });
+            let mut out = vec![0f32; out_dim * in_dim];
+            tree_weight_grad(&program, &delta, out_dim, &input, in_dim, in_dim, &mut out);
+            out
+        };
+        let mut split = run(left);
+        split.iter_mut().zip(run(right)).for_each(|(l, r)| *l += r);
+        let whole = run(node);
+        assert!(
+            whole
+                .iter()
+                .zip(&split)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+    }
+}
