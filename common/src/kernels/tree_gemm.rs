@@ -151,7 +151,8 @@ fn block<T: Float>(
     block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
 }
 
-/// 8 x 32 f32 accumulators: 16 of the 32 zmm registers.
+/// 4 x 32 f32 accumulators: 8 zmm registers, the shape of the AVX2 tile (wider AVX2 tiles spilled
+/// accumulators in the inner loop; this path was not measured: our AVX-512 machines were busy).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 fn block_avx512<T: Float>(
@@ -162,7 +163,7 @@ fn block_avx512<T: Float>(
     first_row: usize,
     out: &mut [T],
 ) {
-    block_tiles::<T, 8, 32>(program, delta, input, shape, first_row, out);
+    block_tiles::<T, 4, 32>(program, delta, input, shape, first_row, out);
 }
 
 /// 4 x 16 f32 accumulators: 8 of the 16 ymm registers (4 x 24 spilled in the inner loop).

@@ -263,8 +263,8 @@ impl Vae {
     ///
     /// Faster, because the forward pass and the products that do not sum over examples run once
     /// on all rows (a product's row does not depend on the other rows; `linalg` tests this), and
-    /// each layer's per-shard weight and bias gradients are added along the tree right away, in
-    /// small cache-resident buffers, instead of as whole gradient vectors.
+    /// each layer's per-shard weight gradients are summed and added along the tree in one pass
+    /// per output tile ([`tree_weight_grad`]), so `dW` is written once, not once per shard.
     #[allow(clippy::too_many_arguments)]
     pub fn elbo_grad_tree<T: Float>(
         &self,
@@ -659,8 +659,8 @@ fn linear<T: Float>(
 
 /// Backward through a linear layer given `delta = dL/d(output)` (`[rows, out]`, final): the
 /// layer's weight and bias gradients (`dW = delta_s^T input_s`, `db = colsum(delta_s)` per shard
-/// `s`, added along the tree) into `grad`; and, if asked, `d_in = delta W` for all rows at once.
-/// The two run side by side.
+/// `s`, added along the tree; `dW` by the fused [`tree_weight_grad`]) into `grad`; and, if asked,
+/// `d_in = delta W` for all rows at once. The two run side by side.
 fn layer_backward<T: Float>(
     params: &[T],
     layer: &LinearLayout,
