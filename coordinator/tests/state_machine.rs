@@ -477,6 +477,60 @@ fn a_worker_that_heartbeats_but_never_finishes_does_not_stall_the_run() {
 }
 
 #[test]
+fn a_lone_worker_that_heartbeats_but_never_finishes_is_backed_up_by_the_coordinator() {
+    let reference = reference_params();
+    let (mut sm, workers, mut now) = start(1);
+    let stuck = workers[0];
+    let mut outputs = Vec::new();
+    let mut lost = false;
+    for _ in 0..10_000 {
+        match sm.phase() {
+            Phase::Finished | Phase::Failed(_) => break,
+            Phase::Evaluating => sm.finish_evaluation(now),
+            _ => {}
+        }
+        if sm.live_workers() == 0 {
+            // As a real worker does when its heartbeat is refused: register again.
+            let again = sm.register("stuck".into(), now);
+            lost |= again != stuck;
+        }
+        for w in sm_workers(&outputs, stuck) {
+            let _ = sm.next_task(w, now);
+            sm.heartbeat(w, now);
+        }
+        now += Duration::from_millis(400);
+        for w in sm_workers(&outputs, stuck) {
+            sm.heartbeat(w, now);
+        }
+        sm.tick(now);
+        serve_compute_requests(&mut sm, &mut outputs, now);
+    }
+    assert_eq!(*sm.phase(), Phase::Finished, "the run did not stall");
+    assert!(lost, "the stuck worker was dropped for holding its work");
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, Output::ComputeNode { .. })),
+        "the coordinator computed the stuck worker's nodes"
+    );
+    assert_eq!(
+        bits(sm.params()),
+        reference,
+        "the coordinator's copy changes no bit"
+    );
+}
+
+/// Every worker id that has joined so far (`first` and the re-registrations in `outputs`).
+fn sm_workers(outputs: &[Output], first: WorkerId) -> Vec<WorkerId> {
+    let mut ids = vec![first];
+    ids.extend(outputs.iter().filter_map(|o| match o {
+        Output::WorkerJoined { worker, .. } => Some(*worker),
+        _ => None,
+    }));
+    ids
+}
+
+#[test]
 fn a_slow_original_and_its_backup_give_one_result() {
     let reference = reference_params();
     let (mut sm, workers, mut now) = start(2);
