@@ -246,6 +246,11 @@ struct StepState {
     handed_out: HashMap<(WorkerId, Node), Instant>,
     /// Nodes given a backup copy, with the worker that was too slow with them.
     backups: HashMap<Node, WorkerId>,
+    /// Unverified nodes the coordinator computes as a straggler's backup (no other worker was
+    /// left): the first valid result, its or the straggler's, is used.
+    own_backups: BTreeSet<Node>,
+    /// Workers overtaken by a backup in this step (the others' counts start again).
+    overtaken_now: BTreeSet<WorkerId>,
     /// The slowest time from hand-out to an accepted result in this step.
     slowest_node: Duration,
     started: Instant,
@@ -605,7 +610,9 @@ impl StateMachine {
         let Some(step) = self.step.as_mut().filter(|s| s.global_step == global_step) else {
             return;
         };
-        if !step.verifying.contains_key(&node) {
+        let verified = step.verifying.contains_key(&node);
+        let backup = step.own_backups.contains(&node) && !step.received.contains_key(&node);
+        if !verified && !backup {
             return;
         }
         let examples: u64 = (node.lo..node.hi)
@@ -628,9 +635,14 @@ impl StateMachine {
             ));
             return;
         }
-        let copies = step.verifying.get_mut(&node).expect("checked above");
-        copies.add(Source::Coordinator, sum);
-        self.settle(node);
+        if verified {
+            let copies = step.verifying.get_mut(&node).expect("checked above");
+            copies.add(Source::Coordinator, sum);
+            self.settle(node);
+        } else {
+            step.received.insert(node, sum);
+            self.node_accepted(node, Source::Coordinator);
+        }
         self.try_complete_step();
     }
 
@@ -816,6 +828,9 @@ impl StateMachine {
             let (slow, held_for) = held[0];
             let mut avoid: BTreeSet<WorkerId> = held.iter().map(|(w, _)| *w).collect();
             let step = self.step.as_ref().expect("checked above");
+            if step.own_backups.contains(&node) {
+                continue;
+            }
             avoid.extend(step.rejections.get(&node).into_iter().flatten());
             if let Some(copies) = step.verifying.get(&node) {
                 if copies.coordinator_asked {
@@ -832,7 +847,7 @@ impl StateMachine {
                     .backups
                     .entry(node)
                     .or_insert(slow);
-                self.compute_here(node);
+                self.back_up_here(node);
                 continue;
             };
             let step = self.step.as_mut().expect("checked above");
@@ -857,6 +872,9 @@ impl StateMachine {
         if !overtaken {
             self.overtaken.remove(&slow);
             return;
+        }
+        if let Some(step) = &mut self.step {
+            step.overtaken_now.insert(slow);
         }
         let count = self.overtaken.entry(slow).or_insert(0);
         *count += 1;
@@ -893,7 +911,9 @@ impl StateMachine {
         });
         moved.retain(|n| !verifying.contains(n));
         for node in verifying {
-            self.find_second_copy(node, &BTreeSet::from([worker]));
+            let mut excluded = self.failed(node);
+            excluded.insert(worker);
+            self.find_second_copy(node, &excluded);
         }
         if let Some(step) = &self.step {
             // A node already received, or held or queued by another worker (a backup), needs no
@@ -909,7 +929,10 @@ impl StateMachine {
             moved.retain(|n| !elsewhere(n));
         }
         for &node in &moved {
-            let target = self.pick_worker(None);
+            // Preferably a worker that has not failed the node.
+            let target = self
+                .pick_worker_avoiding(&self.failed(node))
+                .or_else(|| self.pick_worker(None));
             let step = self.step.as_mut().expect("moved nodes imply a step");
             match target {
                 Some(w) => step.queued.entry(w).or_default().push(node),
@@ -959,6 +982,27 @@ impl StateMachine {
                 step.queued.entry(w).or_default().push(node);
             }
             None => self.compute_here(node),
+        }
+    }
+
+    /// The coordinator as the backup of a straggler's `node` when no worker is left to take it:
+    /// a verified node gets the coordinator's deciding copy, any other node a plain copy (the
+    /// first valid result is used, so a straggler that delivers first is not overtaken).
+    fn back_up_here(&mut self, node: Node) {
+        let Some(step) = self.step.as_mut() else {
+            return;
+        };
+        if step.verifying.contains_key(&node) {
+            self.compute_here(node);
+            return;
+        }
+        if step.own_backups.insert(node) {
+            let work = node_work(step, node);
+            self.outputs.push(Output::ComputeNode {
+                global_step: step.global_step,
+                epoch: self.position.epoch,
+                work,
+            });
         }
     }
 
@@ -1014,6 +1058,14 @@ impl StateMachine {
         self.phase = Phase::Failed(reason.clone());
         self.step = None;
         self.outputs.push(Output::Failed(reason));
+    }
+
+    /// The workers whose result for `node` in the current step was rejected.
+    fn failed(&self, node: Node) -> BTreeSet<WorkerId> {
+        self.step
+            .as_ref()
+            .and_then(|step| step.rejections.get(&node).cloned())
+            .unwrap_or_default()
     }
 
     /// The live worker with the least work in the current step, avoiding `avoid` if possible.
@@ -1095,6 +1147,8 @@ impl StateMachine {
             verifying,
             handed_out: HashMap::new(),
             backups: HashMap::new(),
+            own_backups: BTreeSet::new(),
+            overtaken_now: BTreeSet::new(),
             slowest_node: Duration::ZERO,
             started: now,
             slowest_compute: 0.0,
@@ -1118,6 +1172,9 @@ impl StateMachine {
             return;
         }
         let step = self.step.take().expect("checked above");
+        // "Overtaken steps in a row": a step without being overtaken starts the count again.
+        self.overtaken
+            .retain(|worker, _| step.overtaken_now.contains(worker));
         self.phase = Phase::Updating;
         self.outputs.push(Output::StepReady {
             global_step: step.global_step,

@@ -520,6 +520,51 @@ fn a_lone_worker_that_heartbeats_but_never_finishes_is_backed_up_by_the_coordina
     );
 }
 
+#[test]
+fn a_lone_straggler_that_still_delivers_first_is_not_dropped() {
+    let reference = reference_params();
+    let (mut sm, workers, mut now) = start(1);
+    let slow = workers[0];
+    let mut backups_asked = 0;
+    for _ in 0..10_000 {
+        match sm.phase() {
+            Phase::Finished | Phase::Failed(_) => break,
+            Phase::Evaluating => sm.finish_evaluation(now),
+            _ => {}
+        }
+        let TaskDecision::Task(task) = sm.next_task(slow, now) else {
+            now += Duration::from_millis(10);
+            sm.tick(now);
+            continue;
+        };
+        // Every other step takes long enough (2 s after a 10 ms step) to be backed up by the
+        // coordinator, whose computation is never served here: the worker's own result,
+        // arriving first, must be used, and the worker is not "overtaken".
+        let slow_step = task.global_step % 2 == 1;
+        now += if slow_step {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(10)
+        };
+        sm.heartbeat(slow, now);
+        sm.tick(now);
+        backups_asked += sm
+            .drain_outputs()
+            .iter()
+            .filter(|o| matches!(o, Output::ComputeNode { .. }))
+            .count();
+        let results = compute(&task, sm.params());
+        submit(&mut sm, slow, task.global_step, results, 0.01, now);
+    }
+    assert_eq!(*sm.phase(), Phase::Finished);
+    assert!(
+        backups_asked >= 3,
+        "{backups_asked} coordinator backups asked"
+    );
+    assert_eq!(sm.live_workers(), 1, "the worker was never dropped");
+    assert_eq!(bits(sm.params()), reference);
+}
+
 /// Every worker id that has joined so far (`first` and the re-registrations in `outputs`).
 fn sm_workers(outputs: &[Output], first: WorkerId) -> Vec<WorkerId> {
     let mut ids = vec![first];

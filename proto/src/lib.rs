@@ -29,8 +29,12 @@ pub mod tls;
 
 pub use convert::WireError;
 
-/// Bumped on any incompatible change to `trainer.proto` or to what its fields mean.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Bumped on any incompatible change to `trainer.proto` or to what its fields mean, including
+/// the bits of a gradient: 4 when the engine's weight gradients moved to the fused kernel
+/// (`common::kernels::tree_weight_grad`), whose bits differ from release 3's, so that mixing
+/// releases is refused at registration instead of mixing bits (or quarantining honest workers
+/// under `--verify`). The service keeps its `vae.trainer.v3` path: the wire format is unchanged.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's
 /// parameters are 2.6 MB and a `--hidden 2048,2048` model is ~60 MB, so parameters and gradients

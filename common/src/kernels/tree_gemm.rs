@@ -11,8 +11,10 @@
 //! Bits: every output element is the same sequence of operations on every path, tile and thread
 //! count: per shard `acc = fma(delta, input, acc)` over the shard's rows in order from zero, then
 //! `left + right` in the tree's order. The fused multiply-add rounds once everywhere: the hardware
-//! instruction where the CPU has one, and the standard library's correctly rounded `mul_add`
-//! otherwise (slow, but the same bits), so machines with and without FMA agree.
+//! instruction on x86-64 CPUs with AVX2 or AVX-512F and FMA, and the standard library's correctly
+//! rounded `mul_add` otherwise (slow, but the same bits), so this kernel gives the same bits on
+//! every machine. (The rest of the engine does not promise that: `matrixmultiply` picks its
+//! kernel per CPU.)
 //!
 //! Unsafe: the only unsafe code is the call of a `#[target_feature]` copy of the kernel, made
 //! after `is_x86_feature_detected!` has confirmed that this CPU has those features.
@@ -151,7 +153,7 @@ fn block<T: Float>(
     block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
 }
 
-/// 4 x 32 f32 accumulators: 8 zmm registers, the shape of the AVX2 tile (wider AVX2 tiles spilled
+/// 4 x 32 accumulators: 8 zmm registers for f32 (16 for f64), the shape of the AVX2 tile (wider AVX2 tiles spilled
 /// accumulators in the inner loop; this path was not measured: our AVX-512 machines were busy).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
@@ -166,7 +168,7 @@ fn block_avx512<T: Float>(
     block_tiles::<T, 4, 32>(program, delta, input, shape, first_row, out);
 }
 
-/// 4 x 16 f32 accumulators: 8 of the 16 ymm registers (4 x 24 spilled in the inner loop).
+/// 4 x 16 accumulators: 8 of the 16 ymm registers for f32 (4 x 24 spilled in the inner loop).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn block_avx2<T: Float>(
@@ -194,6 +196,11 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize>(
 ) {
     let rows = out.len() / shape.in_dim;
     let n = program.rows;
+    if n == 0 {
+        // No leaf has a row: every sum is zero.
+        out.fill(T::zero());
+        return;
+    }
     let mut d = vec![T::zero(); n * rows];
     for (r, packed) in d.chunks_exact_mut(rows.max(1)).enumerate().take(n) {
         let at = r * shape.out_dim + first_row;
@@ -329,6 +336,7 @@ mod tests {
             (1usize, vec![9usize]),
             (6, vec![3, 0, 8, 1, 5, 0]),
             (16, vec![2; 16]),
+            (3, vec![0, 0, 0]),
         ] {
             let node = Node {
                 lo: 3,
