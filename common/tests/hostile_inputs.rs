@@ -55,11 +55,27 @@ fn refused(dir: &Path, name: &str, bytes: &[u8], expect: &str) {
     } else {
         load_model(&path).map(|_| ()).unwrap_err()
     };
-    let message = error.to_string();
+    assert_clear_error(
+        name,
+        bytes.len(),
+        &error.to_string(),
+        start.elapsed(),
+        expect,
+    );
+}
+
+/// Prints the refusal with its time and the peak memory so far; it must name the file `name` and
+/// contain `expect`.
+fn assert_clear_error(
+    name: &str,
+    len: usize,
+    message: &str,
+    elapsed: std::time::Duration,
+    expect: &str,
+) {
     let (rss, _) = peak_memory::peaks_kib();
     println!(
-        "{name}: {message} ({:.0?}; peak resident so far {} MiB)",
-        start.elapsed(),
+        "{name} ({len} bytes): {message} ({elapsed:.0?}; peak resident so far {} MiB)",
         rss / 1024
     );
     assert!(
@@ -244,20 +260,7 @@ fn bomb_refused(
     let start = Instant::now();
     let message = load(&path, None).unwrap_err().to_string();
     let elapsed = start.elapsed();
-    let (rss, _) = peak_memory::peaks_kib();
-    println!(
-        "{name} ({} bytes): {message} ({elapsed:.0?}; peak resident so far {} MiB)",
-        bytes.len(),
-        rss / 1024
-    );
-    assert!(
-        message.contains(name),
-        "the error does not name the file: {message}"
-    );
-    assert!(
-        message.contains(expect),
-        "expected `{expect}` in: {message}"
-    );
+    assert_clear_error(name, bytes.len(), &message, elapsed, expect);
     // Generous for a shared machine: each stops within 1 MB of output (milliseconds here).
     assert!(elapsed.as_secs() < 10, "{name} took {elapsed:?}");
 }

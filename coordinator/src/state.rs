@@ -259,6 +259,37 @@ struct StepState {
     update_taken: bool,
 }
 
+impl StepState {
+    /// What is wrong with `sum` as node `node`'s result, if anything: its gradient's length,
+    /// finiteness and magnitude, its example count, and its ELBO statistics.
+    fn result_problem(&self, node: Node, sum: &GradientSum, param_len: usize) -> Option<String> {
+        let expected_examples: usize = (node.lo..node.hi)
+            .map(|s| self.examples[s as usize].len())
+            .sum();
+        let bound = MAX_ABS_GRADIENT_PER_EXAMPLE * expected_examples.max(1) as f32;
+        let s = &sum.stats;
+        check_gradient(&sum.grad, param_len, bound)
+            .err()
+            .or_else(|| {
+                (s.examples != expected_examples as u64).then(|| {
+                    format!(
+                        "result covers {} examples, the step has {expected_examples} for these \
+                         shards",
+                        s.examples
+                    )
+                })
+            })
+            .or_else(|| {
+                (!(s.elbo.is_finite() && s.recon.is_finite() && s.kl.is_finite())).then(|| {
+                    format!(
+                        "ELBO statistics are not finite (elbo {}, recon {}, kl {})",
+                        s.elbo, s.recon, s.kl
+                    )
+                })
+            })
+    }
+}
+
 /// The coordinator's state: parameters, optimizer, schedule, workers and the step in progress.
 #[derive(Debug)]
 pub struct StateMachine {
@@ -506,30 +537,7 @@ impl StateMachine {
                 continue;
             };
             in_flight.remove(pos);
-            let expected_examples: usize = (node.lo..node.hi)
-                .map(|s| step.examples[s as usize].len())
-                .sum();
-            let bound = MAX_ABS_GRADIENT_PER_EXAMPLE * expected_examples.max(1) as f32;
-            let problem = check_gradient(&sum.grad, expected_len, bound)
-                .err()
-                .or_else(|| {
-                    (sum.stats.examples != expected_examples as u64).then(|| {
-                        format!(
-                            "result covers {} examples, the step has {expected_examples} for \
-                             these shards",
-                            sum.stats.examples
-                        )
-                    })
-                })
-                .or_else(|| {
-                    let s = &sum.stats;
-                    (!(s.elbo.is_finite() && s.recon.is_finite() && s.kl.is_finite())).then(|| {
-                        format!(
-                            "ELBO statistics are not finite (elbo {}, recon {}, kl {})",
-                            s.elbo, s.recon, s.kl
-                        )
-                    })
-                });
+            let problem = step.result_problem(node, &sum, expected_len);
             match problem {
                 None => {
                     if let Some(since) = step.handed_out.get(&(worker, node)) {
@@ -615,17 +623,7 @@ impl StateMachine {
         if !verified && !backup {
             return;
         }
-        let examples: u64 = (node.lo..node.hi)
-            .map(|s| step.examples[s as usize].len() as u64)
-            .sum();
-        let bound = MAX_ABS_GRADIENT_PER_EXAMPLE * examples.max(1) as f32;
-        let stats = &sum.stats;
-        let problem = check_gradient(&sum.grad, self.config.param_len, bound)
-            .err()
-            .or_else(|| {
-                (!(stats.elbo.is_finite() && stats.recon.is_finite() && stats.kl.is_finite()))
-                    .then(|| "the ELBO is not finite".to_string())
-            });
+        let problem = step.result_problem(node, &sum, self.config.param_len);
         if let Some(problem) = problem {
             self.fail(format!(
                 "training diverged: the coordinator's own computation of shards {}..{} at step \
