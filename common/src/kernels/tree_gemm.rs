@@ -26,21 +26,25 @@ use rayon::prelude::*;
 use crate::kernels::Float;
 use crate::train::Node;
 
-/// One step of a tree node's sum in postfix order.
+/// One leaf of a tree node's sum in postfix order, with the additions that follow it.
 #[derive(Debug, Clone, PartialEq)]
-enum Op {
-    /// Push the sum over these rows (one shard's).
-    Leaf(Range<usize>),
-    /// Pop the right sum and add it into the left one below it.
-    Add,
+struct Step {
+    /// The leaf's rows (one shard's): its sum is computed next.
+    rows: Range<usize>,
+    /// How many sums waiting on the stack are then added to it, each as `waiting + running`
+    /// (the tree's `left + right`), before the running sum is pushed.
+    adds: usize,
 }
 
 /// The shape of a node's sum along the reduction tree, with each leaf's rows: the fold of
-/// [`Node::fold_leaves`] written out as a program for a small stack machine.
+/// [`Node::fold_leaves`] written out as a program for a small stack machine. Every `Add` of the
+/// postfix form directly follows a leaf or another `Add`, so it is kept as a count on the leaf
+/// before it: the running sum stays in registers from the leaf through its additions.
 #[derive(Debug, Clone)]
 pub struct TreeProgram {
-    ops: Vec<Op>,
-    depth: usize,
+    steps: Vec<Step>,
+    /// The most sums ever waiting on the stack.
+    waiting: usize,
     /// One past the last row any leaf reads.
     rows: usize,
 }
@@ -48,25 +52,28 @@ pub struct TreeProgram {
 impl TreeProgram {
     /// The program of `node`'s tree sum, `rows(leaf)` giving each shard's rows.
     pub fn new(node: Node, rows: impl Fn(Node) -> Range<usize>) -> Self {
-        // A fold whose values are (program, depth needed): the same shape and order as every
-        // other sum along the tree.
-        let (ops, depth) = node.fold_leaves(
-            &mut |leaf| (vec![Op::Leaf(rows(leaf))], 1),
-            &mut |(mut left, left_depth): (Vec<Op>, usize), (right, right_depth)| {
+        // A fold whose values are (steps, sums waiting while it runs): the same shape and order
+        // as every other sum along the tree. The right subtree runs with the left's sum waiting.
+        let (steps, waiting) = node.fold_leaves(
+            &mut |leaf| {
+                let step = Step {
+                    rows: rows(leaf),
+                    adds: 0,
+                };
+                (vec![step], 0)
+            },
+            &mut |(mut left, left_waiting): (Vec<Step>, usize), (right, right_waiting)| {
                 left.extend(right);
-                left.push(Op::Add);
-                (left, left_depth.max(right_depth + 1))
+                left.last_mut().expect("a subtree has a leaf").adds += 1;
+                (left, left_waiting.max(right_waiting + 1))
             },
         );
-        let rows = ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::Leaf(r) => Some(r.end),
-                Op::Add => None,
-            })
-            .max()
-            .unwrap_or(0);
-        TreeProgram { ops, depth, rows }
+        let rows = steps.iter().map(|s| s.rows.end).max().unwrap_or(0);
+        TreeProgram {
+            steps,
+            waiting,
+            rows,
+        }
     }
 }
 
@@ -182,9 +189,10 @@ fn block_avx2<T: Float>(
     block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
 }
 
-/// The block in `MR x NR` tiles (smaller at the edges, with the same operations per element).
-/// The block's delta columns and, strip by strip, the input's columns are first copied into
-/// contiguous rows, so the tiles read memory in order.
+/// The block in `MR x NR` tiles. The block's delta columns are first copied into panels of `MR`
+/// output rows, row after row, and strip by strip the input's columns into rows of `NR`, so the
+/// tiles read memory in order; both are zero-padded to whole tiles (a tile computes all its
+/// lanes; only the real ones are written out, and no lane's value depends on another's).
 #[inline(always)]
 fn block_tiles<T: Float, const MR: usize, const NR: usize>(
     program: &TreeProgram,
@@ -201,34 +209,35 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize>(
         out.fill(T::zero());
         return;
     }
-    let mut d = vec![T::zero(); n * rows];
-    for (r, packed) in d.chunks_exact_mut(rows.max(1)).enumerate().take(n) {
-        let at = r * shape.out_dim + first_row;
-        packed.copy_from_slice(&delta[at..at + rows]);
+    let panels = rows.div_ceil(MR);
+    let mut d = vec![T::zero(); panels * n * MR];
+    for (p, panel) in d.chunks_exact_mut(n * MR).enumerate() {
+        let mr = MR.min(rows - p * MR);
+        for (r, packed) in panel.chunks_exact_mut(MR).enumerate() {
+            let at = r * shape.out_dim + first_row + p * MR;
+            packed[..mr].copy_from_slice(&delta[at..at + mr]);
+        }
     }
     let mut x = vec![T::zero(); n * NR];
-    let mut stack = vec![[[T::zero(); NR]; MR]; program.depth];
+    let mut stack = vec![[[T::zero(); NR]; MR]; program.waiting];
     // Column strips outside: a strip of every row of the input stays in L1 while the block's
     // output rows walk over it.
     for i in (0..shape.in_dim).step_by(NR) {
         let nr = NR.min(shape.in_dim - i);
         for (r, packed) in x.chunks_exact_mut(NR).enumerate() {
             let at = r * shape.in_stride + i;
-            packed[..nr].copy_from_slice(&input[at..at + nr]);
-        }
-        for o in (0..rows).step_by(MR) {
-            let mr = MR.min(rows - o);
-            let packed = Packed {
-                d: &d[o..],
-                d_stride: rows,
-                x: &x,
-            };
-            if mr == MR && nr == NR {
-                tile_sum::<T, MR, NR>(program, packed, MR, NR, &mut stack);
+            if nr == NR {
+                // A copy of known length: a few vector moves, not a `memcpy` call per row.
+                let packed: &mut [T; NR] = packed.try_into().expect("NR values");
+                *packed = input[at..at + NR].try_into().expect("NR values");
             } else {
-                tile_sum::<T, MR, NR>(program, packed, mr, nr, &mut stack);
+                packed[..nr].copy_from_slice(&input[at..at + nr]);
             }
-            for (m, sum) in stack[0][..mr].iter().enumerate() {
+        }
+        for (p, panel) in d.chunks_exact(n * MR).enumerate() {
+            let sum = tile_sum::<T, MR, NR>(program, panel, &x, &mut stack);
+            let o = p * MR;
+            for (m, sum) in sum[..MR.min(rows - o)].iter().enumerate() {
                 let at = (o + m) * shape.in_dim + i;
                 out[at..at + nr].copy_from_slice(&sum[..nr]);
             }
@@ -236,56 +245,50 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize>(
     }
 }
 
-/// A tile's operands: row `r`'s delta values at `d[r * d_stride..]`, its input values at
-/// `x[r * NR..]`.
-#[derive(Clone, Copy)]
-struct Packed<'a, T> {
-    d: &'a [T],
-    d_stride: usize,
-    x: &'a [T],
-}
-
-/// Runs the program for one `mr x nr` tile; its sum ends in `stack[0]`.
+/// Runs the program for one tile: row `r`'s delta values are `d[r * MR..][..MR]`, its input
+/// values `x[r * NR..][..NR]`. The running sum stays in registers; only sums waiting for their
+/// right neighbour go to `stack`.
 #[inline(always)]
 fn tile_sum<T: Float, const MR: usize, const NR: usize>(
     program: &TreeProgram,
-    packed: Packed<T>,
-    mr: usize,
-    nr: usize,
+    d: &[T],
+    x: &[T],
     stack: &mut [[[T; NR]; MR]],
-) {
+) -> [[T; NR]; MR] {
     let mut top = 0;
-    for op in &program.ops {
-        match op {
-            Op::Leaf(rows) => {
-                let mut acc = [[T::zero(); NR]; MR];
-                // Row r's delta values start at d[r * d_stride] (an empty shard reads none).
-                let d_rows = packed.d.chunks(packed.d_stride).skip(rows.start);
-                let x_rows = packed.x[rows.start * NR..rows.end * NR].chunks_exact(NR);
-                for (d, x) in d_rows.zip(x_rows) {
-                    let (d, x) = (&d[..mr], &x[..nr]);
-                    for (acc, &d) in acc.iter_mut().zip(d) {
-                        for (a, &x) in acc.iter_mut().zip(x) {
-                            *a = d.mul_add(x, *a);
-                        }
-                    }
+    let mut acc = [[T::zero(); NR]; MR];
+    for (k, step) in program.steps.iter().enumerate() {
+        if k > 0 {
+            // The previous leaf's sum waits for its right neighbour.
+            stack[top] = acc;
+            top += 1;
+        }
+        acc = [[T::zero(); NR]; MR];
+        let (lo, hi) = (step.rows.start, step.rows.end);
+        let rows = d[lo * MR..hi * MR]
+            .chunks_exact(MR)
+            .zip(x[lo * NR..hi * NR].chunks_exact(NR));
+        for (d, x) in rows {
+            let d: &[T; MR] = d.try_into().expect("MR values");
+            let x: &[T; NR] = x.try_into().expect("NR values");
+            for (acc, &d) in acc.iter_mut().zip(d) {
+                for (a, &x) in acc.iter_mut().zip(x) {
+                    *a = d.mul_add(x, *a);
                 }
-                stack[top] = acc;
-                top += 1;
             }
-            Op::Add => {
-                top -= 1;
-                let (below, right) = stack.split_at_mut(top);
-                let left = &mut below[top - 1];
-                for (left, right) in left.iter_mut().zip(&right[0]) {
-                    for (l, &r) in left.iter_mut().zip(right) {
-                        *l = *l + r;
-                    }
+        }
+        for _ in 0..step.adds {
+            top -= 1;
+            let left = &stack[top];
+            for (right, left) in acc.iter_mut().zip(left) {
+                for (r, &l) in right.iter_mut().zip(left) {
+                    *r = l + *r;
                 }
             }
         }
     }
-    debug_assert_eq!(top, 1, "a tree sum leaves one value");
+    debug_assert_eq!(top, 0, "a tree sum leaves one value");
+    acc
 }
 
 #[cfg(test)]
@@ -368,6 +371,8 @@ mod tests {
             };
             block_tiles::<f32, 3, 5>(&program, &delta, &input, shape, 0, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 3 x 5 tiles");
+            block_tiles::<f32, 1, 1>(&program, &delta, &input, shape, 0, &mut portable);
+            assert_eq!(bits(&portable), bits(&want), "{shards} shards, 1 x 1 tiles");
         }
     }
 
