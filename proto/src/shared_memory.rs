@@ -4,11 +4,12 @@
 //! coordinator, each one copy into or out of the page cache instead of a trip through prost,
 //! HTTP/2 and the loopback socket (docs/design.md §5).
 //!
-//! Files are mapped into memory (`mmap`), so a transfer is one `memcpy` into or out of the
-//! mapping (the page cache's per-page `pread`/`pwrite` path measured ~10x slower here). Every value
-//! is copied out of a mapping before it is used: no reference into memory that another process
-//! writes ever reaches the rest of the program. The only `unsafe` code is the [`mapping`] module;
-//! its invariants are stated there. What keeps the exchange correct:
+//! Files are mapped into memory (`mmap`), so a transfer is at most one `memcpy` into or out of
+//! the mapping (the page cache's per-page `pread`/`pwrite` path measured ~10x slower here). A
+//! worker computes its gradients in place in its own file ([`SharedClient::fill_gradients`]);
+//! every value read from memory another process writes is copied out before it is used: no
+//! reference into such memory ever reaches the rest of the program. The only `unsafe` code is
+//! the [`mapping`] module; its invariants are stated there. What keeps the exchange correct:
 //! - The parameter file is rewritten only between steps, after every result of the step in
 //!   progress has arrived; a task is sent only after its parameters are written. A straggler that
 //!   still reads while the next step's parameters are written computes a result for a finished
@@ -29,7 +30,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use mapping::{ReadMap, WriteMap};
+use mapping::{ReadMap, Split, WriteMap};
 
 use crate::messages::{SharedMemoryOffer, TensorRef};
 
@@ -99,7 +100,7 @@ impl SharedDir {
 
     /// Writes the parameters for the next step; the reference goes into every co-located task.
     pub fn write_params(&self, values: &[f32]) -> io::Result<TensorRef> {
-        lock(&self.params).write(0, bytemuck::cast_slice(values))?;
+        lock(&self.params).write(0, bytemuck::cast_slice(values), Split::Parallel)?;
         Ok(TensorRef::Shared {
             offset: 0,
             len: values.len() as u64,
@@ -122,7 +123,7 @@ impl SharedDir {
                 e.insert(ReadMap::new(file))
             }
         };
-        read_region(map, offset, len, out)
+        read_region(map, offset, len, out, Split::Parallel)
     }
 
     /// Removes an attached worker's gradient file (the worker is gone).
@@ -161,25 +162,52 @@ impl SharedClient {
 
     /// Reads the parameters a task refers to into `out`.
     pub fn read_params(&self, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
-        read_region(&mut lock(&self.params), offset, len, out)
+        read_region(&mut lock(&self.params), offset, len, out, Split::Serial)
     }
 
-    /// Writes gradients one after another into this worker's file; their references, in order.
-    pub fn write_gradients<'a>(
+    /// Lends this worker's gradient file to `fill` as consecutive regions of `lens[i]` values
+    /// (the file grown first when it is too short), so that gradients are computed where the
+    /// coordinator reads them instead of being copied there; the regions' references, in order,
+    /// and what `fill` returned. The regions hold whatever an earlier step left: `fill` must
+    /// write every value it reports.
+    pub fn fill_gradients<R>(
         &self,
-        grads: impl IntoIterator<Item = &'a [f32]>,
-    ) -> io::Result<Vec<TensorRef>> {
+        lens: &[usize],
+        fill: impl FnOnce(Vec<&mut [f32]>) -> R,
+    ) -> io::Result<(Vec<TensorRef>, R)> {
+        let total: u64 = lens.iter().map(|&len| 4 * len as u64).sum();
+        let mut refs = Vec::with_capacity(lens.len());
         let mut offset = 0u64;
-        let mut refs = Vec::new();
-        let mut file = lock(&self.gradients);
-        for grad in grads {
-            file.write(offset, bytemuck::cast_slice(grad))?;
+        for &len in lens {
             refs.push(TensorRef::Shared {
                 offset,
-                len: grad.len() as u64,
+                len: len as u64,
             });
-            offset += 4 * grad.len() as u64;
+            offset += 4 * len as u64;
         }
+        if total == 0 {
+            let empty = lens.iter().map(|_| &mut [][..]).collect();
+            return Ok((refs, fill(empty)));
+        }
+        let mut file = lock(&self.gradients);
+        let mut rest: &mut [f32] = bytemuck::cast_slice_mut(file.region(0, total)?);
+        let mut regions = Vec::with_capacity(lens.len());
+        for &len in lens {
+            let (region, after) = std::mem::take(&mut rest).split_at_mut(len);
+            regions.push(region);
+            rest = after;
+        }
+        Ok((refs, fill(regions)))
+    }
+
+    /// Copies gradients one after another into this worker's file; their references, in order.
+    pub fn write_gradients(&self, grads: &[&[f32]]) -> io::Result<Vec<TensorRef>> {
+        let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
+        let (refs, ()) = self.fill_gradients(&lens, |regions| {
+            for (region, grad) in regions.into_iter().zip(grads) {
+                region.copy_from_slice(grad);
+            }
+        })?;
         Ok(refs)
     }
 }
@@ -201,7 +229,13 @@ fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
 
 /// `len` f32 values at byte `offset` of a mapped file, copied into `out` (resized; its allocation
 /// is reused).
-fn read_region(map: &mut ReadMap, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
+fn read_region(
+    map: &mut ReadMap,
+    offset: u64,
+    len: u64,
+    out: &mut Vec<f32>,
+    split: Split,
+) -> io::Result<()> {
     let bytes = len
         .checked_mul(4)
         .filter(|_| offset.is_multiple_of(4))
@@ -211,7 +245,7 @@ fn read_region(map: &mut ReadMap, offset: u64, len: u64, out: &mut Vec<f32>) -> 
     map.ensure(offset, bytes)
         .map_err(|e| outside(offset, len, Some(e)))?;
     out.resize(len as usize, 0.0);
-    map.read(offset, bytemuck::cast_slice_mut(&mut out[..]))
+    map.read(offset, bytemuck::cast_slice_mut(&mut out[..]), split)
         .map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 outside(offset, bytes / 4, Some(e))
@@ -248,16 +282,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 ///   within a mapping can touch pages past the end of the file (which would raise SIGBUS). The
 ///   directory is private (0700) and its files 0600, so only processes of the same user, which
 ///   could equally kill the coordinator, could truncate them.
-/// - Bytes are only copied into or out of a mapping (`copy_from_slice`), never lent out as
-///   references or reinterpreted, so a concurrent writer in another process can change what a
-///   copy reads (a result the protocol then ignores or rejects) but not break this process's
-///   aliasing rules.
+/// - A read mapping's bytes are only copied out (`copy_from_slice`), never lent out as
+///   references, so a concurrent writer in another process can change what a copy reads (a
+///   result the protocol then ignores or rejects) but not break this process's aliasing rules.
+/// - A write mapping is of a file no other process writes: the coordinator writes the parameter
+///   file and maps the workers' gradient files read-only; each worker writes only its own
+///   gradient file and maps the parameter file read-only. So its bytes may be lent out as
+///   `&mut [u8]`, borrowed from the `WriteMap` (never outliving or seeing a remap), to be written
+///   in place: other processes only read them, which changes nothing this process can observe.
 #[allow(unsafe_code)]
 mod mapping {
     use std::fs::File;
     use std::io;
 
     use memmap2::{Mmap, MmapMut, MmapOptions};
+    use rayon::prelude::*;
+
+    /// How a copy into or out of a mapping runs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Split {
+        /// On the calling thread (a worker, whose cores are busy computing).
+        Serial,
+        /// In pieces on the rayon pool (the coordinator, whose copies sit on the step's critical
+        /// path while the workers wait).
+        Parallel,
+    }
+
+    /// `dst.copy_from_slice(src)`, in pieces of 256 KiB on the rayon pool when `split` asks.
+    fn copy(dst: &mut [u8], src: &[u8], split: Split) {
+        const PIECE: usize = 256 << 10;
+        if split == Split::Serial || dst.len() < 2 * PIECE {
+            dst.copy_from_slice(src);
+        } else {
+            dst.par_chunks_mut(PIECE)
+                .zip(src.par_chunks(PIECE))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        }
+    }
 
     /// A file this process reads through a read-only mapping, remapped when it has grown.
     #[derive(Debug)]
@@ -293,11 +354,11 @@ mod mapping {
 
         /// Copies `out.len()` bytes at `offset` into `out`; `UnexpectedEof` when the file is
         /// shorter.
-        pub fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        pub fn read(&mut self, offset: u64, out: &mut [u8], split: Split) -> io::Result<()> {
             self.ensure(offset, out.len() as u64)?;
             let map = self.map.as_ref().expect("mapped above");
             let end = offset as usize + out.len();
-            out.copy_from_slice(&map[offset as usize..end]);
+            copy(out, &map[offset as usize..end], split);
             Ok(())
         }
     }
@@ -331,19 +392,28 @@ mod mapping {
         }
 
         /// Copies `bytes` to `offset`, growing the file first if it is too short.
-        pub fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-            let end = offset + bytes.len() as u64;
+        pub fn write(&mut self, offset: u64, bytes: &[u8], split: Split) -> io::Result<()> {
+            copy(self.region(offset, bytes.len() as u64)?, bytes, split);
+            Ok(())
+        }
+
+        /// The `len` bytes at `offset`, to write in place, the file grown first if it is too
+        /// short. Borrowed from the map: it cannot outlive the mapping or see it replaced.
+        pub fn region(&mut self, offset: u64, len: u64) -> io::Result<&mut [u8]> {
+            let end = offset
+                .checked_add(len)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
             if self.map.as_ref().is_none_or(|m| (m.len() as u64) < end) {
                 let current = self.file.metadata()?.len();
                 let size = current.max(end);
                 reserve(&self.file, current, size)?;
-                // SAFETY: see the module's invariants (file kept open, never shrunk, copies only).
+                // SAFETY: see the module's invariants (file kept open, never shrunk, written by
+                // this process only).
                 self.map =
                     Some(unsafe { MmapOptions::new().len(size as usize).map_mut(&self.file)? });
             }
             let map = self.map.as_mut().expect("mapped above");
-            map[offset as usize..end as usize].copy_from_slice(bytes);
-            Ok(())
+            Ok(&mut map[offset as usize..end as usize])
         }
     }
 }
@@ -396,7 +466,7 @@ mod tests {
         assert_eq!(got, params);
 
         let (a, b) = (values(300, 1.0), values(300, 2.0));
-        let refs = client.write_gradients([&a[..], &b[..]]).unwrap();
+        let refs = client.write_gradients(&[&a, &b]).unwrap();
         for (r, want) in refs.iter().zip([&a, &b]) {
             let TensorRef::Shared { offset, len } = *r else {
                 panic!()
@@ -430,9 +500,7 @@ mod tests {
             client.read_params(0, n as u64, &mut got).unwrap();
             assert_eq!(got, params, "{n} values, salt {salt}");
             let grads = [values(n, salt + 0.5), values(n, salt + 0.7)];
-            let refs = client
-                .write_gradients(grads.iter().map(|g| &g[..]))
-                .unwrap();
+            let refs = client.write_gradients(&[&grads[0], &grads[1]]).unwrap();
             for (r, want) in refs.iter().zip(&grads) {
                 let TensorRef::Shared { offset, len } = *r else {
                     panic!()
@@ -444,6 +512,39 @@ mod tests {
         // Files never shrink: after the 10-value step the 5000-value regions are still readable.
         client.read_params(0, 5000, &mut got).unwrap();
         assert!(client.read_params(0, 5001, &mut got).is_err());
+    }
+
+    #[test]
+    fn gradients_filled_in_place_are_read_back_bit_for_bit() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "f", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 9).unwrap();
+        let mut got = Vec::new();
+        // The file grows, then smaller steps reuse its start; no nodes lends nothing.
+        for (lens, salt) in [(vec![700, 300], 1.0), (vec![50, 0, 20], 2.0), (vec![], 3.0)] {
+            let (refs, wrote) = client
+                .fill_gradients(&lens, |regions| {
+                    let lens: Vec<usize> = regions.iter().map(|r| r.len()).collect();
+                    for (i, region) in regions.into_iter().enumerate() {
+                        region.copy_from_slice(&values(region.len(), salt + i as f32));
+                    }
+                    lens
+                })
+                .unwrap();
+            assert_eq!(wrote, lens, "each region has the length asked for");
+            assert_eq!(refs.len(), lens.len());
+            for (i, r) in refs.iter().enumerate() {
+                let TensorRef::Shared { offset, len } = *r else {
+                    panic!()
+                };
+                dir.read_gradient(9, offset, len, &mut got).unwrap();
+                assert_eq!(
+                    got,
+                    values(lens[i], salt + i as f32),
+                    "{lens:?}, region {i}"
+                );
+            }
+        }
     }
 
     #[test]

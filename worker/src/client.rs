@@ -147,7 +147,7 @@ enum LoopEnd {
 
 /// How a task's tensors move, and the buffers and test fault that go with it.
 struct Transfer<'a> {
-    shared: Option<&'a SharedClient>,
+    shared: Option<&'a Arc<SharedClient>>,
     buffers: &'a mut StepBuffers,
     fault: &'a mut Option<Fault>,
 }
@@ -158,7 +158,7 @@ async fn attach(
     client: &mut Client,
     worker_id: u64,
     offer: &proto::messages::SharedMemoryOffer,
-) -> Option<SharedClient> {
+) -> Option<Arc<SharedClient>> {
     let (shared, probe) = match SharedClient::open(offer, worker_id) {
         Ok(opened) => opened,
         Err(e) => {
@@ -171,7 +171,7 @@ async fn attach(
     };
     let request = pb::AttachRequest::from(Attach { probe });
     match client.attach_shared_memory(request).await {
-        Ok(reply) if reply.get_ref().attached => Some(shared),
+        Ok(reply) if reply.get_ref().attached => Some(Arc::new(shared)),
         Ok(_) => None,
         Err(status) => {
             tracing::debug!("shared memory refused: {}", describe(&status));

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use common::model::BatchStats;
 use common::train::{Engine, GradientSum, Node, ReductionTree, ShardBatch};
 use ndarray::Array2;
 use proto::messages::{NodeResult, RunSpec, Task, TensorRef};
@@ -92,7 +93,7 @@ pub async fn run_task(
     pool: &Arc<rayon::ThreadPool>,
     cache: &ShardCache,
     task: Task,
-    shared: Option<&SharedClient>,
+    shared: Option<&Arc<SharedClient>>,
     buffers: &mut StepBuffers,
     fault: &mut Option<Fault>,
 ) -> Result<TaskOutput> {
@@ -104,7 +105,7 @@ pub async fn run_task(
     }
     let layout_len = ctx.engine.layout().len();
     let mut params = std::mem::take(&mut buffers.params);
-    read_params(&task.params, shared, layout_len, &mut params)?;
+    read_params(&task.params, shared.map(|s| &**s), layout_len, &mut params)?;
     tracing::trace!("step {}: parameters read", task.step);
     let dim = ctx.engine.config().input_dim;
     // Gathering copies ~400 KB per step: cheap enough for the async thread.
@@ -130,70 +131,122 @@ pub async fn run_task(
         nodes.push((work.node, shards));
     }
     let mut sums = std::mem::take(&mut buffers.sums);
-    sums.resize_with(nodes.len(), || GradientSum::zeros(0));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx = Arc::clone(ctx);
+    let pool_shared = shared.cloned();
     let tree = *tree;
     let epoch = task.epoch;
     tracing::trace!("step {}: rows gathered", task.step);
     let clock = PoolClock::start(pool);
     pool.spawn(move || {
-        let outcome = nodes
-            .iter()
-            .zip(sums.iter_mut())
-            .try_for_each(|((node, shards), out)| {
-                let batches: Vec<ShardBatch<'_>> = shards
-                    .iter()
-                    .map(|(shard, x, examples)| ShardBatch {
-                        shard: *shard,
-                        x: x.view(),
-                        examples,
-                    })
-                    .collect();
-                ctx.engine
-                    .node_gradient_into(&params, epoch, &tree, *node, &batches, out)
-            });
+        let compute = |grads: Vec<&mut [f32]>| -> Result<Vec<BatchStats>> {
+            nodes
+                .iter()
+                .zip(grads)
+                .map(|((node, shards), grad)| {
+                    let batches: Vec<ShardBatch<'_>> = shards
+                        .iter()
+                        .map(|(shard, x, examples)| ShardBatch {
+                            shard: *shard,
+                            x: x.view(),
+                            examples,
+                        })
+                        .collect();
+                    Ok(ctx
+                        .engine
+                        .node_gradient_to(&params, epoch, &tree, *node, &batches, grad)?)
+                })
+                .collect()
+        };
+        // In place in the shared file when attached (no copy), else into the reused buffers.
+        let lens = vec![params.len(); nodes.len()];
+        let in_place = pool_shared.as_ref().and_then(|shared| {
+            shared
+                .fill_gradients(&lens, &compute)
+                .inspect_err(|e| {
+                    tracing::warn!("cannot write gradients to shared memory ({e}); sending inline")
+                })
+                .ok()
+        });
+        let computed = match in_place {
+            Some((refs, stats)) => stats.map(|stats| (Some(refs), stats)),
+            None => {
+                sums.resize_with(nodes.len(), || GradientSum::zeros(0));
+                sums.iter_mut()
+                    .for_each(|s| s.grad.resize(params.len(), 0.0));
+                compute(sums.iter_mut().map(|s| &mut s.grad[..]).collect())
+                    .map(|stats| (None, stats))
+            }
+        };
         let nodes: Vec<Node> = nodes.iter().map(|(node, _)| *node).collect();
-        let _ = tx.send((outcome, nodes, params, sums));
+        let _ = tx.send((computed, nodes, params, sums));
     });
-    let (outcome, nodes, params, mut sums) = rx
+    let (computed, nodes, params, mut sums) = rx
         .await
         .map_err(|_| Error::Other("gradient computation panicked".into()))?;
     tracing::trace!("step {}: gradients computed", task.step);
     let compute_seconds = clock.seconds(pool);
     buffers.params = params;
-    outcome?;
-    for sum in &mut sums {
-        match fault.take_if(|f| {
-            matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) | Fault::HugeAtStep(s)
-                | Fault::UlpAtStep(s) if *s == task.step)
-        }) {
-            Some(Fault::NanAtStep(_)) => sum.grad[0] = f32::NAN,
-            Some(Fault::ShortAtStep(_)) => {
-                sum.grad.pop();
+    let (shared_refs, stats) = computed?;
+    let grads = match shared_refs {
+        Some(mut refs) => {
+            if fault.is_some() {
+                let shared = shared.expect("computed in shared memory");
+                let (_, short) = shared
+                    .fill_gradients(&vec![layout_len; refs.len()], |mut grads| {
+                        inject_fault(fault, task.step, grads.iter_mut().map(|g| &mut **g))
+                    })
+                    .map_err(|e| Error::Other(format!("shared memory: {e}")))?;
+                if let (true, Some(TensorRef::Shared { len, .. })) = (short, refs.first_mut()) {
+                    *len -= 1;
+                }
             }
-            Some(Fault::HugeAtStep(_)) => sum.grad.iter_mut().for_each(|g| *g = 1e22),
-            Some(Fault::UlpAtStep(_)) => sum.grad[0] = f32::from_bits(sum.grad[0].to_bits() ^ 1),
-            Some(Fault::StallAtStep(_)) | None => {}
+            refs
         }
-    }
-    let grads = write_gradients(&sums, shared)?;
+        None => {
+            if inject_fault(fault, task.step, sums.iter_mut().map(|s| &mut s.grad[..])) {
+                sums[0].grad.pop();
+            }
+            sums.iter()
+                .map(|s| proto::convert::inline_tensor(&s.grad))
+                .collect()
+        }
+    };
     tracing::trace!("step {}: gradients written", task.step);
     let results = nodes
         .into_iter()
-        .zip(&sums)
+        .zip(stats)
         .zip(grads)
-        .map(|((node, sum), grad)| NodeResult {
-            node,
-            grad,
-            stats: sum.stats,
-        })
+        .map(|((node, stats), grad)| NodeResult { node, grad, stats })
         .collect();
     buffers.sums = sums;
     Ok(TaskOutput {
         results,
         compute_seconds,
     })
+}
+
+/// Applies a fault due at `step` (taking it) to the first of `grads`; true for a short
+/// gradient, whose last value the caller must drop.
+fn inject_fault<'a>(
+    fault: &mut Option<Fault>,
+    step: u64,
+    mut grads: impl Iterator<Item = &'a mut [f32]>,
+) -> bool {
+    let Some(grad) = grads.next() else {
+        return false;
+    };
+    match fault.take_if(|f| {
+        matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) | Fault::HugeAtStep(s)
+            | Fault::UlpAtStep(s) if *s == step)
+    }) {
+        Some(Fault::NanAtStep(_)) => grad[0] = f32::NAN,
+        Some(Fault::ShortAtStep(_)) => return true,
+        Some(Fault::HugeAtStep(_)) => grad.iter_mut().for_each(|g| *g = 1e22),
+        Some(Fault::UlpAtStep(_)) => grad[0] = f32::from_bits(grad[0].to_bits() ^ 1),
+        Some(Fault::StallAtStep(_)) | None => {}
+    }
+    false
 }
 
 /// The task's parameters into `out`: decoded inline bytes, or read from shared memory.
@@ -228,21 +281,4 @@ fn read_params(
         )));
     }
     Ok(())
-}
-
-/// The gradients as references: written to shared memory when attached (falling back to inline
-/// bytes if that fails), else inline.
-fn write_gradients(sums: &[GradientSum], shared: Option<&SharedClient>) -> Result<Vec<TensorRef>> {
-    if let Some(shared) = shared {
-        match shared.write_gradients(sums.iter().map(|s| &s.grad[..])) {
-            Ok(refs) => return Ok(refs),
-            Err(e) => {
-                tracing::warn!("cannot write gradients to shared memory ({e}); sending inline")
-            }
-        }
-    }
-    Ok(sums
-        .iter()
-        .map(|s| proto::convert::inline_tensor(&s.grad))
-        .collect())
 }

@@ -29,9 +29,9 @@ use std::sync::Mutex;
 
 use ndarray::ArrayView2;
 
-use crate::model::ModelConfig;
 use crate::model::ParamLayout;
 use crate::model::fill_eps;
+use crate::model::{BatchStats, ModelConfig};
 use crate::model::{EvalReport, evaluate};
 use crate::model::{Vae, Workspace, model_name};
 use crate::train::GradientSum;
@@ -145,8 +145,25 @@ impl Engine {
         shards: &[ShardBatch],
         out: &mut GradientSum,
     ) -> Result<()> {
+        out.grad.resize(self.layout().len(), 0.0);
+        out.stats = self.node_gradient_to(params, epoch, tree, node, shards, &mut out.grad)?;
+        Ok(())
+    }
+
+    /// [`Engine::node_gradient`] written into `grad` (one value per parameter; overwritten), for
+    /// callers that own the memory the gradient goes to (a worker's shared-memory file): the
+    /// node's statistics are returned.
+    pub fn node_gradient_to(
+        &self,
+        params: &[f32],
+        epoch: u64,
+        tree: &ReductionTree,
+        node: Node,
+        shards: &[ShardBatch],
+        grad: &mut [f32],
+    ) -> Result<BatchStats> {
         self.check_node(params, tree, node, shards)?;
-        self.compute_node(params, epoch, node, shards, out)
+        self.compute_node(params, epoch, node, shards, grad)
     }
 
     fn check_node(
@@ -211,8 +228,8 @@ impl Engine {
         epoch: u64,
         node: Node,
         shards: &[ShardBatch],
-        out: &mut GradientSum,
-    ) -> Result<()> {
+        grad: &mut [f32],
+    ) -> Result<BatchStats> {
         let (d, z_dim, k) = (self.config().input_dim, self.config().latent, self.samples);
         let mut scratch = self.scratch.lock().expect("pool").pop().unwrap_or_default();
         let Scratch { ws, x, ids } = &mut scratch;
@@ -240,14 +257,12 @@ impl Engine {
         fill_eps(self.seed, epoch, ids, 0, k, z_dim, &mut eps);
         let eps_view =
             ArrayView2::from_shape((n * k, z_dim), &eps[..]).expect("noise is [n * K, Z]");
-        out.grad.resize(self.layout().len(), 0.0);
-        let result =
-            self.vae
-                .elbo_grad_tree(params, x_view, eps_view, node, &sizes, &mut out.grad, ws);
+        let result = self
+            .vae
+            .elbo_grad_tree(params, x_view, eps_view, node, &sizes, grad, ws);
         ws.eps = eps;
         self.scratch.lock().expect("pool").push(scratch);
-        out.stats = result?;
-        Ok(())
+        result
     }
 
     /// Held-out evaluation ([`evaluate`](crate::model::evaluate)): mean ELBO (K = 1, fixed
