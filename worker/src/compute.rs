@@ -162,7 +162,7 @@ pub async fn run_task(
         let lens = vec![params.len(); nodes.len()];
         let in_place = pool_shared.as_ref().and_then(|shared| {
             shared
-                .fill_gradients(&lens, &compute)
+                .fill_gradients(&lens, compute)
                 .inspect_err(|e| {
                     tracing::warn!("cannot write gradients to shared memory ({e}); sending inline")
                 })
