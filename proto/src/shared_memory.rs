@@ -30,7 +30,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use mapping::{ReadMap, Split, WriteMap};
+use mapping::{ReadMap, WriteMap};
 
 use crate::messages::{SharedMemoryOffer, TensorRef};
 
@@ -100,7 +100,7 @@ impl SharedDir {
 
     /// Writes the parameters for the next step; the reference goes into every co-located task.
     pub fn write_params(&self, values: &[f32]) -> io::Result<TensorRef> {
-        lock(&self.params).write(0, bytemuck::cast_slice(values), Split::Parallel)?;
+        lock(&self.params).write(0, bytemuck::cast_slice(values))?;
         Ok(TensorRef::Shared {
             offset: 0,
             len: values.len() as u64,
@@ -123,7 +123,7 @@ impl SharedDir {
                 e.insert(ReadMap::new(file))
             }
         };
-        read_region(map, offset, len, out, Split::Parallel)
+        read_region(map, offset, len, out)
     }
 
     /// Removes an attached worker's gradient file (the worker is gone).
@@ -160,9 +160,10 @@ impl SharedClient {
         Ok((client, probe))
     }
 
-    /// Reads the parameters a task refers to into `out`.
+    /// Reads the parameters a task refers to into `out`, in pieces on the current rayon pool (call
+    /// it inside the worker's pool).
     pub fn read_params(&self, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
-        read_region(&mut lock(&self.params), offset, len, out, Split::Serial)
+        read_region(&mut lock(&self.params), offset, len, out)
     }
 
     /// Lends this worker's gradient file to `fill` as consecutive regions of `lens[i]` values
@@ -229,13 +230,7 @@ fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
 
 /// `len` f32 values at byte `offset` of a mapped file, copied into `out` (resized; its allocation
 /// is reused).
-fn read_region(
-    map: &mut ReadMap,
-    offset: u64,
-    len: u64,
-    out: &mut Vec<f32>,
-    split: Split,
-) -> io::Result<()> {
+fn read_region(map: &mut ReadMap, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
     let bytes = len
         .checked_mul(4)
         .filter(|_| offset.is_multiple_of(4))
@@ -245,7 +240,7 @@ fn read_region(
     map.ensure(offset, bytes)
         .map_err(|e| outside(offset, len, Some(e)))?;
     out.resize(len as usize, 0.0);
-    map.read(offset, bytemuck::cast_slice_mut(&mut out[..]), split)
+    map.read(offset, bytemuck::cast_slice_mut(&mut out[..]))
         .map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 outside(offset, bytes / 4, Some(e))
@@ -298,20 +293,12 @@ mod mapping {
     use memmap2::{Mmap, MmapMut, MmapOptions};
     use rayon::prelude::*;
 
-    /// How a copy into or out of a mapping runs.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Split {
-        /// On the calling thread (a worker, whose cores are busy computing).
-        Serial,
-        /// In pieces on the rayon pool (the coordinator, whose copies sit on the step's critical
-        /// path while the workers wait).
-        Parallel,
-    }
-
-    /// `dst.copy_from_slice(src)`, in pieces of 256 KiB on the rayon pool when `split` asks.
-    fn copy(dst: &mut [u8], src: &[u8], split: Split) {
+    /// `dst.copy_from_slice(src)`, in pieces of 256 KiB on the current rayon pool: copies sit on
+    /// the step's critical path while the other side waits (a worker calls this inside its own
+    /// pool, whose threads are then idle; with one thread the pieces run one after another).
+    fn copy(dst: &mut [u8], src: &[u8]) {
         const PIECE: usize = 256 << 10;
-        if split == Split::Serial || dst.len() < 2 * PIECE {
+        if dst.len() < 2 * PIECE {
             dst.copy_from_slice(src);
         } else {
             dst.par_chunks_mut(PIECE)
@@ -354,11 +341,11 @@ mod mapping {
 
         /// Copies `out.len()` bytes at `offset` into `out`; `UnexpectedEof` when the file is
         /// shorter.
-        pub fn read(&mut self, offset: u64, out: &mut [u8], split: Split) -> io::Result<()> {
+        pub fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()> {
             self.ensure(offset, out.len() as u64)?;
             let map = self.map.as_ref().expect("mapped above");
             let end = offset as usize + out.len();
-            copy(out, &map[offset as usize..end], split);
+            copy(out, &map[offset as usize..end]);
             Ok(())
         }
     }
@@ -392,8 +379,8 @@ mod mapping {
         }
 
         /// Copies `bytes` to `offset`, growing the file first if it is too short.
-        pub fn write(&mut self, offset: u64, bytes: &[u8], split: Split) -> io::Result<()> {
-            copy(self.region(offset, bytes.len() as u64)?, bytes, split);
+        pub fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+            copy(self.region(offset, bytes.len() as u64)?, bytes);
             Ok(())
         }
 

@@ -105,7 +105,8 @@ pub async fn run_task(
     }
     let layout_len = ctx.engine.layout().len();
     let mut params = std::mem::take(&mut buffers.params);
-    read_params(&task.params, shared.map(|s| &**s), layout_len, &mut params)?;
+    // On the pool, whose threads are idle until the computation: the copy runs on all of them.
+    pool.install(|| read_params(&task.params, shared.map(|s| &**s), layout_len, &mut params))?;
     tracing::trace!("step {}: parameters read", task.step);
     let dim = ctx.engine.config().input_dim;
     // Gathering copies ~400 KB per step: cheap enough for the async thread.
