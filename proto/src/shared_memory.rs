@@ -170,7 +170,8 @@ impl SharedClient {
     /// (the file grown first when it is too short), so that gradients are computed where the
     /// coordinator reads them instead of being copied there; the regions' references, in order,
     /// and what `fill` returned. The regions hold whatever an earlier step left: `fill` must
-    /// write every value it reports.
+    /// write every value it reports. The file's lock is held while `fill` runs (one task at a
+    /// time: the worker awaits each to the end), so `fill` must not call this again.
     pub fn fill_gradients<R>(
         &self,
         lens: &[usize],
@@ -285,6 +286,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 ///   gradient file and maps the parameter file read-only. So its bytes may be lent out as
 ///   `&mut [u8]`, borrowed from the `WriteMap` (never outliving or seeing a remap), to be written
 ///   in place: other processes only read them, which changes nothing this process can observe.
+///   A process of the same user that wrote such a file anyway would race with this one's
+///   borrow; like truncation, that is outside what the 0700 directory defends against (such a
+///   process could equally kill or ptrace this one).
 #[allow(unsafe_code)]
 mod mapping {
     use std::fs::File;
@@ -293,9 +297,10 @@ mod mapping {
     use memmap2::{Mmap, MmapMut, MmapOptions};
     use rayon::prelude::*;
 
-    /// `dst.copy_from_slice(src)`, in pieces of 256 KiB on the current rayon pool: copies sit on
-    /// the step's critical path while the other side waits (a worker calls this inside its own
-    /// pool, whose threads are then idle; with one thread the pieces run one after another).
+    /// `dst.copy_from_slice(src)`, in pieces of 256 KiB on the current rayon pool (the global
+    /// one outside any pool: the coordinator's): copies sit on the step's critical path while
+    /// the other side waits (a worker calls this inside its own pool, whose threads are then
+    /// idle; with one thread the pieces run one after another).
     fn copy(dst: &mut [u8], src: &[u8]) {
         const PIECE: usize = 256 << 10;
         if dst.len() < 2 * PIECE {

@@ -191,8 +191,9 @@ fn block_avx2<T: Float>(
 
 /// The block in `MR x NR` tiles. The block's delta columns are first copied into panels of `MR`
 /// output rows, row after row, and strip by strip the input's columns into rows of `NR`, so the
-/// tiles read memory in order; both are zero-padded to whole tiles (a tile computes all its
-/// lanes; only the real ones are written out, and no lane's value depends on another's).
+/// tiles read memory in order. Edge tiles compute all `MR x NR` lanes: the delta panels are
+/// zero-padded, the last strip's spare input lanes keep the previous strip's values, and only the
+/// real lanes are written out (no lane's value depends on another's).
 #[inline(always)]
 fn block_tiles<T: Float, const MR: usize, const NR: usize>(
     program: &TreeProgram,
@@ -371,6 +372,7 @@ mod tests {
             };
             block_tiles::<f32, 3, 5>(&program, &delta, &input, shape, 0, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 3 x 5 tiles");
+            portable.fill(f32::NAN);
             block_tiles::<f32, 1, 1>(&program, &delta, &input, shape, 0, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 1 x 1 tiles");
         }
