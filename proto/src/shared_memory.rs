@@ -201,17 +201,6 @@ impl SharedClient {
         }
         Ok((refs, fill(regions)))
     }
-
-    /// Copies gradients one after another into this worker's file; their references, in order.
-    pub fn write_gradients(&self, grads: &[&[f32]]) -> io::Result<Vec<TensorRef>> {
-        let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
-        let (refs, ()) = self.fill_gradients(&lens, |regions| {
-            for (region, grad) in regions.into_iter().zip(grads) {
-                region.copy_from_slice(grad);
-            }
-        })?;
-        Ok(refs)
-    }
 }
 
 fn gradient_file(worker: u64) -> String {
@@ -435,6 +424,19 @@ fn remove_stale(base: &Path) {
 mod tests {
     use super::*;
 
+    /// Copies gradients one after another into the worker's file; their references, in order.
+    fn write_gradients(client: &SharedClient, grads: &[&[f32]]) -> Vec<TensorRef> {
+        let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
+        let (refs, ()) = client
+            .fill_gradients(&lens, |regions| {
+                for (region, grad) in regions.into_iter().zip(grads) {
+                    region.copy_from_slice(grad);
+                }
+            })
+            .unwrap();
+        refs
+    }
+
     fn values(n: usize, salt: f32) -> Vec<f32> {
         (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect()
     }
@@ -458,7 +460,7 @@ mod tests {
         assert_eq!(got, params);
 
         let (a, b) = (values(300, 1.0), values(300, 2.0));
-        let refs = client.write_gradients(&[&a, &b]).unwrap();
+        let refs = write_gradients(&client, &[&a, &b]);
         for (r, want) in refs.iter().zip([&a, &b]) {
             let TensorRef::Shared { offset, len } = *r else {
                 panic!()
@@ -492,7 +494,7 @@ mod tests {
             client.read_params(0, n as u64, &mut got).unwrap();
             assert_eq!(got, params, "{n} values, salt {salt}");
             let grads = [values(n, salt + 0.5), values(n, salt + 0.7)];
-            let refs = client.write_gradients(&[&grads[0], &grads[1]]).unwrap();
+            let refs = write_gradients(&client, &[&grads[0], &grads[1]]);
             for (r, want) in refs.iter().zip(&grads) {
                 let TensorRef::Shared { offset, len } = *r else {
                     panic!()

@@ -61,6 +61,14 @@ pub enum Fault {
     StallAtStep(u64),
 }
 
+impl Fault {
+    /// Whether this fault corrupts the gradient sent for `step` (a stall is not a corruption).
+    fn corrupts_step(&self, step: u64) -> bool {
+        matches!(self, Fault::NanAtStep(s) | Fault::ShortAtStep(s) | Fault::HugeAtStep(s)
+            | Fault::UlpAtStep(s) if *s == step)
+    }
+}
+
 impl std::str::FromStr for Fault {
     type Err = String;
 
@@ -137,14 +145,22 @@ pub async fn run_task(
     let pool_shared = shared.cloned();
     let tree = *tree;
     let epoch = task.epoch;
+    // A fault due now is applied to the first node's gradient where it is computed.
+    let due = fault.filter(|f| f.corrupts_step(task.step));
+    if due.is_some() && !nodes.is_empty() {
+        *fault = None;
+    }
     tracing::trace!("step {}: rows gathered", task.step);
     let clock = PoolClock::start(pool);
     pool.spawn(move || {
-        let compute = |grads: Vec<&mut [f32]>| -> Result<Vec<BatchStats>> {
-            nodes
+        // The nodes' statistics, and whether the first gradient must lose its last value.
+        let compute = |grads: Vec<&mut [f32]>| -> Result<(Vec<BatchStats>, bool)> {
+            let mut short = false;
+            let stats = nodes
                 .iter()
                 .zip(grads)
-                .map(|((node, shards), grad)| {
+                .enumerate()
+                .map(|(i, ((node, shards), grad))| {
                     let batches: Vec<ShardBatch<'_>> = shards
                         .iter()
                         .map(|(shard, x, examples)| ShardBatch {
@@ -153,11 +169,16 @@ pub async fn run_task(
                             examples,
                         })
                         .collect();
-                    Ok(ctx
+                    let stats = ctx
                         .engine
-                        .node_gradient_to(&params, epoch, &tree, *node, &batches, grad)?)
+                        .node_gradient_to(&params, epoch, &tree, *node, &batches, grad)?;
+                    if i == 0 {
+                        short = inject_fault(due, grad);
+                    }
+                    Ok(stats)
                 })
-                .collect()
+                .collect::<Result<_>>()?;
+            Ok((stats, short))
         };
         // In place in the shared file when attached (no copy), else into the reused buffers.
         let lens = vec![params.len(); nodes.len()];
@@ -188,24 +209,16 @@ pub async fn run_task(
     tracing::trace!("step {}: gradients computed", task.step);
     let compute_seconds = clock.seconds(pool);
     buffers.params = params;
-    let (shared_refs, stats) = computed?;
+    let (shared_refs, (stats, short)) = computed?;
     let grads = match shared_refs {
         Some(mut refs) => {
-            if fault.is_some() {
-                let shared = shared.expect("computed in shared memory");
-                let (_, short) = shared
-                    .fill_gradients(&vec![layout_len; refs.len()], |mut grads| {
-                        inject_fault(fault, task.step, grads.iter_mut().map(|g| &mut **g))
-                    })
-                    .map_err(|e| Error::Other(format!("shared memory: {e}")))?;
-                if let (true, Some(TensorRef::Shared { len, .. })) = (short, refs.first_mut()) {
-                    *len -= 1;
-                }
+            if let (true, Some(TensorRef::Shared { len, .. })) = (short, refs.first_mut()) {
+                *len -= 1;
             }
             refs
         }
         None => {
-            if inject_fault(fault, task.step, sums.iter_mut().map(|s| &mut s.grad[..])) {
+            if short {
                 sums[0].grad.pop();
             }
             sums.iter()
@@ -227,20 +240,10 @@ pub async fn run_task(
     })
 }
 
-/// Applies a fault due at `step` (taking it) to the first of `grads`; true for a short
-/// gradient, whose last value the caller must drop.
-fn inject_fault<'a>(
-    fault: &mut Option<Fault>,
-    step: u64,
-    mut grads: impl Iterator<Item = &'a mut [f32]>,
-) -> bool {
-    let Some(grad) = grads.next() else {
-        return false;
-    };
-    match fault.take_if(|f| {
-        matches!(f, Fault::NanAtStep(s) | Fault::ShortAtStep(s) | Fault::HugeAtStep(s)
-            | Fault::UlpAtStep(s) if *s == step)
-    }) {
+/// Corrupts `grad` as `due` says; true for a short gradient, whose last value the caller must
+/// drop.
+fn inject_fault(due: Option<Fault>, grad: &mut [f32]) -> bool {
+    match due {
         Some(Fault::NanAtStep(_)) => grad[0] = f32::NAN,
         Some(Fault::ShortAtStep(_)) => return true,
         Some(Fault::HugeAtStep(_)) => grad.iter_mut().for_each(|g| *g = 1e22),
