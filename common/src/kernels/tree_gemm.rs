@@ -160,8 +160,9 @@ fn block<T: Float>(
     block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
 }
 
-/// 4 x 32 accumulators: 8 zmm registers for f32 (16 for f64), the shape of the AVX2 tile (wider AVX2 tiles spilled
-/// accumulators in the inner loop; this path was not measured: our AVX-512 machines were busy).
+/// 4 x 16 accumulators: 4 zmm registers for f32. Wider tiles (4 x 32, 8 x 16) are not
+/// vectorised by LLVM here: it keeps their accumulators in memory and emits scalar FMAs, 5.6x
+/// slower on a Zen 5 EPYC (docs/scaling.md §13).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 fn block_avx512<T: Float>(
@@ -172,7 +173,7 @@ fn block_avx512<T: Float>(
     first_row: usize,
     out: &mut [T],
 ) {
-    block_tiles::<T, 4, 32>(program, delta, input, shape, first_row, out);
+    block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
 }
 
 /// 4 x 16 accumulators: 8 of the 16 ymm registers for f32 (4 x 24 spilled in the inner loop).
