@@ -154,6 +154,7 @@ pub(crate) fn lane_sum<T: Float>(v: &[T]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::with_widest_vectors;
 
     fn filled(len: usize, salt: usize) -> Vec<f32> {
         (0..len)
@@ -171,6 +172,29 @@ mod tests {
                 assert_eq!(got.to_bits(), (x + y).to_bits());
             }
         }
+    }
+
+    #[test]
+    fn an_output_row_has_the_same_bits_on_the_widest_vectors_and_baseline() {
+        // The Bernoulli terms as the decoder computes them: polynomials, a division, lane sums.
+        let d = 784;
+        let logits: Vec<f32> = filled(d, 5).iter().map(|v| v * 60.0).collect();
+        let x: Vec<f32> = filled(d, 6).iter().map(|v| (v + 0.5).round()).collect();
+        let bias = filled(d, 7);
+        let term = |f: f32, xv: f32| {
+            let (sp, s) = f32::softplus_sigmoid(f);
+            (xv * f - sp, (s - xv) * 0.25)
+        };
+        let (mut wide, mut base) = (logits.clone(), logits);
+        let mut terms = vec![0.0f32; d];
+        let wide_sum = with_widest_vectors(
+            #[inline(always)]
+            || output_row::<f32, true>(&mut wide, &x, &bias, &mut terms, term),
+        );
+        let base_sum = output_row::<f32, true>(&mut base, &x, &bias, &mut terms, term);
+        assert_eq!(wide_sum.to_bits(), base_sum.to_bits());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide), bits(&base));
     }
 
     #[test]

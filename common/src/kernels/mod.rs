@@ -9,6 +9,7 @@ mod elementwise;
 mod linalg;
 mod scalar;
 mod tree_gemm;
+mod vector_isa;
 
 pub use elementwise::{add_assign, relu_mask};
 pub use linalg::{colsum_into, gemm};
@@ -17,3 +18,4 @@ pub use tree_gemm::{TreeProgram, tree_weight_grad};
 
 pub(crate) use elementwise::{add_bias_act, for_row_pieces, output_row, sized};
 pub(crate) use linalg::{view, view_mut};
+pub(crate) use vector_isa::with_widest_vectors;

@@ -15,15 +15,12 @@
 //! rounded `mul_add` otherwise (slow, but the same bits), so this kernel gives the same bits on
 //! every machine. (The rest of the engine does not promise that: `matrixmultiply` picks its
 //! kernel per CPU.)
-//!
-//! Unsafe: the only unsafe code is the call of a `#[target_feature]` copy of the kernel, made
-//! after `is_x86_feature_detected!` has confirmed that this CPU has those features.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::kernels::Float;
+use crate::kernels::{Float, with_widest_vectors};
 use crate::train::Node;
 
 /// One leaf of a tree node's sum in postfix order, with the additions that follow it.
@@ -126,7 +123,12 @@ struct Shape {
     in_stride: usize,
 }
 
-/// Output rows `first_row..` (as many as `out` holds), on the best path this CPU has.
+/// Output rows `first_row..` (as many as `out` holds), on the CPU's widest vectors.
+///
+/// One tile shape for every path: 4 x 16 accumulators, 8 of the 16 ymm registers for f32 on AVX2
+/// (4 x 24 spilled in the inner loop), 4 zmm on AVX-512. Wider AVX-512 tiles (4 x 32, 8 x 16) are
+/// not vectorised by LLVM: it keeps their accumulators in memory and emits scalar FMAs, 5.6x
+/// slower on a Zen 5 EPYC (docs/scaling.md §13).
 fn block<T: Float>(
     program: &TreeProgram,
     delta: &[T],
@@ -135,59 +137,10 @@ fn block<T: Float>(
     first_row: usize,
     out: &mut [T],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            #[allow(unsafe_code)]
-            // SAFETY: the CPU has AVX-512F and FMA, the features `block_avx512` is compiled for.
-            unsafe {
-                block_avx512(program, delta, input, shape, first_row, out)
-            };
-            return;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            #[allow(unsafe_code)]
-            // SAFETY: the CPU has AVX2 and FMA, the features `block_avx2` is compiled for.
-            unsafe {
-                block_avx2(program, delta, input, shape, first_row, out)
-            };
-            return;
-        }
-    }
-    block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
-}
-
-/// 4 x 16 accumulators: 4 zmm registers for f32. Wider tiles (4 x 32, 8 x 16) are not
-/// vectorised by LLVM here: it keeps their accumulators in memory and emits scalar FMAs, 5.6x
-/// slower on a Zen 5 EPYC (docs/scaling.md §13).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn block_avx512<T: Float>(
-    program: &TreeProgram,
-    delta: &[T],
-    input: &[T],
-    shape: Shape,
-    first_row: usize,
-    out: &mut [T],
-) {
-    block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
-}
-
-/// 4 x 16 accumulators: 8 of the 16 ymm registers for f32 (4 x 24 spilled in the inner loop).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn block_avx2<T: Float>(
-    program: &TreeProgram,
-    delta: &[T],
-    input: &[T],
-    shape: Shape,
-    first_row: usize,
-    out: &mut [T],
-) {
-    block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out);
+    with_widest_vectors(
+        #[inline(always)]
+        || block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out),
+    );
 }
 
 /// The block in `MR x NR` tiles. The block's delta columns are first copied into panels of `MR`

@@ -36,7 +36,7 @@ use ndarray::{ArrayView2, CowArray, Ix2};
 use super::stacked::{ShardRows, StackedShards};
 use crate::kernels::{
     Float, add_bias_act, colsum_into, for_row_pieces, gemm, output_row, relu_mask, sized,
-    tree_weight_grad, view, view_mut,
+    tree_weight_grad, view, view_mut, with_widest_vectors,
 };
 use crate::model::{
     BatchStats, LayerRole, Likelihood, LinearLayout, ModelConfig, ParamLayout, model_name,
@@ -470,14 +470,20 @@ impl Vae {
                 };
                 for_row_pieces(out, d, row_loglik, |r0, block, lls| {
                     let mut terms = vec![T::zero(); d];
-                    for (j, (row, ll)) in block.chunks_exact_mut(d).zip(lls).enumerate() {
-                        let xr = &x[(r0 + j) / samples * d..][..d];
-                        *ll = if want_grad {
-                            output_row::<T, true>(row, xr, bias, &mut terms, term)
-                        } else {
-                            output_row::<T, false>(row, xr, bias, &mut terms, term)
-                        };
-                    }
+                    // Division, polynomials and sums per value: worth the CPU's widest vectors.
+                    with_widest_vectors(
+                        #[inline(always)]
+                        || {
+                            for (j, (row, ll)) in block.chunks_exact_mut(d).zip(lls).enumerate() {
+                                let xr = &x[(r0 + j) / samples * d..][..d];
+                                *ll = if want_grad {
+                                    output_row::<T, true>(row, xr, bias, &mut terms, term)
+                                } else {
+                                    output_row::<T, false>(row, xr, bias, &mut terms, term)
+                                };
+                            }
+                        },
+                    );
                 });
             }
             Likelihood::Gaussian { variance } => {

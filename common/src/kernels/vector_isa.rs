@@ -1,0 +1,50 @@
+//! Runs a kernel compiled for the widest vector instructions this CPU has.
+//!
+//! Our binaries are built for baseline x86-64 (SSE2, four f32 lanes) so that they run on any
+//! x86-64 machine. The hot elementwise loops (Adam's two divisions and square root per value, the
+//! output layer's likelihood terms) and the weight-gradient kernel are worth 2-4x more lanes, so
+//! [`with_widest_vectors`] calls them through a copy compiled with AVX-512F or AVX2 (and FMA),
+//! chosen at run time.
+//!
+//! Bits: the path changes only the vector width, never an operation. Rust never fuses a multiply
+//! and an add unless the code asks for `mul_add` (which rounds once on every path: the FMA
+//! instruction here, the correctly rounded software routine on baseline), and every other
+//! floating-point operation is correctly rounded at any width. So every path gives the same bits.
+//!
+//! Unsafe: the only unsafe code is the call of a `#[target_feature]` function after
+//! `is_x86_feature_detected!` has confirmed that this CPU has those features.
+
+/// Calls `kernel` compiled for AVX-512F + FMA or AVX2 + FMA when the CPU has them, else as it is.
+/// Only code inlined into the wrappers is compiled for the wider instructions, so `kernel` must be
+/// an `#[inline(always)]` closure calling `#[inline(always)]` code (a plain closure was left out of
+/// line, in another codegen unit, and kept its four lanes).
+#[inline(always)]
+pub(crate) fn with_widest_vectors<R>(kernel: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("fma") {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX-512F and FMA, the features `avx512` is compiled for.
+            return unsafe { avx512(kernel) };
+        }
+        if has!("avx2") && has!("fma") {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2 and FMA, the features `avx2` is compiled for.
+            return unsafe { avx2(kernel) };
+        }
+    }
+    kernel()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn avx512<R>(kernel: impl FnOnce() -> R) -> R {
+    kernel()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn avx2<R>(kernel: impl FnOnce() -> R) -> R {
+    kernel()
+}
