@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use common::data::Dataset;
 use common::train::{GradientSum, ShardPlan};
 use proto::messages::{
-    Attach, Liveness, Registered, Registration, RunSpec, ShardChunk, Submission, Task, TaskReply,
-    Verdict,
+    Attach, Liveness, Registered, Registration, RunSpec, ShardChunk, ShardPixels, Submission, Task,
+    TaskReply, Verdict,
 };
 use proto::pb;
 use tokio::sync::watch;
@@ -309,10 +309,46 @@ impl pb::trainer_server::Trainer for TrainerService {
         }
         let range = self.shared.plan.shard_range(req.shard as usize);
         let dim = self.shared.train.dim();
+        let shard = req.shard;
+        let in_file = {
+            let shared = Arc::clone(&self.shared);
+            let range = range.clone();
+            tokio::task::spawn_blocking(move || {
+                let rows = shared.train.rows(range);
+                let copied: Vec<f32>;
+                let values = match rows.as_slice() {
+                    Some(values) => values,
+                    None => {
+                        copied = rows.iter().copied().collect();
+                        &copied
+                    }
+                };
+                shared
+                    .transport
+                    .shard_in_shared_memory(worker.0, shard, values)
+            })
+            .await
+            .unwrap_or(false)
+        };
+        if in_file {
+            // One chunk naming the whole shard's region of its file.
+            self.shared
+                .metrics
+                .shard_bytes_sent((range.len() * dim * 4) as u64);
+            let chunk = ShardChunk {
+                shard,
+                first_example: range.start as u32,
+                examples: range.len() as u32,
+                dim: dim as u32,
+                pixels: ShardPixels::SharedFile { offset: 0 },
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(
+                chunk.into()
+            )]))));
+        }
         let rows_per_chunk = (proto::SHARD_CHUNK_BYTES / (4 * dim)).max(1);
         let train = Arc::clone(&self.shared.train);
         let metrics = self.shared.metrics.clone();
-        let shard = req.shard;
         // Chunks are encoded lazily, one at a time, as the client reads them.
         let chunks = range.clone().step_by(rows_per_chunk).map(move |start| {
             let end = (start + rows_per_chunk).min(range.end);
@@ -323,7 +359,7 @@ impl pb::trainer_server::Trainer for TrainerService {
                 first_example: start as u32,
                 examples: (end - start) as u32,
                 dim: dim as u32,
-                pixels: rows.iter().copied().collect(),
+                pixels: ShardPixels::Inline(rows.iter().copied().collect()),
             };
             Ok(chunk.into())
         });

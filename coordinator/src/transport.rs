@@ -94,6 +94,28 @@ impl Transport {
         }
     }
 
+    /// Whether `worker` reads `shard` from its file in shared memory (written from `values` on
+    /// first use, blocking: call it off the async runtime). `false`, so the shard is streamed
+    /// instead, for a worker not attached or when the file cannot be written (a full `/dev/shm`).
+    pub fn shard_in_shared_memory(&self, worker: u64, shard: u32, values: &[f32]) -> bool {
+        let Some(dir) = &self.shared_dir else {
+            return false;
+        };
+        if !self.is_attached(worker) {
+            return false;
+        }
+        match dir.write_shard(shard, values) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot write shard {shard} to {}: {e}; streaming it instead",
+                    dir.path().display()
+                );
+                false
+            }
+        }
+    }
+
     /// Makes `params` the parameters of `step`: written to shared memory now when any worker is
     /// attached (called off the async runtime, after the update), encoded inline on demand.
     pub fn publish(&self, step: u64, params: &[f32]) {

@@ -103,6 +103,12 @@ pub fn shard_chunks(data: &[u8]) {
             examples,
             dim,
             pixels: input.bytes(pixel_bytes).into(),
+            // A chunk pointing at a shard file: this assembler has no shared memory, so it must
+            // refuse it (with an error, as any bad chunk).
+            shared: (flags & 32 != 0).then(|| pb::SharedRegion {
+                offset: 0,
+                len: u64::from(examples) * u64::from(dim),
+            }),
         };
         if assembler.push(chunk).is_err() {
             // The worker drops the shard at the first bad chunk.
@@ -118,15 +124,16 @@ pub fn shard_chunks(data: &[u8]) {
         u64::from(shard.examples) * shard.dim as u64
     );
     let (first, n, dim) = (shard.first_example, shard.examples, shard.dim);
+    let pixels = shard.pixels.to_vec();
     let mut cache = ShardCache::default();
-    cache.insert(asked, shard.clone());
+    cache.insert(asked, shard);
     let ids: Vec<u32> = (0..n.min(64)).map(|i| first + i).collect();
     let rows = cache
         .gather(asked, &ids, dim)
         .expect("ids of the shard gather");
     for (row, &id) in rows.rows().into_iter().zip(&ids) {
         let local = (id - first) as usize;
-        let want = &shard.pixels[local * dim..(local + 1) * dim];
+        let want = &pixels[local * dim..(local + 1) * dim];
         assert!(
             row.iter()
                 .map(|x| x.to_bits())

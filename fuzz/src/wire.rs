@@ -8,7 +8,7 @@ use std::fmt::Debug;
 use prost::Message;
 use proto::messages::{
     Attach, Liveness, NodeResult, NodeWork, Registered, Registration, RunSpec, ShardChunk,
-    Submission, Task, TaskReply, TensorRef, Verdict,
+    ShardPixels, Submission, Task, TaskReply, TensorRef, Verdict,
 };
 use proto::pb;
 
@@ -84,10 +84,12 @@ pub fn proto_messages(data: &[u8]) {
         3 => convert::<pb::RegisterReply, Registered>(bytes, nothing),
         4 => convert::<pb::AttachRequest, Attach>(bytes, nothing),
         5 => convert::<pb::ShardChunk, ShardChunk>(bytes, |c| {
-            assert_eq!(
-                c.pixels.len() as u64,
-                u64::from(c.examples) * u64::from(c.dim)
-            );
+            if let ShardPixels::Inline(values) = &c.pixels {
+                assert_eq!(
+                    values.len() as u64,
+                    u64::from(c.examples) * u64::from(c.dim)
+                );
+            }
         }),
         6 => convert::<pb::TensorRef, TensorRef>(bytes, tensor),
         7 => convert::<pb::NodeWork, NodeWork>(bytes, nothing),

@@ -224,12 +224,23 @@ impl From<pb::AttachRequest> for Attach {
 
 impl From<ShardChunk> for pb::ShardChunk {
     fn from(c: ShardChunk) -> Self {
+        let (pixels, shared) = match c.pixels {
+            ShardPixels::Inline(values) => (tensor::encode_f32(&values), None),
+            ShardPixels::SharedFile { offset } => (
+                Default::default(),
+                Some(pb::SharedRegion {
+                    offset,
+                    len: u64::from(c.examples) * u64::from(c.dim),
+                }),
+            ),
+        };
         pb::ShardChunk {
             shard: c.shard,
             first_example: c.first_example,
             examples: c.examples,
             dim: c.dim,
-            pixels: tensor::encode_f32(&c.pixels),
+            pixels,
+            shared,
         }
     }
 }
@@ -237,27 +248,55 @@ impl From<ShardChunk> for pb::ShardChunk {
 impl TryFrom<pb::ShardChunk> for ShardChunk {
     type Error = WireError;
     fn try_from(c: pb::ShardChunk) -> Result<Self, WireError> {
-        // Checked: examples and dim near u32::MAX make the byte count overflow u64, and a wrapped
-        // count could match a short message (found by fuzz/fuzz_targets/shard_chunks.rs).
-        let bytes = (c.examples as u64 * c.dim as u64).checked_mul(4);
-        if bytes != Some(c.pixels.len() as u64) {
-            return Err(malformed(
-                "ShardChunk",
-                format!(
-                    "shard {}: {} bytes of pixels for {} examples of {} values",
-                    c.shard,
-                    c.pixels.len(),
-                    c.examples,
-                    c.dim
-                ),
-            ));
-        }
+        let values = u64::from(c.examples) * u64::from(c.dim);
+        let pixels = match c.shared {
+            None => {
+                // Checked: examples and dim near u32::MAX make the byte count overflow u64, and a
+                // wrapped count could match a short message (found by
+                // fuzz/fuzz_targets/shard_chunks.rs).
+                let bytes = values.checked_mul(4);
+                if bytes != Some(c.pixels.len() as u64) {
+                    return Err(malformed(
+                        "ShardChunk",
+                        format!(
+                            "shard {}: {} bytes of pixels for {} examples of {} values",
+                            c.shard,
+                            c.pixels.len(),
+                            c.examples,
+                            c.dim
+                        ),
+                    ));
+                }
+                ShardPixels::Inline(tensor::decode_f32(&c.pixels).expect("length checked above"))
+            }
+            Some(region) => {
+                if !c.pixels.is_empty() || region.len != values || region.offset % 4 != 0 {
+                    return Err(malformed(
+                        "ShardChunk",
+                        format!(
+                            "shard {}: a shared region of {} values at byte {} (and {} inline \
+                             bytes) for {} examples of {} values: it must hold exactly those \
+                             values, at a multiple of 4, with nothing inline",
+                            c.shard,
+                            region.len,
+                            region.offset,
+                            c.pixels.len(),
+                            c.examples,
+                            c.dim
+                        ),
+                    ));
+                }
+                ShardPixels::SharedFile {
+                    offset: region.offset,
+                }
+            }
+        };
         Ok(ShardChunk {
             shard: c.shard,
             first_example: c.first_example,
             examples: c.examples,
             dim: c.dim,
-            pixels: tensor::decode_f32(&c.pixels).expect("length checked above"),
+            pixels,
         })
     }
 }
@@ -604,7 +643,14 @@ mod tests {
             first_example: 100,
             examples: 2,
             dim: 2,
-            pixels: vec![0.0, 0.25, 0.5, 1.0],
+            pixels: ShardPixels::Inline(vec![0.0, 0.25, 0.5, 1.0]),
+        });
+        round_trip::<_, pb::ShardChunk>(ShardChunk {
+            shard: 3,
+            first_example: 100,
+            examples: 2,
+            dim: 2,
+            pixels: ShardPixels::SharedFile { offset: 64 },
         });
         round_trip::<_, pb::Task>(task());
         round_trip::<_, pb::NextTaskReply>(TaskReply::Task(task()));
@@ -730,6 +776,20 @@ mod tests {
             ..Default::default()
         };
         assert!(ShardChunk::try_from(chunk).is_err());
+        // A shared region must be exactly the chunk's values, aligned, with nothing inline.
+        let shared = |offset, len, inline: usize| pb::ShardChunk {
+            shard: 1,
+            examples: 2,
+            dim: 3,
+            pixels: vec![0u8; inline].into(),
+            shared: Some(pb::SharedRegion { offset, len }),
+            ..Default::default()
+        };
+        assert!(ShardChunk::try_from(shared(0, 6, 0)).is_ok());
+        for (offset, len, inline) in [(0, 5, 0), (0, 7, 0), (2, 6, 0), (0, 6, 24)] {
+            let err = ShardChunk::try_from(shared(offset, len, inline)).unwrap_err();
+            assert!(err.to_string().contains("shared region"), "{err}");
+        }
         // 2^31 x 2^31 values are 2^64 bytes, which wraps to 0 unchecked.
         let chunk = pb::ShardChunk {
             examples: 1 << 31,

@@ -34,7 +34,9 @@ pub use convert::WireError;
 /// (`common::kernels::tree_weight_grad`), whose bits differ from release 3's, so that mixing
 /// releases is refused at registration instead of mixing bits (or quarantining honest workers
 /// under `--verify`). The service keeps its `vae.trainer.v3` path: the wire format is unchanged.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5 when a `ShardChunk` may point at a shard file in shared memory instead of carrying pixels
+/// (a release-4 worker would read such a chunk as malformed).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's
 /// parameters are 2.6 MB and a `--hidden 2048,2048` model is ~60 MB, so parameters and gradients

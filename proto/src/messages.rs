@@ -60,8 +60,18 @@ pub struct ShardChunk {
     pub first_example: u32,
     pub examples: u32,
     pub dim: u32,
-    /// `examples * dim` values.
-    pub pixels: Vec<f32>,
+    pub pixels: ShardPixels,
+}
+
+/// Where a shard chunk's `examples * dim` values are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShardPixels {
+    Inline(Vec<f32>),
+    /// At byte `offset` of the shard's file in the receiver's shared-memory directory
+    /// ([`crate::shared_memory::SharedClient::read_shard`]).
+    SharedFile {
+        offset: u64,
+    },
 }
 
 /// Where a tensor of f32 values is.

@@ -19,18 +19,22 @@
 //! - Which file to read is never taken from a peer: the coordinator reads the gradient file named
 //!   after the worker id it issued, a worker the parameter file of its offer's directory; a
 //!   region outside the file is an error, never a short read.
+//! - A shard's examples go to an attached worker as a file written once, under a temporary name
+//!   renamed into place, and never changed while the run lasts, so the worker maps it and uses
+//!   the values where they are (it sees all of the file or none: `ENOENT`), instead of a stream
+//!   of gRPC chunks; it costs the training set's size in shared memory.
 //! - Whether a worker shares the directory is tested, not assumed: the coordinator writes a random
 //!   probe; only a worker that reads it back is attached. Workers in other containers or on other
 //!   hosts fail the probe and use inline tensors.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use mapping::{ReadMap, WriteMap};
+use mapping::{FrozenMap, ReadMap, WriteMap};
 
 use crate::messages::{SharedMemoryOffer, TensorRef};
 
@@ -50,6 +54,8 @@ pub struct SharedDir {
     params: Mutex<WriteMap>,
     /// Each attached worker's gradient file, mapped on first use.
     gradients: Mutex<HashMap<u64, ReadMap>>,
+    /// Shards whose file is written (held while one is written, so each is written once).
+    shards: Mutex<HashSet<u32>>,
 }
 
 impl SharedDir {
@@ -69,6 +75,7 @@ impl SharedDir {
                 probe: probe.to_vec(),
                 params: Mutex::new(WriteMap::new(params)),
                 gradients: Mutex::new(HashMap::new()),
+                shards: Mutex::new(HashSet::new()),
             }),
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -126,6 +133,28 @@ impl SharedDir {
         read_region(map, offset, len, out)
     }
 
+    /// Makes sure `shard`'s file holds its examples (`values`, written only the first time),
+    /// from byte 0. The file is written once, under a temporary
+    /// name renamed into place, and never changed again: a worker that sees it sees all of it.
+    /// Shard files take as much memory as the training set; a full directory is an error here
+    /// (and the caller streams the shard instead).
+    pub fn write_shard(&self, shard: u32, values: &[f32]) -> io::Result<()> {
+        let mut written = lock(&self.shards);
+        if !written.contains(&shard) {
+            let path = self.dir.join(shard_file(shard));
+            let partial = self.dir.join(format!("{}.partial", shard_file(shard)));
+            let result = private_file(&partial, true)
+                .and_then(|mut f| f.write_all(bytemuck::cast_slice(values)))
+                .and_then(|()| fs::rename(&partial, &path));
+            if let Err(e) = result {
+                let _ = fs::remove_file(&partial);
+                return Err(e);
+            }
+            written.insert(shard);
+        }
+        Ok(())
+    }
+
     /// Removes an attached worker's gradient file (the worker is gone).
     pub fn forget(&self, worker: u64) {
         lock(&self.gradients).remove(&worker);
@@ -142,6 +171,7 @@ impl Drop for SharedDir {
 /// A worker's side: reads parameters from the offer's directory, writes its own gradient file.
 #[derive(Debug)]
 pub struct SharedClient {
+    dir: PathBuf,
     params: Mutex<ReadMap>,
     gradients: Mutex<WriteMap>,
 }
@@ -154,6 +184,7 @@ impl SharedClient {
         let params = File::open(offer.dir.join(PARAMS_FILE))?;
         let gradients = private_file(&offer.dir.join(gradient_file(worker)), true)?;
         let client = SharedClient {
+            dir: offer.dir.clone(),
             params: Mutex::new(ReadMap::new(params)),
             gradients: Mutex::new(WriteMap::new(gradients)),
         };
@@ -164,6 +195,25 @@ impl SharedClient {
     /// it inside the worker's pool).
     pub fn read_params(&self, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
         read_region(&mut lock(&self.params), offset, len, out)
+    }
+
+    /// Maps `shard`'s file (written once by the coordinator, complete, and never changed again)
+    /// and returns its `len` values at byte `offset`, used where they are: no copy, and pages
+    /// the coordinator already filled. A region outside the file is an error.
+    pub fn map_shard(&self, shard: u32, offset: u64, len: u64) -> io::Result<ShardFile> {
+        let file = File::open(self.dir.join(shard_file(shard)))?;
+        let bytes = len
+            .checked_mul(4)
+            .filter(|&bytes| offset.is_multiple_of(4) && offset.checked_add(bytes).is_some())
+            .ok_or_else(|| outside(offset, len, None))?;
+        if offset + bytes > file.metadata()?.len() {
+            return Err(outside(offset, len, None));
+        }
+        Ok(ShardFile {
+            map: FrozenMap::new(&file)?,
+            start: offset as usize,
+            len: len as usize,
+        })
     }
 
     /// Lends this worker's gradient file to `fill` as consecutive regions of `lens[i]` values
@@ -201,6 +251,28 @@ impl SharedClient {
         }
         Ok((refs, fill(regions)))
     }
+}
+
+/// A shard's values in its mapped file.
+#[derive(Debug)]
+pub struct ShardFile {
+    map: FrozenMap,
+    /// Byte offset of the first value.
+    start: usize,
+    /// Values.
+    len: usize,
+}
+
+impl ShardFile {
+    pub fn values(&self) -> &[f32] {
+        let bytes = &self.map.bytes()[self.start..self.start + 4 * self.len];
+        // The mapping is page-aligned and `start` a multiple of 4 (checked when mapped).
+        bytemuck::cast_slice(bytes)
+    }
+}
+
+fn shard_file(shard: u32) -> String {
+    format!("shard-{shard}.f32")
 }
 
 fn gradient_file(worker: u64) -> String {
@@ -270,6 +342,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// - A read mapping's bytes are only copied out (`copy_from_slice`), never lent out as
 ///   references, so a concurrent writer in another process can change what a copy reads (a
 ///   result the protocol then ignores or rejects) but not break this process's aliasing rules.
+/// - A frozen mapping is of a file that is complete before any process can open it (written
+///   under a temporary name, then renamed) and never written again (a shard file): its bytes may
+///   be lent out as `&[u8]`, borrowed from the `FrozenMap`, as nothing changes them.
 /// - A write mapping is of a file no other process writes: the coordinator writes the parameter
 ///   file and maps the workers' gradient files read-only; each worker writes only its own
 ///   gradient file and maps the parameter file read-only. So its bytes may be lent out as
@@ -357,6 +432,25 @@ mod mapping {
             at += n as u64;
         }
         Ok(())
+    }
+
+    /// A whole file no process writes any more, mapped read-only; its bytes may be borrowed.
+    #[derive(Debug)]
+    pub struct FrozenMap {
+        map: Mmap,
+    }
+
+    impl FrozenMap {
+        pub fn new(file: &File) -> io::Result<Self> {
+            // SAFETY: see the module's invariants (the file is complete and never written or
+            // shrunk again; the mapping keeps the file itself alive after `file` is closed).
+            let map = unsafe { Mmap::map(file)? };
+            Ok(FrozenMap { map })
+        }
+
+        pub fn bytes(&self) -> &[u8] {
+            &self.map
+        }
     }
 
     /// A file this process writes through a shared writable mapping, grown (and remapped) on
@@ -539,6 +633,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_shard_file_is_written_once_and_read_back_bit_for_bit() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "s", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 9).unwrap();
+        assert!(
+            client.map_shard(3, 0, 1).is_err(),
+            "no file before it is written"
+        );
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 5.0).collect();
+        dir.write_shard(3, &values).unwrap();
+        let mapped = client.map_shard(3, 0, 1000).unwrap();
+        // Written once: a later request leaves the file (and what is mapped) as it is.
+        dir.write_shard(3, &[0.0; 1000]).unwrap();
+        assert_eq!(
+            mapped
+                .values()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            client.map_shard(3, 400, 10).unwrap().values(),
+            &values[100..110]
+        );
+        // A region past the end, unaligned or overflowing is an error, never a short read.
+        for (offset, len) in [(0, 1001), (4000, 1), (2, 1), (4, u64::MAX / 2)] {
+            let err = client.map_shard(3, offset, len).unwrap_err();
+            assert!(err.to_string().contains("outside the file"), "{err}");
+        }
+        // No partial file is left behind, and the shard files go with the directory.
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".partial")), "{names:?}");
+        let path = dir.path().to_owned();
+        drop(dir);
+        assert!(!path.exists());
+        // A mapping outlives the file's name.
+        assert_eq!(mapped.values()[999], values[999]);
     }
 
     #[test]

@@ -125,7 +125,7 @@ fn write_seed_corpus() {
             first_example: 10,
             examples: 2,
             dim: 3,
-            pixels: vec![0.0, 0.25, 0.5, 0.75, 1.0, 0.125],
+            pixels: ShardPixels::Inline(vec![0.0, 0.25, 0.5, 0.75, 1.0, 0.125]),
         })
         .encode_to_vec()
     });

@@ -218,11 +218,16 @@ async fn work_loop(
             ));
         }
         let mut withdrawn = None;
+        let fetch_started = std::time::Instant::now();
+        let mut fetched = 0;
         'fetch: for work in &task.nodes {
             for shard in &work.shards {
                 if !cache.contains(shard.shard) {
-                    match fetch_shard(client, shard.shard).await {
-                        Ok(data) => cache.insert(shard.shard, data),
+                    match fetch_shard(client, shard.shard, transfer.shared).await {
+                        Ok(data) => {
+                            cache.insert(shard.shard, data);
+                            fetched += 1;
+                        }
                         Err(FetchError::Withdrawn(why)) => {
                             withdrawn = Some(why);
                             break 'fetch;
@@ -232,6 +237,13 @@ async fn work_loop(
                     }
                 }
             }
+        }
+        if fetched > 0 {
+            tracing::debug!(
+                "step {}: {fetched} shard(s) fetched in {:.1} ms",
+                task.step,
+                fetch_started.elapsed().as_secs_f64() * 1e3
+            );
         }
         if let Some(why) = withdrawn {
             // The step finished without us (a backup delivered our node first): next task.
@@ -288,7 +300,13 @@ enum FetchError {
     Invalid(Error),
 }
 
-async fn fetch_shard(client: &mut Client, shard: u32) -> Result<ShardData, FetchError> {
+/// One shard's examples: streamed, or read from its file when `shared` (this worker is
+/// attached to shared memory) and the coordinator wrote one.
+async fn fetch_shard(
+    client: &mut Client,
+    shard: u32,
+    shared: Option<&Arc<SharedClient>>,
+) -> Result<ShardData, FetchError> {
     let mut stream = client
         .fetch_shard(pb::FetchShardRequest { shard })
         .await
@@ -297,7 +315,7 @@ async fn fetch_shard(client: &mut Client, shard: u32) -> Result<ShardData, Fetch
             _ => FetchError::Rpc(describe(&s)),
         })?
         .into_inner();
-    let mut shard_data = ShardAssembler::new(shard);
+    let mut shard_data = ShardAssembler::new(shard).reading_shared_files(shared.cloned());
     while let Some(chunk) = stream
         .message()
         .await

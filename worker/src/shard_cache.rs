@@ -3,20 +3,39 @@
 //! of the chunks so it can be fuzzed: `fuzz/fuzz_targets/shard_chunks.rs`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ndarray::Array2;
-use proto::messages::ShardChunk;
+use proto::messages::{ShardChunk, ShardPixels};
 use proto::pb;
+use proto::shared_memory::{ShardFile, SharedClient};
 
 use crate::error::{Error, Result};
 
 /// One shard's examples: consecutive global ids starting at `first_example`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ShardData {
     pub first_example: u32,
     pub examples: u32,
     pub dim: usize,
-    pub pixels: Vec<f32>,
+    pub pixels: Pixels,
+}
+
+/// A shard's values: received in chunks, or mapped from its file in shared memory.
+#[derive(Debug)]
+pub enum Pixels {
+    Received(Vec<f32>),
+    Mapped(ShardFile),
+}
+
+impl std::ops::Deref for Pixels {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Pixels::Received(values) => values,
+            Pixels::Mapped(file) => file.values(),
+        }
+    }
 }
 
 /// Builds one shard's [`ShardData`] from the chunks the coordinator streams, checking each as it
@@ -27,12 +46,23 @@ pub struct ShardData {
 pub struct ShardAssembler {
     shard: u32,
     data: Option<ShardData>,
+    /// Where chunks that point at a shard file are read; `None`: such a chunk is an error.
+    shared: Option<Arc<SharedClient>>,
 }
 
 impl ShardAssembler {
     /// Starts assembling `shard`.
     pub fn new(shard: u32) -> Self {
-        ShardAssembler { shard, data: None }
+        ShardAssembler {
+            shard,
+            data: None,
+            shared: None,
+        }
+    }
+
+    /// Also accepts chunks that point at the shard's file in `shared` (this worker is attached).
+    pub fn reading_shared_files(self, shared: Option<Arc<SharedClient>>) -> Self {
+        ShardAssembler { shared, ..self }
     }
 
     /// Adds the next chunk off the wire.
@@ -52,6 +82,28 @@ impl ShardAssembler {
                 chunk.examples, chunk.dim
             )));
         }
+        let pixels = match chunk.pixels {
+            ShardPixels::Inline(values) => Pixels::Received(values),
+            ShardPixels::SharedFile { .. } if self.data.is_some() => {
+                return Err(invalid(
+                    "a chunk that points at the shard's file must be its only chunk".into(),
+                ));
+            }
+            ShardPixels::SharedFile { offset } => {
+                let Some(files) = &self.shared else {
+                    return Err(invalid(
+                        "a chunk points at a shared-memory file, but this worker is not \
+                         attached to shared memory"
+                            .into(),
+                    ));
+                };
+                let len = u64::from(chunk.examples) * u64::from(chunk.dim);
+                let file = files
+                    .map_shard(shard, offset, len)
+                    .map_err(|e| invalid(format!("cannot map its shared-memory file: {e}")))?;
+                Pixels::Mapped(file)
+            }
+        };
         let end = u64::from(chunk.first_example) + u64::from(chunk.examples);
         if end > u64::from(u32::MAX) + 1 {
             return Err(invalid(format!(
@@ -65,7 +117,7 @@ impl ShardAssembler {
                     first_example: chunk.first_example,
                     examples: chunk.examples,
                     dim: chunk.dim as usize,
-                    pixels: chunk.pixels,
+                    pixels,
                 });
             }
             Some(d) => {
@@ -77,7 +129,12 @@ impl ShardAssembler {
                         d.dim, chunk.examples, chunk.first_example, chunk.dim
                     )));
                 }
-                d.pixels.extend_from_slice(&chunk.pixels);
+                let Pixels::Received(values) = &mut d.pixels else {
+                    return Err(invalid(
+                        "a chunk after the one that points at the shard's file".into(),
+                    ));
+                };
+                values.extend_from_slice(&pixels);
                 // `end` fits in u32 + 1 and starts at d.first_example: the count fits in u32.
                 d.examples += chunk.examples;
             }
@@ -160,7 +217,7 @@ mod tests {
                 first_example: 10,
                 examples: 3,
                 dim: 2,
-                pixels: vec![0.0, 0.1, 1.0, 1.1, 2.0, 2.1],
+                pixels: Pixels::Received(vec![0.0, 0.1, 1.0, 1.1, 2.0, 2.1]),
             },
         );
         let x = cache.gather(3, &[12, 10], 2).unwrap();

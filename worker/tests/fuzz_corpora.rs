@@ -10,7 +10,7 @@ mod peak_memory;
 #[path = "../../fuzz/src/shards.rs"]
 mod shards;
 
-use proto::messages::ShardChunk;
+use proto::messages::{ShardChunk, ShardPixels};
 use proto::pb;
 use worker::shard_cache::ShardAssembler;
 
@@ -37,7 +37,7 @@ fn chunk(shard: u32, first_example: u32, examples: u32, dim: u32) -> pb::ShardCh
         first_example,
         examples,
         dim,
-        pixels: (0..values).map(|i| i as f32).collect(),
+        pixels: ShardPixels::Inline((0..values).map(|i| i as f32).collect()),
     }
     .into()
 }
@@ -62,7 +62,7 @@ fn assembles_consecutive_chunks() {
     assembler.push(chunk(1, 12, 1, 3)).unwrap();
     let data = assembler.finish().unwrap();
     assert_eq!((data.first_example, data.examples, data.dim), (10, 3, 3));
-    assert_eq!(data.pixels, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 1.0, 2.0]);
+    assert_eq!(*data.pixels, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 1.0, 2.0]);
 }
 
 #[test]
