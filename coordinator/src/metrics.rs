@@ -256,7 +256,7 @@ impl Metrics {
         let shard_bytes = Counter::default();
         r.register_with_unit(
             "vae_shard_sent",
-            "Training data bytes sent to workers (shard downloads)",
+            "Training data bytes handed to workers (shard downloads, streamed or as shared-memory files)",
             Unit::Bytes,
             shard_bytes.clone(),
         );

@@ -310,7 +310,12 @@ impl pb::trainer_server::Trainer for TrainerService {
         let range = self.shared.plan.shard_range(req.shard as usize);
         let dim = self.shared.train.dim();
         let shard = req.shard;
-        let in_file = {
+        let transport = &self.shared.transport;
+        let in_file = if !transport.is_attached(worker.0) {
+            false
+        } else if transport.has_shard_file(shard) {
+            true
+        } else {
             let shared = Arc::clone(&self.shared);
             let range = range.clone();
             tokio::task::spawn_blocking(move || {

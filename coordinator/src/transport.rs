@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use proto::messages::{Attach, SharedMemoryOffer, TensorRef};
@@ -32,6 +33,8 @@ pub struct Transport {
     attached: Mutex<HashSet<u64>>,
     published: Mutex<Published>,
     buffers: Mutex<Vec<Vec<f32>>>,
+    /// Set at the first shard that could not be written (warned about once).
+    shard_files_refused: AtomicBool,
 }
 
 impl Transport {
@@ -42,6 +45,7 @@ impl Transport {
             attached: Mutex::new(HashSet::new()),
             published: Mutex::new(Published::default()),
             buffers: Mutex::new(Vec::new()),
+            shard_files_refused: AtomicBool::new(false),
         }
     }
 
@@ -107,13 +111,21 @@ impl Transport {
         match dir.write_shard(shard, values) {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(
-                    "cannot write shard {shard} to {}: {e}; streaming it instead",
-                    dir.path().display()
-                );
+                if !self.shard_files_refused.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "cannot write shard {shard} to {}: {e}; this and later shards are \
+                         streamed instead",
+                        dir.path().display()
+                    );
+                }
                 false
             }
         }
+    }
+
+    /// Whether `shard`'s file is already written (cheap: no blocking work).
+    pub fn has_shard_file(&self, shard: u32) -> bool {
+        self.shared_dir.as_ref().is_some_and(|d| d.has_shard(shard))
     }
 
     /// Makes `params` the parameters of `step`: written to shared memory now when any worker is

@@ -33,15 +33,15 @@ pub use convert::WireError;
 /// the bits of a gradient: 4 when the engine's weight gradients moved to the fused kernel
 /// (`common::kernels::tree_weight_grad`), whose bits differ from release 3's, so that mixing
 /// releases is refused at registration instead of mixing bits (or quarantining honest workers
-/// under `--verify`). The service keeps its `vae.trainer.v3` path: the wire format is unchanged.
-/// 5 when a `ShardChunk` may point at a shard file in shared memory instead of carrying pixels
-/// (a release-4 worker would read such a chunk as malformed).
+/// under `--verify`); the wire format was unchanged, and the service keeps its `vae.trainer.v3`
+/// path. 5 when a `ShardChunk` may point at a shard file in shared memory instead of carrying
+/// pixels (a new field; a release-4 worker would read such a chunk as malformed).
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's
 /// parameters are 2.6 MB and a `--hidden 2048,2048` model is ~60 MB, so parameters and gradients
 /// go in one message with this raised limit, while shard data is streamed in chunks of
-/// [`SHARD_CHUNK_BYTES`]. This is what a worker accepts from its coordinator; the coordinator
+/// [`SHARD_CHUNK_BYTES`] (or, to a worker attached to shared memory, named as a file). This is what a worker accepts from its coordinator; the coordinator
 /// accepts far less, capped per call from the model's size (docs/security.md).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 

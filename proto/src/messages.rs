@@ -68,7 +68,7 @@ pub struct ShardChunk {
 pub enum ShardPixels {
     Inline(Vec<f32>),
     /// At byte `offset` of the shard's file in the receiver's shared-memory directory
-    /// ([`crate::shared_memory::SharedClient::read_shard`]).
+    /// ([`crate::shared_memory::SharedClient::map_shard`]).
     SharedFile {
         offset: u64,
     },

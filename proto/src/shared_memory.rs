@@ -7,8 +7,9 @@
 //! Files are mapped into memory (`mmap`), so a transfer is at most one `memcpy` into or out of
 //! the mapping (the page cache's per-page `pread`/`pwrite` path measured ~10x slower here). A
 //! worker computes its gradients in place in its own file ([`SharedClient::fill_gradients`]);
-//! every value read from memory another process writes is copied out before it is used: no
-//! reference into such memory ever reaches the rest of the program. The only `unsafe` code is
+//! every value read from memory another process still writes is copied out before it is used: no
+//! reference into such memory ever reaches the rest of the program (shard files, never written
+//! again once in place, are read where they are). The workspace's only `unsafe` memory access is
 //! the [`mapping`] module; its invariants are stated there. What keeps the exchange correct:
 //! - The parameter file is rewritten only between steps, after every result of the step in
 //!   progress has arrived; a task is sent only after its parameters are written. A straggler that
@@ -22,7 +23,8 @@
 //! - A shard's examples go to an attached worker as a file written once, under a temporary name
 //!   renamed into place, and never changed while the run lasts, so the worker maps it and uses
 //!   the values where they are (it sees all of the file or none: `ENOENT`), instead of a stream
-//!   of gRPC chunks; it costs the training set's size in shared memory.
+//!   of gRPC chunks. Shard files may take half of the directory's free space; past that (a
+//!   64 MiB Docker `/dev/shm`, say) the remaining shards are streamed.
 //! - Whether a worker shares the directory is tested, not assumed: the coordinator writes a random
 //!   probe; only a worker that reads it back is attached. Workers in other containers or on other
 //!   hosts fail the probe and use inline tensors.
@@ -54,8 +56,19 @@ pub struct SharedDir {
     params: Mutex<WriteMap>,
     /// Each attached worker's gradient file, mapped on first use.
     gradients: Mutex<HashMap<u64, ReadMap>>,
-    /// Shards whose file is written (held while one is written, so each is written once).
-    shards: Mutex<HashSet<u32>>,
+    /// The shard files (locked while one is written, so each is written once).
+    shards: Mutex<ShardFiles>,
+}
+
+/// Which shards have a file, and how much more shard data the directory may take.
+#[derive(Debug, Default)]
+struct ShardFiles {
+    written: HashSet<u32>,
+    /// Bytes still allowed: half the directory's free space when the first shard is written,
+    /// so shards never crowd out the parameter and gradient files of every step.
+    budget: Option<u64>,
+    /// Why shard files stopped (the first failure or the budget): every later shard is streamed.
+    refused: Option<String>,
 }
 
 impl SharedDir {
@@ -75,7 +88,7 @@ impl SharedDir {
                 probe: probe.to_vec(),
                 params: Mutex::new(WriteMap::new(params)),
                 gradients: Mutex::new(HashMap::new()),
-                shards: Mutex::new(HashSet::new()),
+                shards: Mutex::new(ShardFiles::default()),
             }),
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -134,25 +147,54 @@ impl SharedDir {
     }
 
     /// Makes sure `shard`'s file holds its examples (`values`, written only the first time),
-    /// from byte 0. The file is written once, under a temporary
-    /// name renamed into place, and never changed again: a worker that sees it sees all of it.
-    /// Shard files take as much memory as the training set; a full directory is an error here
-    /// (and the caller streams the shard instead).
+    /// from byte 0. The file is written once, under a temporary name renamed into place, and
+    /// never changed again: a worker that sees it sees all of it. Shard files may take half of
+    /// the directory's free space (measured at the first); past that, or after any failure to
+    /// write one, every call is an error (and the caller streams the shard instead).
     pub fn write_shard(&self, shard: u32, values: &[f32]) -> io::Result<()> {
-        let mut written = lock(&self.shards);
-        if !written.contains(&shard) {
-            let path = self.dir.join(shard_file(shard));
-            let partial = self.dir.join(format!("{}.partial", shard_file(shard)));
-            let result = private_file(&partial, true)
-                .and_then(|mut f| f.write_all(bytemuck::cast_slice(values)))
-                .and_then(|()| fs::rename(&partial, &path));
-            if let Err(e) = result {
-                let _ = fs::remove_file(&partial);
-                return Err(e);
-            }
-            written.insert(shard);
+        let mut files = lock(&self.shards);
+        if files.written.contains(&shard) {
+            return Ok(());
         }
+        if let Some(why) = &files.refused {
+            return Err(io::Error::other(why.clone()));
+        }
+        let bytes = std::mem::size_of_val(values) as u64;
+        let budget = match files.budget {
+            Some(budget) => budget,
+            None => {
+                let stat = rustix::fs::statvfs(&self.dir)?;
+                *files
+                    .budget
+                    .insert(stat.f_bavail.saturating_mul(stat.f_frsize) / 2)
+            }
+        };
+        if bytes > budget {
+            let why = format!(
+                "shard files would take more than half of the free space in {}",
+                self.dir.display()
+            );
+            files.refused = Some(why.clone());
+            return Err(io::Error::new(io::ErrorKind::StorageFull, why));
+        }
+        let path = self.dir.join(shard_file(shard));
+        let partial = self.dir.join(format!("{}.partial", shard_file(shard)));
+        let result = private_file(&partial, true)
+            .and_then(|mut f| f.write_all(bytemuck::cast_slice(values)))
+            .and_then(|()| fs::rename(&partial, &path));
+        if let Err(e) = result {
+            let _ = fs::remove_file(&partial);
+            files.refused = Some(format!("writing shard {shard} failed: {e}"));
+            return Err(e);
+        }
+        files.budget = Some(budget - bytes);
+        files.written.insert(shard);
         Ok(())
+    }
+
+    /// Whether `shard`'s file is written (no blocking work: the caller may be async).
+    pub fn has_shard(&self, shard: u32) -> bool {
+        lock(&self.shards).written.contains(&shard)
     }
 
     /// Removes an attached worker's gradient file (the worker is gone).
@@ -206,11 +248,13 @@ impl SharedClient {
             .checked_mul(4)
             .filter(|&bytes| offset.is_multiple_of(4) && offset.checked_add(bytes).is_some())
             .ok_or_else(|| outside(offset, len, None))?;
-        if offset + bytes > file.metadata()?.len() {
+        let map = FrozenMap::new(&file)?;
+        // Checked against the mapping itself, so `values` can never index past it.
+        if offset + bytes > map.bytes().len() as u64 {
             return Err(outside(offset, len, None));
         }
         Ok(ShardFile {
-            map: FrozenMap::new(&file)?,
+            map,
             start: offset as usize,
             len: len as usize,
         })
@@ -326,7 +370,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Files mapped into memory: the only `unsafe` code of the workspace.
+/// Files mapped into memory: the workspace's only `unsafe` memory access (the other `unsafe`
+/// is calling `#[target_feature]` kernels on CPUs that have the features,
+/// `common/src/kernels/vector_isa.rs`).
 ///
 /// A file grows by writing zeros through the file API before it is mapped, so a full `/dev/shm`
 /// is an `ENOSPC` error here (and the caller falls back to inline tensors) instead of a SIGBUS
@@ -344,7 +390,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 ///   result the protocol then ignores or rejects) but not break this process's aliasing rules.
 /// - A frozen mapping is of a file that is complete before any process can open it (written
 ///   under a temporary name, then renamed) and never written again (a shard file): its bytes may
-///   be lent out as `&[u8]`, borrowed from the `FrozenMap`, as nothing changes them.
+///   be lent out as `&[u8]`, borrowed from the `FrozenMap`, as nothing changes them. Unlike a
+///   read mapping, this trusts the writer (the coordinator, which the worker already trusts with
+///   its parameters and data) to keep the file as it is; a process of the same user that rewrote
+///   or truncated it anyway is, as below, outside what the 0700 directory defends against.
 /// - A write mapping is of a file no other process writes: the coordinator writes the parameter
 ///   file and maps the workers' gradient files read-only; each worker writes only its own
 ///   gradient file and maps the parameter file read-only. So its bytes may be lent out as
@@ -677,6 +726,29 @@ mod tests {
         assert!(!path.exists());
         // A mapping outlives the file's name.
         assert_eq!(mapped.values()[999], values[999]);
+    }
+
+    #[test]
+    fn after_a_shard_file_fails_every_later_shard_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "r", b"p").unwrap();
+        dir.write_shard(0, &[1.0; 16]).unwrap();
+        // The directory vanishes (a full or broken /dev/shm behaves alike: writes fail).
+        fs::remove_dir_all(dir.path()).unwrap();
+        assert!(dir.write_shard(1, &[1.0; 16]).is_err());
+        fs::DirBuilder::new().create(dir.path()).unwrap();
+        let err = dir.write_shard(2, &[1.0; 16]).unwrap_err();
+        assert!(err.to_string().contains("writing shard 1 failed"), "{err}");
+        assert!(dir.has_shard(0) && !dir.has_shard(1) && !dir.has_shard(2));
+        // More than half of the free space is refused outright.
+        let dir = SharedDir::create(base.path(), "b", b"p").unwrap();
+        let free = rustix::fs::statvfs(dir.path()).unwrap();
+        let half = free.f_bavail.saturating_mul(free.f_frsize) / 2;
+        if half / 4 < (1 << 30) {
+            let huge = vec![0.0f32; (half / 4 + 1) as usize];
+            let err = dir.write_shard(0, &huge).unwrap_err();
+            assert!(err.to_string().contains("half of the free space"), "{err}");
+        }
     }
 
     #[test]

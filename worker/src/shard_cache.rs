@@ -227,4 +227,75 @@ mod tests {
         assert!(cache.gather(4, &[10], 2).is_err());
         assert!(cache.gather(3, &[10], 3).is_err());
     }
+
+    #[test]
+    fn a_shard_file_is_mapped_and_gathered_and_bad_file_chunks_are_refused() {
+        use proto::shared_memory::SharedDir;
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "w", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 1).unwrap();
+        let client = Some(Arc::new(client));
+        let values = vec![0.0, 0.1, 1.0, 1.1, 2.0, 2.1];
+        dir.write_shard(3, &values).unwrap();
+        let file_chunk = |shard, offset, examples| {
+            pb::ShardChunk::from(ShardChunk {
+                shard,
+                first_example: 10,
+                examples,
+                dim: 2,
+                pixels: ShardPixels::SharedFile { offset },
+            })
+        };
+        let inline_chunk = |first_example| {
+            pb::ShardChunk::from(ShardChunk {
+                shard: 3,
+                first_example,
+                examples: 3,
+                dim: 2,
+                pixels: ShardPixels::Inline(values.clone()),
+            })
+        };
+        let assemble = |chunks: Vec<pb::ShardChunk>| {
+            let mut shard = ShardAssembler::new(3).reading_shared_files(client.clone());
+            for chunk in chunks {
+                shard.push(chunk)?;
+            }
+            shard.finish()
+        };
+
+        let data = assemble(vec![file_chunk(3, 0, 3)]).unwrap();
+        assert!(matches!(data.pixels, Pixels::Mapped(_)));
+        let mut cache = ShardCache::default();
+        cache.insert(3, data);
+        let x = cache.gather(3, &[12, 10], 2).unwrap();
+        assert_eq!(x.as_slice().unwrap(), &[2.0, 2.1, 0.0, 0.1]);
+
+        let refused = |chunks, what: &str| {
+            let err = assemble(chunks).unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        };
+        refused(vec![file_chunk(3, 0, 4)], "outside the file");
+        refused(vec![file_chunk(3, 8, 3)], "outside the file");
+        refused(vec![file_chunk(4, 0, 1)], "received a chunk of shard 4");
+        refused(
+            vec![file_chunk(3, 0, 3), inline_chunk(13)],
+            "after the one that points at the shard's file",
+        );
+        refused(
+            vec![inline_chunk(10), file_chunk(3, 0, 3)],
+            "must be its only chunk",
+        );
+        // Without shared memory a file chunk is refused; a missing file is an error too.
+        let err = ShardAssembler::new(3)
+            .push(file_chunk(3, 0, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not attached to shared memory"), "{err}");
+        let err = ShardAssembler::new(5)
+            .reading_shared_files(client.clone())
+            .push(file_chunk(5, 0, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot map its shared-memory file"), "{err}");
+    }
 }

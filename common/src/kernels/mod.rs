@@ -18,4 +18,6 @@ pub use tree_gemm::{TreeProgram, tree_weight_grad};
 
 pub(crate) use elementwise::{add_bias_act, for_row_pieces, output_row, sized};
 pub(crate) use linalg::{view, view_mut};
+#[cfg(test)]
+pub(crate) use vector_isa::on_every_path;
 pub(crate) use vector_isa::with_widest_vectors;

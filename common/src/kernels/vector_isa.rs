@@ -9,7 +9,9 @@
 //! Bits: the path changes only the vector width, never an operation. Rust never fuses a multiply
 //! and an add unless the code asks for `mul_add` (which rounds once on every path: the FMA
 //! instruction here, the correctly rounded software routine on baseline), and every other
-//! floating-point operation is correctly rounded at any width. So every path gives the same bits.
+//! floating-point operation is correctly rounded at any width. So every path gives the same bits
+//! for every result that is not a NaN (a NaN's sign and payload may differ; non-finite gradients
+//! are rejected anyway). Tests run kernels on every path this CPU has ([`on_every_path`]).
 //!
 //! Unsafe: the only unsafe code is the call of a `#[target_feature]` function after
 //! `is_x86_feature_detected!` has confirmed that this CPU has those features.
@@ -47,4 +49,27 @@ fn avx512<R>(kernel: impl FnOnce() -> R) -> R {
 #[target_feature(enable = "avx2,fma")]
 fn avx2<R>(kernel: impl FnOnce() -> R) -> R {
     kernel()
+}
+
+/// `kernel`'s results on every path this CPU has: baseline, then AVX2 + FMA and AVX-512F + FMA
+/// where detected (for tests comparing the paths bit for bit; `kernel` as for
+/// [`with_widest_vectors`], and it must not dispatch again inside).
+#[cfg(test)]
+pub(crate) fn on_every_path<R>(kernel: impl Fn() -> R) -> Vec<(&'static str, R)> {
+    let mut results = vec![("baseline", kernel())];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2 and FMA.
+            results.push(("avx2", unsafe { avx2(&kernel) }));
+        }
+        if has!("avx512f") && has!("fma") {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX-512F and FMA.
+            results.push(("avx512", unsafe { avx512(&kernel) }));
+        }
+    }
+    results
 }
