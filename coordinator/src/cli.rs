@@ -143,7 +143,7 @@ pub struct Cli {
     /// Output directory.
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
-    /// Threads per local worker [default: cores / workers].
+    /// Threads per local worker [default: cores / workers, at least 2 on a machine with 2 cores].
     #[arg(long)]
     pub worker_threads: Option<usize>,
     /// Steps between checkpoints (0: only at epoch ends).
