@@ -319,15 +319,7 @@ impl pb::trainer_server::Trainer for TrainerService {
             let shared = Arc::clone(&self.shared);
             let range = range.clone();
             tokio::task::spawn_blocking(move || {
-                let rows = shared.train.rows(range);
-                let copied: Vec<f32>;
-                let values = match rows.as_slice() {
-                    Some(values) => values,
-                    None => {
-                        copied = rows.iter().copied().collect();
-                        &copied
-                    }
-                };
+                let values = shared.train.row_values(range);
                 shared
                     .transport
                     .shard_in_shared_memory(worker.0, shard, values)

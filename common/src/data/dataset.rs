@@ -88,9 +88,14 @@ impl Dataset {
     /// like slice indexing.
     pub fn rows(&self, range: Range<usize>) -> ArrayView2<'_, f32> {
         let rows = range.len();
-        let values = &self.pixels[range.start * self.dim..range.end * self.dim];
-        ArrayView2::from_shape((rows, self.dim), values)
+        ArrayView2::from_shape((rows, self.dim), self.row_values(range))
             .expect("a whole number of rows is always a valid [rows, dim] matrix")
+    }
+
+    /// Examples `range` as one slice of `range.len() * D` values, row after row. Panics if the
+    /// range is out of bounds, like slice indexing.
+    pub fn row_values(&self, range: Range<usize>) -> &[f32] {
+        &self.pixels[range.start * self.dim..range.end * self.dim]
     }
 
     /// Splits off the last `holdout` examples as the held-out set: returns `(train, held_out)`.

@@ -127,9 +127,9 @@ struct Shape {
 ///
 /// One tile shape for every path: 4 x 16 accumulators, 8 of the 16 ymm registers for f32 on AVX2
 /// (4 x 24 spilled in the inner loop), 4 zmm on AVX-512 (twice that for f64, used only by
-/// gradient checks). Wider AVX-512 tiles (4 x 32, 8 x 16) are
-/// not vectorised by LLVM: it keeps their accumulators in memory and emits scalar FMAs, 5.6x
-/// slower on a Zen 5 EPYC (docs/scaling.md §13).
+/// gradient checks). Wider AVX-512 tiles (4 x 32, 8 x 16) are not vectorised by LLVM: it keeps
+/// their accumulators in memory and emits scalar FMAs, 5.6x slower on a Zen 5 EPYC
+/// (docs/scaling.md §13).
 fn block<T: Float>(
     program: &TreeProgram,
     delta: &[T],
