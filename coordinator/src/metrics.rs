@@ -94,7 +94,9 @@ impl ByPath {
     fn count(&self, tensor: &TensorRef) {
         match tensor {
             TensorRef::Inline(bytes) => self.grpc.inc_by(bytes.len() as u64),
-            TensorRef::Shared { len, .. } => self.shared_memory.inc_by(len.saturating_mul(4)),
+            TensorRef::Shared { len, .. } | TensorRef::ParameterFile { len, .. } => {
+                self.shared_memory.inc_by(len.saturating_mul(4))
+            }
         };
     }
 }
@@ -552,10 +554,7 @@ mod tests {
         m.step_applied(64, -250.5, 0.004, 16000.0);
         m.node_computed(WorkerId(7 << 40 | 1), 0.003);
         m.params_sent(&TensorRef::Inline(Bytes::from(vec![0u8; 400])));
-        m.params_sent(&TensorRef::Shared {
-            offset: 0,
-            len: 100,
-        });
+        m.params_sent(&TensorRef::ParameterFile { slot: 1, len: 100 });
         m.gradient_received(&TensorRef::Shared { offset: 0, len: 25 });
         m.call_refused(Refusal::Token);
         m.call_refused(Refusal::TooLarge);

@@ -132,7 +132,7 @@ impl Transport {
     /// attached (called off the async runtime, after the update), encoded inline on demand.
     pub fn publish(&self, step: u64, params: &[f32]) {
         let shared = match &self.shared_dir {
-            Some(dir) if self.any_attached() => match dir.write_params(params) {
+            Some(dir) if self.any_attached() => match dir.write_params(step, params) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(
@@ -203,6 +203,9 @@ impl Transport {
                     ))
                 })
             }
+            TensorRef::ParameterFile { .. } => Err(Error::BadRequest(format!(
+                "worker {worker:x} named a parameter file as its gradient"
+            ))),
         }
     }
 }

@@ -94,9 +94,16 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
         let children: Vec<_> = workers.iter().map(|extra| worker(&c.addr, extra)).collect();
         let (ok, log) = c.finish(Duration::from_secs(240));
         assert!(ok, "{log}");
-        for child in children {
-            assert!(finish_worker(child, Duration::from_secs(30)).0.success());
-        }
+        // Each worker's tally: (parameters read in place, decoded inline, shards mapped,
+        // streamed).
+        let tallies: Vec<[u64; 4]> = children
+            .into_iter()
+            .map(|child| {
+                let (status, log) = finish_worker(child, Duration::from_secs(30));
+                assert!(status.success(), "{log}");
+                tally(&log)
+            })
+            .collect();
         let attached = log.matches(ATTACHED).count();
         (
             summary(out.path())["fingerprint"]
@@ -104,16 +111,33 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
                 .unwrap()
                 .to_string(),
             attached,
+            tallies,
         )
     };
-    // Workers on the coordinator's host attach to its shared memory by default...
-    let (shared, attached) = run(&[], &[&[], &[]]);
+    // Workers on the coordinator's host attach to its shared memory by default, and then read
+    // parameters in place (all but the first step's, sent before any parameter file exists) and
+    // map every shard...
+    let (shared, attached, tallies) = run(&[], &[&[], &[]]);
     assert_eq!(attached, 2, "both local workers use shared memory");
+    for &[in_place, inline, mapped, streamed] in &tallies {
+        assert!(
+            in_place > inline && mapped > 0 && streamed == 0,
+            "{tallies:?}"
+        );
+    }
     // ...not when either side says tcp, and a mix of the two paths is fine.
-    let (tcp, attached) = run(&["--transport", "tcp"], &[&[], &[]]);
+    let (tcp, attached, tallies) = run(&["--transport", "tcp"], &[&[], &[]]);
     assert_eq!(attached, 0);
-    let (mixed, attached) = run(&[], &[&[], &["--transport", "tcp"], &[]]);
+    for &[in_place, inline, mapped, streamed] in &tallies {
+        assert!(
+            in_place == 0 && inline > 0 && mapped == 0 && streamed > 0,
+            "{tallies:?}"
+        );
+    }
+    let (mixed, attached, tallies) = run(&[], &[&[], &["--transport", "tcp"], &[]]);
     assert_eq!(attached, 2);
+    assert_eq!(tallies[1][0], 0, "the tcp worker reads no parameter file");
+    assert!(tallies[0][0] > 0 && tallies[2][0] > 0, "{tallies:?}");
     assert_eq!(shared, tcp, "the transport changed the parameters");
     assert_eq!(shared, mixed, "a mix of transports changed the parameters");
 }
@@ -281,4 +305,31 @@ fn a_saved_model_continues_training_with_init_from() {
         err.contains("--init-from") && err.contains("--hidden"),
         "{err}"
     );
+}
+
+/// The figures of a worker's closing tally line: parameters read in place, decoded inline,
+/// shards mapped, shards streamed.
+fn tally(log: &str) -> [u64; 4] {
+    let line = log
+        .lines()
+        .find(|l| l.contains("task(s) computed"))
+        .unwrap_or_else(|| panic!("no tally in the worker's log:\n{log}"));
+    let after = |label: &str| -> u64 {
+        let rest = &line[line
+            .find(label)
+            .unwrap_or_else(|| panic!("{label}: {line}"))
+            + label.len()..];
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        digits.parse().unwrap_or_else(|_| panic!("{label}: {line}"))
+    };
+    [
+        after("read in place"),
+        after("decoded inline"),
+        after("mapped from shared memory"),
+        after("streamed"),
+    ]
 }

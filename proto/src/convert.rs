@@ -312,6 +312,9 @@ impl From<TensorRef> for pb::TensorRef {
                 TensorRef::Shared { offset, len } => {
                     Location::Shared(pb::SharedRegion { offset, len })
                 }
+                TensorRef::ParameterFile { slot, len } => {
+                    Location::ParameterFile(pb::ParameterFile { slot, len })
+                }
             }),
         }
     }
@@ -334,6 +337,20 @@ impl TryFrom<pb::TensorRef> for TensorRef {
                 offset: r.offset,
                 len: r.len,
             }),
+            Location::ParameterFile(f) if f.slot < crate::shared_memory::PARAM_SLOTS => {
+                Ok(TensorRef::ParameterFile {
+                    slot: f.slot,
+                    len: f.len,
+                })
+            }
+            Location::ParameterFile(f) => Err(malformed(
+                MSG,
+                format!(
+                    "parameter file {} does not exist (there are {})",
+                    f.slot,
+                    crate::shared_memory::PARAM_SLOTS
+                ),
+            )),
         }
     }
 }

@@ -35,8 +35,10 @@ pub use convert::WireError;
 /// releases is refused at registration instead of mixing bits (or quarantining honest workers
 /// under `--verify`); the wire format was unchanged, and the service keeps its `vae.trainer.v3`
 /// path. 5 when a `ShardChunk` may point at a shard file in shared memory instead of carrying
-/// pixels (a new field; a release-4 worker would read such a chunk as malformed).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// pixels (a new field; a release-4 worker would read such a chunk as malformed). 6 when a task's
+/// parameters may be a locked parameter file read in place (`TensorRef::ParameterFile`) instead
+/// of the one `params.f32` copied out.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's
 /// parameters are 2.6 MB and a `--hidden 2048,2048` model is ~60 MB, so parameters and gradients

@@ -79,8 +79,13 @@ pub enum ShardPixels {
 pub enum TensorRef {
     /// Little-endian f32 bytes, a whole number of values (checked on decode).
     Inline(Bytes),
-    /// `len` values at byte `offset` of a shared-memory file the receiver knows by context.
+    /// `len` values at byte `offset` of a shared-memory file the receiver knows by context (a
+    /// worker's gradient file).
     Shared { offset: u64, len: u64 },
+    /// A task's `len` parameters in parameter file `slot` (below
+    /// [`crate::shared_memory::PARAM_SLOTS`]) of the shared-memory directory, read in place
+    /// ([`crate::shared_memory::SharedClient::lease_params`]).
+    ParameterFile { slot: u32, len: u64 },
 }
 
 /// One shard's examples in a step.

@@ -1,6 +1,6 @@
 //! Tensors between processes on one host through files in a memory-backed directory (`/dev/shm`),
 //! the way NCCL and MPI move data within a node: a parameter vector is written once per step and
-//! read by every co-located worker, a gradient is written by its worker and read by the
+//! read in place by every co-located worker, a gradient is written by its worker and read by the
 //! coordinator, each one copy into or out of the page cache instead of a trip through prost,
 //! HTTP/2 and the loopback socket (docs/design.md §5).
 //!
@@ -11,10 +11,13 @@
 //! reference into such memory ever reaches the rest of the program (shard files, never written
 //! again once in place, are read where they are). The workspace's only `unsafe` memory access is
 //! the [`mapping`] module; its invariants are stated there. What keeps the exchange correct:
-//! - The parameter file is rewritten only between steps, after every result of the step in
-//!   progress has arrived; a task is sent only after its parameters are written. A straggler that
-//!   still reads while the next step's parameters are written computes a result for a finished
-//!   step, which the state machine ignores.
+//! - Parameters go into one of [`PARAM_SLOTS`] parameter files, in turn, each with a header
+//!   naming the step they are for. A worker computes from the file where it is, holding a shared
+//!   `flock` on it from before it checks the header until its gradients are done; the coordinator
+//!   writes a file only under an exclusive lock it takes without waiting, skipping files a worker
+//!   still holds (a straggler). So no parameter is rewritten while a worker reads it, a worker
+//!   that finds another step in the header knows its task is stale, and a worker that holds a file
+//!   forever only costs the coordinator that file (all of them held: parameters go inline).
 //! - A worker writes its gradient file, then sends `SubmitResult` and waits for the reply; the
 //!   coordinator copies the values out before replying. So no gradient is read while it is written.
 //! - Which file to read is never taken from a peer: the coordinator reads the gradient file named
@@ -36,28 +39,40 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use mapping::{FrozenMap, ReadMap, WriteMap};
+use mapping::{FrozenMap, Lease, LockedMap, ReadMap, WriteMap};
 
 use crate::messages::{SharedMemoryOffer, TensorRef};
 
 /// Where shared-memory directories go when the host has `/dev/shm` (tmpfs on Linux).
 pub const DEFAULT_BASE: &str = "/dev/shm";
-const PARAMS_FILE: &str = "params.f32";
+/// Parameter files the coordinator writes in turn. More than two, so that a straggler still
+/// reading an old step's file does not make the coordinator fall back to inline parameters.
+pub const PARAM_SLOTS: u32 = 4;
+/// Bytes before a parameter file's values: the step they are for and their number (each a
+/// little-endian u64); 64 keeps the values on a cache line of their own.
+const PARAM_HEADER: u64 = 64;
 const PROBE_FILE: &str = "probe";
 /// Directory names are `vae-shm-<pid>-<tag>`: the pid lets a later run remove a dead run's files.
 const DIR_PREFIX: &str = "vae-shm-";
 
-/// The coordinator's side: a private directory holding the parameter file and one gradient file
+/// The coordinator's side: a private directory holding the parameter files and one gradient file
 /// per attached worker. Removed with its contents when dropped.
 #[derive(Debug)]
 pub struct SharedDir {
     dir: PathBuf,
     probe: Vec<u8>,
-    params: Mutex<WriteMap>,
+    params: Mutex<ParamFiles>,
     /// Each attached worker's gradient file, mapped on first use.
     gradients: Mutex<HashMap<u64, ReadMap>>,
     /// The shard files (locked while one is written, so each is written once).
     shards: Mutex<ShardFiles>,
+}
+
+/// The parameter files written so far (created on first use), and which to try first next.
+#[derive(Debug, Default)]
+struct ParamFiles {
+    files: Vec<Option<WriteMap>>,
+    next: u32,
 }
 
 /// Which shards have a file, and how much more shard data the directory may take.
@@ -78,15 +93,14 @@ impl SharedDir {
         remove_stale(base);
         let dir = base.join(format!("{DIR_PREFIX}{}-{tag}", std::process::id()));
         fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let created = (|| {
-            fs::write(dir.join(PROBE_FILE), probe)?;
-            private_file(&dir.join(PARAMS_FILE), true)
-        })();
-        match created {
-            Ok(params) => Ok(SharedDir {
+        match fs::write(dir.join(PROBE_FILE), probe) {
+            Ok(()) => Ok(SharedDir {
                 dir,
                 probe: probe.to_vec(),
-                params: Mutex::new(WriteMap::new(params)),
+                params: Mutex::new(ParamFiles {
+                    files: (0..PARAM_SLOTS).map(|_| None).collect(),
+                    next: 0,
+                }),
                 gradients: Mutex::new(HashMap::new()),
                 shards: Mutex::new(ShardFiles::default()),
             }),
@@ -118,13 +132,38 @@ impl SharedDir {
                 == 0
     }
 
-    /// Writes the parameters for the next step; the reference goes into every co-located task.
-    pub fn write_params(&self, values: &[f32]) -> io::Result<TensorRef> {
-        lock(&self.params).write(0, bytemuck::cast_slice(values))?;
-        Ok(TensorRef::Shared {
-            offset: 0,
-            len: values.len() as u64,
-        })
+    /// Writes the parameters of `step` into the next parameter file no worker holds; the
+    /// reference goes into every co-located task of the step. `WouldBlock` when workers hold
+    /// every file (stragglers that never finish): the caller sends the parameters inline.
+    pub fn write_params(&self, step: u64, values: &[f32]) -> io::Result<TensorRef> {
+        let mut params = lock(&self.params);
+        let len = values.len() as u64;
+        let bytes = PARAM_HEADER + 4 * len;
+        for i in 0..PARAM_SLOTS {
+            let slot = (params.next + i) % PARAM_SLOTS;
+            let map = match &mut params.files[slot as usize] {
+                Some(map) => map,
+                empty => empty.insert(WriteMap::new(private_file(
+                    &self.dir.join(param_file(slot)),
+                    true,
+                )?)),
+            };
+            let Some(mut locked) = map.try_lock()? else {
+                continue;
+            };
+            let region = locked.region(0, bytes)?;
+            let (header, rest) = region.split_at_mut(PARAM_HEADER as usize);
+            header[..8].copy_from_slice(&step.to_le_bytes());
+            header[8..16].copy_from_slice(&len.to_le_bytes());
+            mapping::copy(rest, bytemuck::cast_slice(values));
+            drop(locked);
+            params.next = (slot + 1) % PARAM_SLOTS;
+            return Ok(TensorRef::ParameterFile { slot, len });
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("workers hold all {PARAM_SLOTS} parameter files"),
+        ))
     }
 
     /// Reads `len` values at byte `offset` of `worker`'s gradient file into `out`.
@@ -214,8 +253,26 @@ impl Drop for SharedDir {
 #[derive(Debug)]
 pub struct SharedClient {
     dir: PathBuf,
-    params: Mutex<ReadMap>,
+    /// The parameter files, each mapped the first time a task names it.
+    params: Mutex<Vec<Option<std::sync::Arc<LockedMap>>>>,
     gradients: Mutex<WriteMap>,
+}
+
+/// A task's parameters where the coordinator wrote them, locked against rewriting until this is
+/// dropped (when the task's gradients are computed).
+#[derive(Debug)]
+pub struct ParamsLease {
+    lease: Lease,
+    len: usize,
+}
+
+impl ParamsLease {
+    pub fn values(&self) -> &[f32] {
+        let start = PARAM_HEADER as usize;
+        // The mapping is page-aligned, the header a multiple of 4 bytes, and the length checked
+        // against the mapping when leased.
+        bytemuck::cast_slice(&self.lease.bytes()[start..start + 4 * self.len])
+    }
 }
 
 impl SharedClient {
@@ -223,20 +280,60 @@ impl SharedClient {
     /// files. Fails when the directory is not visible from here (another host or container).
     pub fn open(offer: &SharedMemoryOffer, worker: u64) -> io::Result<(Self, Vec<u8>)> {
         let probe = fs::read(offer.dir.join(&offer.probe_file))?;
-        let params = File::open(offer.dir.join(PARAMS_FILE))?;
         let gradients = private_file(&offer.dir.join(gradient_file(worker)), true)?;
         let client = SharedClient {
             dir: offer.dir.clone(),
-            params: Mutex::new(ReadMap::new(params)),
+            params: Mutex::new((0..PARAM_SLOTS).map(|_| None).collect()),
             gradients: Mutex::new(WriteMap::new(gradients)),
         };
         Ok((client, probe))
     }
 
-    /// Reads the parameters a task refers to into `out`, in pieces on the current rayon pool (call
-    /// it inside the worker's pool).
-    pub fn read_params(&self, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
-        read_region(&mut lock(&self.params), offset, len, out)
+    /// The `len` parameters of `step` in parameter file `slot`, locked in place (no copy) until
+    /// the lease is dropped; `None` when the file holds another step's parameters (the
+    /// coordinator has moved on: the task is stale). Waits while the coordinator writes the file.
+    pub fn lease_params(&self, slot: u32, step: u64, len: u64) -> io::Result<Option<ParamsLease>> {
+        let bytes = len
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(PARAM_HEADER))
+            .ok_or_else(|| outside(PARAM_HEADER, len, None))?;
+        let map = {
+            let mut maps = lock(&self.params);
+            let cached = maps
+                .get_mut(slot as usize)
+                .ok_or_else(|| io::Error::other(format!("there is no parameter file {slot}")))?;
+            match cached {
+                // A file only grows: a longer one than mapped is mapped again.
+                Some(map) if map.len() as u64 >= bytes => std::sync::Arc::clone(map),
+                _ => {
+                    let file = File::open(self.dir.join(param_file(slot)))?;
+                    std::sync::Arc::clone(cached.insert(std::sync::Arc::new(LockedMap::new(file)?)))
+                }
+            }
+        };
+        if (map.len() as u64) < bytes {
+            return Err(outside(PARAM_HEADER, len, None));
+        }
+        let lease = map.lease()?;
+        let header = &lease.bytes()[..16];
+        let written_step = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+        let written_len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        if written_step != step {
+            return Ok(None);
+        }
+        if written_len != len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "parameter file {slot} holds {written_len} values for step {step}, the task \
+                     says {len}"
+                ),
+            ));
+        }
+        Ok(Some(ParamsLease {
+            lease,
+            len: len as usize,
+        }))
     }
 
     /// Maps `shard`'s file (written once by the coordinator, complete, and never changed again)
@@ -313,6 +410,10 @@ impl ShardFile {
         // The mapping is page-aligned and `start` a multiple of 4 (checked when mapped).
         bytemuck::cast_slice(bytes)
     }
+}
+
+fn param_file(slot: u32) -> String {
+    format!("params-{slot}.f32")
 }
 
 fn shard_file(shard: u32) -> String {
@@ -394,9 +495,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 ///   read mapping, this trusts the writer (the coordinator, which the worker already trusts with
 ///   its parameters and data) to keep the file as it is; a process of the same user that rewrote
 ///   or truncated it anyway is, as below, outside what the 0700 directory defends against.
+/// - A locked mapping is of a parameter file, which its writer (the coordinator, trusted as for
+///   shard files) rewrites only while it holds an exclusive `flock` on it, taken without waiting.
+///   Its bytes may be borrowed only from a [`Lease`], which holds a shared `flock` on the file
+///   for as long as it lives (the borrow cannot outlive it): while any lease exists the writer
+///   cannot lock the file, so nothing changes the borrowed bytes. Leases of one mapping share
+///   one lock, taken by the first and released by the last.
 /// - A write mapping is of a file no other process writes: the coordinator writes the parameter
-///   file and maps the workers' gradient files read-only; each worker writes only its own
-///   gradient file and maps the parameter file read-only. So its bytes may be lent out as
+///   files (under the exclusive lock above) and maps the workers' gradient files read-only; each
+///   worker writes only its own gradient file and maps the parameter files read-only. So its bytes may be lent out as
 ///   `&mut [u8]`, borrowed from the `WriteMap` (never outliving or seeing a remap), to be written
 ///   in place: other processes only read them, which changes nothing this process can observe.
 ///   A process of the same user that wrote such a file anyway would race with this one's
@@ -406,15 +513,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod mapping {
     use std::fs::File;
     use std::io;
+    use std::sync::{Arc, Mutex};
 
     use memmap2::{Mmap, MmapMut, MmapOptions};
     use rayon::prelude::*;
+    use rustix::fs::{FlockOperation, flock};
 
     /// `dst.copy_from_slice(src)`, in pieces of 256 KiB on the current rayon pool (the global
     /// one outside any pool: the coordinator's): copies sit on the step's critical path while
     /// the other side waits (a worker calls this inside its own pool, whose threads are then
     /// idle; with one thread the pieces run one after another).
-    fn copy(dst: &mut [u8], src: &[u8]) {
+    pub(super) fn copy(dst: &mut [u8], src: &[u8]) {
         const PIECE: usize = 256 << 10;
         if dst.len() < 2 * PIECE {
             dst.copy_from_slice(src);
@@ -515,10 +624,14 @@ mod mapping {
             WriteMap { file, map: None }
         }
 
-        /// Copies `bytes` to `offset`, growing the file first if it is too short.
-        pub fn write(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-            copy(self.region(offset, bytes.len() as u64)?, bytes);
-            Ok(())
+        /// The file locked exclusively (`flock`), if no other process holds a lock on it now;
+        /// the lock goes with the guard.
+        pub fn try_lock(&mut self) -> io::Result<Option<Locked<'_>>> {
+            match flock(&self.file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => Ok(Some(Locked { map: self })),
+                Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
         }
 
         /// The `len` bytes at `offset`, to write in place, the file grown first if it is too
@@ -538,6 +651,85 @@ mod mapping {
             }
             let map = self.map.as_mut().expect("mapped above");
             Ok(&mut map[offset as usize..end as usize])
+        }
+    }
+
+    /// A [`WriteMap`] whose file this process holds an exclusive lock on (see [`LockedMap`]).
+    pub struct Locked<'a> {
+        map: &'a mut WriteMap,
+    }
+
+    impl Locked<'_> {
+        pub fn region(&mut self, offset: u64, len: u64) -> io::Result<&mut [u8]> {
+            self.map.region(offset, len)
+        }
+    }
+
+    impl Drop for Locked<'_> {
+        fn drop(&mut self) {
+            // Closing the file would release the lock too; unlocking cannot fail on a valid fd.
+            let _ = flock(&self.map.file, FlockOperation::Unlock);
+        }
+    }
+
+    /// A whole file another process rewrites under an exclusive `flock`, mapped read-only; its
+    /// bytes are lent only through a [`Lease`].
+    #[derive(Debug)]
+    pub struct LockedMap {
+        file: File,
+        map: Mmap,
+        /// Leases alive: the shared lock is taken at the first and released after the last.
+        leases: Mutex<usize>,
+    }
+
+    impl LockedMap {
+        pub fn new(file: File) -> io::Result<Self> {
+            // SAFETY: see the module's invariants (file kept open, never shrunk, bytes lent only
+            // under a shared lock the writer respects).
+            let map = unsafe { Mmap::map(&file)? };
+            Ok(LockedMap {
+                file,
+                map,
+                leases: Mutex::new(0),
+            })
+        }
+
+        pub fn len(&self) -> usize {
+            self.map.len()
+        }
+
+        /// Locks the file shared (waiting while the writer holds it) and lends its bytes.
+        pub fn lease(self: &Arc<Self>) -> io::Result<Lease> {
+            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if *leases == 0 {
+                flock(&self.file, FlockOperation::LockShared)?;
+            }
+            *leases += 1;
+            Ok(Lease {
+                map: Arc::clone(self),
+            })
+        }
+    }
+
+    /// A shared lock on a [`LockedMap`]'s file, and its bytes while the lock lasts.
+    #[derive(Debug)]
+    pub struct Lease {
+        map: Arc<LockedMap>,
+    }
+
+    impl Lease {
+        pub fn bytes(&self) -> &[u8] {
+            &self.map.map
+        }
+    }
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            let mut leases = self.map.leases.lock().unwrap_or_else(|p| p.into_inner());
+            *leases -= 1;
+            if *leases == 0 {
+                let _ = flock(&self.map.file, FlockOperation::Unlock);
+            }
         }
     }
 }
@@ -590,17 +782,18 @@ mod tests {
         let dir = SharedDir::create(base.path(), "t", b"secret probe").unwrap();
         assert!(dir.path().starts_with(base.path()));
         let params = values(1000, 0.5);
-        let r = dir.write_params(&params).unwrap();
+        let r = dir.write_params(1, &params).unwrap();
         let (client, probe) = SharedClient::open(&dir.offer(), 42).unwrap();
         assert!(dir.verify(&probe));
         assert!(!dir.verify(b"secret probX"));
         assert!(!dir.verify(b""));
-        let TensorRef::Shared { offset, len } = r else {
+        let TensorRef::ParameterFile { slot, len } = r else {
             panic!()
         };
+        let lease = client.lease_params(slot, 1, len).unwrap().unwrap();
+        assert_eq!(bits(lease.values()), bits(&params));
+        drop(lease);
         let mut got = Vec::new();
-        client.read_params(offset, len, &mut got).unwrap();
-        assert_eq!(got, params);
 
         let (a, b) = (values(300, 1.0), values(300, 2.0));
         let refs = write_gradients(&client, &[&a, &b]);
@@ -625,17 +818,40 @@ mod tests {
         assert!(!path.exists(), "the directory goes with the coordinator");
     }
 
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The parameter file and length a write went to.
+    fn slot_of(r: TensorRef) -> (u32, u64) {
+        match r {
+            TensorRef::ParameterFile { slot, len } => (slot, len),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
-    fn rewritten_and_grown_files_are_seen_through_existing_mappings() {
+    fn parameter_files_rotate_and_grow_through_existing_mappings() {
         let base = tempfile::tempdir().unwrap();
         let dir = SharedDir::create(base.path(), "g", b"p").unwrap();
         let (client, _) = SharedClient::open(&dir.offer(), 7).unwrap();
         let mut got = Vec::new();
-        for (n, salt) in [(100, 0.0), (100, 1.0), (5000, 2.0), (10, 3.0)] {
+        let mut slots = Vec::new();
+        for (step, (n, salt)) in [(100, 0.0), (100, 1.0), (5000, 2.0), (10, 3.0), (7, 4.0)]
+            .into_iter()
+            .enumerate()
+        {
+            let step = step as u64;
             let params = values(n, salt);
-            dir.write_params(&params).unwrap();
-            client.read_params(0, n as u64, &mut got).unwrap();
-            assert_eq!(got, params, "{n} values, salt {salt}");
+            let (slot, len) = slot_of(dir.write_params(step, &params).unwrap());
+            slots.push(slot);
+            let lease = client.lease_params(slot, step, len).unwrap().unwrap();
+            assert_eq!(bits(lease.values()), bits(&params), "step {step}");
+            // Another step's parameters, or another length, are not these.
+            assert!(client.lease_params(slot, step + 1, len).unwrap().is_none());
+            let err = client.lease_params(slot, step, len - 1).unwrap_err();
+            assert!(err.to_string().contains("the task says"), "{err}");
+            drop(lease);
             let grads = [values(n, salt + 0.5), values(n, salt + 0.7)];
             let refs = write_gradients(&client, &[&grads[0], &grads[1]]);
             for (r, want) in refs.iter().zip(&grads) {
@@ -646,9 +862,52 @@ mod tests {
                 assert_eq!(&got, want);
             }
         }
-        // Files never shrink: after the 10-value step the 5000-value regions are still readable.
-        client.read_params(0, 5000, &mut got).unwrap();
-        assert!(client.read_params(0, 5001, &mut got).is_err());
+        // With no worker holding one, the files are used in turn.
+        assert_eq!(slots, [0, 1, 2, 3, 0]);
+        assert!(client.lease_params(PARAM_SLOTS, 0, 1).is_err());
+        // A region past the end of the file is an error, not a short read.
+        let err = client.lease_params(3, 3, 1 << 40).unwrap_err();
+        assert!(err.to_string().contains("outside the file"), "{err}");
+    }
+
+    #[test]
+    fn a_parameter_file_a_worker_holds_is_never_rewritten() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "h", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 7).unwrap();
+        let first = values(300, 0.25);
+        let (held, len) = slot_of(dir.write_params(10, &first).unwrap());
+        let lease = client.lease_params(held, 10, len).unwrap().unwrap();
+        // A straggler holds step 10's file: the next steps go around it.
+        let mut others = Vec::new();
+        for step in 11..11 + 2 * PARAM_SLOTS as u64 {
+            let (slot, _) = slot_of(dir.write_params(step, &values(300, step as f32)).unwrap());
+            assert_ne!(slot, held, "step {step}");
+            others.push(slot);
+        }
+        assert_eq!(bits(lease.values()), bits(&first), "held values unchanged");
+        // A second lease of the same file shares the lock; the file is free after the last.
+        let again = client.lease_params(held, 10, len).unwrap().unwrap();
+        drop(lease);
+        let (slot, _) = slot_of(dir.write_params(100, &values(300, 9.0)).unwrap());
+        assert_ne!(slot, held, "still held by the second lease");
+        drop(again);
+        // Workers holding every file: the coordinator is told to send parameters inline.
+        let leases: Vec<ParamsLease> = (0..PARAM_SLOTS)
+            .map(|slot| {
+                let (s, len) = slot_of(dir.write_params(200 + slot as u64, &first).unwrap());
+                client
+                    .lease_params(s, 200 + slot as u64, len)
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        let err = dir.write_params(300, &first).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        drop(leases);
+        let (slot, len) = slot_of(dir.write_params(300, &first).unwrap());
+        let lease = client.lease_params(slot, 300, len).unwrap().unwrap();
+        assert_eq!(bits(lease.values()), bits(&first));
     }
 
     #[test]

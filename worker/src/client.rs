@@ -18,7 +18,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::compute::{self, Fault, RunContext, StepBuffers};
 use crate::error::{Error, Result};
-use crate::shard_cache::{ShardAssembler, ShardCache, ShardData};
+use crate::shard_cache::{Pixels, ShardAssembler, ShardCache, ShardData};
 
 /// Between liveness messages. The coordinator's default timeout (3 s) allows several misses.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -189,6 +189,45 @@ async fn work_loop(
     transfer: Transfer<'_>,
 ) -> Result<LoopEnd> {
     let tree = ReductionTree::new(ctx.shards);
+    let mut tally = Tally::default();
+    let end = work(
+        client, ctx, pool, cache, heartbeat, transfer, &tree, &mut tally,
+    )
+    .await;
+    tracing::info!(
+        "{} task(s) computed: parameters read in place {} time(s), decoded inline {}; {} stale \
+         task(s) skipped; shards mapped from shared memory {}, streamed {}",
+        tally.in_place + tally.inline,
+        tally.in_place,
+        tally.inline,
+        tally.stale,
+        tally.mapped,
+        tally.streamed
+    );
+    end
+}
+
+/// How this registration's work went, logged when it ends (tests read it to check the paths).
+#[derive(Debug, Default)]
+struct Tally {
+    in_place: u64,
+    inline: u64,
+    stale: u64,
+    mapped: u64,
+    streamed: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn work(
+    client: &mut Client,
+    ctx: &Arc<RunContext>,
+    pool: &Arc<rayon::ThreadPool>,
+    cache: &mut ShardCache,
+    heartbeat: &mut watch::Receiver<HeartbeatState>,
+    transfer: Transfer<'_>,
+    tree: &ReductionTree,
+    tally: &mut Tally,
+) -> Result<LoopEnd> {
     loop {
         match *heartbeat.borrow() {
             HeartbeatState::Done => return Ok(LoopEnd::Done),
@@ -225,6 +264,10 @@ async fn work_loop(
                 if !cache.contains(shard.shard) {
                     match fetch_shard(client, shard.shard, transfer.shared).await {
                         Ok(data) => {
+                            match data.pixels {
+                                Pixels::Mapped(_) => tally.mapped += 1,
+                                Pixels::Received(_) => tally.streamed += 1,
+                            }
                             cache.insert(shard.shard, data);
                             fetched += 1;
                         }
@@ -255,9 +298,9 @@ async fn work_loop(
         }
         let step = task.step;
         tracing::trace!("step {step}: task received");
-        let output = compute::run_task(
+        let Some(output) = compute::run_task(
             ctx,
-            &tree,
+            tree,
             pool,
             cache,
             task,
@@ -265,7 +308,16 @@ async fn work_loop(
             transfer.buffers,
             transfer.fault,
         )
-        .await?;
+        .await?
+        else {
+            tally.stale += 1;
+            continue;
+        };
+        if output.params_in_place {
+            tally.in_place += 1;
+        } else {
+            tally.inline += 1;
+        }
         tracing::trace!("step {step}: computed");
         let submission = Submission {
             step,

@@ -7,9 +7,10 @@ use common::model::BatchStats;
 use common::train::{Engine, GradientSum, Node, ReductionTree, ShardBatch};
 use ndarray::Array2;
 use proto::messages::{NodeResult, RunSpec, Task, TensorRef};
-use proto::shared_memory::SharedClient;
+use proto::shared_memory::{ParamsLease, SharedClient};
+use rayon::prelude::*;
 
-use crate::cpu_time::PoolClock;
+use crate::cpu_time::ComputeClock;
 use crate::error::{Error, Result};
 use crate::shard_cache::ShardCache;
 
@@ -42,8 +43,10 @@ pub struct StepBuffers {
 #[derive(Debug)]
 pub struct TaskOutput {
     pub results: Vec<NodeResult>,
-    /// CPU seconds of the pool's threads divided by their number (see `crate::cpu_time`).
+    /// CPU seconds of the computation divided by the pool's threads (see `crate::cpu_time`).
     pub compute_seconds: f64,
+    /// Whether the parameters were read in place from a parameter file (else decoded inline).
+    pub params_in_place: bool,
 }
 
 /// Deliberate misbehaviour, so tests can check the coordinator's defences (`--inject-fault`).
@@ -93,7 +96,8 @@ impl std::str::FromStr for Fault {
 }
 
 /// Computes every node of `task`; the results go back in the task's order, their gradients
-/// through `shared` when the worker is attached to the coordinator's shared memory.
+/// through `shared` when the worker is attached to the coordinator's shared memory. `None` when
+/// the task turned out stale (its parameter file already holds a later step's parameters).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_task(
     ctx: &Arc<RunContext>,
@@ -104,7 +108,7 @@ pub async fn run_task(
     shared: Option<&Arc<SharedClient>>,
     buffers: &mut StepBuffers,
     fault: &mut Option<Fault>,
-) -> Result<TaskOutput> {
+) -> Result<Option<TaskOutput>> {
     if let Some(Fault::StallAtStep(from)) = fault
         && task.step >= *from
     {
@@ -112,33 +116,24 @@ pub async fn run_task(
         std::future::pending::<()>().await;
     }
     let layout_len = ctx.engine.layout().len();
-    let mut params = std::mem::take(&mut buffers.params);
-    // On the pool, whose threads are idle until the computation: the copy runs on all of them.
-    pool.install(|| read_params(&task.params, shared.map(|s| &**s), layout_len, &mut params))?;
-    tracing::trace!("step {}: parameters read", task.step);
+    let params = std::mem::take(&mut buffers.params);
     let dim = ctx.engine.config().input_dim;
-    // Gathering copies ~400 KB per step: cheap enough for the async thread.
-    let mut nodes = Vec::with_capacity(task.nodes.len());
-    for work in &task.nodes {
-        if work.node.hi as usize > ctx.shards {
-            return Err(Error::Protocol(format!(
-                "task node {}..{} is outside the run's {} shards",
-                work.node.lo, work.node.hi, ctx.shards
-            )));
-        }
-        let shards = work
-            .shards
-            .iter()
-            .map(|s| {
-                Ok((
-                    s.shard,
-                    cache.gather(s.shard, &s.examples, dim)?,
-                    s.examples.clone(),
-                ))
-            })
-            .collect::<Result<Vec<(u32, Array2<f32>, Vec<u32>)>>>()?;
-        nodes.push((work.node, shards));
-    }
+    // On the pool, whose threads are idle until the computation: the parameters (decoded, or a
+    // parameter file's lock, whose wait never blocks the async runtime) beside the rows.
+    let (params, nodes) = pool.install(|| {
+        rayon::join(
+            || Params::of(&task, shared.map(|s| &**s), layout_len, params),
+            || gather_rows(&task, cache, ctx.shards, dim),
+        )
+    });
+    let (Some(params), nodes) = (params?, nodes?) else {
+        tracing::info!(
+            "step {}: task stale (the coordinator has rewritten its parameters)",
+            task.step
+        );
+        return Ok(None);
+    };
+    tracing::trace!("step {}: parameters and rows ready", task.step);
     let mut sums = std::mem::take(&mut buffers.sums);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx = Arc::clone(ctx);
@@ -150,8 +145,8 @@ pub async fn run_task(
     if due.is_some() && !nodes.is_empty() {
         *fault = None;
     }
-    tracing::trace!("step {}: rows gathered", task.step);
-    let clock = PoolClock::start(pool);
+    let params_in_place = matches!(params, Params::InPlace(_));
+    let clock = ComputeClock::start(pool.current_num_threads());
     pool.spawn(move || {
         // The nodes' statistics, and whether the first gradient must lose its last value.
         let compute = |grads: Vec<&mut [f32]>| -> Result<(Vec<BatchStats>, bool)> {
@@ -169,9 +164,14 @@ pub async fn run_task(
                             examples,
                         })
                         .collect();
-                    let stats = ctx
-                        .engine
-                        .node_gradient_to(&params, epoch, &tree, *node, &batches, grad)?;
+                    let stats = ctx.engine.node_gradient_to(
+                        params.values(),
+                        epoch,
+                        &tree,
+                        *node,
+                        &batches,
+                        grad,
+                    )?;
                     if i == 0 {
                         short = inject_fault(due, grad);
                     }
@@ -181,7 +181,7 @@ pub async fn run_task(
             Ok((stats, short))
         };
         // In place in the shared file when attached (no copy), else into the reused buffers.
-        let lens = vec![params.len(); nodes.len()];
+        let lens = vec![params.values().len(); nodes.len()];
         let in_place = pool_shared.as_ref().and_then(|shared| {
             shared
                 .fill_gradients(&lens, compute)
@@ -195,20 +195,22 @@ pub async fn run_task(
             None => {
                 sums.resize_with(nodes.len(), || GradientSum::zeros(0));
                 sums.iter_mut()
-                    .for_each(|s| s.grad.resize(params.len(), 0.0));
+                    .for_each(|s| s.grad.resize(params.values().len(), 0.0));
                 compute(sums.iter_mut().map(|s| &mut s.grad[..]).collect())
                     .map(|stats| (None, stats))
             }
         };
         let nodes: Vec<Node> = nodes.iter().map(|(node, _)| *node).collect();
+        // A parameter file's lease ends here, so the coordinator may rewrite it.
+        let params = params.into_buffer();
         let _ = tx.send((computed, nodes, params, sums));
     });
     let (computed, nodes, params, mut sums) = rx
         .await
         .map_err(|_| Error::Other("gradient computation panicked".into()))?;
     tracing::trace!("step {}: gradients computed", task.step);
-    let compute_seconds = clock.seconds(pool);
-    buffers.params = params;
+    let compute_seconds = clock.seconds();
+    buffers.params = params.unwrap_or_default();
     let (shared_refs, (stats, short)) = computed?;
     let grads = match shared_refs {
         Some(mut refs) => {
@@ -234,10 +236,44 @@ pub async fn run_task(
         .map(|((node, stats), grad)| NodeResult { node, grad, stats })
         .collect();
     buffers.sums = sums;
-    Ok(TaskOutput {
+    Ok(Some(TaskOutput {
         results,
         compute_seconds,
-    })
+        params_in_place,
+    }))
+}
+
+/// The rows of every node of `task`, shard by shard (in parallel on the current pool).
+#[allow(clippy::type_complexity)]
+fn gather_rows(
+    task: &Task,
+    cache: &ShardCache,
+    shards: usize,
+    dim: usize,
+) -> Result<Vec<(Node, Vec<(u32, Array2<f32>, Vec<u32>)>)>> {
+    task.nodes
+        .iter()
+        .map(|work| {
+            if work.node.hi as usize > shards {
+                return Err(Error::Protocol(format!(
+                    "task node {}..{} is outside the run's {shards} shards",
+                    work.node.lo, work.node.hi
+                )));
+            }
+            let rows = work
+                .shards
+                .par_iter()
+                .map(|s| {
+                    Ok((
+                        s.shard,
+                        cache.gather(s.shard, &s.examples, dim)?,
+                        s.examples.clone(),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((work.node, rows))
+        })
+        .collect()
 }
 
 /// Corrupts `grad` as `due` says; true for a short gradient, whose last value the caller must
@@ -253,36 +289,74 @@ fn inject_fault(due: Option<Fault>, grad: &mut [f32]) -> bool {
     false
 }
 
-/// The task's parameters into `out`: decoded inline bytes, or read from shared memory.
-fn read_params(
-    params: &TensorRef,
-    shared: Option<&SharedClient>,
-    expected: usize,
-    out: &mut Vec<f32>,
-) -> Result<()> {
-    let got = match params {
-        TensorRef::Inline(bytes) => {
-            proto::tensor::decode_f32_into(bytes, out);
-            bytes.len() / 4
-        }
-        TensorRef::Shared { offset, len } => {
-            let shared = shared.ok_or_else(|| {
-                Error::Protocol(
-                    "the coordinator sent parameters in shared memory this worker is not \
-                     attached to"
+/// A task's parameters: decoded from the message into a reused buffer, or read where the
+/// coordinator wrote them, its parameter file locked until the computation ends.
+enum Params {
+    Decoded(Vec<f32>),
+    InPlace(ParamsLease),
+}
+
+impl Params {
+    /// The parameters of `task` (`buffer` holds inline ones); `None` if the task is stale.
+    fn of(
+        task: &Task,
+        shared: Option<&SharedClient>,
+        expected: usize,
+        mut buffer: Vec<f32>,
+    ) -> Result<Option<Self>> {
+        let params = match task.params {
+            TensorRef::Inline(ref bytes) => {
+                proto::tensor::decode_f32_into(bytes, &mut buffer);
+                Params::Decoded(buffer)
+            }
+            TensorRef::ParameterFile { slot, len } => {
+                let shared = shared.ok_or_else(|| {
+                    Error::Protocol(
+                        "the coordinator sent parameters in shared memory this worker is not \
+                         attached to"
+                            .into(),
+                    )
+                })?;
+                match shared.lease_params(slot, task.step, len) {
+                    Ok(Some(lease)) => Params::InPlace(lease),
+                    Ok(None) => return Ok(None),
+                    Err(e) => {
+                        return Err(Error::Protocol(format!(
+                            "cannot read the parameters of step {}: {e}",
+                            task.step
+                        )));
+                    }
+                }
+            }
+            TensorRef::Shared { .. } => {
+                return Err(Error::Protocol(
+                    "the coordinator sent parameters as a gradient-file region: run the same \
+                     release on both sides"
                         .into(),
-                )
-            })?;
-            shared
-                .read_params(*offset, *len, out)
-                .map_err(|e| Error::Protocol(format!("cannot read the parameters: {e}")))?;
-            *len as usize
+                ));
+            }
+        };
+        let got = params.values().len();
+        if got != expected {
+            return Err(Error::Protocol(format!(
+                "the coordinator sent {got} parameters, this model has {expected}"
+            )));
         }
-    };
-    if got != expected {
-        return Err(Error::Protocol(format!(
-            "the coordinator sent {got} parameters, this model has {expected}"
-        )));
+        Ok(Some(params))
     }
-    Ok(())
+
+    fn values(&self) -> &[f32] {
+        match self {
+            Params::Decoded(values) => values,
+            Params::InPlace(lease) => lease.values(),
+        }
+    }
+
+    /// The buffer to reuse for the next task's inline parameters (the lease, if any, ends).
+    fn into_buffer(self) -> Option<Vec<f32>> {
+        match self {
+            Params::Decoded(values) => Some(values),
+            Params::InPlace(_) => None,
+        }
+    }
 }

@@ -1,48 +1,44 @@
-//! CPU time of a rayon pool's threads, so a worker reports time spent computing rather than
-//! wall time that includes waiting for a core (several workers can share one machine's cores).
+//! CPU time of a computation, so a worker reports time spent computing rather than wall time that
+//! includes waiting for a core (several workers can share one machine's cores).
 //!
-//! Each thread's own run time comes from `/proc/thread-self/schedstat` (nanoseconds on the CPU,
-//! Linux). Where it cannot be read, wall time is reported instead.
+//! The process's CPU clock (`CLOCK_PROCESS_CPUTIME_ID`) is read before and after the computation:
+//! one system call each, where reading every pool thread's own clock took a broadcast that woke
+//! the whole pool twice a step. While a task computes, the worker's other threads only await it
+//! (heartbeats aside, microseconds every half second), so the process's CPU time is the pool's.
 
 use std::time::Instant;
 
-/// Nanoseconds the calling thread has run, if the kernel tells.
-fn thread_cpu_ns() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    text.split_whitespace().next()?.parse().ok()
+use rustix::time::{ClockId, clock_gettime};
+
+/// Nanoseconds of CPU time the whole process has used.
+fn process_cpu_ns() -> u64 {
+    let t = clock_gettime(ClockId::ProcessCPUTime);
+    (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
 }
 
-/// The summed CPU time of every thread of `pool` (one read on each thread).
-fn pool_cpu_ns(pool: &rayon::ThreadPool) -> Option<u64> {
-    pool.broadcast(|_| thread_cpu_ns()).into_iter().sum()
-}
-
-/// Started before a computation on the pool, read after it.
+/// Started before a computation on a pool of `threads` threads, read after it.
 #[derive(Debug)]
-pub struct PoolClock {
-    cpu_ns: Option<u64>,
+pub struct ComputeClock {
+    cpu_ns: u64,
     wall: Instant,
+    threads: usize,
 }
 
-impl PoolClock {
-    pub fn start(pool: &rayon::ThreadPool) -> Self {
-        PoolClock {
-            cpu_ns: pool_cpu_ns(pool),
+impl ComputeClock {
+    pub fn start(threads: usize) -> Self {
+        ComputeClock {
+            cpu_ns: process_cpu_ns(),
             wall: Instant::now(),
+            threads: threads.max(1),
         }
     }
 
-    /// CPU seconds the pool's threads spent since `start`, divided by their number: the time the
-    /// computation would take with its cores to itself. Never more than the wall time.
-    pub fn seconds(&self, pool: &rayon::ThreadPool) -> f64 {
+    /// CPU seconds spent since `start`, divided by the pool's threads: the time the computation
+    /// would take with its cores to itself. Never more than the wall time.
+    pub fn seconds(&self) -> f64 {
         let wall = self.wall.elapsed().as_secs_f64();
-        match (self.cpu_ns, pool_cpu_ns(pool)) {
-            (Some(before), Some(after)) => {
-                let cpu = after.saturating_sub(before) as f64 * 1e-9;
-                (cpu / pool.current_num_threads() as f64).min(wall)
-            }
-            _ => wall,
-        }
+        let cpu = process_cpu_ns().saturating_sub(self.cpu_ns) as f64 * 1e-9;
+        (cpu / self.threads as f64).min(wall)
     }
 }
 
@@ -56,21 +52,18 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        let clock = PoolClock::start(&pool);
+        let clock = ComputeClock::start(2);
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let idle = clock.seconds(&pool);
+        let idle = clock.seconds();
         assert!(idle < 0.02, "sleeping is not computing: {idle}");
-        if thread_cpu_ns().is_none() {
-            return; // no schedstat here: wall time is reported, nothing to check
-        }
-        let clock = PoolClock::start(&pool);
+        let clock = ComputeClock::start(2);
+        let started = process_cpu_ns();
         pool.install(|| {
             rayon::broadcast(|_| {
-                // Spin until this thread has *run* 50 ms, however busy the machine is: the test
-                // checks the accounting, not the scheduler.
-                let start = thread_cpu_ns().unwrap();
+                // Spin until the process has *run* 100 ms more, however busy the machine is: the
+                // test checks the accounting, not the scheduler.
                 let mut x = 0u64;
-                while thread_cpu_ns().unwrap() - start < 50_000_000 {
+                while process_cpu_ns() - started < 100_000_000 {
                     for _ in 0..10_000 {
                         x = x.wrapping_mul(31).wrapping_add(1);
                     }
@@ -78,7 +71,10 @@ mod tests {
                 }
             })
         });
-        let busy = clock.seconds(&pool);
-        assert!(busy >= 0.045, "two threads that each ran 50 ms: {busy}");
+        let busy = clock.seconds();
+        assert!(
+            busy >= 0.045,
+            "two threads that ran 100 ms between them: {busy}"
+        );
     }
 }
