@@ -53,8 +53,11 @@ fn avx2<R>(kernel: impl FnOnce() -> R) -> R {
 
 /// `kernel`'s results on every path this CPU has: baseline, then AVX2 + FMA and AVX-512F + FMA
 /// where detected (for tests comparing the paths bit for bit; `kernel` as for
-/// [`with_widest_vectors`], and it must not dispatch again inside).
+/// [`with_widest_vectors`], and it must not dispatch again inside). `kernel` is called directly
+/// inside the wrappers: passed as `&kernel`, the call went through `<&F as FnOnce>::call_once`,
+/// which LLVM left out of line (`objdump` of the test binary), so every "path" ran baseline code.
 #[cfg(test)]
+#[allow(clippy::redundant_closure)] // the closures are what gets `kernel` inlined
 pub(crate) fn on_every_path<R>(kernel: impl Fn() -> R) -> Vec<(&'static str, R)> {
     let mut results = vec![("baseline", kernel())];
     #[cfg(target_arch = "x86_64")]
@@ -63,12 +66,22 @@ pub(crate) fn on_every_path<R>(kernel: impl Fn() -> R) -> Vec<(&'static str, R)>
         if has!("avx2") && has!("fma") {
             #[allow(unsafe_code)]
             // SAFETY: the CPU has AVX2 and FMA.
-            results.push(("avx2", unsafe { avx2(&kernel) }));
+            results.push(("avx2", unsafe {
+                avx2(
+                    #[inline(always)]
+                    || kernel(),
+                )
+            }));
         }
         if has!("avx512f") && has!("fma") {
             #[allow(unsafe_code)]
             // SAFETY: the CPU has AVX-512F and FMA.
-            results.push(("avx512", unsafe { avx512(&kernel) }));
+            results.push(("avx512", unsafe {
+                avx512(
+                    #[inline(always)]
+                    || kernel(),
+                )
+            }));
         }
     }
     results
