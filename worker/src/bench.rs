@@ -19,6 +19,17 @@ use common::optim::OptimizerConfig;
 use common::train::{Engine, GradientSum, ReductionTree, ShardBatch};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
+/// `println!` that ends the report quietly when stdout is closed (`worker bench | head -1`)
+/// instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            return Ok(());
+        }
+    }};
+}
+
 /// Untimed steps before measuring (page faults, buffer pools, caches, CPU clocks).
 const WARMUP: Duration = Duration::from_millis(700);
 /// At least this many warm-up steps however fast they are.
@@ -140,7 +151,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("parameters became non-finite during the benchmark");
     }
     let seconds = elapsed.as_secs_f64();
-    println!(
+    say!(
         "bench: model={} {} batch={} threads={} shards={} steps={} seconds={:.2} samples/s={:.0}",
         model_name(&config),
         config.likelihood.name(),
@@ -154,7 +165,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut sorted = step_times;
     sorted.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
+    say!(
         "  step time: median {:.3} ms, fastest {:.3} ms (= {:.0} samples/s)",
         ms(sorted[sorted.len() / 2]),
         ms(sorted[0]),
@@ -163,18 +174,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     let parts = pool.install(|| breakdown(&engine, &data, &ids, args, &params, &adam));
     let step_ms = ms(sorted[sorted.len() / 2]);
-    println!(
+    say!(
         "  breakdown (each part timed alone, fastest of {PART_REPS}; median step {step_ms:.3} ms):"
     );
     for (name, t) in &parts {
-        println!(
+        say!(
             "    {name:<40} {:>8.3} ms  {:>5.1}%",
             ms(*t),
             100.0 * ms(*t) / step_ms
         );
     }
     let accounted: f64 = parts.iter().map(|(_, t)| ms(*t)).sum();
-    println!(
+    say!(
         "    {:<40} {:>8.3} ms  {:>5.1}%",
         "rest (tree sums, scaling, overhead)",
         step_ms - accounted,
