@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use common::kernels::gemm;
+use common::kernels::{TreeProgram, gemm, tree_weight_grad};
 use common::model::{
     KeyedRng, LayerRole, Likelihood, ModelConfig, ParamLayout, Vae, Workspace, domain, fill_eps,
     model_name, parse_hidden,
@@ -262,8 +262,8 @@ fn breakdown(
 
 /// The step's products with their exact shapes and operand layouts, on scratch buffers, as the
 /// engine runs them for `shards` shards of `per_shard` examples with `k` samples: forward and
-/// `delta W` products on all rows at once, `delta^T input` (weight gradients) per shard.
-/// Returns (forward, backward) times.
+/// `delta W` products on all rows at once, weight gradients (`delta_s^T input_s` per shard, added
+/// along the tree) by the fused tree kernel. Returns (forward, backward) times.
 fn gemm_times(
     vae: &Vae,
     params: &[f32],
@@ -286,6 +286,7 @@ fn gemm_times(
     let input = vec![0.5f32; widest];
     let mut output = vec![0.0f32; widest];
     let mut dweight = vec![0.0f32; params.len()];
+    let tree = ReductionTree::new(shards);
     let w = |l: &common::model::LinearLayout| {
         ArrayView2::from_shape((l.out_dim, l.in_dim), &params[l.weight.clone()]).expect("weight")
     };
@@ -302,19 +303,20 @@ fn gemm_times(
     let backward = fastest(|| {
         for l in layout.layers() {
             let rows = rows_of(l.role);
-            // dW = delta_s^T input_s, per shard
-            for _ in 0..shards {
-                let delta = ArrayView2::from_shape((rows, l.out_dim), &input[..rows * l.out_dim])
-                    .expect("delta");
-                let inp = ArrayView2::from_shape((rows, l.in_dim), &output[..rows * l.in_dim])
-                    .expect("input");
-                let dw = ArrayViewMut2::from_shape(
-                    (l.out_dim, l.in_dim),
-                    &mut dweight[l.weight.clone()],
-                )
-                .expect("dw");
-                gemm(1.0, delta.t(), inp, 0.0, dw);
-            }
+            // dW = sum over shards s of delta_s^T input_s, along the tree, in one pass (the
+            // engine's fused kernel)
+            let program = TreeProgram::new(tree.root(), |leaf| {
+                leaf.lo as usize * rows..leaf.hi as usize * rows
+            });
+            tree_weight_grad(
+                &program,
+                &input,
+                l.out_dim,
+                &output,
+                l.in_dim,
+                l.in_dim,
+                &mut dweight[l.weight.clone()],
+            );
             // d_in = delta W on all rows, except for layers fed by the data
             let fed_by_data = matches!(l.role, LayerRole::EncoderHidden(0))
                 || (no_encoder_hidden && matches!(l.role, LayerRole::Mu | LayerRole::LogVar));
