@@ -1146,7 +1146,11 @@ impl Driver<'_> {
             tracing::trace!("step {step}: update handed back");
         })
         .await
-        .map_err(|e| Error::Io(format!("the optimizer step panicked: {e}")))
+        .map_err(|e| {
+            Error::Io(format!(
+                "the update (optimizer step or hand-back) panicked: {e}"
+            ))
+        })
     }
 
     async fn end_epoch(

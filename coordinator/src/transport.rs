@@ -18,7 +18,7 @@ struct Published {
     step: Option<u64>,
     /// Encoded on first use by an inline worker, then shared by every inline task of the step.
     inline: Option<Bytes>,
-    /// Written by the driver when any worker is attached.
+    /// Written by the update thread when any worker is attached.
     shared: Option<TensorRef>,
 }
 
@@ -35,6 +35,8 @@ pub struct Transport {
     buffers: Mutex<Vec<Vec<f32>>>,
     /// Set at the first shard that could not be written (warned about once).
     shard_files_refused: AtomicBool,
+    /// Set at the first step whose parameters could not be written (warned about once).
+    params_inline_warned: AtomicBool,
 }
 
 impl Transport {
@@ -46,6 +48,7 @@ impl Transport {
             published: Mutex::new(Published::default()),
             buffers: Mutex::new(Vec::new()),
             shard_files_refused: AtomicBool::new(false),
+            params_inline_warned: AtomicBool::new(false),
         }
     }
 
@@ -135,10 +138,16 @@ impl Transport {
             Some(dir) if self.any_attached() => match dir.write_params(step, params) {
                 Ok(r) => Some(r),
                 Err(e) => {
-                    tracing::warn!(
-                        "cannot write parameters to {}: {e}; sending them inline",
-                        dir.path().display()
-                    );
+                    // Warned once: it may last (a full /dev/shm, workers holding every file).
+                    if !self.params_inline_warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "cannot write parameters to {}: {e}; sending them inline while \
+                             this lasts",
+                            dir.path().display()
+                        );
+                    } else {
+                        tracing::debug!("step {step}: parameters inline: {e}");
+                    }
                     None
                 }
             },

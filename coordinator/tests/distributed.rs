@@ -116,14 +116,12 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
     };
     // Workers on the coordinator's host attach to its shared memory by default, and then read
     // parameters in place (all but the first step's, sent before any parameter file exists) and
-    // map every shard...
+    // map shards...
     let (shared, attached, tallies) = run(&[], &[&[], &[]]);
     assert_eq!(attached, 2, "both local workers use shared memory");
-    for &[in_place, inline, mapped, streamed] in &tallies {
-        assert!(
-            in_place > inline && mapped > 0 && streamed == 0,
-            "{tallies:?}"
-        );
+    // (Shards may still be streamed when /dev/shm is short of space.)
+    for &[in_place, inline, mapped, _streamed] in &tallies {
+        assert!(in_place > inline && mapped > 0, "{tallies:?}");
     }
     // ...not when either side says tcp, and a mix of the two paths is fine.
     let (tcp, attached, tallies) = run(&["--transport", "tcp"], &[&[], &[]]);
@@ -307,13 +305,21 @@ fn a_saved_model_continues_training_with_init_from() {
     );
 }
 
-/// The figures of a worker's closing tally line: parameters read in place, decoded inline,
-/// shards mapped, shards streamed.
+/// The figures of a worker's tally lines (one per registration), summed: parameters read in
+/// place, decoded inline, shards mapped, shards streamed.
 fn tally(log: &str) -> [u64; 4] {
-    let line = log
+    let lines: Vec<&str> = log
         .lines()
-        .find(|l| l.contains("task(s) computed"))
-        .unwrap_or_else(|| panic!("no tally in the worker's log:\n{log}"));
+        .filter(|l| l.contains("task(s) computed"))
+        .collect();
+    assert!(!lines.is_empty(), "no tally in the worker's log:\n{log}");
+    lines.iter().fold([0; 4], |sum, line| {
+        let figures = line_tally(line);
+        std::array::from_fn(|i| sum[i] + figures[i])
+    })
+}
+
+fn line_tally(line: &str) -> [u64; 4] {
     let after = |label: &str| -> u64 {
         let rest = &line[line
             .find(label)

@@ -670,6 +670,10 @@ mod tests {
             pixels: ShardPixels::SharedFile { offset: 64 },
         });
         round_trip::<_, pb::Task>(task());
+        round_trip::<_, pb::Task>(Task {
+            params: TensorRef::ParameterFile { slot: 3, len: 10 },
+            ..task()
+        });
         round_trip::<_, pb::NextTaskReply>(TaskReply::Task(task()));
         round_trip::<_, pb::NextTaskReply>(TaskReply::Wait);
         round_trip::<_, pb::NextTaskReply>(TaskReply::Done("over".into()));
@@ -738,6 +742,20 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("params")
+        );
+
+        let mut wire = pb::Task::from(task());
+        wire.params = Some(pb::TensorRef {
+            location: Some(pb::tensor_ref::Location::ParameterFile(pb::ParameterFile {
+                slot: crate::shared_memory::PARAM_SLOTS,
+                len: 10,
+            })),
+        });
+        assert!(
+            Task::try_from(wire)
+                .unwrap_err()
+                .to_string()
+                .contains("parameter file 4 does not exist")
         );
 
         let mut wire = pb::Task::from(task());

@@ -8,8 +8,9 @@
 //! the mapping (the page cache's per-page `pread`/`pwrite` path measured ~10x slower here). A
 //! worker computes its gradients in place in its own file ([`SharedClient::fill_gradients`]);
 //! every value read from memory another process still writes is copied out before it is used: no
-//! reference into such memory ever reaches the rest of the program (shard files, never written
-//! again once in place, are read where they are). The workspace's only `unsafe` memory access is
+//! reference into such memory ever reaches the rest of the program, except a parameter file's,
+//! borrowed only under a lock its writer respects (below), and shard files, never written again
+//! once in place, which are read where they are. The workspace's only `unsafe` memory access is
 //! the [`mapping`] module; its invariants are stated there. What keeps the exchange correct:
 //! - Parameters go into one of [`PARAM_SLOTS`] parameter files, in turn, each with a header
 //!   naming the step they are for. A worker computes from the file where it is, holding a shared
@@ -21,8 +22,9 @@
 //! - A worker writes its gradient file, then sends `SubmitResult` and waits for the reply; the
 //!   coordinator copies the values out before replying. So no gradient is read while it is written.
 //! - Which file to read is never taken from a peer: the coordinator reads the gradient file named
-//!   after the worker id it issued, a worker the parameter file of its offer's directory; a
-//!   region outside the file is an error, never a short read.
+//!   after the worker id it issued, a worker one of the [`PARAM_SLOTS`] parameter files of its
+//!   offer's directory (a task names the slot, never a path); a region outside the file is an
+//!   error, never a short read.
 //! - A shard's examples go to an attached worker as a file written once, under a temporary name
 //!   renamed into place, and never changed while the run lasts, so the worker maps it and uses
 //!   the values where they are (it sees all of the file or none: `ENOENT`), instead of a stream
@@ -47,6 +49,8 @@ use crate::messages::{SharedMemoryOffer, TensorRef};
 pub const DEFAULT_BASE: &str = "/dev/shm";
 /// Parameter files the coordinator writes in turn. More than two, so that a straggler still
 /// reading an old step's file does not make the coordinator fall back to inline parameters.
+/// Part of the wire protocol (a task's slot must be below it): changing it needs a new
+/// `PROTOCOL_VERSION`.
 pub const PARAM_SLOTS: u32 = 4;
 /// Bytes before a parameter file's values: the step they are for and their number (each a
 /// little-endian u64); 64 keeps the values on a cache line of their own.
@@ -139,19 +143,39 @@ impl SharedDir {
         let mut params = lock(&self.params);
         let len = values.len() as u64;
         let bytes = PARAM_HEADER + 4 * len;
+        // Why the files tried so far could not be used: a worker holds them, or one cannot grow
+        // (a full /dev/shm), in which case the others are still tried.
+        let mut failure = io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("workers hold all {PARAM_SLOTS} parameter files"),
+        );
         for i in 0..PARAM_SLOTS {
             let slot = (params.next + i) % PARAM_SLOTS;
             let map = match &mut params.files[slot as usize] {
                 Some(map) => map,
-                empty => empty.insert(WriteMap::new(private_file(
-                    &self.dir.join(param_file(slot)),
-                    true,
-                )?)),
+                empty => match private_file(&self.dir.join(param_file(slot)), true) {
+                    Ok(file) => empty.insert(WriteMap::new(file)),
+                    Err(e) => {
+                        failure = e;
+                        continue;
+                    }
+                },
             };
-            let Some(mut locked) = map.try_lock()? else {
-                continue;
+            let mut locked = match map.try_lock() {
+                Ok(Some(locked)) => locked,
+                Ok(None) => continue,
+                Err(e) => {
+                    failure = e;
+                    continue;
+                }
             };
-            let region = locked.region(0, bytes)?;
+            let region = match locked.region(0, bytes) {
+                Ok(region) => region,
+                Err(e) => {
+                    failure = e;
+                    continue;
+                }
+            };
             let (header, rest) = region.split_at_mut(PARAM_HEADER as usize);
             header[..8].copy_from_slice(&step.to_le_bytes());
             header[8..16].copy_from_slice(&len.to_le_bytes());
@@ -160,10 +184,7 @@ impl SharedDir {
             params.next = (slot + 1) % PARAM_SLOTS;
             return Ok(TensorRef::ParameterFile { slot, len });
         }
-        Err(io::Error::new(
-            io::ErrorKind::WouldBlock,
-            format!("workers hold all {PARAM_SLOTS} parameter files"),
-        ))
+        Err(failure)
     }
 
     /// Reads `len` values at byte `offset` of `worker`'s gradient file into `out`.
@@ -482,7 +503,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Invariants that make the mappings sound in this process:
 /// - A mapping never outlives its file handle, and is replaced (never resized in place) when the
 ///   file grows; every access is bounds-checked against the mapping's length.
-/// - A mapped file is never shrunk: files only grow (`set_len` to a larger size), so no access
+/// - A mapped file is never shrunk: files only grow (zeros written past the end), so no access
 ///   within a mapping can touch pages past the end of the file (which would raise SIGBUS). The
 ///   directory is private (0700) and its files 0600, so only processes of the same user, which
 ///   could equally kill the coordinator, could truncate them.
@@ -519,10 +540,9 @@ mod mapping {
     use rayon::prelude::*;
     use rustix::fs::{FlockOperation, flock};
 
-    /// `dst.copy_from_slice(src)`, in pieces of 256 KiB on the current rayon pool (the global
-    /// one outside any pool: the coordinator's): copies sit on the step's critical path while
-    /// the other side waits (a worker calls this inside its own pool, whose threads are then
-    /// idle; with one thread the pieces run one after another).
+    /// `dst.copy_from_slice(src)`, in pieces of 256 KiB on the current rayon pool (the
+    /// coordinator's global one): copies sit on the step's critical path while the other side
+    /// waits.
     pub(super) fn copy(dst: &mut [u8], src: &[u8]) {
         const PIECE: usize = 256 << 10;
         if dst.len() < 2 * PIECE {
@@ -674,12 +694,20 @@ mod mapping {
 
     /// A whole file another process rewrites under an exclusive `flock`, mapped read-only; its
     /// bytes are lent only through a [`Lease`].
-    #[derive(Debug)]
     pub struct LockedMap {
         file: File,
         map: Mmap,
+        /// The mapping's length, known without touching its bytes.
+        len: usize,
         /// Leases alive: the shared lock is taken at the first and released after the last.
         leases: Mutex<usize>,
+    }
+
+    impl std::fmt::Debug for LockedMap {
+        // Not the bytes: they may be read only under a lease.
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("LockedMap").field("len", &self.len).finish()
+        }
     }
 
     impl LockedMap {
@@ -688,6 +716,7 @@ mod mapping {
             // under a shared lock the writer respects).
             let map = unsafe { Mmap::map(&file)? };
             Ok(LockedMap {
+                len: map.len(),
                 file,
                 map,
                 leases: Mutex::new(0),
@@ -695,12 +724,12 @@ mod mapping {
         }
 
         pub fn len(&self) -> usize {
-            self.map.len()
+            self.len
         }
 
         /// Locks the file shared (waiting while the writer holds it) and lends its bytes.
         pub fn lease(self: &Arc<Self>) -> io::Result<Lease> {
-            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let mut leases = super::lock(&self.leases);
             if *leases == 0 {
                 flock(&self.file, FlockOperation::LockShared)?;
             }
@@ -725,7 +754,7 @@ mod mapping {
 
     impl Drop for Lease {
         fn drop(&mut self) {
-            let mut leases = self.map.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let mut leases = super::lock(&self.map.leases);
             *leases -= 1;
             if *leases == 0 {
                 let _ = flock(&self.map.file, FlockOperation::Unlock);
@@ -868,6 +897,12 @@ mod tests {
         // A region past the end of the file is an error, not a short read.
         let err = client.lease_params(3, 3, 1 << 40).unwrap_err();
         assert!(err.to_string().contains("outside the file"), "{err}");
+        // A file not yet mapped whose directory is gone (the coordinator ended): `NotFound`,
+        // which a worker takes for a void task rather than a broken peer.
+        let (client, _) = SharedClient::open(&dir.offer(), 8).unwrap();
+        drop(dir);
+        let err = client.lease_params(1, 1, 100).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 
     #[test]

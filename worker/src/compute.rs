@@ -119,7 +119,9 @@ pub async fn run_task(
     let params = std::mem::take(&mut buffers.params);
     let dim = ctx.engine.config().input_dim;
     // On the pool, whose threads are idle until the computation: the parameters (decoded, or a
-    // parameter file's lock, whose wait never blocks the async runtime) beside the rows.
+    // parameter file locked, which waits only while the coordinator writes it) beside the rows.
+    // The async thread waits meanwhile (a fraction of a millisecond; heartbeats are 500 ms
+    // apart).
     let (params, nodes) = pool.install(|| {
         rayon::join(
             || Params::of(&task, shared.map(|s| &**s), layout_len, params),
@@ -317,9 +319,24 @@ impl Params {
                             .into(),
                     )
                 })?;
+                if len != expected as u64 {
+                    return Err(Error::Protocol(format!(
+                        "the coordinator sent {len} parameters in parameter file {slot}, this \
+                         model has {expected}"
+                    )));
+                }
                 match shared.lease_params(slot, task.step, len) {
                     Ok(Some(lease)) => Params::InPlace(lease),
                     Ok(None) => return Ok(None),
+                    // The directory is gone: the coordinator has ended or restarted, which the
+                    // next call will tell; this task is void either way.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        tracing::warn!(
+                            "step {}: parameter file {slot} is gone ({e}); skipping the task",
+                            task.step
+                        );
+                        return Ok(None);
+                    }
                     Err(e) => {
                         return Err(Error::Protocol(format!(
                             "cannot read the parameters of step {}: {e}",
