@@ -180,34 +180,7 @@ async fn attach(
     }
 }
 
-async fn work_loop(
-    client: &mut Client,
-    ctx: &Arc<RunContext>,
-    pool: &Arc<rayon::ThreadPool>,
-    cache: &mut ShardCache,
-    heartbeat: &mut watch::Receiver<HeartbeatState>,
-    transfer: Transfer<'_>,
-) -> Result<LoopEnd> {
-    let tree = ReductionTree::new(ctx.shards);
-    let mut tally = Tally::default();
-    let end = work(
-        client, ctx, pool, cache, heartbeat, transfer, &tree, &mut tally,
-    )
-    .await;
-    tracing::info!(
-        "{} task(s) computed: parameters read in place {} time(s), decoded inline {}; {} stale \
-         task(s) skipped; shards mapped from shared memory {}, streamed {}",
-        tally.in_place + tally.inline,
-        tally.in_place,
-        tally.inline,
-        tally.stale,
-        tally.mapped,
-        tally.streamed
-    );
-    end
-}
-
-/// How this registration's work went, logged when it ends (tests read it to check the paths).
+/// How a registration's work went, logged when its loop ends (tests read it to check the paths).
 #[derive(Debug, Default)]
 struct Tally {
     in_place: u64,
@@ -217,17 +190,32 @@ struct Tally {
     streamed: u64,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn work(
+impl Drop for Tally {
+    fn drop(&mut self) {
+        tracing::info!(
+            "{} task(s) computed: parameters read in place {} time(s), decoded inline {}; {} \
+             stale task(s) skipped; shards mapped from shared memory {}, streamed {}",
+            self.in_place + self.inline,
+            self.in_place,
+            self.inline,
+            self.stale,
+            self.mapped,
+            self.streamed
+        );
+    }
+}
+
+async fn work_loop(
     client: &mut Client,
     ctx: &Arc<RunContext>,
     pool: &Arc<rayon::ThreadPool>,
     cache: &mut ShardCache,
     heartbeat: &mut watch::Receiver<HeartbeatState>,
     transfer: Transfer<'_>,
-    tree: &ReductionTree,
-    tally: &mut Tally,
 ) -> Result<LoopEnd> {
+    let tree = ReductionTree::new(ctx.shards);
+    // Logged when this registration's loop ends, however it ends.
+    let mut tally = Tally::default();
     loop {
         match *heartbeat.borrow() {
             HeartbeatState::Done => return Ok(LoopEnd::Done),
@@ -300,7 +288,7 @@ async fn work(
         tracing::trace!("step {step}: task received");
         let Some(output) = compute::run_task(
             ctx,
-            tree,
+            &tree,
             pool,
             cache,
             task,
