@@ -141,8 +141,6 @@ impl SharedDir {
     /// every file (stragglers that never finish): the caller sends the parameters inline.
     pub fn write_params(&self, step: u64, values: &[f32]) -> io::Result<TensorRef> {
         let mut params = lock(&self.params);
-        let len = values.len() as u64;
-        let bytes = PARAM_HEADER + 4 * len;
         // Why the files tried so far could not be used: a worker holds them, or one cannot grow
         // (a full /dev/shm), in which case the others are still tried.
         let mut failure = io::Error::new(
@@ -151,38 +149,16 @@ impl SharedDir {
         );
         for i in 0..PARAM_SLOTS {
             let slot = (params.next + i) % PARAM_SLOTS;
-            let map = match &mut params.files[slot as usize] {
-                Some(map) => map,
-                empty => match private_file(&self.dir.join(param_file(slot)), true) {
-                    Ok(file) => empty.insert(WriteMap::new(file)),
-                    Err(e) => {
-                        failure = e;
-                        continue;
-                    }
-                },
-            };
-            let mut locked = match map.try_lock() {
-                Ok(Some(locked)) => locked,
-                Ok(None) => continue,
-                Err(e) => {
-                    failure = e;
-                    continue;
+            let path = self.dir.join(param_file(slot));
+            match write_param_file(&mut params.files[slot as usize], &path, step, values) {
+                Ok(true) => {
+                    params.next = (slot + 1) % PARAM_SLOTS;
+                    let len = values.len() as u64;
+                    return Ok(TensorRef::ParameterFile { slot, len });
                 }
-            };
-            let region = match locked.region(0, bytes) {
-                Ok(region) => region,
-                Err(e) => {
-                    failure = e;
-                    continue;
-                }
-            };
-            let (header, rest) = region.split_at_mut(PARAM_HEADER as usize);
-            header[..8].copy_from_slice(&step.to_le_bytes());
-            header[8..16].copy_from_slice(&len.to_le_bytes());
-            mapping::copy(rest, bytemuck::cast_slice(values));
-            drop(locked);
-            params.next = (slot + 1) % PARAM_SLOTS;
-            return Ok(TensorRef::ParameterFile { slot, len });
+                Ok(false) => {}
+                Err(e) => failure = e,
+            }
         }
         Err(failure)
     }
@@ -336,9 +312,7 @@ impl SharedClient {
             return Err(outside(PARAM_HEADER, len, None));
         }
         let lease = map.lease()?;
-        let header = &lease.bytes()[..16];
-        let written_step = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
-        let written_len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let (written_step, written_len) = read_param_header(lease.bytes());
         if written_step != step {
             return Ok(None);
         }
@@ -435,6 +409,36 @@ impl ShardFile {
 
 fn param_file(slot: u32) -> String {
     format!("params-{slot}.f32")
+}
+
+/// Writes `values` of `step` into a parameter file (opened, and created, on first use) if no
+/// worker holds it: `false` when one does.
+fn write_param_file(
+    file: &mut Option<WriteMap>,
+    path: &Path,
+    step: u64,
+    values: &[f32],
+) -> io::Result<bool> {
+    let map = match file {
+        Some(map) => map,
+        empty => empty.insert(WriteMap::new(private_file(path, true)?)),
+    };
+    let Some(mut locked) = map.try_lock()? else {
+        return Ok(false);
+    };
+    let len = values.len() as u64;
+    let region = locked.region(0, PARAM_HEADER + 4 * len)?;
+    let (header, rest) = region.split_at_mut(PARAM_HEADER as usize);
+    header[..8].copy_from_slice(&step.to_le_bytes());
+    header[8..16].copy_from_slice(&len.to_le_bytes());
+    mapping::copy(rest, bytemuck::cast_slice(values));
+    Ok(true)
+}
+
+/// A parameter file's header: the step its values are for, and their number.
+fn read_param_header(bytes: &[u8]) -> (u64, u64) {
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    (word(0), word(8))
 }
 
 fn shard_file(shard: u32) -> String {
@@ -697,8 +701,6 @@ mod mapping {
     pub struct LockedMap {
         file: File,
         map: Mmap,
-        /// The mapping's length, known without touching its bytes.
-        len: usize,
         /// Leases alive: the shared lock is taken at the first and released after the last.
         leases: Mutex<usize>,
     }
@@ -706,7 +708,9 @@ mod mapping {
     impl std::fmt::Debug for LockedMap {
         // Not the bytes: they may be read only under a lease.
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("LockedMap").field("len", &self.len).finish()
+            f.debug_struct("LockedMap")
+                .field("len", &self.map.len())
+                .finish()
         }
     }
 
@@ -716,15 +720,15 @@ mod mapping {
             // under a shared lock the writer respects).
             let map = unsafe { Mmap::map(&file)? };
             Ok(LockedMap {
-                len: map.len(),
                 file,
                 map,
                 leases: Mutex::new(0),
             })
         }
 
+        /// The mapping's length (not its bytes, which need a lease).
         pub fn len(&self) -> usize {
-            self.len
+            self.map.len()
         }
 
         /// Locks the file shared (waiting while the writer holds it) and lends its bytes.
