@@ -66,9 +66,11 @@ pub fn relu_mask<T: Float>(d: &mut [T], act: &[T]) {
     );
     zip_pieces(d, act, |d, act| {
         for (dv, &av) in d.iter_mut().zip(act) {
-            if av <= T::zero() {
-                *dv = T::zero();
-            }
+            // A select with a store to every element, not a store only where `act <= 0`: LLVM
+            // vectorises this (compare and mask), where the conditional store became one branch
+            // per element (3% of a 4-worker run's CPU). Same bits: `+0` where `act <= 0`, `d`
+            // elsewhere (a NaN `act` included).
+            *dv = if av <= T::zero() { T::zero() } else { *dv };
         }
     });
 }
