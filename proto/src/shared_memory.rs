@@ -10,7 +10,7 @@
 //! every value read from memory another process still writes is copied out before it is used: no
 //! reference into such memory ever reaches the rest of the program, except a parameter file's,
 //! borrowed only under a lock its writer respects (below), and shard files, never written again
-//! once in place, which are read where they are. The workspace's only `unsafe` memory access is
+//! once in place, which are read where they are. The data plane's only `unsafe` memory access is
 //! the [`mapping`] module; its invariants are stated there. What keeps the exchange correct:
 //! - Parameters go into one of [`PARAM_SLOTS`] parameter files, in turn, each with a header
 //!   naming the step they are for. A worker computes from the file where it is, holding a shared
@@ -496,9 +496,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Files mapped into memory: the workspace's only `unsafe` memory access (the other `unsafe`
-/// is calling `#[target_feature]` kernels on CPUs that have the features,
-/// `common/src/kernels/vector_isa.rs`).
+/// Files mapped into memory: the workspace's only `unsafe` access to memory other processes
+/// share (the other `unsafe` is calling `#[target_feature]` kernels on CPUs that have the
+/// features, `common/src/kernels/vector_isa.rs`, and the vector loads and stores of the AVX-512
+/// weight-gradient tile, `common/src/kernels/tree_tile_avx512.rs`).
 ///
 /// A file grows by writing zeros through the file API before it is mapped, so a full `/dev/shm`
 /// is an `ENOSPC` error here (and the caller falls back to inline tensors) instead of a SIGBUS

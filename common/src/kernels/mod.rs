@@ -9,6 +9,8 @@ mod elementwise;
 mod linalg;
 mod scalar;
 mod tree_gemm;
+#[cfg(target_arch = "x86_64")]
+mod tree_tile_avx512;
 mod vector_isa;
 
 pub use elementwise::{add_assign, relu_mask};

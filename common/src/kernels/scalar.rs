@@ -25,6 +25,16 @@ pub trait Float:
     /// stably as `max(l, 0) + ln(1 + e^-|l|)` and `sigmoid(l) = 1 / (1 + e^-l)` from the same
     /// `e^-|l|`. Finite for every finite `l`.
     fn softplus_sigmoid(l: Self) -> (Self, Self);
+
+    /// `values` as f32 when this type is f32 (kernels with an f32-only fast path), else `None`.
+    fn as_f32_slice(_values: &[Self]) -> Option<&[f32]> {
+        None
+    }
+
+    /// [`Self::as_f32_slice`], writable.
+    fn as_f32_slice_mut(_values: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Float for f64 {
@@ -51,6 +61,16 @@ impl Float for f32 {
     #[inline]
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+
+    #[inline]
+    fn as_f32_slice(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+
+    #[inline]
+    fn as_f32_slice_mut(values: &mut [f32]) -> Option<&mut [f32]> {
+        Some(values)
     }
 
     #[inline]

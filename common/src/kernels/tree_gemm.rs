@@ -74,6 +74,13 @@ impl TreeProgram {
     }
 }
 
+impl TreeProgram {
+    /// Each leaf's rows with the number of waiting sums added to its sum after it, in order.
+    pub(super) fn leaf_steps(&self) -> impl Iterator<Item = (Range<usize>, usize)> + '_ {
+        self.steps.iter().map(|s| (s.rows.clone(), s.adds))
+    }
+}
+
 /// Output rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
@@ -125,11 +132,13 @@ struct Shape {
 
 /// Output rows `first_row..` (as many as `out` holds), on the CPU's widest vectors.
 ///
-/// One tile shape for every path: 4 x 16 accumulators, 8 of the 16 ymm registers for f32 on AVX2
-/// (4 x 24 spilled in the inner loop), 4 zmm on AVX-512 (twice that for f64, used only by
-/// gradient checks). Wider AVX-512 tiles (4 x 32, 8 x 16) are not vectorised by LLVM: it keeps
-/// their accumulators in memory and emits scalar FMAs, 5.6x slower on a Zen 5 EPYC
-/// (docs/scaling.md §13).
+/// f32 on AVX-512: 8 x 32 tiles written with intrinsics (`tree_tile_avx512`), sixteen
+/// accumulators.
+/// Otherwise one portable tile shape: 4 x 16 accumulators, 8 of the 16 ymm registers for f32 on
+/// AVX2 (4 x 24 spilled in the inner loop), 4 zmm on AVX-512 for f64 (used only by gradient
+/// checks). Wider portable tiles (4 x 32, 8 x 16) are not vectorised by LLVM: it keeps their
+/// accumulators in memory and emits scalar FMAs, 5.6x slower on a Zen 5 EPYC (docs/scaling.md
+/// §13).
 fn block<T: Float>(
     program: &TreeProgram,
     delta: &[T],
@@ -138,13 +147,55 @@ fn block<T: Float>(
     first_row: usize,
     out: &mut [T],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(delta), Some(input), Some(out)) = (
+        T::as_f32_slice(delta),
+        T::as_f32_slice(input),
+        T::as_f32_slice_mut(out),
+    ) {
+        use super::tree_tile_avx512::{MR, NR, with_avx512};
+        let wide = with_avx512(
+            program.waiting,
+            #[inline(always)]
+            |sums| {
+                block_tiles::<f32, MR, NR>(
+                    program,
+                    delta,
+                    input,
+                    shape,
+                    first_row,
+                    out,
+                    &mut |d, x| sums.sum(program, d, x),
+                )
+            },
+        );
+        if wide.is_some() {
+            return;
+        }
+    }
     with_widest_vectors(
         #[inline(always)]
-        || block_tiles::<T, 4, 16>(program, delta, input, shape, first_row, out),
+        || portable_block::<T, 4, 16>(program, delta, input, shape, first_row, out),
     );
 }
 
-/// The block in `MR x NR` tiles. The block's delta columns are first copied into panels of `MR`
+/// The block in portable `MR x NR` tiles ([`tile_sum`]).
+#[inline(always)]
+fn portable_block<T: Float, const MR: usize, const NR: usize>(
+    program: &TreeProgram,
+    delta: &[T],
+    input: &[T],
+    shape: Shape,
+    first_row: usize,
+    out: &mut [T],
+) {
+    let mut stack = vec![[[T::zero(); NR]; MR]; program.waiting];
+    block_tiles::<T, MR, NR>(program, delta, input, shape, first_row, out, &mut |d, x| {
+        tile_sum::<T, MR, NR>(program, d, x, &mut stack)
+    });
+}
+
+/// The block in `MR x NR` tiles, each summed by `tile(delta panel, input strip)`. The block's delta columns are first copied into panels of `MR`
 /// output rows, row after row, and strip by strip the input's columns into rows of `NR`, so the
 /// tiles read memory in order. Edge tiles compute all `MR x NR` lanes: the delta panels are
 /// zero-padded, the last strip's spare input lanes keep the previous strip's values, and only the
@@ -157,6 +208,7 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize>(
     shape: Shape,
     first_row: usize,
     out: &mut [T],
+    tile: &mut impl FnMut(&[T], &[T]) -> [[T; NR]; MR],
 ) {
     let rows = out.len() / shape.in_dim;
     let n = program.rows;
@@ -175,7 +227,6 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize>(
         }
     }
     let mut x = vec![T::zero(); n * NR];
-    let mut stack = vec![[[T::zero(); NR]; MR]; program.waiting];
     // Column strips outside: a strip of every row of the input stays in L1 while the block's
     // output rows walk over it.
     for i in (0..shape.in_dim).step_by(NR) {
@@ -185,7 +236,7 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize>(
             copy_short::<T, NR>(packed, &input[at..at + nr]);
         }
         for (p, panel) in d.chunks_exact(n * MR).enumerate() {
-            let sum = tile_sum::<T, MR, NR>(program, panel, &x, &mut stack);
+            let sum = tile(panel, &x);
             let o = p * MR;
             for (m, sum) in sum[..MR.min(rows - o)].iter().enumerate() {
                 let at = (o + m) * shape.in_dim + i;
@@ -332,10 +383,10 @@ mod tests {
                 in_dim,
                 in_stride: in_dim,
             };
-            block_tiles::<f32, 3, 5>(&program, &delta, &input, shape, 0, &mut portable);
+            portable_block::<f32, 3, 5>(&program, &delta, &input, shape, 0, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 3 x 5 tiles");
             portable.fill(f32::NAN);
-            block_tiles::<f32, 1, 1>(&program, &delta, &input, shape, 0, &mut portable);
+            portable_block::<f32, 1, 1>(&program, &delta, &input, shape, 0, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 1 x 1 tiles");
         }
     }

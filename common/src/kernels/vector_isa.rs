@@ -13,7 +13,7 @@
 //! for every result that is not a NaN (a NaN's sign and payload may differ; non-finite gradients
 //! are rejected anyway). Tests run kernels on every path this CPU has ([`on_every_path`]).
 //!
-//! Unsafe: the only unsafe code is the call of a `#[target_feature]` function after
+//! Unsafe: the only unsafe code here is the call of a `#[target_feature]` function after
 //! `is_x86_feature_detected!` has confirmed that this CPU has those features.
 
 /// Calls `kernel` compiled for AVX-512F + FMA or AVX2 + FMA when the CPU has them, else as it is.

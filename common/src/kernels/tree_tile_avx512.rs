@@ -1,0 +1,126 @@
+//! The weight-gradient kernel's f32 tiles on AVX-512, written with intrinsics: 8 output rows x
+//! 32 input columns, sixteen `zmm` accumulators.
+//!
+//! Why: the portable tile ([`super::tree_gemm`]) is 4 x 16: four accumulators, each taking one
+//! fused multiply-add per row. An FMA's result is ready four cycles later and a Zen 4 or Zen 5
+//! core starts two a cycle, so four dependent chains keep the FMA units half busy; that loop was
+//! 39% of a training step (`worker bench`, Zen 5). Wider tiles in portable Rust are not
+//! vectorised by LLVM (it emitted 128 scalar FMAs for an 8 x 16 tile, docs/scaling.md §13), so
+//! this one spells out its vector operations. Per row of the node it loads two vectors of input
+//! and broadcasts eight delta values for sixteen FMAs. Measured on a Zen 5 EPYC (`worker bench`,
+//! interleaved, 5 of 5 pairs each): 8 x 16 +10% over 4 x 16, 8 x 32 +12% over 8 x 16, 8 x 48 no
+//! better than 8 x 32 (docs/scaling.md §15).
+//!
+//! Bits: each output element gets exactly the portable tile's operations in the same order: per
+//! leaf `acc = fma(delta, input, acc)` over the leaf's rows from zero, then for each waiting sum
+//! `acc = waiting + acc`. So the results are the same bits as every other path's (the tests in
+//! `tree_gemm` compare them with the definition and with the portable tiles).
+//!
+//! Unsafe: the calls into this module's `#[target_feature]` functions, made only after
+//! `is_x86_feature_detected!("avx512f")` (in [`with_avx512`]) or through a [`TileSums`], which
+//! only [`with_avx512`] makes; and the vector loads and stores, each through a pointer to a
+//! fixed-size array (`&[f32; 16]`), so all 64 bytes are in bounds.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::{
+    __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
+    _mm512_storeu_ps,
+};
+
+use super::tree_gemm::TreeProgram;
+
+/// Output rows per tile.
+pub(super) const MR: usize = 8;
+/// Input columns per tile: one `zmm` register of f32.
+pub(super) const NR: usize = 32;
+/// Vectors per tile row.
+const V: usize = NR / 16;
+
+/// A tile's sums: one vector of [`NR`] columns per output row.
+type Acc = [[__m512; V]; MR];
+
+/// Calls `block(tile)` where `tile` sums one 8 x 32 tile with AVX-512 (see
+/// [`TileSums::sum`]); `None` when this CPU lacks AVX-512F. `block` runs compiled for AVX-512
+/// too, so the packing around the tiles gets the wide registers as well.
+pub(super) fn with_avx512<R>(waiting: usize, block: impl FnOnce(&mut TileSums) -> R) -> Option<R> {
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        return None;
+    }
+    // SAFETY: the CPU has AVX-512F, the feature `run` is compiled for.
+    Some(unsafe { run(waiting, block) })
+}
+
+#[target_feature(enable = "avx512f")]
+fn run<R>(waiting: usize, block: impl FnOnce(&mut TileSums) -> R) -> R {
+    let mut sums = TileSums {
+        stack: vec![[[_mm512_setzero_ps(); V]; MR]; waiting],
+    };
+    block(&mut sums)
+}
+
+/// The tile kernel with its stack of sums waiting for their right neighbours. Only made by
+/// [`with_avx512`], so a `TileSums` exists only on a CPU with AVX-512F.
+pub(super) struct TileSums {
+    stack: Vec<Acc>,
+}
+
+impl TileSums {
+    /// The tree sum of one tile: row `r`'s delta values are `d[r * MR..][..MR]` (a panel of
+    /// [`MR`] output rows), its input values `x[r * NR..][..NR]` (a strip of [`NR`] columns).
+    #[inline(always)]
+    pub(super) fn sum(&mut self, program: &TreeProgram, d: &[f32], x: &[f32]) -> [[f32; NR]; MR] {
+        // SAFETY: a `TileSums` is only made on a CPU with AVX-512F (`with_avx512`).
+        unsafe { tile(program, d, x, &mut self.stack) }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+fn tile(program: &TreeProgram, d: &[f32], x: &[f32], stack: &mut [Acc]) -> [[f32; NR]; MR] {
+    let mut top = 0;
+    let mut acc: Acc = [[_mm512_setzero_ps(); V]; MR];
+    for (k, (rows, adds)) in program.leaf_steps().enumerate() {
+        if k > 0 {
+            // The previous leaf's sum waits for its right neighbour.
+            stack[top] = acc;
+            top += 1;
+        }
+        acc = [[_mm512_setzero_ps(); V]; MR];
+        let (lo, hi) = (rows.start, rows.end);
+        let rows = d[lo * MR..hi * MR]
+            .chunks_exact(MR)
+            .zip(x[lo * NR..hi * NR].chunks_exact(NR));
+        for (d, x) in rows {
+            let x: &[f32; NR] = x.try_into().expect("NR values");
+            let x: [__m512; V] = std::array::from_fn(|v| {
+                let x: &[f32; 16] = x[v * 16..][..16].try_into().expect("16 values");
+                // SAFETY: `x` is 16 f32 values, the 64 bytes an unaligned load reads.
+                unsafe { _mm512_loadu_ps(x.as_ptr()) }
+            });
+            for (acc, &d) in acc.iter_mut().zip(d) {
+                let d = _mm512_set1_ps(d);
+                for (acc, &x) in acc.iter_mut().zip(&x) {
+                    *acc = _mm512_fmadd_ps(d, x, *acc);
+                }
+            }
+        }
+        for _ in 0..adds {
+            top -= 1;
+            let left = &stack[top];
+            for (right, left) in acc.iter_mut().zip(left) {
+                for (right, &left) in right.iter_mut().zip(left) {
+                    *right = _mm512_add_ps(left, *right);
+                }
+            }
+        }
+    }
+    debug_assert_eq!(top, 0, "a tree sum leaves one value");
+    let mut out = [[0.0f32; NR]; MR];
+    for (row, acc) in out.iter_mut().zip(acc) {
+        for (part, acc) in row.chunks_exact_mut(16).zip(acc) {
+            let part: &mut [f32; 16] = part.try_into().expect("16 values");
+            // SAFETY: `part` is 16 f32 values, the 64 bytes an unaligned store writes.
+            unsafe { _mm512_storeu_ps(part.as_mut_ptr(), acc) };
+        }
+    }
+    out
+}
