@@ -391,6 +391,49 @@ mod tests {
         }
     }
 
+    /// The AVX-512 tiles against the portable ones, directly (not through the dispatch), over
+    /// shapes with partial panels and strips on both sides.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_tiles_give_the_portable_tiles_bits() {
+        use crate::kernels::tree_tile_avx512::{MR, NR, with_avx512};
+        let node = Node { lo: 0, hi: 6 };
+        let bounds = [0usize, 5, 5, 12, 13, 20, 29];
+        for (out_dim, in_dim) in [(37, 45), (32, 64), (8, 32), (5, 7), (40, 100)] {
+            let delta = filled(29 * out_dim, 5);
+            let input = filled(29 * in_dim, 6);
+            let program = TreeProgram::new(node, |leaf| {
+                bounds[leaf.lo as usize]..bounds[leaf.lo as usize + 1]
+            });
+            let shape = Shape {
+                out_dim,
+                in_dim,
+                in_stride: in_dim,
+            };
+            let rows = out_dim.min(ROWS_PER_TASK);
+            let mut want = vec![f32::NAN; rows * in_dim];
+            portable_block::<f32, 4, 16>(&program, &delta, &input, shape, 0, &mut want);
+            let mut got = vec![f32::NAN; rows * in_dim];
+            let ran = with_avx512(program.waiting, |sums| {
+                block_tiles::<f32, MR, NR>(
+                    &program,
+                    &delta,
+                    &input,
+                    shape,
+                    0,
+                    &mut got,
+                    &mut |d, x| sums.sum(&program, d, x),
+                )
+            });
+            if ran.is_none() {
+                eprintln!("this CPU has no AVX-512F: its tiles were not run");
+                return;
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{out_dim} x {in_dim}");
+        }
+    }
+
     #[test]
     fn a_node_split_between_processes_adds_up_to_the_same_bits() {
         let node = Node { lo: 0, hi: 8 };
