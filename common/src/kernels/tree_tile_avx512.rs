@@ -7,9 +7,10 @@
 //! 39% of a training step (`worker bench`, Zen 5). Wider tiles in portable Rust are not
 //! vectorised by LLVM (it emitted 128 scalar FMAs for an 8 x 16 tile, docs/scaling.md §13), so
 //! this one spells out its vector operations. Per row of the node it loads two vectors of input
-//! and broadcasts eight delta values for sixteen FMAs. Measured on a Zen 5 EPYC (`worker bench`,
+//! (where they are in the input, not from a packed copy: re-packing the strips for every block
+//! of output rows was 6% of a step) and broadcasts eight delta values for sixteen FMAs. Measured on a Zen 5 EPYC (`worker bench`,
 //! interleaved, 5 of 5 pairs each): 8 x 16 +10% over 4 x 16, 8 x 32 +12% over 8 x 16, 8 x 48 no
-//! better than 8 x 32 (docs/scaling.md §15).
+//! better than 8 x 32, strips read in place +8% (docs/scaling.md §15).
 //!
 //! Bits: each output element gets exactly the portable tile's operations in the same order: per
 //! leaf `acc = fma(delta, input, acc)` over the leaf's rows from zero, then for each waiting sum
@@ -66,16 +67,28 @@ pub(super) struct TileSums {
 
 impl TileSums {
     /// The tree sum of one tile: row `r`'s delta values are `d[r * MR..][..MR]` (a panel of
-    /// [`MR`] output rows), its input values `x[r * NR..][..NR]` (a strip of [`NR`] columns).
+    /// [`MR`] output rows), its input values `x[r * stride..][..NR]` (a strip of [`NR`] columns).
     #[inline(always)]
-    pub(super) fn sum(&mut self, program: &TreeProgram, d: &[f32], x: &[f32]) -> [[f32; NR]; MR] {
+    pub(super) fn sum(
+        &mut self,
+        program: &TreeProgram,
+        d: &[f32],
+        x: &[f32],
+        stride: usize,
+    ) -> [[f32; NR]; MR] {
         // SAFETY: a `TileSums` is only made on a CPU with AVX-512F (`with_avx512`).
-        unsafe { tile(program, d, x, &mut self.stack) }
+        unsafe { tile(program, d, x, stride, &mut self.stack) }
     }
 }
 
 #[target_feature(enable = "avx512f")]
-fn tile(program: &TreeProgram, d: &[f32], x: &[f32], stack: &mut [Acc]) -> [[f32; NR]; MR] {
+fn tile(
+    program: &TreeProgram,
+    d: &[f32],
+    x: &[f32],
+    stride: usize,
+    stack: &mut [Acc],
+) -> [[f32; NR]; MR] {
     let mut top = 0;
     let mut acc: Acc = [[_mm512_setzero_ps(); V]; MR];
     for (k, (rows, adds)) in program.leaf_steps().enumerate() {
@@ -86,11 +99,9 @@ fn tile(program: &TreeProgram, d: &[f32], x: &[f32], stack: &mut [Acc]) -> [[f32
         }
         acc = [[_mm512_setzero_ps(); V]; MR];
         let (lo, hi) = (rows.start, rows.end);
-        let rows = d[lo * MR..hi * MR]
-            .chunks_exact(MR)
-            .zip(x[lo * NR..hi * NR].chunks_exact(NR));
-        for (d, x) in rows {
-            let x: &[f32; NR] = x.try_into().expect("NR values");
+        let rows = d[lo * MR..hi * MR].chunks_exact(MR).zip(lo..hi);
+        for (d, r) in rows {
+            let x: &[f32; NR] = x[r * stride..][..NR].try_into().expect("NR values");
             let x: [__m512; V] = std::array::from_fn(|v| {
                 let x: &[f32; 16] = x[v * 16..][..16].try_into().expect("16 values");
                 // SAFETY: `x` is 16 f32 values, the 64 bytes an unaligned load reads.
