@@ -158,14 +158,13 @@ fn block<T: Float>(
             program.waiting,
             #[inline(always)]
             |sums| {
-                block_tiles::<f32, MR, NR>(
+                block_tiles::<f32, MR, NR, true>(
                     program,
                     delta,
                     input,
                     shape,
                     first_row,
                     out,
-                    Strips::InPlace,
                     &mut |d, x, stride| sums.sum(program, d, x, stride),
                 )
             },
@@ -191,32 +190,33 @@ fn portable_block<T: Float, const MR: usize, const NR: usize>(
     out: &mut [T],
 ) {
     let mut stack = vec![[[T::zero(); NR]; MR]; program.waiting];
-    block_tiles::<T, MR, NR>(
+    block_tiles::<T, MR, NR, false>(
         program,
         delta,
         input,
         shape,
         first_row,
         out,
-        Strips::Packed,
         &mut |d, x, _stride| tile_sum::<T, MR, NR>(program, d, x, &mut stack),
     );
 }
 
-/// The block in `MR x NR` tiles, each summed by `tile(delta panel, input strip)`. The block's delta columns are first copied into panels of `MR`
-/// output rows, row after row, and strip by strip the input's columns into rows of `NR`, so the
-/// tiles read memory in order. Edge tiles compute all `MR x NR` lanes: the delta panels are
+/// The block in `MR x NR` tiles, each summed by `tile(delta panel, input strip, strip's row
+/// stride)`. The block's delta columns are first copied into panels of `MR` output rows, row after
+/// row. The input's column strips are copied into rows of `NR` values, so the tiles read memory in
+/// order, or with `STRIPS_IN_PLACE` read where they are (rows `in_stride` apart; only a partial
+/// last strip is copied): copying them again for every block of output rows was 6% of a step
+/// under the AVX-512 tiles. Edge tiles compute all `MR x NR` lanes: the delta panels are
 /// zero-padded, the last strip's spare input lanes keep the previous strip's values, and only the
 /// real lanes are written out (no lane's value depends on another's).
 #[inline(always)]
-fn block_tiles<T: Float, const MR: usize, const NR: usize>(
+fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE: bool>(
     program: &TreeProgram,
     delta: &[T],
     input: &[T],
     shape: Shape,
     first_row: usize,
     out: &mut [T],
-    strips: Strips,
     tile: &mut impl FnMut(&[T], &[T], usize) -> [[T; NR]; MR],
 ) {
     let rows = out.len() / shape.in_dim;
@@ -240,7 +240,7 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize>(
     // output rows walk over it.
     for i in (0..shape.in_dim).step_by(NR) {
         let nr = NR.min(shape.in_dim - i);
-        let (strip, stride) = if nr == NR && strips == Strips::InPlace {
+        let (strip, stride) = if nr == NR && STRIPS_IN_PLACE {
             (&input[i..], shape.in_stride)
         } else {
             for (r, packed) in x.chunks_exact_mut(NR).enumerate() {
@@ -258,17 +258,6 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize>(
             }
         }
     }
-}
-
-/// How a tile reads the input's column strips.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Strips {
-    /// Copied into rows of `NR` values, one after another, so the tiles read memory in order.
-    Packed,
-    /// Read where they are, rows `in_stride` apart (only the last, partial strip is copied): the
-    /// AVX-512 tiles, where packing the strips again for every block of output rows was 6% of a
-    /// step.
-    InPlace,
 }
 
 /// `dst[..src.len()] = src` for a tile's row of at most `N` values. The full-length case is a
@@ -440,14 +429,13 @@ mod tests {
             portable_block::<f32, 4, 16>(&program, &delta, &input, shape, 0, &mut want);
             let mut got = vec![f32::NAN; rows * in_dim];
             let ran = with_avx512(program.waiting, |sums| {
-                block_tiles::<f32, MR, NR>(
+                block_tiles::<f32, MR, NR, true>(
                     &program,
                     &delta,
                     &input,
                     shape,
                     0,
                     &mut got,
-                    Strips::InPlace,
                     &mut |d, x, stride| sums.sum(&program, d, x, stride),
                 )
             });
