@@ -118,8 +118,14 @@ pub fn tree_weight_grad<T: Float>(
     out.par_chunks_mut(ROWS_PER_TASK * in_dim)
         .enumerate()
         .for_each(|(task, out)| {
-            let first_row = task * ROWS_PER_TASK;
-            block(program, delta, input, shape, first_row, out);
+            let operands = Block {
+                program,
+                delta,
+                input,
+                shape,
+                first_row: task * ROWS_PER_TASK,
+            };
+            block(operands, out);
         });
 }
 
@@ -139,34 +145,28 @@ struct Shape {
 /// checks). Wider portable tiles (4 x 32, 8 x 16) are not vectorised by LLVM: it keeps their
 /// accumulators in memory and emits scalar FMAs, 5.6x slower on a Zen 5 EPYC (docs/scaling.md
 /// §13).
-fn block<T: Float>(
-    program: &TreeProgram,
-    delta: &[T],
-    input: &[T],
-    shape: Shape,
-    first_row: usize,
-    out: &mut [T],
-) {
+fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     if let (Some(delta), Some(input), Some(out)) = (
-        T::as_f32_slice(delta),
-        T::as_f32_slice(input),
+        T::as_f32_slice(b.delta),
+        T::as_f32_slice(b.input),
         T::as_f32_slice_mut(out),
     ) {
         use super::tree_tile_avx512::{MR, NR, with_avx512};
+        let b = Block {
+            program: b.program,
+            delta,
+            input,
+            shape: b.shape,
+            first_row: b.first_row,
+        };
         let wide = with_avx512(
-            program.waiting,
+            b.program.waiting,
             #[inline(always)]
             |sums| {
-                block_tiles::<f32, MR, NR, true>(
-                    program,
-                    delta,
-                    input,
-                    shape,
-                    first_row,
-                    out,
-                    &mut |d, x, stride| sums.sum(program, d, x, stride),
-                )
+                block_tiles::<f32, MR, NR, true>(b, out, &mut |d, x, stride| {
+                    sums.sum(b.program, d, x, stride)
+                })
             },
         );
         if wide.is_some() {
@@ -175,30 +175,28 @@ fn block<T: Float>(
     }
     with_widest_vectors(
         #[inline(always)]
-        || portable_block::<T, 4, 16>(program, delta, input, shape, first_row, out),
+        || portable_block::<T, 4, 16>(b, out),
     );
+}
+
+/// One parallel task's operands: the node's program, the layer's delta and input rows, their
+/// shape, and the block's first output row.
+#[derive(Clone, Copy)]
+struct Block<'a, T> {
+    program: &'a TreeProgram,
+    delta: &'a [T],
+    input: &'a [T],
+    shape: Shape,
+    first_row: usize,
 }
 
 /// The block in portable `MR x NR` tiles ([`tile_sum`]).
 #[inline(always)]
-fn portable_block<T: Float, const MR: usize, const NR: usize>(
-    program: &TreeProgram,
-    delta: &[T],
-    input: &[T],
-    shape: Shape,
-    first_row: usize,
-    out: &mut [T],
-) {
-    let mut stack = vec![[[T::zero(); NR]; MR]; program.waiting];
-    block_tiles::<T, MR, NR, false>(
-        program,
-        delta,
-        input,
-        shape,
-        first_row,
-        out,
-        &mut |d, x, _stride| tile_sum::<T, MR, NR>(program, d, x, &mut stack),
-    );
+fn portable_block<T: Float, const MR: usize, const NR: usize>(b: Block<'_, T>, out: &mut [T]) {
+    let mut stack = vec![[[T::zero(); NR]; MR]; b.program.waiting];
+    block_tiles::<T, MR, NR, false>(b, out, &mut |d, x, _stride| {
+        tile_sum::<T, MR, NR>(b.program, d, x, &mut stack)
+    });
 }
 
 /// The block in `MR x NR` tiles, each summed by `tile(delta panel, input strip, strip's row
@@ -211,14 +209,17 @@ fn portable_block<T: Float, const MR: usize, const NR: usize>(
 /// real lanes are written out (no lane's value depends on another's).
 #[inline(always)]
 fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE: bool>(
-    program: &TreeProgram,
-    delta: &[T],
-    input: &[T],
-    shape: Shape,
-    first_row: usize,
+    b: Block<'_, T>,
     out: &mut [T],
     tile: &mut impl FnMut(&[T], &[T], usize) -> [[T; NR]; MR],
 ) {
+    let Block {
+        program,
+        delta,
+        input,
+        shape,
+        first_row,
+    } = b;
     let rows = out.len() / shape.in_dim;
     let n = program.rows;
     if n == 0 {
@@ -329,6 +330,27 @@ mod tests {
             .collect()
     }
 
+    /// Every output row of an `out_dim x in_dim` weight gradient as one block.
+    fn whole_block<'a>(
+        program: &'a TreeProgram,
+        delta: &'a [f32],
+        input: &'a [f32],
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Block<'a, f32> {
+        Block {
+            program,
+            delta,
+            input,
+            shape: Shape {
+                out_dim,
+                in_dim,
+                in_stride: in_dim,
+            },
+            first_row: 0,
+        }
+    }
+
     /// The definition: each shard's product on its own (fused multiply-adds in row order), then
     /// the tree.
     fn reference(
@@ -392,15 +414,11 @@ mod tests {
             assert_eq!(bits(&out), bits(&want), "{shards} shards");
             // Every portable path gives the same bits as the best one.
             let mut portable = vec![f32::NAN; out_dim * in_dim];
-            let shape = Shape {
-                out_dim,
-                in_dim,
-                in_stride: in_dim,
-            };
-            portable_block::<f32, 3, 5>(&program, &delta, &input, shape, 0, &mut portable);
+            let b = whole_block(&program, &delta, &input, out_dim, in_dim);
+            portable_block::<f32, 3, 5>(b, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 3 x 5 tiles");
             portable.fill(f32::NAN);
-            portable_block::<f32, 1, 1>(&program, &delta, &input, shape, 0, &mut portable);
+            portable_block::<f32, 1, 1>(b, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 1 x 1 tiles");
         }
     }
@@ -419,25 +437,14 @@ mod tests {
             let program = TreeProgram::new(node, |leaf| {
                 bounds[leaf.lo as usize]..bounds[leaf.lo as usize + 1]
             });
-            let shape = Shape {
-                out_dim,
-                in_dim,
-                in_stride: in_dim,
-            };
-            let rows = out_dim.min(ROWS_PER_TASK);
-            let mut want = vec![f32::NAN; rows * in_dim];
-            portable_block::<f32, 4, 16>(&program, &delta, &input, shape, 0, &mut want);
-            let mut got = vec![f32::NAN; rows * in_dim];
+            let b = whole_block(&program, &delta, &input, out_dim, in_dim);
+            let mut want = vec![f32::NAN; out_dim * in_dim];
+            portable_block::<f32, 4, 16>(b, &mut want);
+            let mut got = vec![f32::NAN; out_dim * in_dim];
             let ran = with_avx512(program.waiting, |sums| {
-                block_tiles::<f32, MR, NR, true>(
-                    &program,
-                    &delta,
-                    &input,
-                    shape,
-                    0,
-                    &mut got,
-                    &mut |d, x, stride| sums.sum(&program, d, x, stride),
-                )
+                block_tiles::<f32, MR, NR, true>(b, &mut got, &mut |d, x, stride| {
+                    sums.sum(&program, d, x, stride)
+                })
             });
             if ran.is_none() {
                 eprintln!("this CPU has no AVX-512F: its tiles were not run");
