@@ -156,6 +156,33 @@ pub(crate) fn lane_sum<T: Float>(v: &[T]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `relu_mask` is the select `act <= 0 ? +0 : d` for every value, signed zeros and NaNs
+    /// included, on pieces long enough to run in parallel too.
+    #[test]
+    fn relu_mask_keeps_d_exactly_where_act_is_not_at_most_zero() {
+        let acts = [
+            1.5f32,
+            0.0,
+            -0.0,
+            -2.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+        ];
+        let ds = [-3.0f32, 7.0, f32::NAN, -0.0, 2.5, -1.0, 4.0, 9.0];
+        for len in [8, PARALLEL_MIN + 8] {
+            let act: Vec<f32> = (0..len).map(|i| acts[i % 8]).collect();
+            let mut d: Vec<f32> = (0..len).map(|i| ds[(i * 3) % 8]).collect();
+            let before = d.clone();
+            relu_mask(&mut d, &act);
+            for ((got, a), was) in d.iter().zip(&act).zip(&before) {
+                let want = if *a <= 0.0 { 0.0f32 } else { *was };
+                assert_eq!(got.to_bits(), want.to_bits(), "act {a}, d {was}");
+            }
+        }
+    }
     use crate::kernels::on_every_path;
 
     fn filled(len: usize, salt: usize) -> Vec<f32> {

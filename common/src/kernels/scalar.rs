@@ -26,7 +26,9 @@ pub trait Float:
     /// `e^-|l|`. Finite for every finite `l`.
     fn softplus_sigmoid(l: Self) -> (Self, Self);
 
-    /// `values` as f32 when this type is f32 (kernels with an f32-only fast path), else `None`.
+    /// `values` itself when this type is f32 (for kernels with an f32-only fast path), else
+    /// `None`. Only f32's implementation returns `Some`, and it must return the same slice: the
+    /// fast paths write their results through it.
     fn as_f32_slice(_values: &[Self]) -> Option<&[f32]> {
         None
     }

@@ -72,12 +72,15 @@ impl TreeProgram {
             rows,
         }
     }
-}
 
-impl TreeProgram {
     /// Each leaf's rows with the number of waiting sums added to its sum after it, in order.
     pub(super) fn leaf_steps(&self) -> impl Iterator<Item = (Range<usize>, usize)> + '_ {
         self.steps.iter().map(|s| (s.rows.clone(), s.adds))
+    }
+
+    /// The most sums ever waiting on the stack while the program runs.
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting
     }
 }
 
@@ -152,7 +155,6 @@ fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
         T::as_f32_slice(b.input),
         T::as_f32_slice_mut(out),
     ) {
-        use super::tree_tile_avx512::{MR, NR, with_avx512};
         let b = Block {
             program: b.program,
             delta,
@@ -160,16 +162,7 @@ fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
             shape: b.shape,
             first_row: b.first_row,
         };
-        let wide = with_avx512(
-            b.program.waiting,
-            #[inline(always)]
-            |sums| {
-                block_tiles::<f32, MR, NR, true>(b, out, &mut |d, x, stride| {
-                    sums.sum(b.program, d, x, stride)
-                })
-            },
-        );
-        if wide.is_some() {
+        if avx512_block(b, out).is_some() {
             return;
         }
     }
@@ -190,13 +183,37 @@ struct Block<'a, T> {
     first_row: usize,
 }
 
-/// The block in portable `MR x NR` tiles ([`tile_sum`]).
+/// The block in AVX-512 tiles (`tree_tile_avx512`), input strips read in place; `None` (nothing
+/// written) when this CPU lacks AVX-512F.
+#[cfg(target_arch = "x86_64")]
+fn avx512_block(b: Block<'_, f32>, out: &mut [f32]) -> Option<()> {
+    use super::tree_tile_avx512::{MR, NR, with_avx512};
+    with_avx512(
+        b.program,
+        #[inline(always)]
+        |tiles| {
+            block_tiles::<f32, MR, NR, true>(
+                b,
+                out,
+                #[inline(always)]
+                |d, x, stride| tiles.sum(d, x, stride),
+            )
+        },
+    )
+}
+
+/// The block in portable `MR x NR` tiles ([`tile_sum`]). The tile closure must be inlined (as
+/// must this function) for [`with_widest_vectors`] to compile the tiles for its wide vectors: a
+/// closure left out of line ran the AVX2 path's tile as baseline code calling `fmaf` per element.
 #[inline(always)]
 fn portable_block<T: Float, const MR: usize, const NR: usize>(b: Block<'_, T>, out: &mut [T]) {
     let mut stack = vec![[[T::zero(); NR]; MR]; b.program.waiting];
-    block_tiles::<T, MR, NR, false>(b, out, &mut |d, x, _stride| {
-        tile_sum::<T, MR, NR>(b.program, d, x, &mut stack)
-    });
+    block_tiles::<T, MR, NR, false>(
+        b,
+        out,
+        #[inline(always)]
+        |d, x, _stride| tile_sum::<T, MR, NR>(b.program, d, x, &mut stack),
+    );
 }
 
 /// The block in `MR x NR` tiles, each summed by `tile(delta panel, input strip, strip's row
@@ -205,13 +222,14 @@ fn portable_block<T: Float, const MR: usize, const NR: usize>(b: Block<'_, T>, o
 /// order, or with `STRIPS_IN_PLACE` read where they are (rows `in_stride` apart; only a partial
 /// last strip is copied): copying them again for every block of output rows was 6% of a step
 /// under the AVX-512 tiles. Edge tiles compute all `MR x NR` lanes: the delta panels are
-/// zero-padded, the last strip's spare input lanes keep the previous strip's values, and only the
-/// real lanes are written out (no lane's value depends on another's).
+/// zero-padded, a partial strip's spare input lanes hold whatever the copy buffer held (zeros, or
+/// an earlier strip's values), and only the real lanes are written out (no lane's value depends
+/// on another's).
 #[inline(always)]
 fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE: bool>(
     b: Block<'_, T>,
     out: &mut [T],
-    tile: &mut impl FnMut(&[T], &[T], usize) -> [[T; NR]; MR],
+    mut tile: impl FnMut(&[T], &[T], usize) -> [[T; NR]; MR],
 ) {
     let Block {
         program,
@@ -236,7 +254,9 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE
             copy_short::<T, MR>(packed, &delta[at..at + mr]);
         }
     }
-    let mut x = vec![T::zero(); n * NR];
+    // The copy buffer for strips: every strip, or only a partial last one.
+    let copied = !STRIPS_IN_PLACE || shape.in_dim % NR != 0;
+    let mut x = vec![T::zero(); if copied { n * NR } else { 0 }];
     // Column strips outside: a strip of every row of the input stays in L1 while the block's
     // output rows walk over it.
     for i in (0..shape.in_dim).step_by(NR) {
@@ -263,7 +283,8 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE
 
 /// `dst[..src.len()] = src` for a tile's row of at most `N` values. The full-length case is a
 /// copy of known length (a few vector moves) instead of a `memcpy` call: a step copies tens of
-/// thousands of such rows (up to 7% of a 4-worker run's worker CPU went to `memmove`).
+/// thousands of such rows (`memmove` was 2.55% of `worker bench --shards 16`, 0.33% after;
+/// docs/scaling.md §15).
 #[inline(always)]
 fn copy_short<T: Float, const N: usize>(dst: &mut [T], src: &[T]) {
     if src.len() == N {
@@ -428,7 +449,6 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_tiles_give_the_portable_tiles_bits() {
-        use crate::kernels::tree_tile_avx512::{MR, NR, with_avx512};
         let node = Node { lo: 0, hi: 6 };
         let bounds = [0usize, 5, 5, 12, 13, 20, 29];
         for (out_dim, in_dim) in [(37, 45), (32, 64), (8, 32), (5, 7), (40, 100)] {
@@ -441,17 +461,43 @@ mod tests {
             let mut want = vec![f32::NAN; out_dim * in_dim];
             portable_block::<f32, 4, 16>(b, &mut want);
             let mut got = vec![f32::NAN; out_dim * in_dim];
-            let ran = with_avx512(program.waiting, |sums| {
-                block_tiles::<f32, MR, NR, true>(b, &mut got, &mut |d, x, stride| {
-                    sums.sum(&program, d, x, stride)
-                })
-            });
-            if ran.is_none() {
+            if avx512_block(b, &mut got).is_none() {
                 eprintln!("this CPU has no AVX-512F: its tiles were not run");
                 return;
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{out_dim} x {in_dim}");
+        }
+    }
+
+    /// Input rows farther apart than their width (padding that must never be read: NaN), through
+    /// the dispatch (the AVX-512 tiles read strips in place, rows `in_stride` apart) and the
+    /// portable tiles.
+    #[test]
+    fn input_rows_with_padding_between_them_give_the_same_bits() {
+        let node = Node { lo: 0, hi: 5 };
+        let bounds = [0usize, 4, 9, 9, 16, 23];
+        for (out_dim, in_dim) in [(37, 45), (40, 64), (9, 32)] {
+            let stride = in_dim + 3;
+            let delta = filled(23 * out_dim, 7);
+            let dense = filled(23 * in_dim, 8);
+            let mut padded = vec![f32::NAN; 22 * stride + in_dim];
+            for r in 0..23 {
+                padded[r * stride..][..in_dim].copy_from_slice(&dense[r * in_dim..][..in_dim]);
+            }
+            let program = TreeProgram::new(node, |leaf| {
+                bounds[leaf.lo as usize]..bounds[leaf.lo as usize + 1]
+            });
+            let want = reference(node, &bounds, &delta, out_dim, &dense, in_dim);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut out = vec![f32::NAN; out_dim * in_dim];
+            tree_weight_grad(&program, &delta, out_dim, &padded, in_dim, stride, &mut out);
+            assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, dispatched");
+            let mut b = whole_block(&program, &delta, &padded, out_dim, in_dim);
+            b.shape.in_stride = stride;
+            out.fill(f32::NAN);
+            portable_block::<f32, 4, 16>(b, &mut out);
+            assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, portable");
         }
     }
 

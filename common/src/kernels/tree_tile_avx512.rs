@@ -2,8 +2,8 @@
 //! 32 input columns, sixteen `zmm` accumulators.
 //!
 //! Why: the portable tile ([`super::tree_gemm`]) is 4 x 16: four accumulators, each taking one
-//! fused multiply-add per row. An FMA's result is ready four cycles later and a Zen 4 or Zen 5
-//! core starts two a cycle, so four dependent chains keep the FMA units half busy; that loop was
+//! fused multiply-add per row. An FMA's result is ready four cycles later and a Zen 5 core starts
+//! two 512-bit FMAs a cycle, so four dependent chains keep its FMA units half busy; that loop was
 //! 39% of a training step (`worker bench`, Zen 5). Wider tiles in portable Rust are not
 //! vectorised by LLVM (it emitted 128 scalar FMAs for an 8 x 16 tile, docs/scaling.md §13), so
 //! this one spells out its vector operations. Per row of the node it loads two vectors of input
@@ -32,52 +32,52 @@ use super::tree_gemm::TreeProgram;
 
 /// Output rows per tile.
 pub(super) const MR: usize = 8;
-/// Input columns per tile: one `zmm` register of f32.
+/// Input columns per tile: [`V`] `zmm` registers of f32.
 pub(super) const NR: usize = 32;
-/// Vectors per tile row.
+/// Vectors of 16 f32 per tile row.
 const V: usize = NR / 16;
 
-/// A tile's sums: one vector of [`NR`] columns per output row.
+/// A tile's sums: [`V`] vectors ([`NR`] columns) per output row.
 type Acc = [[__m512; V]; MR];
 
-/// Calls `block(tile)` where `tile` sums one 8 x 32 tile with AVX-512 (see
-/// [`TileSums::sum`]); `None` when this CPU lacks AVX-512F. `block` runs compiled for AVX-512
-/// too, so the packing around the tiles gets the wide registers as well.
-pub(super) fn with_avx512<R>(waiting: usize, block: impl FnOnce(&mut TileSums) -> R) -> Option<R> {
+/// Calls `block(tiles)`, where `tiles` sums 8 x 32 tiles of `program`'s tree with AVX-512 (see
+/// [`TileSums::sum`]); `None` when this CPU lacks AVX-512F. Only code inlined into `run` is
+/// compiled for AVX-512, so `block` must be an `#[inline(always)]` closure (as for
+/// `vector_isa::with_widest_vectors`); the tiles themselves are compiled for it either way.
+pub(super) fn with_avx512<'p, R>(
+    program: &'p TreeProgram,
+    block: impl FnOnce(&mut TileSums<'p>) -> R,
+) -> Option<R> {
     if !std::arch::is_x86_feature_detected!("avx512f") {
         return None;
     }
     // SAFETY: the CPU has AVX-512F, the feature `run` is compiled for.
-    Some(unsafe { run(waiting, block) })
+    Some(unsafe { run(program, block) })
 }
 
 #[target_feature(enable = "avx512f")]
-fn run<R>(waiting: usize, block: impl FnOnce(&mut TileSums) -> R) -> R {
-    let mut sums = TileSums {
-        stack: vec![[[_mm512_setzero_ps(); V]; MR]; waiting],
+fn run<'p, R>(program: &'p TreeProgram, block: impl FnOnce(&mut TileSums<'p>) -> R) -> R {
+    let mut tiles = TileSums {
+        program,
+        stack: vec![[[_mm512_setzero_ps(); V]; MR]; program.waiting()],
     };
-    block(&mut sums)
+    block(&mut tiles)
 }
 
-/// The tile kernel with its stack of sums waiting for their right neighbours. Only made by
-/// [`with_avx512`], so a `TileSums` exists only on a CPU with AVX-512F.
-pub(super) struct TileSums {
+/// The tile kernel for one program, with its stack of sums waiting for their right neighbours.
+/// Only made by [`with_avx512`], so a `TileSums` exists only on a CPU with AVX-512F.
+pub(super) struct TileSums<'p> {
+    program: &'p TreeProgram,
     stack: Vec<Acc>,
 }
 
-impl TileSums {
+impl TileSums<'_> {
     /// The tree sum of one tile: row `r`'s delta values are `d[r * MR..][..MR]` (a panel of
     /// [`MR`] output rows), its input values `x[r * stride..][..NR]` (a strip of [`NR`] columns).
     #[inline(always)]
-    pub(super) fn sum(
-        &mut self,
-        program: &TreeProgram,
-        d: &[f32],
-        x: &[f32],
-        stride: usize,
-    ) -> [[f32; NR]; MR] {
+    pub(super) fn sum(&mut self, d: &[f32], x: &[f32], stride: usize) -> [[f32; NR]; MR] {
         // SAFETY: a `TileSums` is only made on a CPU with AVX-512F (`with_avx512`).
-        unsafe { tile(program, d, x, stride, &mut self.stack) }
+        unsafe { tile(self.program, d, x, stride, &mut self.stack) }
     }
 }
 

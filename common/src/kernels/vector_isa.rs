@@ -4,7 +4,8 @@
 //! x86-64 machine. The hot elementwise loops (Adam's two divisions and square root per value, the
 //! output layer's likelihood terms) and the weight-gradient kernel are worth 2-4x more lanes, so
 //! [`with_widest_vectors`] calls them through a copy compiled with AVX-512F or AVX2 (and FMA),
-//! chosen at run time.
+//! chosen at run time. (The weight-gradient kernel's f32 tiles on AVX-512 are written with
+//! intrinsics instead, `tree_tile_avx512.rs`, and dispatched there; its other cases come here.)
 //!
 //! Bits: the path changes only the vector width, never an operation. Rust never fuses a multiply
 //! and an add unless the code asks for `mul_add` (which rounds once on every path: the FMA
