@@ -144,7 +144,7 @@ struct Shape {
 /// f32 on AVX-512: 8 x 32 tiles written with intrinsics (`tree_tile_avx512`), sixteen
 /// accumulators.
 /// Otherwise one portable tile shape: 4 x 16 accumulators, 8 of the 16 ymm registers for f32 on
-/// AVX2 (4 x 24 spilled in the inner loop), 4 zmm on AVX-512 for f64 (used only by gradient
+/// AVX2 (4 x 24 spilled in the inner loop), 8 zmm on AVX-512 for f64 (used only by gradient
 /// checks). Wider portable tiles (4 x 32, 8 x 16) are not vectorised by LLVM: it keeps their
 /// accumulators in memory and emits scalar FMAs, 5.6x slower on a Zen 5 EPYC (docs/scaling.md
 /// §13).
