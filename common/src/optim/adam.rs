@@ -90,27 +90,93 @@ fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut 
     );
 }
 
+/// The step's three loop-invariant choices (divide the gradient? decay? which end of the lerp?),
+/// made once per call: left inside the loop, LLVM vectorised it on AVX-512 but ran the AVX2 copy's
+/// hot loop scalar, testing them per value (1.5 ms for 650k values on a Zen 3, 20% of an engine
+/// step). A decay of `None` multiplies by 1, which changes no bits.
 #[inline(always)]
 fn kernel_body(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
-    for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m).zip(v) {
-        // Loop-invariant: unswitched, so a plain step pays no division.
-        let g = if s.divisor == 1.0 { g } else { g / s.divisor };
-        if let Some(decay) = s.decay {
-            *p *= decay;
-        }
-        *m = lerp(*m, g, s.lerp_weight);
-        // addcmul: self + value * t1 * t2, left to right.
-        *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
-        let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
-        // addcdiv: self + value * t1 / t2, left to right.
-        *p += s.neg_step_size * *m / denom;
+    match (s.divisor != 1.0, s.lerp_weight.abs() < 0.5) {
+        (false, true) => chunked::<false, true>(s, params, grad, m, v),
+        (false, false) => chunked::<false, false>(s, params, grad, m, v),
+        (true, true) => chunked::<true, true>(s, params, grad, m, v),
+        (true, false) => chunked::<true, false>(s, params, grad, m, v),
     }
 }
 
-/// PyTorch's `lerp`: from the nearer end, so a weight near 1 loses no precision.
+/// Values per block: two AVX2 or one AVX-512 register per operand.
+const LANES: usize = 16;
+
+/// Whole blocks through local arrays (loads, then arithmetic, then stores, so the compiler needs
+/// no proof that the slices are disjoint to vectorise), then the tail one value at a time.
 #[inline(always)]
-fn lerp(start: f32, end: f32, weight: f32) -> f32 {
-    if weight.abs() < 0.5 {
+fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
+    s: &Scalars,
+    params: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    let decay = s.decay.unwrap_or(1.0);
+    let one = |p: &mut f32, g: f32, m: &mut f32, v: &mut f32| {
+        update::<DIVIDE, LERP_FROM_START>(s, decay, p, g, m, v)
+    };
+    let mut blocks = params
+        .chunks_exact_mut(LANES)
+        .zip(grad.chunks_exact(LANES))
+        .zip(m.chunks_exact_mut(LANES))
+        .zip(v.chunks_exact_mut(LANES));
+    for (((p, g), m), v) in &mut blocks {
+        let (mut pl, mut ml, mut vl) = (block(p), block(m), block(v));
+        let gl = block(g);
+        for i in 0..LANES {
+            one(&mut pl[i], gl[i], &mut ml[i], &mut vl[i]);
+        }
+        p.copy_from_slice(&pl);
+        m.copy_from_slice(&ml);
+        v.copy_from_slice(&vl);
+    }
+    let whole = params.len() / LANES * LANES;
+    let tail = params[whole..]
+        .iter_mut()
+        .zip(&grad[whole..])
+        .zip(&mut m[whole..])
+        .zip(&mut v[whole..]);
+    for (((p, &g), m), v) in tail {
+        one(p, g, m, v);
+    }
+}
+
+#[inline(always)]
+fn block(values: &[f32]) -> [f32; LANES] {
+    values.try_into().expect("a whole block")
+}
+
+/// One value's step, in PyTorch's order of operations.
+#[inline(always)]
+fn update<const DIVIDE: bool, const LERP_FROM_START: bool>(
+    s: &Scalars,
+    decay: f32,
+    p: &mut f32,
+    g: f32,
+    m: &mut f32,
+    v: &mut f32,
+) {
+    let g = if DIVIDE { g / s.divisor } else { g };
+    *p *= decay;
+    *m = lerp::<LERP_FROM_START>(*m, g, s.lerp_weight);
+    // addcmul: self + value * t1 * t2, left to right.
+    *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+    let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
+    // addcdiv: self + value * t1 / t2, left to right.
+    *p += s.neg_step_size * *m / denom;
+}
+
+/// PyTorch's `lerp`: from the nearer end (`FROM_START` when `|weight| < 0.5`), so a weight near 1
+/// loses no precision.
+#[inline(always)]
+fn lerp<const FROM_START: bool>(start: f32, end: f32, weight: f32) -> f32 {
+    if FROM_START {
         start + weight * (end - start)
     } else {
         end - (end - start) * (1.0 - weight)
@@ -124,41 +190,68 @@ mod tests {
 
     #[test]
     fn lerp_hits_both_ends() {
-        assert_eq!(lerp(2.0, 5.0, 0.0), 2.0);
-        assert_eq!(lerp(2.0, 5.0, 1.0), 5.0);
-        assert_eq!(lerp(2.0, 6.0, 0.25), 3.0);
-        assert_eq!(lerp(2.0, 6.0, 0.75), 5.0);
+        assert_eq!(lerp::<true>(2.0, 5.0, 0.0), 2.0);
+        assert_eq!(lerp::<false>(2.0, 5.0, 1.0), 5.0);
+        assert_eq!(lerp::<true>(2.0, 6.0, 0.25), 3.0);
+        assert_eq!(lerp::<false>(2.0, 6.0, 0.75), 5.0);
+    }
+
+    /// The per-value definition, every choice made per value as PyTorch's loop reads.
+    fn reference(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+        for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m).zip(v) {
+            let g = if s.divisor == 1.0 { g } else { g / s.divisor };
+            if let Some(decay) = s.decay {
+                *p *= decay;
+            }
+            *m = if s.lerp_weight.abs() < 0.5 {
+                *m + s.lerp_weight * (g - *m)
+            } else {
+                g - (g - *m) * (1.0 - s.lerp_weight)
+            };
+            *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+            let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
+            *p += s.neg_step_size * *m / denom;
+        }
     }
 
     #[test]
-    fn every_vector_path_gives_the_same_bits() {
-        // Awkward values: tiny and huge gradients, zero moments, a weight decay, a divisor.
+    fn every_variant_on_every_vector_path_gives_the_reference_bits() {
+        // Awkward values: tiny and huge gradients, zero moments; a length with a tail.
         let n = 4099;
         let grad: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 1000) as f32 / 313.0 - 1.5)
             .map(|g| g * 10f32.powi((g * 7.0) as i32))
             .collect();
-        let s = Scalars::new(1e-3, 0.9, 0.999, 1e-8, 0.01, 7).with_divisor(3.0);
         let start: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01 - 0.3).collect();
         let moments = |i: usize| ((i % 5) as f32 * 0.1, (i % 3) as f32 * 0.01);
         let (m0, v0): (Vec<f32>, Vec<f32>) = (0..n).map(moments).unzip();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let results = on_every_path(
-            #[inline(always)]
-            || {
-                let (mut p, mut m, mut v) = (start.clone(), m0.clone(), v0.clone());
-                kernel_body(&s, &mut p, &grad, &mut m, &mut v);
-                (bits(&p), bits(&m), bits(&v))
-            },
-        );
-        let (_, baseline) = &results[0];
-        assert_ne!(
-            baseline.0,
-            bits(&start),
-            "the step must change the parameters"
-        );
-        for (path, result) in &results[1..] {
-            assert!(result == baseline, "{path} differs from baseline");
+        // Every branch of `kernel_body`: divisor or not, decay or not, lerp from either end.
+        for (beta1, wd, divisor) in [0.9, 0.3]
+            .into_iter()
+            .flat_map(|b| [(b, 0.0), (b, 0.01)])
+            .flat_map(|(b, wd)| [(b, wd, 1.0), (b, wd, 3.0)])
+        {
+            let s = Scalars::new(1e-3, beta1, 0.999, 1e-8, wd, 7).with_divisor(divisor);
+            let (mut p, mut m, mut v) = (start.clone(), m0.clone(), v0.clone());
+            reference(&s, &mut p, &grad, &mut m, &mut v);
+            let want = (bits(&p), bits(&m), bits(&v));
+            assert_ne!(want.0, bits(&start), "the step must change the parameters");
+            // `kernel_body` called inside the closure, so that each path's copy inlines it.
+            let results = on_every_path(
+                #[inline(always)]
+                || {
+                    let (mut p, mut m, mut v) = (start.clone(), m0.clone(), v0.clone());
+                    kernel_body(&s, &mut p, &grad, &mut m, &mut v);
+                    (bits(&p), bits(&m), bits(&v))
+                },
+            );
+            for (path, result) in &results {
+                assert!(
+                    *result == want,
+                    "beta1 {beta1} wd {wd} divisor {divisor}: {path} differs from the reference"
+                );
+            }
         }
     }
 
