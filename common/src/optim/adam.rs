@@ -21,7 +21,8 @@ use crate::kernels::with_widest_vectors;
 /// when it applies a Python scalar to an f32 tensor.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Scalars {
-    /// `1 - lr * wd`, or `None` without weight decay (PyTorch skips the multiply).
+    /// `1 - lr * wd`, or `None` without weight decay (PyTorch skips the multiply; the kernel
+    /// multiplies by 1, which gives the same bits).
     decay: Option<f32>,
     /// `1 - beta1`: the lerp weight.
     lerp_weight: f32,
@@ -92,10 +93,14 @@ fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut 
 
 /// The step's three loop-invariant choices (divide the gradient? decay? which end of the lerp?),
 /// made once per call: left inside the loop, LLVM vectorised it on AVX-512 but ran the AVX2 copy's
-/// hot loop scalar, testing them per value (1.5 ms for 650k values on a Zen 3, 20% of an engine
-/// step). A decay of `None` multiplies by 1, which changes no bits.
+/// hot loop scalar, testing them per value (1.2-1.5 ms for 650k values on a Zen 3, 15-21% of an
+/// engine step; docs/scaling.md §16). A decay of `None` multiplies by 1, which changes no bits.
+/// Like the loop it replaces, it steps the first `params.len()` values of each slice (the
+/// callers pass equal lengths).
 #[inline(always)]
 fn kernel_body(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    let n = params.len().min(grad.len()).min(m.len()).min(v.len());
+    let (params, grad, m, v) = (&mut params[..n], &grad[..n], &mut m[..n], &mut v[..n]);
     match (s.divisor != 1.0, s.lerp_weight.abs() < 0.5) {
         (false, true) => chunked::<false, true>(s, params, grad, m, v),
         (false, false) => chunked::<false, false>(s, params, grad, m, v),
@@ -105,10 +110,11 @@ fn kernel_body(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: 
 }
 
 /// Values per block: two AVX2 or one AVX-512 register per operand.
-const LANES: usize = 16;
+const BLOCK: usize = 16;
 
-/// Whole blocks through local arrays (loads, then arithmetic, then stores, so the compiler needs
-/// no proof that the slices are disjoint to vectorise), then the tail one value at a time.
+/// Whole blocks through local arrays (all loads, then the arithmetic, then the stores: a shape
+/// that vectorises whatever the compiler concludes about the slices; hoisting the choices alone
+/// was not tried apart), then the tail one value at a time.
 #[inline(always)]
 fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
     s: &Scalars,
@@ -118,37 +124,34 @@ fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
     v: &mut [f32],
 ) {
     let decay = s.decay.unwrap_or(1.0);
-    let one = |p: &mut f32, g: f32, m: &mut f32, v: &mut f32| {
-        update::<DIVIDE, LERP_FROM_START>(s, decay, p, g, m, v)
-    };
     let mut blocks = params
-        .chunks_exact_mut(LANES)
-        .zip(grad.chunks_exact(LANES))
-        .zip(m.chunks_exact_mut(LANES))
-        .zip(v.chunks_exact_mut(LANES));
+        .chunks_exact_mut(BLOCK)
+        .zip(grad.chunks_exact(BLOCK))
+        .zip(m.chunks_exact_mut(BLOCK))
+        .zip(v.chunks_exact_mut(BLOCK));
     for (((p, g), m), v) in &mut blocks {
         let (mut pl, mut ml, mut vl) = (block(p), block(m), block(v));
         let gl = block(g);
-        for i in 0..LANES {
-            one(&mut pl[i], gl[i], &mut ml[i], &mut vl[i]);
+        for i in 0..BLOCK {
+            update::<DIVIDE, LERP_FROM_START>(s, decay, &mut pl[i], gl[i], &mut ml[i], &mut vl[i]);
         }
         p.copy_from_slice(&pl);
         m.copy_from_slice(&ml);
         v.copy_from_slice(&vl);
     }
-    let whole = params.len() / LANES * LANES;
+    let whole = params.len() / BLOCK * BLOCK;
     let tail = params[whole..]
         .iter_mut()
         .zip(&grad[whole..])
         .zip(&mut m[whole..])
         .zip(&mut v[whole..]);
     for (((p, &g), m), v) in tail {
-        one(p, g, m, v);
+        update::<DIVIDE, LERP_FROM_START>(s, decay, p, g, m, v);
     }
 }
 
 #[inline(always)]
-fn block(values: &[f32]) -> [f32; LANES] {
+fn block(values: &[f32]) -> [f32; BLOCK] {
     values.try_into().expect("a whole block")
 }
 
