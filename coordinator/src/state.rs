@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use common::model::BatchStats;
 use common::optim::{Moments, OptimizerConfig, OptimizerState, clip_grad_norm};
 use common::train::{
-    GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, Node, ReductionTree, ShardPlan, check_gradient,
+    BlockwiseSum, GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, Node, ReductionTree, ShardPlan,
+    check_gradient,
 };
 use rayon::prelude::*;
 
@@ -1333,25 +1334,33 @@ impl UpdateJob {
         } = self;
         let mut spent = Vec::new();
         let outcome = (|| {
-            let sum = tree
-                .evaluate_root_with(received, &mut |s: GradientSum| spent.push(s.grad))
-                .map_err(|e| e.to_string())?;
-            let n = sum.stats.examples.max(1) as f32;
-            let mut grad = sum.grad;
-            let stepped = match clip_norm {
+            let (sum, stats) =
+                BlockwiseSum::new(&tree, received, params.len()).map_err(|e| e.to_string())?;
+            let n = stats.examples.max(1) as f32;
+            let stepped = match (clip_norm, sum.single()) {
                 // The mean gradient is divided inside the optimizer's pass (same bits).
-                None => optimizer.step_scaled(&mut params, &grad, n, &mut opt_state),
-                Some(max) => {
+                (None, Some(grad)) => optimizer.step_scaled(&mut params, grad, n, &mut opt_state),
+                // The tree's top summed block by block as the optimizer steps each block.
+                (None, None) => {
+                    optimizer.step_scaled_from(&mut params, n, &mut opt_state, |range, out| {
+                        sum.sum_into(range, out)
+                    })
+                }
+                (Some(max), _) => {
+                    let mut grad = vec![0.0; params.len()];
+                    sum.sum_into(0..params.len(), &mut grad);
                     // Elementwise, so any split across threads gives the same bits.
                     grad.par_chunks_mut(1 << 14)
                         .for_each(|chunk| chunk.iter_mut().for_each(|g| *g /= n));
                     clip_grad_norm(&mut grad, max);
-                    optimizer.step(&mut params, &grad, &mut opt_state)
+                    let stepped = optimizer.step(&mut params, &grad, &mut opt_state);
+                    spent.push(grad);
+                    stepped
                 }
             };
+            spent.extend(sum.into_inputs());
             stepped.map_err(|e| format!("optimizer: {e}"))?;
-            spent.push(grad);
-            Ok(sum.stats)
+            Ok(stats)
         })();
         UpdateDone {
             global_step,

@@ -12,6 +12,8 @@
 //! p <- p + (-step_size) * m / denom
 //! ```
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{CHUNK, PARALLEL_MIN};
@@ -80,6 +82,37 @@ pub(super) fn step(
             .zip(exp_avg_sq.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| kernel(s, p, g, m, v));
     }
+}
+
+/// [`step`] for a gradient made block by block: `grad_block(range, out)` writes the gradient's
+/// values `range` into `out`, once per block of [`CHUNK`] values, just before the block's step
+/// (the coordinator sums the reduction tree's top this way, `train::BlockwiseSum`).
+pub(super) fn step_from(
+    s: &Scalars,
+    params: &mut [f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+    grad_block: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) {
+    if params.len() < PARALLEL_MIN {
+        let mut g = vec![0.0; params.len()];
+        grad_block(0..params.len(), &mut g);
+        kernel(s, params, &g, exp_avg, exp_avg_sq);
+        return;
+    }
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(exp_avg.par_chunks_mut(CHUNK))
+        .zip(exp_avg_sq.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each_init(
+            || vec![0.0; CHUNK],
+            |g, (c, ((p, m), v))| {
+                let g = &mut g[..p.len()];
+                grad_block(c * CHUNK..c * CHUNK + p.len(), g);
+                kernel(s, p, g, m, v);
+            },
+        );
 }
 
 /// Two divisions and a square root per value: compute-bound at baseline SSE2's four lanes (12% of

@@ -31,6 +31,8 @@ mod state;
 pub use clip::clip_grad_norm;
 pub use state::{Moments, OptimizerState};
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -246,5 +248,82 @@ impl OptimizerConfig {
         }
         state.step = step;
         Ok(())
+    }
+
+    /// [`Self::step_scaled`] for a gradient of `params.len()` values made block by block:
+    /// `grad_block(range, out)` writes the values `range` into `out`. Adam asks for each block
+    /// just before stepping it, so a gradient summed on the fly is read once and stays in cache;
+    /// SGD gets the whole gradient first. The same bits as `step_scaled` on the same gradient.
+    pub fn step_scaled_from(
+        &self,
+        params: &mut [f32],
+        divisor: f32,
+        state: &mut OptimizerState,
+        grad_block: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    ) -> Result<()> {
+        state.check(self, params.len())?;
+        match (self, &mut state.moments) {
+            (
+                OptimizerConfig::Adam {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                },
+                Moments::Adam {
+                    exp_avg,
+                    exp_avg_sq,
+                },
+            ) => {
+                let step = state.step + 1;
+                let scalars = adam::Scalars::new(*lr, *beta1, *beta2, *eps, *weight_decay, step)
+                    .with_divisor(divisor);
+                adam::step_from(&scalars, params, exp_avg, exp_avg_sq, grad_block);
+                state.step = step;
+                Ok(())
+            }
+            _ => {
+                let mut grad = vec![0.0; params.len()];
+                grad_block(0..params.len(), &mut grad);
+                self.step_scaled(params, &grad, divisor, state)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `step_scaled_from` gives `step_scaled`'s bits, for both optimizers, at lengths below and
+    /// above the parallel threshold (with a partial last block), over several steps.
+    #[test]
+    fn a_gradient_made_block_by_block_steps_like_a_whole_one() {
+        for config in [OptimizerConfig::adam(1e-3), OptimizerConfig::sgd(1e-2, 0.9)] {
+            for n in [1000, PARALLEL_MIN + 3 * CHUNK + 17] {
+                let grad: Vec<f32> = (0..n)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 313.0 - 1.5)
+                    .collect();
+                let start: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01).collect();
+                let (mut whole, mut blocks) = (start.clone(), start.clone());
+                let (mut whole_state, mut blocks_state) =
+                    (config.init_state(n), config.init_state(n));
+                for _ in 0..3 {
+                    config
+                        .step_scaled(&mut whole, &grad, 3.0, &mut whole_state)
+                        .unwrap();
+                    config
+                        .step_scaled_from(&mut blocks, 3.0, &mut blocks_state, |range, out| {
+                            out.copy_from_slice(&grad[range])
+                        })
+                        .unwrap();
+                }
+                let name = config.name();
+                assert_ne!(whole, start, "{name}: the steps must change the parameters");
+                assert_eq!(blocks, whole, "{name}, {n} values: parameters");
+                assert_eq!(blocks_state, whole_state, "{name}, {n} values: state");
+            }
+        }
     }
 }

@@ -4,11 +4,13 @@
 //! and the workers call to compute a node's gradient. However the shards are split between
 //! processes and threads, a step's gradient has the same bits (docs/design.md §2).
 
+mod blockwise;
 mod engine;
 mod gradient;
 mod reduce;
 mod shard;
 
+pub use blockwise::BlockwiseSum;
 pub use engine::{Engine, ShardBatch};
 pub use gradient::{GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, all_finite, check_gradient};
 pub use reduce::{Node, ReductionTree, TreeSum};
