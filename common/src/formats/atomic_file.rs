@@ -38,11 +38,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let guard = RemoveOnDrop(Some(tmp.clone()));
 
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| Error::io(&tmp, e))?;
+    let create = || OpenOptions::new().write(true).create_new(true).open(&tmp);
+    let mut file = match create() {
+        // No writer of this process has this name (the counter is unique), so the file is a
+        // dead process's: one killed mid-write whose pid came back, as every container's
+        // first process is pid 1. Replaced, not reported: a resumed run must not fail on it.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            create()
+        }
+        opened => opened,
+    }
+    .map_err(|e| Error::io(&tmp, e))?;
     file.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(file);
@@ -107,6 +114,30 @@ mod tests {
         assert!(err.to_string().contains("occupied"), "{err}");
         assert_eq!(entries(dir.path()), ["occupied"]);
         assert_eq!(fs::read(path.join("keep")).unwrap(), b"x");
+    }
+
+    /// A process killed mid-write leaves its temporary file; a later process with the same pid
+    /// (a restarted container's pid 1) reaches the same name and must not fail on it.
+    #[test]
+    fn a_dead_writers_temporary_file_with_our_name_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        // Every name the next call can take (other tests' writes also advance the counter).
+        let next = COUNTER.load(Ordering::Relaxed);
+        let stale = |n: u64| {
+            dir.path()
+                .join(format!(".out.bin.tmp.{}.{n}", std::process::id()))
+        };
+        for n in next..next + 1000 {
+            fs::write(stale(n), b"half a checkpoint").unwrap();
+        }
+        write_atomic(&path, b"whole").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"whole");
+        assert_eq!(
+            entries(dir.path()).len(),
+            1000,
+            "the one it reached was replaced"
+        );
     }
 
     #[test]
