@@ -15,7 +15,8 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// rename itself survives a crash. On failure the temporary file is removed and `path` is
 /// untouched.
 ///
-/// The temporary file is named `.{file name}.tmp.{pid}.{n}`.
+/// The temporary file is named `.{file name}.tmp.{pid}.{n}`, with the first `n` whose name is
+/// free.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let file_name = path.file_name().ok_or_else(|| {
         Error::io(
@@ -30,26 +31,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}.{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let guard = RemoveOnDrop(Some(tmp.clone()));
-
-    let create = || OpenOptions::new().write(true).create_new(true).open(&tmp);
-    let mut file = match create() {
-        // No writer of this process has this name (the counter is unique), so the file is a
-        // dead process's: one killed mid-write whose pid came back, as every container's
-        // first process is pid 1. Replaced, not reported: a resumed run must not fail on it.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            create()
+    // A name can be taken by another process with our pid: a dead one whose file was left when
+    // it was killed mid-write (a restarted container's first process is pid 1 again, its
+    // counter 0 again), or a live one in another pid namespace sharing the directory. Neither's
+    // file is ours to remove, so the next number is tried (a bounded number of times).
+    let mut attempts = 0;
+    let (tmp, mut file) = loop {
+        attempts += 1;
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}.{}",
+            file_name.to_string_lossy(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(file) => break (tmp, file),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 1000 => {}
+            Err(e) => return Err(Error::io(&tmp, e)),
         }
-        opened => opened,
-    }
-    .map_err(|e| Error::io(&tmp, e))?;
+    };
+    let guard = RemoveOnDrop(Some(tmp.clone()));
     file.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(file);
@@ -117,27 +118,31 @@ mod tests {
     }
 
     /// A process killed mid-write leaves its temporary file; a later process with the same pid
-    /// (a restarted container's pid 1) reaches the same name and must not fail on it.
+    /// (a restarted container's pid 1) reaches the same name and must neither fail on it nor
+    /// touch it (it could be a live writer's in another pid namespace).
     #[test]
-    fn a_dead_writers_temporary_file_with_our_name_is_replaced() {
+    fn a_taken_temporary_name_is_skipped_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.bin");
-        // Every name the next call can take (other tests' writes also advance the counter).
+        // The next names the call can take (other tests' writes also advance the counter).
         let next = COUNTER.load(Ordering::Relaxed);
-        let stale = |n: u64| {
+        let taken = |n: u64| {
             dir.path()
                 .join(format!(".out.bin.tmp.{}.{n}", std::process::id()))
         };
-        for n in next..next + 1000 {
-            fs::write(stale(n), b"half a checkpoint").unwrap();
+        for n in next..next + 20 {
+            fs::write(taken(n), b"half a checkpoint").unwrap();
         }
         write_atomic(&path, b"whole").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"whole");
         assert_eq!(
             entries(dir.path()).len(),
-            1000,
-            "the one it reached was replaced"
+            21,
+            "the taken names are untouched"
         );
+        for n in next..next + 20 {
+            assert_eq!(fs::read(taken(n)).unwrap(), b"half a checkpoint");
+        }
     }
 
     #[test]

@@ -85,7 +85,8 @@ pub(super) fn step(
 }
 
 /// [`step`] for a gradient made block by block: `grad_block(range, out)` writes the gradient's
-/// values `range` into `out`, once per block of [`CHUNK`] values, just before the block's step
+/// values `range` into `out`, once per block of [`CHUNK`] values (one block below
+/// [`PARALLEL_MIN`]), just before the block's step
 /// (the coordinator sums the reduction tree's top this way, `train::BlockwiseSum`).
 pub(super) fn step_from(
     s: &Scalars,
