@@ -21,7 +21,9 @@ use crate::gate::Caller;
 use crate::metrics::Metrics;
 use crate::names::{MAX_NAME_BYTES, escape};
 use crate::sessions::Sessions;
-use crate::state::{HeartbeatAnswer, StateMachine, SubmitOutcome, TaskDecision, WorkerId};
+use crate::state::{
+    HeartbeatAnswer, NodeResult, StateMachine, SubmitOutcome, TaskDecision, WorkerId,
+};
 use crate::transport::Transport;
 
 /// How long a `NextTask` call waits for work before answering `Wait`. Short enough that a worker
@@ -143,26 +145,30 @@ impl Shared {
         for r in submission.results {
             self.metrics.gradient_received(&r.grad);
             let mut grad = self.transport.buffer();
-            if let Err(e) = self
+            let magnitude = match self
                 .transport
                 .resolve_gradient(worker.0, &r.grad, &mut grad)
             {
-                let mut state = self.state();
-                let name = state.worker_name(worker).unwrap_or("unknown").to_string();
-                tracing::warn!(
-                    "worker {worker} ({name}) sent an unreadable result for step {}: {e}; \
+                Ok(magnitude) => magnitude,
+                Err(e) => {
+                    let mut state = self.state();
+                    let name = state.worker_name(worker).unwrap_or("unknown").to_string();
+                    tracing::warn!(
+                        "worker {worker} ({name}) sent an unreadable result for step {}: {e}; \
                      removing it so its work is redone",
-                    submission.step
-                );
-                state.remove_worker(worker, format!("sent an unreadable result: {e}"));
-                return SubmitOutcome::Rejected(e.to_string());
-            }
-            results.push((
+                        submission.step
+                    );
+                    state.remove_worker(worker, format!("sent an unreadable result: {e}"));
+                    return SubmitOutcome::Rejected(e.to_string());
+                }
+            };
+            results.push(NodeResult::measured(
                 r.node,
                 GradientSum {
                     grad,
                     stats: r.stats,
                 },
+                magnitude,
             ));
         }
         tracing::trace!("step {}: result read", submission.step);

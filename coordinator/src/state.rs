@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use common::model::BatchStats;
 use common::optim::{Moments, OptimizerConfig, OptimizerState, clip_grad_norm};
 use common::train::{
-    BlockwiseSum, GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, Node, ReductionTree, ShardPlan,
-    check_gradient,
+    BlockwiseSum, GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, Magnitude, Node, ReductionTree,
+    ShardPlan, check_measured,
 };
 use rayon::prelude::*;
 
@@ -262,14 +262,21 @@ struct StepState {
 
 impl StepState {
     /// What is wrong with `sum` as node `node`'s result, if anything: its gradient's length,
-    /// finiteness and magnitude, its example count, and its ELBO statistics.
-    fn result_problem(&self, node: Node, sum: &GradientSum, param_len: usize) -> Option<String> {
+    /// finiteness and magnitude (`magnitude`, measured as it was copied in), its example count,
+    /// and its ELBO statistics.
+    fn result_problem(
+        &self,
+        node: Node,
+        sum: &GradientSum,
+        magnitude: Magnitude,
+        param_len: usize,
+    ) -> Option<String> {
         let expected_examples: usize = (node.lo..node.hi)
             .map(|s| self.examples[s as usize].len())
             .sum();
         let bound = MAX_ABS_GRADIENT_PER_EXAMPLE * expected_examples.max(1) as f32;
         let s = &sum.stats;
-        check_gradient(&sum.grad, param_len, bound)
+        check_measured(&sum.grad, magnitude, param_len, bound)
             .err()
             .or_else(|| {
                 (s.examples != expected_examples as u64).then(|| {
@@ -288,6 +295,33 @@ impl StepState {
                     )
                 })
             })
+    }
+}
+
+/// A node's result as a worker returned it: its sums, and its gradient's [`Magnitude`], measured
+/// as the values were copied in from the worker, so the check needs no second pass over them.
+#[derive(Debug)]
+pub struct NodeResult {
+    node: Node,
+    sum: GradientSum,
+    magnitude: Magnitude,
+}
+
+impl NodeResult {
+    /// A result whose gradient's magnitude was measured as it was copied
+    /// ([`Magnitude::copy_measuring`]); `magnitude` must be that of `sum.grad`.
+    pub fn measured(node: Node, sum: GradientSum, magnitude: Magnitude) -> Self {
+        NodeResult {
+            node,
+            sum,
+            magnitude,
+        }
+    }
+
+    /// A result measured now (one more pass over its gradient).
+    pub fn new(node: Node, sum: GradientSum) -> Self {
+        let magnitude = Magnitude::of(&sum.grad);
+        NodeResult::measured(node, sum, magnitude)
     }
 }
 
@@ -499,7 +533,7 @@ impl StateMachine {
         &mut self,
         worker: WorkerId,
         global_step: u64,
-        results: Vec<(Node, GradientSum)>,
+        results: Vec<NodeResult>,
         compute_seconds: f64,
         now: Instant,
     ) -> SubmitOutcome {
@@ -519,7 +553,12 @@ impl StateMachine {
         let mut ignored = Vec::new();
         let mut accepted = Vec::new();
         let mut to_settle = Vec::new();
-        for (node, sum) in results {
+        for NodeResult {
+            node,
+            sum,
+            magnitude,
+        } in results
+        {
             let in_flight = step.in_flight.entry(worker).or_default();
             if step.received.contains_key(&node) {
                 // A backup (or the original) was faster: same bits, nothing to do.
@@ -538,7 +577,7 @@ impl StateMachine {
                 continue;
             };
             in_flight.remove(pos);
-            let problem = step.result_problem(node, &sum, expected_len);
+            let problem = step.result_problem(node, &sum, magnitude, expected_len);
             match problem {
                 None => {
                     if let Some(since) = step.handed_out.get(&(worker, node)) {
@@ -624,7 +663,8 @@ impl StateMachine {
         if !verified && !backup {
             return;
         }
-        let problem = step.result_problem(node, &sum, self.config.param_len);
+        let magnitude = Magnitude::of(&sum.grad);
+        let problem = step.result_problem(node, &sum, magnitude, self.config.param_len);
         if let Some(problem) = problem {
             self.fail(format!(
                 "training diverged: the coordinator's own computation of shards {}..{} at step \

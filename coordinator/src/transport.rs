@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
+use common::train::Magnitude;
 use proto::messages::{Attach, SharedMemoryOffer, TensorRef};
 use proto::shared_memory::SharedDir;
 
@@ -183,17 +184,18 @@ impl Transport {
         )
     }
 
-    /// The values a worker's result refers to, into `out`.
+    /// The values a worker's result refers to, into `out`, with their magnitude measured as
+    /// they were copied (so that checking them needs no second pass).
     pub fn resolve_gradient(
         &self,
         worker: u64,
         grad: &TensorRef,
         out: &mut Vec<f32>,
-    ) -> Result<()> {
+    ) -> Result<Magnitude> {
         match grad {
             TensorRef::Inline(bytes) => {
                 proto::tensor::decode_f32_into(bytes, out);
-                Ok(())
+                Ok(Magnitude::of(out))
             }
             TensorRef::Shared { offset, len } => {
                 let dir = self

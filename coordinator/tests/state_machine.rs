@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::optim::OptimizerConfig;
 use common::train::{GradientSum, Node, ReductionTree, ShardPlan};
 use coordinator::state::{
-    EpochTotals, HeartbeatAnswer, Output, Phase, Position, StateConfig, StateMachine,
+    EpochTotals, HeartbeatAnswer, NodeResult, Output, Phase, Position, StateConfig, StateMachine,
     SubmitOutcome, Task, TaskDecision, WorkerId,
 };
 
@@ -79,6 +79,10 @@ fn submit(
     compute_seconds: f64,
     now: Instant,
 ) -> SubmitOutcome {
+    let results = results
+        .into_iter()
+        .map(|(node, sum)| NodeResult::new(node, sum))
+        .collect();
     let outcome = sm.submit(worker, step, results, compute_seconds, now);
     sm.apply_ready_update(now);
     outcome

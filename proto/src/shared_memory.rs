@@ -41,6 +41,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use common::train::Magnitude;
 use mapping::{FrozenMap, Lease, LockedMap, ReadMap, WriteMap};
 
 use crate::messages::{SharedMemoryOffer, TensorRef};
@@ -163,14 +164,15 @@ impl SharedDir {
         Err(failure)
     }
 
-    /// Reads `len` values at byte `offset` of `worker`'s gradient file into `out`.
+    /// Reads `len` values at byte `offset` of `worker`'s gradient file into `out`, with their
+    /// magnitude measured as they were copied.
     pub fn read_gradient(
         &self,
         worker: u64,
         offset: u64,
         len: u64,
         out: &mut Vec<f32>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Magnitude> {
         let mut maps = lock(&self.gradients);
         let map = match maps.entry(worker) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -461,8 +463,13 @@ fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
 }
 
 /// `len` f32 values at byte `offset` of a mapped file, copied into `out` (resized; its allocation
-/// is reused).
-fn read_region(map: &mut ReadMap, offset: u64, len: u64, out: &mut Vec<f32>) -> io::Result<()> {
+/// is reused) and measured as they are copied.
+fn read_region(
+    map: &mut ReadMap,
+    offset: u64,
+    len: u64,
+    out: &mut Vec<f32>,
+) -> io::Result<Magnitude> {
     let bytes = len
         .checked_mul(4)
         .filter(|_| offset.is_multiple_of(4))
@@ -472,14 +479,13 @@ fn read_region(map: &mut ReadMap, offset: u64, len: u64, out: &mut Vec<f32>) -> 
     map.ensure(offset, bytes)
         .map_err(|e| outside(offset, len, Some(e)))?;
     out.resize(len as usize, 0.0);
-    map.read(offset, bytemuck::cast_slice_mut(&mut out[..]))
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                outside(offset, bytes / 4, Some(e))
-            } else {
-                e
-            }
-        })
+    map.read_measuring(offset, &mut out[..]).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            outside(offset, bytes / 4, Some(e))
+        } else {
+            e
+        }
+    })
 }
 
 fn outside(offset: u64, len: u64, cause: Option<io::Error>) -> io::Error {
@@ -541,6 +547,7 @@ mod mapping {
     use std::io;
     use std::sync::{Arc, Mutex};
 
+    use common::train::Magnitude;
     use memmap2::{Mmap, MmapMut, MmapOptions};
     use rayon::prelude::*;
     use rustix::fs::{FlockOperation, flock};
@@ -591,14 +598,27 @@ mod mapping {
             Ok(())
         }
 
-        /// Copies `out.len()` bytes at `offset` into `out`; `UnexpectedEof` when the file is
-        /// shorter.
-        pub fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-            self.ensure(offset, out.len() as u64)?;
+        /// Copies the `out.len()` f32 values at byte `offset` (a multiple of 4) into `out` and
+        /// measures them as they are copied ([`Magnitude::copy_measuring`]), in pieces on the
+        /// current rayon pool like [`copy`]; `UnexpectedEof` when the file is shorter.
+        pub fn read_measuring(&mut self, offset: u64, out: &mut [f32]) -> io::Result<Magnitude> {
+            const PIECE: usize = 64 << 10;
+            let bytes = std::mem::size_of_val(out);
+            self.ensure(offset, bytes as u64)?;
             let map = self.map.as_ref().expect("mapped above");
-            let end = offset as usize + out.len();
-            copy(out, &map[offset as usize..end]);
-            Ok(())
+            let src = &map[offset as usize..offset as usize + bytes];
+            // The mapping starts on a page and `offset` is a multiple of 4 (checked by callers).
+            let src: &[f32] = bytemuck::try_cast_slice(src).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("values at byte {offset} are not aligned: {e}"),
+                )
+            })?;
+            Ok(out
+                .par_chunks_mut(PIECE)
+                .zip(src.par_chunks(PIECE))
+                .map(|(out, src)| Magnitude::copy_measuring(out, src))
+                .reduce(Magnitude::default, Magnitude::max))
         }
     }
 

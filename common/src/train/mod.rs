@@ -12,6 +12,9 @@ mod shard;
 
 pub use blockwise::BlockwiseSum;
 pub use engine::{Engine, ShardBatch};
-pub use gradient::{GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, all_finite, check_gradient};
+pub use gradient::{
+    GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, Magnitude, all_finite, check_gradient,
+    check_measured,
+};
 pub use reduce::{Node, ReductionTree, TreeSum};
 pub use shard::ShardPlan;
