@@ -1131,13 +1131,14 @@ impl Driver<'_> {
         tracing::trace!("step {}: update starts", job.global_step);
         tokio::task::spawn_blocking(move || {
             tracing::trace!("step {}: update thread runs", job.global_step);
-            let mut done = job.run();
-            tracing::trace!("step {}: optimizer done", done.global_step);
-            if done.outcome.is_ok() {
-                shared
-                    .transport()
-                    .publish(done.global_step + 1, &done.params);
-            }
+            let (step, len) = (job.global_step, job.param_len());
+            // The new parameters go straight into the workers' parameter file as Adam makes them.
+            let mut done = shared.transport().publish_while(step + 1, len, |file| {
+                let done = job.run(file);
+                let made = done.outcome.is_ok();
+                (done, made)
+            });
+            tracing::trace!("step {}: optimizer done and published", done.global_step);
             shared.transport().recycle(done.spent.drain(..));
             let step = done.global_step;
             let seconds = started.elapsed().as_secs_f64();

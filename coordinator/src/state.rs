@@ -1309,7 +1309,7 @@ impl StateMachine {
     /// Runs a ready update in place (tests and single-threaded callers).
     pub fn apply_ready_update(&mut self, now: Instant) {
         if let Some(job) = self.take_update() {
-            self.finish_update(job.run(), 0.0, now);
+            self.finish_update(job.run(None), 0.0, now);
         }
     }
 }
@@ -1361,8 +1361,17 @@ pub struct UpdateDone {
 }
 
 impl UpdateJob {
+    /// How many parameters the update makes.
+    pub fn param_len(&self) -> usize {
+        self.params.len()
+    }
+
     /// CPU-heavy and pure: runs on whatever thread calls it (rayon inside for long vectors).
-    pub fn run(self) -> UpdateDone {
+    /// With a `mirror` as long as the parameters, the new parameters are also written there when
+    /// the outcome is `Ok`, within the optimizer's pass where it can (Adam without clipping): the
+    /// coordinator's parameter file for the workers on its host, one pass over memory fewer
+    /// than copying them afterwards.
+    pub fn run(self, mut mirror: Option<&mut [f32]>) -> UpdateDone {
         let UpdateJob {
             global_step,
             received,
@@ -1374,18 +1383,39 @@ impl UpdateJob {
         } = self;
         let mut spent = Vec::new();
         let outcome = (|| {
+            if let Some(mirror) = &mirror
+                && mirror.len() != params.len()
+            {
+                return Err(format!(
+                    "the parameter mirror holds {} values, the model has {}",
+                    mirror.len(),
+                    params.len()
+                ));
+            }
             let (sum, stats) =
                 BlockwiseSum::new(&tree, received, params.len()).map_err(|e| e.to_string())?;
             let n = stats.examples.max(1) as f32;
             let stepped = match (clip_norm, sum.single()) {
                 // The mean gradient is divided inside the optimizer's pass (same bits).
-                (None, Some(grad)) => optimizer.step_scaled(&mut params, grad, n, &mut opt_state),
-                // The tree's top summed block by block as the optimizer steps each block.
-                (None, None) => {
-                    optimizer.step_scaled_from(&mut params, n, &mut opt_state, |range, out| {
-                        sum.sum_into(range, out)
-                    })
+                (None, Some(grad)) if mirror.is_none() => {
+                    optimizer.step_scaled(&mut params, grad, n, &mut opt_state)
                 }
+                // Read block by block, so each block's new values go to the mirror from cache.
+                (None, Some(grad)) => optimizer.step_scaled_from(
+                    &mut params,
+                    n,
+                    &mut opt_state,
+                    |range, out| out.copy_from_slice(&grad[range]),
+                    mirror.take(),
+                ),
+                // The tree's top summed block by block as the optimizer steps each block.
+                (None, None) => optimizer.step_scaled_from(
+                    &mut params,
+                    n,
+                    &mut opt_state,
+                    |range, out| sum.sum_into(range, out),
+                    mirror.take(),
+                ),
                 (Some(max), _) => {
                     let mut grad = vec![0.0; params.len()];
                     sum.sum_into(0..params.len(), &mut grad);
@@ -1400,6 +1430,10 @@ impl UpdateJob {
             };
             spent.extend(sum.into_inputs());
             stepped.map_err(|e| format!("optimizer: {e}"))?;
+            // The paths that could not write it as they stepped.
+            if let Some(mirror) = mirror.take() {
+                mirror.copy_from_slice(&params);
+            }
             Ok(stats)
         })();
         UpdateDone {

@@ -132,12 +132,32 @@ impl Transport {
         self.shared_dir.as_ref().is_some_and(|d| d.has_shard(shard))
     }
 
-    /// Makes `params` the parameters of `step`: written to shared memory now when any worker is
-    /// attached (called off the async runtime, after the update), encoded inline on demand.
-    pub fn publish(&self, step: u64, params: &[f32]) {
+    /// Runs `update`, which makes the `len` parameters of `step` and returns its result with
+    /// whether it made them. When any worker is attached, `update` gets the values of a
+    /// parameter file in shared memory and writes the parameters there as it makes them (one
+    /// pass over memory fewer than copying them afterwards); co-located tasks of `step` then
+    /// read that file. Otherwise, or when no file can be taken (warned once: a full /dev/shm,
+    /// workers holding every file), `update` gets `None` and the parameters go inline, encoded
+    /// on demand. Called off the async runtime. A failed update publishes nothing.
+    pub fn publish_while<R>(
+        &self,
+        step: u64,
+        len: usize,
+        update: impl FnOnce(Option<&mut [f32]>) -> (R, bool),
+    ) -> R {
+        let mut update = Some(update);
+        let mut result = None;
+        let mut made = false;
+        let mut run = |file: Option<&mut [f32]>| {
+            let update = update.take().expect("the update runs once");
+            let (r, ok) = update(file);
+            result = Some(r);
+            made = ok;
+            ok
+        };
         let shared = match &self.shared_dir {
-            Some(dir) if self.any_attached() => match dir.write_params(step, params) {
-                Ok(r) => Some(r),
+            Some(dir) if self.any_attached() => match dir.write_params_with(step, len, &mut run) {
+                Ok(written) => written,
                 Err(e) => {
                     // Warned once: it may last (a full /dev/shm, workers holding every file).
                     if !self.params_inline_warned.swap(true, Ordering::Relaxed) {
@@ -152,13 +172,19 @@ impl Transport {
                     None
                 }
             },
-            _ => None,
+            _ => {
+                run(None);
+                None
+            }
         };
-        *lock(&self.published) = Published {
-            step: Some(step),
-            inline: None,
-            shared,
-        };
+        if made {
+            *lock(&self.published) = Published {
+                step: Some(step),
+                inline: None,
+                shared,
+            };
+        }
+        result.expect("write_params_with calls the update once, with or without a file")
     }
 
     /// The parameter reference for `worker`'s task at `step`; `params` are the state machine's

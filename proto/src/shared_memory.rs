@@ -141,6 +141,26 @@ impl SharedDir {
     /// reference goes into every co-located task of the step. `WouldBlock` when workers hold
     /// every file (stragglers that never finish): the caller sends the parameters inline.
     pub fn write_params(&self, step: u64, values: &[f32]) -> io::Result<TensorRef> {
+        self.write_params_with(step, values.len(), |file| {
+            if let Some(file) = file {
+                mapping::copy(bytemuck::cast_slice_mut(file), bytemuck::cast_slice(values));
+            }
+            true
+        })?
+        .ok_or_else(|| io::Error::other("the parameters were not written"))
+    }
+
+    /// [`Self::write_params`] for `len` values that `fill` writes straight into the file (the
+    /// coordinator's optimizer, as it steps each block). `fill` is called exactly once: with the
+    /// file's values when a file was taken, and then returns whether it wrote them all; or with
+    /// `None` when no file could be taken, and the error follows. `Ok(None)` when `fill` declined:
+    /// the file then names no step, so no task can lease it.
+    pub fn write_params_with(
+        &self,
+        step: u64,
+        len: usize,
+        fill: impl FnOnce(Option<&mut [f32]>) -> bool,
+    ) -> io::Result<Option<TensorRef>> {
         let mut params = lock(&self.params);
         // Why the files tried so far could not be used: a worker holds them, or one cannot grow
         // (a full /dev/shm), in which case the others are still tried.
@@ -148,18 +168,28 @@ impl SharedDir {
             io::ErrorKind::WouldBlock,
             format!("workers hold all {PARAM_SLOTS} parameter files"),
         );
+        let mut fill = Some(fill);
         for i in 0..PARAM_SLOTS {
             let slot = (params.next + i) % PARAM_SLOTS;
             let path = self.dir.join(param_file(slot));
-            match write_param_file(&mut params.files[slot as usize], &path, step, values) {
-                Ok(true) => {
+            match write_param_file(
+                &mut params.files[slot as usize],
+                &path,
+                step,
+                len,
+                &mut fill,
+            ) {
+                Ok(Some(filled)) => {
                     params.next = (slot + 1) % PARAM_SLOTS;
-                    let len = values.len() as u64;
-                    return Ok(TensorRef::ParameterFile { slot, len });
+                    let len = len as u64;
+                    return Ok(filled.then_some(TensorRef::ParameterFile { slot, len }));
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => failure = e,
             }
+        }
+        if let Some(fill) = fill.take() {
+            fill(None);
         }
         Err(failure)
     }
@@ -415,27 +445,41 @@ fn param_file(slot: u32) -> String {
 
 /// Writes `values` of `step` into a parameter file (opened, and created, on first use) if no
 /// worker holds it: `false` when one does.
+/// Takes a parameter file and has `fill` (taken from its option) write its values:
+/// `Ok(Some(whether fill wrote them))`, or `Ok(None)` (fill not called) when a worker holds the
+/// file. The header names `step` only once the values are written: until then, and for good if
+/// `fill` declines, it names no step ([`NO_STEP`]), so no task leases half-written values.
 fn write_param_file(
     file: &mut Option<WriteMap>,
     path: &Path,
     step: u64,
-    values: &[f32],
-) -> io::Result<bool> {
+    len: usize,
+    fill: &mut Option<impl FnOnce(Option<&mut [f32]>) -> bool>,
+) -> io::Result<Option<bool>> {
     let map = match file {
         Some(map) => map,
         empty => empty.insert(WriteMap::new(private_file(path, true)?)),
     };
     let Some(mut locked) = map.try_lock()? else {
-        return Ok(false);
+        return Ok(None);
     };
-    let len = values.len() as u64;
+    let len = len as u64;
     let region = locked.region(0, PARAM_HEADER + 4 * len)?;
     let (header, rest) = region.split_at_mut(PARAM_HEADER as usize);
-    header[..8].copy_from_slice(&step.to_le_bytes());
+    header[..8].copy_from_slice(&NO_STEP.to_le_bytes());
     header[8..16].copy_from_slice(&len.to_le_bytes());
-    mapping::copy(rest, bytemuck::cast_slice(values));
-    Ok(true)
+    // The mapping starts on a page and the header is 16 bytes, so the values are aligned.
+    let values = bytemuck::try_cast_slice_mut(rest)
+        .map_err(|e| io::Error::other(format!("parameter values are not aligned: {e}")))?;
+    let filled = (fill.take().expect("a file is filled once"))(Some(values));
+    if filled {
+        header[..8].copy_from_slice(&step.to_le_bytes());
+    }
+    Ok(Some(filled))
 }
+
+/// The step a parameter file's header names while its values are being written: no task's.
+const NO_STEP: u64 = u64::MAX;
 
 /// A parameter file's header: the step its values are for, and their number.
 fn read_param_header(bytes: &[u8]) -> (u64, u64) {
@@ -968,6 +1012,57 @@ mod tests {
         let (slot, len) = slot_of(dir.write_params(300, &first).unwrap());
         let lease = client.lease_params(slot, 300, len).unwrap().unwrap();
         assert_eq!(bits(lease.values()), bits(&first));
+    }
+
+    #[test]
+    fn parameters_filled_in_place_are_leased_only_once_filled() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "f", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 7).unwrap();
+        let want = values(500, 0.75);
+        let r = dir
+            .write_params_with(5, want.len(), |file| {
+                file.expect("a free file").copy_from_slice(&want);
+                true
+            })
+            .unwrap()
+            .expect("filled");
+        let (slot, len) = slot_of(r);
+        let lease = client.lease_params(slot, 5, len).unwrap().unwrap();
+        assert_eq!(bits(lease.values()), bits(&want));
+        drop(lease);
+        // A fill that declines (a failed update) leaves a file that names no step: a task of
+        // this step or of the one the file held before leases nothing.
+        let declined = dir
+            .write_params_with(6, want.len(), |file| {
+                file.expect("a free file")[..10].fill(f32::NAN);
+                false
+            })
+            .unwrap();
+        assert!(declined.is_none());
+        for (slot, step) in (0..PARAM_SLOTS).flat_map(|s| [(s, 5), (s, 6)]) {
+            if let Ok(Some(lease)) = client.lease_params(slot, step, len) {
+                assert!(slot == 0 && step == 5, "slot {slot} leased for step {step}");
+                assert_eq!(bits(lease.values()), bits(&want));
+            }
+        }
+        // Workers holding every file: the fill runs without one, then the error says why.
+        let leases: Vec<ParamsLease> = (0..PARAM_SLOTS)
+            .map(|_| {
+                let (s, len) = slot_of(dir.write_params(9, &want).unwrap());
+                client.lease_params(s, 9, len).unwrap().unwrap()
+            })
+            .collect();
+        let mut called = None;
+        let err = dir
+            .write_params_with(10, want.len(), |file| {
+                called = Some(file.is_some());
+                true
+            })
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert_eq!(called, Some(false), "called once, without a file");
+        drop(leases);
     }
 
     #[test]

@@ -254,13 +254,25 @@ impl OptimizerConfig {
     /// `grad_block(range, out)` writes the values `range` into `out`. Adam asks for each block
     /// just before stepping it, so a gradient summed on the fly is read once and stays in cache;
     /// SGD gets the whole gradient first. The same bits as `step_scaled` on the same gradient.
+    ///
+    /// With a `mirror` (as long as `params`), the new parameters are also written there: by Adam
+    /// block by block while they are in cache, saving the pass over memory that copying them
+    /// afterwards takes (the coordinator's parameter file in shared memory).
     pub fn step_scaled_from(
         &self,
         params: &mut [f32],
         divisor: f32,
         state: &mut OptimizerState,
         grad_block: impl Fn(Range<usize>, &mut [f32]) + Sync,
+        mirror: Option<&mut [f32]>,
     ) -> Result<()> {
+        if mirror.as_ref().is_some_and(|m| m.len() != params.len()) {
+            return Err(Error::Tensor(format!(
+                "optimizer step: {} parameters but a mirror of {} values",
+                params.len(),
+                mirror.map_or(0, |m| m.len())
+            )));
+        }
         state.check(self, params.len())?;
         match (self, &mut state.moments) {
             (
@@ -279,14 +291,18 @@ impl OptimizerConfig {
                 let step = state.step + 1;
                 let scalars = adam::Scalars::new(*lr, *beta1, *beta2, *eps, *weight_decay, step)
                     .with_divisor(divisor);
-                adam::step_from(&scalars, params, exp_avg, exp_avg_sq, grad_block);
+                adam::step_from(&scalars, params, exp_avg, exp_avg_sq, grad_block, mirror);
                 state.step = step;
                 Ok(())
             }
             _ => {
                 let mut grad = vec![0.0; params.len()];
                 grad_block(0..params.len(), &mut grad);
-                self.step_scaled(params, &grad, divisor, state)
+                self.step_scaled(params, &grad, divisor, state)?;
+                if let Some(mirror) = mirror {
+                    mirror.copy_from_slice(params);
+                }
+                Ok(())
             }
         }
     }
@@ -306,23 +322,64 @@ mod tests {
                     .map(|i| ((i * 7919) % 1000) as f32 / 313.0 - 1.5)
                     .collect();
                 let start: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01).collect();
-                let (mut whole, mut blocks) = (start.clone(), start.clone());
-                let (mut whole_state, mut blocks_state) =
-                    (config.init_state(n), config.init_state(n));
+                let (mut whole, mut blocks, mut mirrored) =
+                    (start.clone(), start.clone(), start.clone());
+                let (mut whole_state, mut blocks_state, mut mirrored_state) = (
+                    config.init_state(n),
+                    config.init_state(n),
+                    config.init_state(n),
+                );
                 for _ in 0..3 {
                     config
                         .step_scaled(&mut whole, &grad, 3.0, &mut whole_state)
                         .unwrap();
                     config
-                        .step_scaled_from(&mut blocks, 3.0, &mut blocks_state, |range, out| {
-                            out.copy_from_slice(&grad[range])
-                        })
+                        .step_scaled_from(
+                            &mut blocks,
+                            3.0,
+                            &mut blocks_state,
+                            |range, out| out.copy_from_slice(&grad[range]),
+                            None,
+                        )
                         .unwrap();
+                    let mut mirror = vec![f32::NAN; n];
+                    config
+                        .step_scaled_from(
+                            &mut mirrored,
+                            3.0,
+                            &mut mirrored_state,
+                            |range, out| out.copy_from_slice(&grad[range]),
+                            Some(&mut mirror),
+                        )
+                        .unwrap();
+                    assert_eq!(
+                        mirror,
+                        mirrored,
+                        "{}: the mirror holds the step",
+                        config.name()
+                    );
                 }
                 let name = config.name();
                 assert_ne!(whole, start, "{name}: the steps must change the parameters");
                 assert_eq!(blocks, whole, "{name}, {n} values: parameters");
                 assert_eq!(blocks_state, whole_state, "{name}, {n} values: state");
+                assert_eq!(mirrored, whole, "{name}, {n} values: mirrored parameters");
+                assert_eq!(
+                    mirrored_state, whole_state,
+                    "{name}, {n} values: mirrored state"
+                );
+                let mut short = vec![0.0; n - 1];
+                let e = config
+                    .step_scaled_from(
+                        &mut mirrored,
+                        3.0,
+                        &mut mirrored_state,
+                        |range, out| out.copy_from_slice(&grad[range]),
+                        Some(&mut short),
+                    )
+                    .unwrap_err();
+                assert!(e.to_string().contains("mirror"), "{e}");
+                assert_eq!(mirrored, whole, "{name}: a refused step changes nothing");
             }
         }
     }
