@@ -309,8 +309,10 @@ pub struct NodeResult {
 
 impl NodeResult {
     /// A result whose gradient's magnitude was measured as it was copied
-    /// ([`Magnitude::copy_measuring`]); `magnitude` must be that of `sum.grad`.
-    pub fn measured(node: Node, sum: GradientSum, magnitude: Magnitude) -> Self {
+    /// ([`Magnitude::copy_measuring`]); `magnitude` must be that of `sum.grad`. Crate-private:
+    /// a magnitude from anywhere else (a default of zero, say) would let a gradient skip the
+    /// check, so outside callers measure with [`NodeResult::new`].
+    pub(crate) fn measured(node: Node, sum: GradientSum, magnitude: Magnitude) -> Self {
         NodeResult {
             node,
             sum,
@@ -1396,11 +1398,13 @@ impl UpdateJob {
                 BlockwiseSum::new(&tree, received, params.len()).map_err(|e| e.to_string())?;
             let n = stats.examples.max(1) as f32;
             let stepped = match (clip_norm, sum.single()) {
-                // The mean gradient is divided inside the optimizer's pass (same bits).
-                (None, Some(grad)) if mirror.is_none() => {
+                // The mean gradient is divided inside the optimizer's pass (same bits); a mirror
+                // is copied after.
+                (None, Some(grad)) if mirror.is_none() || !optimizer.steps_block_by_block() => {
                     optimizer.step_scaled(&mut params, grad, n, &mut opt_state)
                 }
-                // Read block by block, so each block's new values go to the mirror from cache.
+                // Read block by block, so Adam writes each block's new values to the mirror
+                // from cache.
                 (None, Some(grad)) => optimizer.step_scaled_from(
                     &mut params,
                     n,

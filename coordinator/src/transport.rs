@@ -250,3 +250,88 @@ impl Transport {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use proto::shared_memory::SharedClient;
+
+    use super::*;
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The update runs exactly once on every path; what it made is published for its step, a
+    /// failed one publishes nothing, and the parameter file is used only while one is free.
+    #[test]
+    fn an_update_runs_once_and_only_what_it_made_is_published() {
+        let want: Vec<f32> = (0..300).map(|i| i as f32 * 0.25 - 7.0).collect();
+        let inline = TensorRef::Inline(proto::tensor::encode_f32(&want));
+
+        // No shared memory: the update gets no file; the parameters go inline.
+        let tcp = Transport::new(None);
+        let mut calls = 0;
+        let r = tcp.publish_while(3, want.len(), |file| {
+            calls += 1;
+            assert!(file.is_none());
+            ("made", true)
+        });
+        assert_eq!((r, calls), ("made", 1));
+        assert_eq!(tcp.params_for(1, 3, &want), inline);
+
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "t", b"probe").unwrap();
+        let transport = Transport::new(Some(dir));
+        let offer = transport.offer().unwrap();
+        let (client, probe) = SharedClient::open(&offer, 7).unwrap();
+        assert!(transport.attach(7, &Attach { probe }));
+
+        // A free file: the update writes the parameters there, and step 5's tasks name it.
+        let mut calls = 0;
+        transport.publish_while(5, want.len(), |file| {
+            calls += 1;
+            file.expect("a free file").copy_from_slice(&want);
+            ((), true)
+        });
+        assert_eq!(calls, 1);
+        let published = transport.params_for(7, 5, &want);
+        let TensorRef::ParameterFile { slot, len } = published.clone() else {
+            panic!("step 5 is in a file: {published:?}")
+        };
+        let lease = client.lease_params(slot, 5, len).unwrap().unwrap();
+        assert_eq!(bits(lease.values()), bits(&want));
+        drop(lease);
+        assert_eq!(transport.params_for(8, 5, &want), inline, "not attached");
+
+        // A failed update publishes nothing: step 5's parameters stay where they were.
+        let r = transport.publish_while(6, want.len(), |file| {
+            file.expect("a free file").fill(f32::NAN);
+            ("optimizer failed", false)
+        });
+        assert_eq!(r, "optimizer failed");
+        assert_eq!(transport.params_for(7, 5, &want), published);
+
+        // Workers holding every file: the update runs once without one; step 9 goes inline.
+        let leases: Vec<_> = (10..14)
+            .map(|step| {
+                transport.publish_while(step, want.len(), |file| {
+                    file.expect("a free file").copy_from_slice(&want);
+                    ((), true)
+                });
+                let TensorRef::ParameterFile { slot, len } = transport.params_for(7, step, &want)
+                else {
+                    panic!("step {step} is in a file")
+                };
+                client.lease_params(slot, step, len).unwrap().unwrap()
+            })
+            .collect();
+        let mut calls = Vec::new();
+        transport.publish_while(19, want.len(), |file| {
+            calls.push(file.is_some());
+            ((), true)
+        });
+        assert_eq!(calls, [false], "called once, without a file");
+        assert_eq!(transport.params_for(7, 19, &want), inline);
+        drop(leases);
+    }
+}

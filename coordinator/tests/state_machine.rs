@@ -1022,3 +1022,88 @@ mod interleavings {
         }
     }
 }
+
+/// A machine with `workers` registered whose first step's results are all in, and its update
+/// taken: one worker returns the tree's root (a single sum), three return several nodes.
+fn ready_update(
+    workers: usize,
+    optimizer: OptimizerConfig,
+    clip_norm: Option<f64>,
+) -> coordinator::state::UpdateJob {
+    let cfg = StateConfig {
+        optimizer,
+        clip_norm,
+        ..config(workers)
+    };
+    let state = cfg.optimizer.init_state(PARAMS);
+    let mut sm = StateMachine::new(
+        cfg,
+        vec![0.5; PARAMS],
+        state,
+        Position::default(),
+        EpochTotals::default(),
+        1,
+    );
+    let now = Instant::now();
+    let ids: Vec<_> = (0..workers)
+        .map(|i| sm.register(format!("w{i}"), now))
+        .collect();
+    for w in ids {
+        let TaskDecision::Task(task) = sm.next_task(w, now) else {
+            panic!("worker {w} gets no task");
+        };
+        let results = compute(&task, sm.params())
+            .into_iter()
+            .map(|(node, sum)| NodeResult::new(node, sum))
+            .collect();
+        assert_eq!(
+            sm.submit(w, task.global_step, results, 0.01, now),
+            SubmitOutcome::Accepted
+        );
+    }
+    sm.take_update().expect("every node is in")
+}
+
+/// The parameters an update writes into a mirror (the workers' parameter file) are the ones it
+/// hands back, bit for bit, and the same as without a mirror, on every path: one node or a tree,
+/// with and without clipping, Adam and SGD. A mirror of the wrong length fails the update
+/// and changes nothing.
+#[test]
+fn an_update_writes_the_same_parameters_into_its_mirror_on_every_path() {
+    for workers in [1, 3] {
+        for optimizer in [OptimizerConfig::adam(0.01), OptimizerConfig::sgd(0.05, 0.9)] {
+            for clip_norm in [None, Some(0.5)] {
+                let case = format!(
+                    "{workers} workers, {}, clip {clip_norm:?}",
+                    optimizer.name()
+                );
+                let plain = ready_update(workers, optimizer.clone(), clip_norm).run(None);
+                plain.outcome.as_ref().expect(&case);
+                assert_ne!(bits(&plain.params), bits(&[0.5; PARAMS]), "{case}: no step");
+
+                let mut mirror = vec![f32::NAN; PARAMS];
+                let mirrored =
+                    ready_update(workers, optimizer.clone(), clip_norm).run(Some(&mut mirror));
+                mirrored.outcome.as_ref().expect(&case);
+                assert_eq!(
+                    bits(&mirrored.params),
+                    bits(&plain.params),
+                    "{case}: params"
+                );
+                assert_eq!(bits(&mirror), bits(&plain.params), "{case}: mirror");
+                assert_eq!(
+                    mirrored.opt_state, plain.opt_state,
+                    "{case}: optimizer state"
+                );
+
+                let mut short = vec![f32::NAN; PARAMS - 1];
+                let refused =
+                    ready_update(workers, optimizer.clone(), clip_norm).run(Some(&mut short));
+                let e = refused.outcome.expect_err(&case);
+                assert!(e.contains("mirror"), "{case}: {e}");
+                assert_eq!(bits(&refused.params), bits(&[0.5; PARAMS]), "{case}");
+                assert!(short.iter().all(|v| v.is_nan()), "{case}: mirror written");
+            }
+        }
+    }
+}

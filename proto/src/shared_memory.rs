@@ -155,6 +155,11 @@ impl SharedDir {
     /// file's values when a file was taken, and then returns whether it wrote them all; or with
     /// `None` when no file could be taken, and the error follows. `Ok(None)` when `fill` declined:
     /// the file then names no step, so no task can lease it.
+    ///
+    /// The file's exclusive `flock` is held while `fill` runs: for the optimizer, the whole step
+    /// (0.5-1 ms). No task names the file before this returns, so only a straggler still holding
+    /// a task from the file's previous use (four steps ago) can meet the lock; it waits that
+    /// long and then finds its step gone from the header.
     pub fn write_params_with(
         &self,
         step: u64,
@@ -443,9 +448,7 @@ fn param_file(slot: u32) -> String {
     format!("params-{slot}.f32")
 }
 
-/// Writes `values` of `step` into a parameter file (opened, and created, on first use) if no
-/// worker holds it: `false` when one does.
-/// Takes a parameter file and has `fill` (taken from its option) write its values:
+/// Takes a parameter file (opened, and created, on first use) and has `fill` (taken from its option) write its values:
 /// `Ok(Some(whether fill wrote them))`, or `Ok(None)` (fill not called) when a worker holds the
 /// file. The header names `step` only once the values are written: until then, and for good if
 /// `fill` declines, it names no step ([`NO_STEP`]), so no task leases half-written values.
@@ -468,7 +471,8 @@ fn write_param_file(
     let (header, rest) = region.split_at_mut(PARAM_HEADER as usize);
     header[..8].copy_from_slice(&NO_STEP.to_le_bytes());
     header[8..16].copy_from_slice(&len.to_le_bytes());
-    // The mapping starts on a page and the header is 16 bytes, so the values are aligned.
+    // The mapping starts on a page and the header is `PARAM_HEADER` (64) bytes, so the values
+    // are aligned.
     let values = bytemuck::try_cast_slice_mut(rest)
         .map_err(|e| io::Error::other(format!("parameter values are not aligned: {e}")))?;
     let filled = (fill.take().expect("a file is filled once"))(Some(values));
@@ -1088,13 +1092,43 @@ mod tests {
                 let TensorRef::Shared { offset, len } = *r else {
                     panic!()
                 };
-                dir.read_gradient(9, offset, len, &mut got).unwrap();
+                let magnitude = dir.read_gradient(9, offset, len, &mut got).unwrap();
                 assert_eq!(
                     got,
                     values(lens[i], salt + i as f32),
                     "{lens:?}, region {i}"
                 );
+                assert_eq!(magnitude, Magnitude::of(&got), "{lens:?}, region {i}");
             }
+        }
+    }
+
+    /// The magnitude measured as a gradient is read is that of every value read, across the
+    /// parallel pieces of a long read: an outlier in the last, partial piece is seen.
+    #[test]
+    fn a_gradient_read_measures_every_value_it_copies() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "m", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 9).unwrap();
+        let n = 2 * 65536 + 5;
+        let mut got = Vec::new();
+        for (at, outlier) in [(n - 1, -1e30f32), (n - 3, f32::NAN), (65536, f32::INFINITY)] {
+            let (refs, ()) = client
+                .fill_gradients(&[n], |mut regions| {
+                    regions[0].copy_from_slice(&values(n, 1.0));
+                    regions[0][at] = outlier;
+                })
+                .unwrap();
+            let TensorRef::Shared { offset, len } = refs[0] else {
+                panic!("a shared reference")
+            };
+            let magnitude = dir.read_gradient(9, offset, len, &mut got).unwrap();
+            assert_eq!(got[at].to_bits(), outlier.to_bits(), "at {at}");
+            assert_eq!(magnitude, Magnitude::of(&got), "at {at}, {outlier}");
+            assert!(
+                !magnitude.is_within(1e29),
+                "at {at}, {outlier}: outlier missed"
+            );
         }
     }
 

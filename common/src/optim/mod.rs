@@ -107,6 +107,14 @@ impl OptimizerConfig {
         }
     }
 
+    /// Whether [`Self::step_scaled_from`] steps block by block, asking for each gradient block
+    /// just before it and writing the mirror in the same pass (Adam). Otherwise (SGD) it makes
+    /// the whole gradient first and copies the mirror after, so a caller holding a whole
+    /// gradient gains nothing from it.
+    pub fn steps_block_by_block(&self) -> bool {
+        matches!(self, OptimizerConfig::Adam { .. })
+    }
+
     /// The learning rate.
     pub fn lr(&self) -> f64 {
         match *self {
