@@ -43,6 +43,17 @@ fn threads_for(cores: usize, workers: usize) -> usize {
     (cores / workers.max(1)).max(cores.min(2))
 }
 
+/// What local workers' idle compute threads do (`worker --idle-threads`): spin while the
+/// workers' threads fit the cores, sleep once they share them (a spinning thread would take the
+/// core another worker needs).
+fn idle_threads_for(cores: usize, workers: usize, threads: usize) -> &'static str {
+    if workers * threads <= cores {
+        "spin"
+    } else {
+        "sleep"
+    }
+}
+
 /// Starts `count` workers dialing `addr`. They are killed if the coordinator exits first.
 pub fn spawn_workers(
     count: usize,
@@ -51,6 +62,8 @@ pub fn spawn_workers(
     token: Option<&str>,
 ) -> Result<Vec<Child>> {
     let bin = worker_binary()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let idle_threads = idle_threads_for(cores, count, threads);
     // Workers dial the coordinator over loopback even when it listens on all interfaces.
     let dial = SocketAddr::new(
         if addr.ip().is_unspecified() {
@@ -67,6 +80,8 @@ pub fn spawn_workers(
                 .arg(dial.to_string())
                 .arg("--threads")
                 .arg(threads.to_string())
+                .arg("--idle-threads")
+                .arg(idle_threads)
                 .arg("--name")
                 .arg(format!("local-{i}"))
                 .kill_on_drop(true);
@@ -85,7 +100,15 @@ pub fn spawn_workers(
 
 #[cfg(test)]
 mod tests {
-    use super::threads_for;
+    use super::{idle_threads_for, threads_for};
+
+    #[test]
+    fn local_workers_spin_only_while_their_threads_fit_the_cores() {
+        assert_eq!(idle_threads_for(2, 1, 2), "spin");
+        assert_eq!(idle_threads_for(2, 4, 2), "sleep");
+        assert_eq!(idle_threads_for(8, 2, 4), "spin");
+        assert_eq!(idle_threads_for(8, 16, 2), "sleep");
+    }
 
     #[test]
     fn local_workers_share_the_cores_with_at_least_two_threads_where_there_are_two() {

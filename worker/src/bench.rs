@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use common::kernels::{TreeProgram, gemm, tree_weight_grad};
+use common::kernels::{TreeProgram, gemm, tree_weight_grad, with_pool_awake};
 use common::model::{
     KeyedRng, LayerRole, Likelihood, ModelConfig, ParamLayout, Vae, Workspace, domain, fill_eps,
     model_name, parse_hidden,
@@ -121,14 +121,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut state = adam.init_state(params.len());
     let mut sum = GradientSum::zeros(params.len());
     let mut epoch = 0u64;
+    // The pool's threads spin between the step's parallel sections, as a worker's do.
     let mut step = |params: &mut Vec<f32>| -> anyhow::Result<()> {
-        engine.node_gradient_into(params, epoch, &tree, tree.root(), &batches, &mut sum)?;
-        epoch += 1; // fresh noise every step, as in training
-        // The coordinator's part: mean gradient, then the optimizer.
-        let scale = 1.0 / sum.stats.examples as f32;
-        sum.grad.iter_mut().for_each(|g| *g *= scale);
-        adam.step(params, &sum.grad, &mut state)?;
-        Ok(())
+        with_pool_awake(|| {
+            engine.node_gradient_into(params, epoch, &tree, tree.root(), &batches, &mut sum)?;
+            epoch += 1; // fresh noise every step, as in training
+            // The coordinator's part, as it does it: the optimizer divides the summed gradient by the
+            // example count inside its own pass (no serial pass over the gradient first).
+            adam.step_scaled(params, &sum.grad, sum.stats.examples as f32, &mut state)?;
+            Ok(())
+        })
     };
 
     let (steps, elapsed, step_times) = pool.install(|| -> anyhow::Result<_> {
@@ -167,8 +169,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     sorted.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     say!(
-        "  step time: median {:.3} ms, fastest {:.3} ms (= {:.0} samples/s)",
+        "  step time: median {:.3} ms (10% {:.3}, 90% {:.3}), fastest {:.3} ms (= {:.0} samples/s)",
         ms(sorted[sorted.len() / 2]),
+        ms(sorted[sorted.len() / 10]),
+        ms(sorted[sorted.len() * 9 / 10]),
         ms(sorted[0]),
         args.batch as f64 / sorted[0].as_secs_f64()
     );

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::compute::{self, Fault, RunContext, StepBuffers};
+use crate::compute::{self, Fault, IdleThreads, RunContext, StepBuffers};
 use crate::error::{Error, Result};
 use crate::shard_cache::{Pixels, ShardAssembler, ShardCache, ShardData};
 
@@ -44,6 +44,8 @@ pub struct WorkerConfig {
     /// TLS to the coordinator (loaded and checked); `None`: plaintext.
     pub tls: Option<ClientTlsConfig>,
     pub threads: usize,
+    /// What the compute threads do between a step's parallel sections.
+    pub idle_threads: IdleThreads,
     pub name: String,
     /// How long to keep retrying an unreachable coordinator before giving up.
     pub retry_for: Duration,
@@ -83,7 +85,7 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
         let same_run = context.as_ref().is_some_and(|c| c.run_id == run.run_id);
         if !same_run {
             cache.clear();
-            context = Some(Arc::new(RunContext::new(run)?));
+            context = Some(Arc::new(RunContext::new(run, config.idle_threads)?));
         }
         let ctx = Arc::clone(context.as_ref().expect("set above"));
         let shared = match &registered.shared_memory {

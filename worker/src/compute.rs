@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use common::kernels::with_pool_awake;
 use common::model::BatchStats;
 use common::train::{Engine, GradientSum, Node, ReductionTree, ShardBatch};
 use ndarray::Array2;
@@ -20,16 +21,30 @@ pub struct RunContext {
     pub run_id: String,
     pub shards: usize,
     pub engine: Engine,
+    pub idle_threads: IdleThreads,
 }
 
 impl RunContext {
-    pub fn new(run: &RunSpec) -> Result<Self> {
+    pub fn new(run: &RunSpec, idle_threads: IdleThreads) -> Result<Self> {
         Ok(RunContext {
             run_id: run.run_id.clone(),
             shards: run.shards,
             engine: Engine::new(run.model.clone(), run.samples, run.seed)?,
+            idle_threads,
         })
     }
+}
+
+/// What the compute pool's idle threads do between the parallel sections of a step
+/// (`common::kernels::with_pool_awake`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdleThreads {
+    /// Spin, taking the step's next piece of work at once (5% more samples/s for the engine on
+    /// two vCPUs, docs/scaling.md §18): for a worker that has its cores to itself.
+    Spin,
+    /// Sleep until woken: for workers sharing cores (a spinning thread takes a core another
+    /// worker needs).
+    Sleep,
 }
 
 /// Buffers that live across tasks, so a steady-state step allocates no multi-megabyte vectors.
@@ -182,25 +197,34 @@ pub async fn run_task(
                 .collect::<Result<_>>()?;
             Ok((stats, short))
         };
-        // In place in the shared file when attached (no copy), else into the reused buffers.
-        let lens = vec![params.values().len(); nodes.len()];
-        let in_place = pool_shared.as_ref().and_then(|shared| {
-            shared
-                .fill_gradients(&lens, compute)
-                .inspect_err(|e| {
-                    tracing::warn!("cannot write gradients to shared memory ({e}); sending inline")
-                })
-                .ok()
-        });
-        let computed = match in_place {
-            Some((refs, stats)) => stats.map(|stats| (Some(refs), stats)),
-            None => {
-                sums.resize_with(nodes.len(), || GradientSum::zeros(0));
-                sums.iter_mut()
-                    .for_each(|s| s.grad.resize(params.values().len(), 0.0));
-                compute(sums.iter_mut().map(|s| &mut s.grad[..]).collect())
-                    .map(|stats| (None, stats))
+        let mut run = || {
+            // In place in the shared file when attached (no copy), else into the reused buffers.
+            let lens = vec![params.values().len(); nodes.len()];
+            let in_place = pool_shared.as_ref().and_then(|shared| {
+                shared
+                    .fill_gradients(&lens, compute)
+                    .inspect_err(|e| {
+                        tracing::warn!(
+                            "cannot write gradients to shared memory ({e}); sending inline"
+                        )
+                    })
+                    .ok()
+            });
+            match in_place {
+                Some((refs, stats)) => stats.map(|stats| (Some(refs), stats)),
+                None => {
+                    sums.resize_with(nodes.len(), || GradientSum::zeros(0));
+                    sums.iter_mut()
+                        .for_each(|s| s.grad.resize(params.values().len(), 0.0));
+                    compute(sums.iter_mut().map(|s| &mut s.grad[..]).collect())
+                        .map(|stats| (None, stats))
+                }
             }
+        };
+        // Workers with cores of their own keep the pool awake through the step.
+        let computed = match ctx.idle_threads {
+            IdleThreads::Spin => with_pool_awake(run),
+            IdleThreads::Sleep => run(),
         };
         let nodes: Vec<Node> = nodes.iter().map(|(node, _)| *node).collect();
         // A parameter file's lease ends here, so the coordinator may rewrite it.

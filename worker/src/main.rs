@@ -9,6 +9,7 @@ use proto::credentials::Token;
 use worker::client::{self, WorkerConfig};
 #[cfg(debug_assertions)]
 use worker::compute::Fault;
+use worker::compute::IdleThreads;
 
 /// Computes ELBO gradients for the shards a coordinator hands out. Needs no flag but the
 /// coordinator's address: the model and run settings come from the coordinator.
@@ -34,6 +35,10 @@ struct Cli {
         env = "VAE_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// What the compute threads do between a step's parallel sections: `spin` (the default:
+    /// faster where the worker has its cores to itself) or `sleep` (workers sharing cores).
+    #[arg(long, value_enum, default_value_t = IdleThreads::Spin)]
+    idle_threads: IdleThreads,
     /// Coordinator address, `host:port`.
     #[arg(long, default_value = "127.0.0.1:50051", env = "VAE_COORDINATOR")]
     addr: String,
@@ -173,6 +178,7 @@ async fn main() -> std::process::ExitCode {
         token,
         tls,
         threads: threads.max(1),
+        idle_threads: cli.idle_threads,
         name,
         retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
         protocol_version: cli.protocol_version.unwrap_or(proto::PROTOCOL_VERSION),

@@ -5,6 +5,7 @@
 //! computed from the shapes alone and no sum is ever reordered, so every result is a pure function
 //! of its inputs' shapes and values, never of the thread count (docs/design.md §2).
 
+mod awake;
 mod elementwise;
 mod linalg;
 mod scalar;
@@ -13,6 +14,7 @@ mod tree_gemm;
 mod tree_tile_avx512;
 mod vector_isa;
 
+pub use awake::with_pool_awake;
 pub use elementwise::{add_assign, relu_mask};
 pub use linalg::{colsum_into, gemm};
 pub use scalar::{Float, exp_nonpositive_f32, ln_1p_unit_f32};
