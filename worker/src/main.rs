@@ -37,7 +37,7 @@ struct Cli {
     log_format: LogFormat,
     /// What the compute threads do between a step's parallel sections: `spin` (the default:
     /// faster where the worker has its cores to itself) or `sleep` (workers sharing cores).
-    #[arg(long, value_enum, default_value_t = IdleThreads::Spin)]
+    #[arg(long, value_enum, default_value_t = IdleThreads::Spin, env = "VAE_IDLE_THREADS")]
     idle_threads: IdleThreads,
     /// Coordinator address, `host:port`.
     #[arg(long, default_value = "127.0.0.1:50051", env = "VAE_COORDINATOR")]
