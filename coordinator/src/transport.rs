@@ -219,10 +219,7 @@ impl Transport {
         out: &mut Vec<f32>,
     ) -> Result<Magnitude> {
         match grad {
-            TensorRef::Inline(bytes) => {
-                proto::tensor::decode_f32_into(bytes, out);
-                Ok(Magnitude::of(out))
-            }
+            TensorRef::Inline(bytes) => Ok(proto::tensor::decode_f32_measuring(bytes, out)),
             TensorRef::Shared { offset, len } => {
                 let dir = self
                     .shared_dir

@@ -1,6 +1,7 @@
 //! Tensors on the wire: raw little-endian f32 bytes, converted at memcpy speed.
 
 use bytes::Bytes;
+use common::train::Magnitude;
 
 // The conversions below reinterpret native f32 bytes; on a big-endian host they would need a swap.
 #[cfg(not(target_endian = "little"))]
@@ -25,6 +26,16 @@ pub fn decode_f32_into(bytes: &[u8], out: &mut Vec<f32>) {
     let n = bytes.len() / 4;
     out.resize(n, 0.0);
     bytemuck::cast_slice_mut::<f32, u8>(&mut out[..]).copy_from_slice(&bytes[..4 * n]);
+}
+
+/// [`decode_f32_into`], measuring the values' [`Magnitude`] as they are copied (so checking a
+/// gradient received inline needs no second pass over it).
+pub fn decode_f32_measuring(bytes: &[u8], out: &mut Vec<f32>) -> Magnitude {
+    out.resize(bytes.len() / 4, 0.0);
+    Magnitude::fill_measuring(out, |at, piece| {
+        let src = &bytes[4 * at..4 * (at + piece.len())];
+        bytemuck::cast_slice_mut::<f32, u8>(piece).copy_from_slice(src);
+    })
 }
 
 #[cfg(test)]
@@ -54,5 +65,28 @@ mod tests {
         let mut into = vec![9.0; 100];
         decode_f32_into(&shifted[1..], &mut into);
         assert_eq!(bits(&into), bits(&values));
+    }
+
+    /// The measuring decode gives the same values, and the magnitude of all of them: across
+    /// pieces, from unaligned bytes, with the outlier in the last, partial piece.
+    #[test]
+    fn a_measuring_decode_sees_every_value() {
+        let n = 2 * 2048 + 3;
+        for outlier in [-1e30f32, f32::NAN, f32::INFINITY] {
+            let mut values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.1).sin()).collect();
+            values[n - 1] = outlier;
+            let bytes = encode_f32(&values);
+            let shifted: Vec<u8> = std::iter::once(0).chain(bytes.iter().copied()).collect();
+            let mut out = vec![7.0; 3];
+            let magnitude = decode_f32_measuring(&shifted[1..], &mut out);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&values), "{outlier}");
+            assert_eq!(magnitude, Magnitude::of(&values), "{outlier}");
+            assert!(!magnitude.is_within(1e29), "{outlier}: outlier missed");
+        }
+        assert_eq!(
+            decode_f32_measuring(&[], &mut vec![1.0]),
+            Magnitude::default()
+        );
     }
 }

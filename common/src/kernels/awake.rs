@@ -68,7 +68,9 @@ mod tests {
     /// ends the spinners and reaches the caller.
     #[test]
     fn work_runs_once_with_the_pool_awake_and_panics_propagate() {
-        let expected: u64 = (0..100_000u32).map(|i| u64::from(i) * u64::from(i) % 7).sum();
+        let expected: u64 = (0..100_000u32)
+            .map(|i| u64::from(i) * u64::from(i) % 7)
+            .sum();
         for threads in 1..=3 {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)

@@ -111,14 +111,23 @@ impl Magnitude {
     /// # Panics
     /// If the lengths differ.
     pub fn copy_measuring(dst: &mut [f32], src: &[f32]) -> Self {
+        assert_eq!(dst.len(), src.len(), "copy_measuring lengths");
+        Magnitude::fill_measuring(dst, |at, piece| {
+            piece.copy_from_slice(&src[at..at + piece.len()]);
+        })
+    }
+
+    /// Fills `dst` piece by piece (`fill(start, piece)` writes the values from `start` on) and
+    /// measures each piece while it is in L1: [`Magnitude::copy_measuring`] from any source
+    /// (the bytes of a message, say).
+    pub fn fill_measuring(dst: &mut [f32], mut fill: impl FnMut(usize, &mut [f32])) -> Self {
         /// Values per piece: 8 KiB, well inside L1.
         const PIECE: usize = 2048;
-        assert_eq!(dst.len(), src.len(), "copy_measuring lengths");
         dst.chunks_mut(PIECE)
-            .zip(src.chunks(PIECE))
-            .map(|(dst, src)| {
-                dst.copy_from_slice(src);
-                Magnitude::of(dst)
+            .enumerate()
+            .map(|(i, piece)| {
+                fill(i * PIECE, piece);
+                Magnitude::of(piece)
             })
             .max()
             .unwrap_or_default()
