@@ -308,7 +308,7 @@ mod tests {
         assert_eq!(r, "optimizer failed");
         assert_eq!(transport.params_for(7, 5, &want), published);
 
-        // Workers holding every file: the update runs once without one; step 9 goes inline.
+        // Workers holding every file: the update runs once without one; step 19 goes inline.
         let leases: Vec<_> = (10..14)
             .map(|step| {
                 transport.publish_while(step, want.len(), |file| {

@@ -31,7 +31,11 @@ fn config(min_workers: usize) -> StateConfig {
 }
 
 fn machine(min_workers: usize) -> StateMachine {
-    let cfg = config(min_workers);
+    machine_with(config(min_workers))
+}
+
+/// A fresh machine for `cfg`: every parameter 0.5, the optimizer's initial state, step 0.
+fn machine_with(cfg: StateConfig) -> StateMachine {
     let state = cfg.optimizer.init_state(PARAMS);
     StateMachine::new(
         cfg,
@@ -153,15 +157,7 @@ fn any_number_of_workers_gives_the_same_bits() {
     // And the simulation is sensitive: another seed's schedule changes the result.
     let mut cfg = config(1);
     cfg.plan = ShardPlan::new(200, SHARDS, 16, 8).unwrap();
-    let st = cfg.optimizer.init_state(PARAMS);
-    let mut sm = StateMachine::new(
-        cfg,
-        vec![0.5; PARAMS],
-        st,
-        Position::default(),
-        EpochTotals::default(),
-        1,
-    );
+    let mut sm = machine_with(cfg);
     let mut now = Instant::now();
     let mut workers = vec![sm.register("solo".into(), now)];
     run(&mut sm, &mut workers, &mut now, |_, _, _, _| {});
@@ -639,15 +635,7 @@ fn verified_machine(min_workers: usize) -> StateMachine {
         verify_secret: 42,
         ..config(min_workers)
     };
-    let state = cfg.optimizer.init_state(PARAMS);
-    StateMachine::new(
-        cfg,
-        vec![0.5; PARAMS],
-        state,
-        Position::default(),
-        EpochTotals::default(),
-        1,
-    )
+    machine_with(cfg)
 }
 
 /// Computes what the machine asks the coordinator to compute itself, as the driver does.
@@ -867,15 +855,7 @@ mod interleavings {
                 verify_secret: 3,
                 ..config(1)
             };
-            let state = cfg.optimizer.init_state(PARAMS);
-            let mut sm = StateMachine::new(
-                cfg,
-                vec![0.5; PARAMS],
-                state,
-                Position::default(),
-                EpochTotals::default(),
-                1,
-            );
+            let mut sm = machine_with(cfg);
             let now = Instant::now();
             let hostile = sm.register("hostile".into(), now);
             World {
@@ -1035,15 +1015,7 @@ fn ready_update(
         clip_norm,
         ..config(workers)
     };
-    let state = cfg.optimizer.init_state(PARAMS);
-    let mut sm = StateMachine::new(
-        cfg,
-        vec![0.5; PARAMS],
-        state,
-        Position::default(),
-        EpochTotals::default(),
-        1,
-    );
+    let mut sm = machine_with(cfg);
     let now = Instant::now();
     let ids: Vec<_> = (0..workers)
         .map(|i| sm.register(format!("w{i}"), now))
@@ -1080,6 +1052,9 @@ fn an_update_writes_the_same_parameters_into_its_mirror_on_every_path() {
                 let plain = ready_update(workers, optimizer.clone(), clip_norm).run(None);
                 plain.outcome.as_ref().expect(&case);
                 assert_ne!(bits(&plain.params), bits(&[0.5; PARAMS]), "{case}: no step");
+                // One node's single sum and three nodes' tree sum make the same step.
+                let one_node = ready_update(1, optimizer.clone(), clip_norm).run(None);
+                assert_eq!(bits(&plain.params), bits(&one_node.params), "{case}: tree");
 
                 let mut mirror = vec![f32::NAN; PARAMS];
                 let mirrored =

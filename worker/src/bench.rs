@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use common::kernels::{TreeProgram, gemm, tree_weight_grad, with_pool_awake};
+use common::kernels::{TreeProgram, gemm, tree_weight_grad};
 use common::model::{
     KeyedRng, LayerRole, Likelihood, ModelConfig, ParamLayout, Vae, Workspace, domain, fill_eps,
     model_name, parse_hidden,
@@ -18,6 +18,8 @@ use common::model::{
 use common::optim::OptimizerConfig;
 use common::train::{Engine, GradientSum, ReductionTree, ShardBatch};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+
+use crate::compute::IdleThreads;
 
 /// `println!` that ends the report quietly when stdout is closed (`worker bench | head -1`)
 /// instead of panicking.
@@ -67,6 +69,9 @@ pub struct BenchArgs {
     /// Reparameterisation samples per example (K).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
+    /// What the pool's idle threads do between a step's parallel sections, as for `worker`.
+    #[arg(long, value_enum, default_value_t = IdleThreads::Spin)]
+    pub idle_threads: IdleThreads,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -121,9 +126,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut state = adam.init_state(params.len());
     let mut sum = GradientSum::zeros(params.len());
     let mut epoch = 0u64;
-    // The pool's threads spin between the step's parallel sections, as a worker's do.
+    // The pool's idle threads spin, or sleep, between the step's parallel sections as a
+    // worker's do.
     let mut step = |params: &mut Vec<f32>| -> anyhow::Result<()> {
-        with_pool_awake(|| {
+        args.idle_threads.run(|| {
             engine.node_gradient_into(params, epoch, &tree, tree.root(), &batches, &mut sum)?;
             epoch += 1; // fresh noise every step, as in training
             // The coordinator's part, as it does it: the optimizer divides the summed gradient by the
@@ -177,7 +183,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.batch as f64 / sorted[0].as_secs_f64()
     );
 
-    let parts = pool.install(|| breakdown(&engine, &data, &ids, args, &params, &adam));
+    let parts = pool.install(|| {
+        args.idle_threads
+            .run(|| breakdown(&engine, &data, &ids, args, &params, &adam))
+    });
     let step_ms = ms(sorted[sorted.len() / 2]);
     say!(
         "  breakdown (each part timed alone, fastest of {PART_REPS}; median step {step_ms:.3} ms):"
@@ -192,7 +201,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let accounted: f64 = parts.iter().map(|(_, t)| ms(*t)).sum();
     say!(
         "    {:<40} {:>8.3} ms  {:>5.1}%",
-        "rest (tree sums, scaling, overhead)",
+        "rest (tree sums, overhead)",
         step_ms - accounted,
         100.0 * (step_ms - accounted) / step_ms
     );

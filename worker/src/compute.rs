@@ -47,6 +47,17 @@ pub enum IdleThreads {
     Sleep,
 }
 
+impl IdleThreads {
+    /// Runs `work` on a thread of the compute pool, the other threads spinning for its work or
+    /// sleeping between its parallel sections.
+    pub fn run<R>(self, work: impl FnOnce() -> R) -> R {
+        match self {
+            IdleThreads::Spin => with_pool_awake(work),
+            IdleThreads::Sleep => work(),
+        }
+    }
+}
+
 /// Buffers that live across tasks, so a steady-state step allocates no multi-megabyte vectors.
 #[derive(Debug, Default)]
 pub struct StepBuffers {
@@ -197,7 +208,7 @@ pub async fn run_task(
                 .collect::<Result<_>>()?;
             Ok((stats, short))
         };
-        let mut run = || {
+        let run = || {
             // In place in the shared file when attached (no copy), else into the reused buffers.
             let lens = vec![params.values().len(); nodes.len()];
             let in_place = pool_shared.as_ref().and_then(|shared| {
@@ -221,11 +232,7 @@ pub async fn run_task(
                 }
             }
         };
-        // Workers with cores of their own keep the pool awake through the step.
-        let computed = match ctx.idle_threads {
-            IdleThreads::Spin => with_pool_awake(run),
-            IdleThreads::Sleep => run(),
-        };
+        let computed = ctx.idle_threads.run(run);
         let nodes: Vec<Node> = nodes.iter().map(|(node, _)| *node).collect();
         // A parameter file's lease ends here, so the coordinator may rewrite it.
         let params = params.into_buffer();

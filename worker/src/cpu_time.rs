@@ -5,9 +5,10 @@
 //! one system call each, where reading every pool thread's own clock took a broadcast that woke
 //! the whole pool twice a step. While a task computes, the worker's other threads only await it
 //! (heartbeats aside, microseconds every half second), so the process's CPU time is the pool's.
-//! Threads kept spinning through the step (`--idle-threads spin`, only where the worker has its
-//! cores to itself) count while they spin: the figure is then the computation's wall time on its
-//! own cores, which is what it would take; threads that sleep (`sleep`) count only as they work.
+//! Threads kept spinning through the step (`--idle-threads spin`, the default, meant for a worker
+//! with its cores to itself) count while they spin: the figure is then the computation's wall
+//! time on those cores, which is what it takes there; threads that sleep (`sleep`, for workers
+//! sharing cores) count only as they work.
 
 use std::time::Instant;
 

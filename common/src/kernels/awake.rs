@@ -15,19 +15,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Runs `work` (on a thread of a rayon pool) while the pool's other threads spin for its work
 /// instead of sleeping between its parallel sections. Off a pool, or on a pool of one thread,
 /// it just runs `work`. Only for pools that have their cores to themselves: a spinning thread
-/// takes a core from whatever else would run there.
+/// takes a core from whatever else would run there. One step at a time per pool: two
+/// overlapping calls could each wait in the other's spinner.
 pub fn with_pool_awake<R>(work: impl FnOnce() -> R) -> R {
-    let others = rayon::current_num_threads().saturating_sub(1);
-    let Some(owner) = rayon::current_thread_index().filter(|_| others > 0) else {
+    let Some(owner) = rayon::current_thread_index().filter(|_| rayon::current_num_threads() > 1)
+    else {
         return work();
     };
     let done = AtomicBool::new(false);
     rayon::in_place_scope(|scope| {
-        for _ in 0..others {
-            scope.spawn(|_| spin_for_work(&done, owner));
-        }
+        // A broadcast job runs on each thread of the pool, that thread's own: no thread takes
+        // another's spinner, so every other thread spins.
+        scope.spawn_broadcast(|_, thread| spin_for_work(&done, thread.index() == owner));
         // Set however `work` ends, a panic included, so the spinners (and the scope) end too.
-        let _stop = StopOnDrop(&done);
+        let _stop = SetOnDrop(&done);
         work()
     })
 }
@@ -37,62 +38,109 @@ thread_local! {
     static SPINNING: Cell<bool> = const { Cell::new(false) };
 }
 
-fn spin_for_work(done: &AtomicBool, owner: usize) {
-    // The step's own thread takes a spinner only while waiting inside the step, which could then
-    // never finish; a thread already spinning (it took a second spinner as work) needs no second.
-    if rayon::current_thread_index() == Some(owner) || SPINNING.with(|s| s.replace(true)) {
+/// Spinners that started spinning (tests check that each other thread does).
+#[cfg(test)]
+static SPINNERS_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn spin_for_work(done: &AtomicBool, on_owner: bool) {
+    // The step's own thread runs its copy only while waiting inside the step, which could then
+    // never finish; a thread already spinning (a nested step) needs no second spinner.
+    if on_owner || SPINNING.with(|s| s.replace(true)) {
         return;
     }
+    let _reset = ResetSpinning;
+    #[cfg(test)]
+    SPINNERS_STARTED.fetch_add(1, Ordering::SeqCst);
     while !done.load(Ordering::Acquire) {
         if rayon::yield_now() != Some(rayon::Yield::Executed) {
             std::hint::spin_loop();
         }
     }
-    SPINNING.with(|s| s.set(false));
 }
 
-struct StopOnDrop<'a>(&'a AtomicBool);
+struct SetOnDrop<'a>(&'a AtomicBool);
 
-impl Drop for StopOnDrop<'_> {
+impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Release);
     }
 }
 
+struct ResetSpinning;
+
+impl Drop for ResetSpinning {
+    fn drop(&mut self) {
+        SPINNING.with(|s| s.set(false));
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::{Duration, Instant};
+
     use rayon::prelude::*;
 
-    /// The step's result, on pools of one to three threads and off any pool; a panic inside
-    /// ends the spinners and reaches the caller.
-    #[test]
-    fn work_runs_once_with_the_pool_awake_and_panics_propagate() {
-        let expected: u64 = (0..100_000u32)
+    use super::*;
+
+    fn sum_of_squares_mod_7() -> u64 {
+        (0..100_000u32)
+            .into_par_iter()
+            .with_max_len(1000)
             .map(|i| u64::from(i) * u64::from(i) % 7)
-            .sum();
+            .sum()
+    }
+
+    /// A step that first waits (up to 10 s) until `others` spinners have started.
+    fn step_seeing_spinners(others: usize) -> (u64, bool) {
+        let before = SPINNERS_STARTED.load(Ordering::SeqCst);
+        with_pool_awake(|| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while SPINNERS_STARTED.load(Ordering::SeqCst) < before + others
+                && Instant::now() < deadline
+            {
+                std::hint::spin_loop();
+            }
+            let seen = SPINNERS_STARTED.load(Ordering::SeqCst) >= before + others;
+            (sum_of_squares_mod_7(), seen)
+        })
+    }
+
+    /// Every other thread of the pool spins through the step, which gives its result, whether
+    /// entered by `install`, `spawn` or from inside a join; nested calls and calls off a pool
+    /// just run; a panic inside ends the spinners and reaches the caller.
+    #[test]
+    fn the_other_threads_spin_through_a_step_and_stop_after_it() {
+        let expected: u64 = (0..100_000u64).map(|i| i * i % 7).sum();
         for threads in 1..=3 {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            for _ in 0..20 {
-                let got = pool.install(|| {
-                    with_pool_awake(|| {
-                        (0..100_000u32)
-                            .into_par_iter()
-                            .with_max_len(1000)
-                            .map(|i| u64::from(i) * u64::from(i) % 7)
-                            .sum::<u64>()
-                    })
-                });
+            for _ in 0..10 {
+                let (got, seen) = pool.install(|| step_seeing_spinners(threads - 1));
                 assert_eq!(got, expected, "{threads} threads");
+                assert!(seen, "{threads} threads: not every other thread spun");
             }
+            let (tx, rx) = std::sync::mpsc::channel();
+            pool.spawn(move || tx.send(step_seeing_spinners(threads - 1)).unwrap());
+            assert_eq!(
+                rx.recv().unwrap(),
+                (expected, true),
+                "spawned, {threads} threads"
+            );
+            let (joined, _) =
+                pool.install(|| rayon::join(|| with_pool_awake(sum_of_squares_mod_7), || 1));
+            assert_eq!(joined, expected, "inside a join, {threads} threads");
+            let nested = pool.install(|| with_pool_awake(|| with_pool_awake(sum_of_squares_mod_7)));
+            assert_eq!(nested, expected, "nested, {threads} threads");
             let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 pool.install(|| with_pool_awake(|| panic!("inside the step")))
             }));
             assert!(panicked.is_err(), "{threads} threads");
-            assert_eq!(pool.install(|| with_pool_awake(|| 5)), 5);
+            assert_eq!(
+                pool.install(|| step_seeing_spinners(threads - 1)),
+                (expected, true)
+            );
         }
         assert_eq!(with_pool_awake(|| 3), 3);
     }
