@@ -132,8 +132,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.idle_threads.run(|| {
             engine.node_gradient_into(params, epoch, &tree, tree.root(), &batches, &mut sum)?;
             epoch += 1; // fresh noise every step, as in training
-            // The coordinator's part, as it does it: the optimizer divides the summed gradient by the
-            // example count inside its own pass (no serial pass over the gradient first).
+            // The coordinator's part, as it does it: the optimizer divides the summed gradient
+            // by the example count inside its own pass (no serial pass over the gradient first).
             adam.step_scaled(params, &sum.grad, sum.stats.examples as f32, &mut state)?;
             Ok(())
         })
