@@ -1397,30 +1397,15 @@ impl UpdateJob {
             let (sum, stats) =
                 BlockwiseSum::new(&tree, received, params.len()).map_err(|e| e.to_string())?;
             let n = stats.examples.max(1) as f32;
-            let stepped = match (clip_norm, sum.single()) {
-                // The mean gradient is divided inside the optimizer's pass (same bits); a mirror
-                // is copied after.
-                (None, Some(grad)) if mirror.is_none() || !optimizer.steps_block_by_block() => {
-                    optimizer.step_scaled(&mut params, grad, n, &mut opt_state)
+            let stepped = match clip_norm {
+                // The mean gradient is divided inside the optimizer's pass (same bits). Adam
+                // reads the tree's top block by block (summed on the fly, or the one received
+                // gradient where it is) and writes each block's new values to the mirror from
+                // cache; SGD takes the whole gradient and the mirror is copied after.
+                None => {
+                    optimizer.step_scaled_from(&mut params, n, &mut opt_state, &sum, mirror.take())
                 }
-                // Read block by block, so Adam writes each block's new values to the mirror
-                // from cache.
-                (None, Some(grad)) => optimizer.step_scaled_from(
-                    &mut params,
-                    n,
-                    &mut opt_state,
-                    |range, out| out.copy_from_slice(&grad[range]),
-                    mirror.take(),
-                ),
-                // The tree's top summed block by block as the optimizer steps each block.
-                (None, None) => optimizer.step_scaled_from(
-                    &mut params,
-                    n,
-                    &mut opt_state,
-                    |range, out| sum.sum_into(range, out),
-                    mirror.take(),
-                ),
-                (Some(max), _) => {
+                Some(max) => {
                     let mut grad = vec![0.0; params.len()];
                     sum.sum_into(0..params.len(), &mut grad);
                     // Elementwise, so any split across threads gives the same bits.

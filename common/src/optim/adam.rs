@@ -12,11 +12,9 @@
 //! p <- p + (-step_size) * m / denom
 //! ```
 
-use std::ops::Range;
-
 use rayon::prelude::*;
 
-use super::{CHUNK, PARALLEL_MIN};
+use super::{CHUNK, GradientBlocks, PARALLEL_MIN};
 use crate::kernels::with_widest_vectors;
 
 /// One step's scalars, computed in f64 as Python floats and cast to f32 once, as PyTorch does
@@ -84,10 +82,9 @@ pub(super) fn step(
     }
 }
 
-/// [`step`] for a gradient made block by block: `grad_block(range, out)` writes the gradient's
-/// values `range` into `out`, once per block of [`CHUNK`] values (one block below
-/// [`PARALLEL_MIN`]), just before the block's step
-/// (the coordinator sums the reduction tree's top this way, `train::BlockwiseSum`). With a
+/// [`step`] for a gradient read block by block, asked for once per block of [`CHUNK`] values (one
+/// block below [`PARALLEL_MIN`]) just before the block's step (the coordinator sums the reduction
+/// tree's top this way, `train::BlockwiseSum`). With a
 /// `mirror` (as long as `params`), each block's new values are also copied there while they are
 /// in cache (the coordinator's parameter file for the workers on its host).
 pub(super) fn step_from(
@@ -95,16 +92,15 @@ pub(super) fn step_from(
     params: &mut [f32],
     exp_avg: &mut [f32],
     exp_avg_sq: &mut [f32],
-    grad_block: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    grad: &(impl GradientBlocks + ?Sized),
     mirror: Option<&mut [f32]>,
 ) {
     let block_step = |g: &mut Vec<f32>, c: usize, p: &mut [f32], m: &mut [f32], v: &mut [f32]| {
-        let g = &mut g[..p.len()];
-        grad_block(c * CHUNK..c * CHUNK + p.len(), g);
+        let g = grad.block(c * CHUNK..c * CHUNK + p.len(), g);
         kernel(s, p, g, m, v);
     };
     if params.len() < PARALLEL_MIN {
-        block_step(&mut vec![0.0; params.len()], 0, params, exp_avg, exp_avg_sq);
+        block_step(&mut Vec::new(), 0, params, exp_avg, exp_avg_sq);
         if let Some(mirror) = mirror {
             mirror.copy_from_slice(params);
         }
@@ -116,12 +112,9 @@ pub(super) fn step_from(
         .zip(exp_avg_sq.par_chunks_mut(CHUNK))
         .enumerate();
     match mirror {
-        None => blocks.for_each_init(
-            || vec![0.0; CHUNK],
-            |g, (c, ((p, m), v))| block_step(g, c, p, m, v),
-        ),
+        None => blocks.for_each_init(Vec::new, |g, (c, ((p, m), v))| block_step(g, c, p, m, v)),
         Some(mirror) => blocks.zip(mirror.par_chunks_mut(CHUNK)).for_each_init(
-            || vec![0.0; CHUNK],
+            Vec::new,
             |g, ((c, ((p, m), v)), out)| {
                 block_step(g, c, p, m, v);
                 out.copy_from_slice(p);

@@ -25,13 +25,13 @@
 
 mod adam;
 mod clip;
+mod gradient_blocks;
 mod sgd;
 mod state;
 
 pub use clip::clip_grad_norm;
+pub use gradient_blocks::GradientBlocks;
 pub use state::{Moments, OptimizerState};
-
-use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -105,14 +105,6 @@ impl OptimizerConfig {
             OptimizerConfig::Adam { .. } => "adam",
             OptimizerConfig::Sgd { .. } => "sgd",
         }
-    }
-
-    /// Whether [`Self::step_scaled_from`] steps block by block, asking for each gradient block
-    /// just before it and writing the mirror in the same pass (Adam). Otherwise (SGD) it makes
-    /// the whole gradient first and copies the mirror after, so a caller holding a whole
-    /// gradient gains nothing from it.
-    pub fn steps_block_by_block(&self) -> bool {
-        matches!(self, OptimizerConfig::Adam { .. })
     }
 
     /// The learning rate.
@@ -258,10 +250,10 @@ impl OptimizerConfig {
         Ok(())
     }
 
-    /// [`Self::step_scaled`] for a gradient of `params.len()` values made block by block:
-    /// `grad_block(range, out)` writes the values `range` into `out`. Adam asks for each block
-    /// just before stepping it, so a gradient summed on the fly is read once and stays in cache;
-    /// SGD gets the whole gradient first. The same bits as `step_scaled` on the same gradient.
+    /// [`Self::step_scaled`] for a gradient of `params.len()` values read block by block
+    /// ([`GradientBlocks`]). Adam asks for each block just before stepping it, so a gradient
+    /// summed on the fly is read once and stays in cache; SGD gets the whole gradient first. The
+    /// same bits as `step_scaled` on the same gradient.
     ///
     /// With a `mirror` (as long as `params`), the new parameters are also written there: by Adam
     /// block by block while they are in cache, saving the pass over memory that copying them
@@ -271,7 +263,7 @@ impl OptimizerConfig {
         params: &mut [f32],
         divisor: f32,
         state: &mut OptimizerState,
-        grad_block: impl Fn(Range<usize>, &mut [f32]) + Sync,
+        grad: &(impl GradientBlocks + ?Sized),
         mirror: Option<&mut [f32]>,
     ) -> Result<()> {
         if mirror.as_ref().is_some_and(|m| m.len() != params.len()) {
@@ -299,14 +291,14 @@ impl OptimizerConfig {
                 let step = state.step + 1;
                 let scalars = adam::Scalars::new(*lr, *beta1, *beta2, *eps, *weight_decay, step)
                     .with_divisor(divisor);
-                adam::step_from(&scalars, params, exp_avg, exp_avg_sq, grad_block, mirror);
+                adam::step_from(&scalars, params, exp_avg, exp_avg_sq, grad, mirror);
                 state.step = step;
                 Ok(())
             }
             _ => {
-                let mut grad = vec![0.0; params.len()];
-                grad_block(0..params.len(), &mut grad);
-                self.step_scaled(params, &grad, divisor, state)?;
+                let mut scratch = Vec::new();
+                let grad = grad.block(0..params.len(), &mut scratch);
+                self.step_scaled(params, grad, divisor, state)?;
                 if let Some(mirror) = mirror {
                     mirror.copy_from_slice(params);
                 }
@@ -319,9 +311,22 @@ impl OptimizerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ops::Range;
+
+    /// A gradient that is made in the scratch block by block, as a summed one is.
+    struct MadeInScratch<'a>(&'a [f32]);
+
+    impl GradientBlocks for MadeInScratch<'_> {
+        fn block<'a>(&'a self, range: Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+            scratch.clear();
+            scratch.extend_from_slice(&self.0[range]);
+            scratch
+        }
+    }
 
     /// `step_scaled_from` gives `step_scaled`'s bits, for both optimizers, at lengths below and
-    /// above the parallel threshold (with a partial last block), over several steps.
+    /// above the parallel threshold (with a partial last block), over several steps, whether it
+    /// reads the gradient where it is (with a mirror) or made block by block (without).
     #[test]
     fn a_gradient_made_block_by_block_steps_like_a_whole_one() {
         for config in [OptimizerConfig::adam(1e-3), OptimizerConfig::sgd(1e-2, 0.9)] {
@@ -346,7 +351,7 @@ mod tests {
                             &mut blocks,
                             3.0,
                             &mut blocks_state,
-                            |range, out| out.copy_from_slice(&grad[range]),
+                            &MadeInScratch(&grad),
                             None,
                         )
                         .unwrap();
@@ -356,7 +361,7 @@ mod tests {
                             &mut mirrored,
                             3.0,
                             &mut mirrored_state,
-                            |range, out| out.copy_from_slice(&grad[range]),
+                            grad.as_slice(),
                             Some(&mut mirror),
                         )
                         .unwrap();
@@ -382,7 +387,7 @@ mod tests {
                         &mut mirrored,
                         3.0,
                         &mut mirrored_state,
-                        |range, out| out.copy_from_slice(&grad[range]),
+                        grad.as_slice(),
                         Some(&mut short),
                     )
                     .unwrap_err();

@@ -16,6 +16,7 @@ use std::ops::Range;
 use super::gradient::GradientSum;
 use super::reduce::{Node, ReductionTree, TreeSum};
 use crate::model::BatchStats;
+use crate::optim::GradientBlocks;
 use crate::{Error, Result};
 
 /// The received gradients (in no particular order) and the tree's additions that sum them.
@@ -158,6 +159,18 @@ impl BlockwiseSum {
     }
 }
 
+/// The optimizer reads the sum block by block; a single received gradient where it is.
+impl GradientBlocks for BlockwiseSum {
+    fn block<'a>(&'a self, range: Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        if let Some(whole) = self.single() {
+            return &whole[range];
+        }
+        scratch.resize(range.len(), 0.0);
+        self.sum_into(range, scratch);
+        scratch
+    }
+}
+
 /// `out = left + right`, elementwise.
 fn add_to(out: &mut [f32], left: &[f32], right: &[f32]) {
     for ((out, &l), &r) in out.iter_mut().zip(left).zip(right) {
@@ -231,18 +244,24 @@ mod tests {
                 assert_eq!(got_stats, want.stats, "{shards} shards: the statistics");
                 assert_eq!(sum.single().is_some(), received.len() == 1);
                 for block in [1, 7, 64, len] {
-                    let mut got = vec![f32::NAN; len];
+                    // Summed into the caller's slice, and as the optimizer reads it (borrowed
+                    // or made in a scratch reused from block to block).
+                    let (mut got, mut read) = (vec![f32::NAN; len], Vec::new());
+                    let mut scratch = vec![f32::NAN; 3];
                     for start in (0..len).step_by(block) {
                         let range = start..(start + block).min(len);
-                        sum.sum_into(range.clone(), &mut got[range]);
+                        sum.sum_into(range.clone(), &mut got[range.clone()]);
+                        read.extend_from_slice(sum.block(range, &mut scratch));
                     }
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits(&got),
-                        bits(&want.grad),
-                        "{shards} shards, {} nodes, blocks of {block}",
-                        received.len()
-                    );
+                    for (how, got) in [("summed into", &got), ("read as blocks", &read)] {
+                        assert_eq!(
+                            bits(got),
+                            bits(&want.grad),
+                            "{shards} shards, {} nodes, blocks of {block}, {how}",
+                            received.len()
+                        );
+                    }
                 }
             }
         }
