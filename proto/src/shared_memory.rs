@@ -584,9 +584,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 ///   one lock, taken by the first and released by the last.
 /// - A write mapping is of a file no other process writes: the coordinator writes the parameter
 ///   files (under the exclusive lock above) and maps the workers' gradient files read-only; each
-///   worker writes only its own gradient file and maps the parameter files read-only. So its bytes may be lent out as
-///   `&mut [u8]`, borrowed from the `WriteMap` (never outliving or seeing a remap), to be written
-///   in place: other processes only read them, which changes nothing this process can observe.
+///   worker writes only its own gradient file and maps the parameter files read-only. So its
+///   bytes may be lent out as `&mut [u8]`, borrowed from the `WriteMap` (never outliving or
+///   seeing a remap), to be written in place: other processes only read them, which changes
+///   nothing this process can observe.
 ///   A process of the same user that wrote such a file anyway would race with this one's
 ///   borrow; like truncation, that is outside what the 0700 directory defends against (such a
 ///   process could equally kill or ptrace this one).

@@ -7,9 +7,9 @@ use std::ops::Range;
 /// before the block is stepped (the reduction tree's top summed on the fly,
 /// `train::BlockwiseSum`), so it is read once and stays in cache.
 pub trait GradientBlocks: Sync {
-    /// The gradient's values `range`: either where they already are, or written into `scratch`
-    /// (resized to `range.len()`; its allocation is reused from block to block) and returned
-    /// from there.
+    /// The gradient's values `range`: either where they already are, or written into the
+    /// start of `scratch` (grown if shorter than the range; it is reused from block to block)
+    /// and returned from there.
     fn block<'a>(&'a self, range: Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32];
 }
 

@@ -165,9 +165,13 @@ impl GradientBlocks for BlockwiseSum {
         if let Some(whole) = self.single() {
             return &whole[range];
         }
-        scratch.resize(range.len(), 0.0);
-        self.sum_into(range, scratch);
-        scratch
+        if scratch.len() < range.len() {
+            // A fresh zeroed allocation (`calloc`) rather than filling a grown one.
+            *scratch = vec![0.0; range.len()];
+        }
+        let out = &mut scratch[..range.len()];
+        self.sum_into(range, out);
+        out
     }
 }
 
