@@ -84,9 +84,9 @@ pub(super) fn step(
 
 /// [`step`] for a gradient read block by block, asked for once per block of [`CHUNK`] values (one
 /// block below [`PARALLEL_MIN`]) just before the block's step (the coordinator sums the reduction
-/// tree's top this way, `train::BlockwiseSum`). With a
-/// `mirror` (as long as `params`), each block's new values are also copied there while they are
-/// in cache (the coordinator's parameter file for the workers on its host).
+/// tree's top this way, `train::BlockwiseSum`). With a `mirror` (as long as `params`), each
+/// block's new values are also copied there while they are in cache (the coordinator's parameter
+/// file for the workers on its host).
 pub(super) fn step_from(
     s: &Scalars,
     params: &mut [f32],
