@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use common::optim::OptimizerConfig;
+use common::optim::{OptimizerConfig, clip_grad_norm};
 use common::train::{GradientSum, Node, ReductionTree, ShardPlan};
 use coordinator::state::{
     EpochTotals, HeartbeatAnswer, NodeResult, Output, Phase, Position, StateConfig, StateMachine,
@@ -1036,16 +1036,48 @@ fn ready_update(
     sm.take_update().expect("every node is in")
 }
 
+/// The first step by its definition, whole-vector pass by pass: the mean of one node's sum over
+/// every shard, clipped in place when asked, then the optimizer's step.
+fn first_step_by_definition(optimizer: &OptimizerConfig, clip_norm: Option<f64>) -> Vec<f32> {
+    let mut sm = machine_with(config(1));
+    let now = Instant::now();
+    let w = sm.register("w".into(), now);
+    let TaskDecision::Task(task) = sm.next_task(w, now) else {
+        panic!("no task");
+    };
+    let mut params = sm.params().to_vec();
+    let [(_, sum)] = <[_; 1]>::try_from(compute(&task, &params)).expect("one node");
+    let n = sum.stats.examples as f32;
+    let mut grad: Vec<f32> = sum.grad.iter().map(|g| g / n).collect();
+    if let Some(max) = clip_norm {
+        let norm = clip_grad_norm(&mut grad, max);
+        assert!(
+            norm > max,
+            "the test's gradient must be clipped (norm {norm})"
+        );
+    }
+    let mut state = optimizer.init_state(params.len());
+    optimizer.step(&mut params, &grad, &mut state).unwrap();
+    params
+}
+
 /// The parameters an update writes into a mirror (the workers' parameter file) are the ones it
 /// hands back, bit for bit, and the same as without a mirror, on every path: one node or a tree,
-/// with and without clipping, Adam and SGD. A mirror of the wrong length fails the update
-/// and changes nothing.
+/// with and without clipping, Adam and SGD; and they are the step's definition, computed pass by
+/// pass. A mirror of the wrong length fails the update and changes nothing.
 #[test]
 fn an_update_writes_the_same_parameters_into_its_mirror_on_every_path() {
     for optimizer in [OptimizerConfig::adam(0.01), OptimizerConfig::sgd(0.05, 0.9)] {
-        for clip_norm in [None, Some(0.5)] {
+        // 0.25 clips the test gradient (norm 0.4), so the coefficient is applied.
+        for clip_norm in [None, Some(0.25)] {
             // One node's single sum, which the tree's must equal.
             let one_node = ready_update(1, optimizer.clone(), clip_norm).run(None);
+            assert_eq!(
+                bits(&one_node.params),
+                bits(&first_step_by_definition(&optimizer, clip_norm)),
+                "{}, clip {clip_norm:?}: the definition",
+                optimizer.name()
+            );
             for workers in [1, 3] {
                 let case = format!(
                     "{workers} workers, {}, clip {clip_norm:?}",

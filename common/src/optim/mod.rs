@@ -29,7 +29,7 @@ mod gradient_blocks;
 mod sgd;
 mod state;
 
-pub use clip::clip_grad_norm;
+pub use clip::{Clipped, clip_grad_norm, fill_measuring_norm};
 pub use gradient_blocks::GradientBlocks;
 pub use state::{Moments, OptimizerState};
 
