@@ -68,9 +68,8 @@ pub const MAX_ABS_GRADIENT_PER_EXAMPLE: f32 = 1e15;
 /// so one integer maximum answers "all finite and within a bound?" for all three.
 ///
 /// Measured as a peer's gradient is copied in ([`Magnitude::copy_measuring`]), so checking the
-/// values needs no second pass over them: on a Sapphire Rapids-class Xeon a single-threaded pass
-/// over a 2.6 MB gradient in L3 took 0.17-0.20 ms of the coordinator's critical path
-/// (docs/scaling.md §17).
+/// values needs no second pass over them, which would read a 2.6 MB gradient from L3 again on the
+/// coordinator's critical path (docs/scaling.md §17, §20).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Magnitude(u32);
 
