@@ -234,9 +234,9 @@ mod tests {
     #[test]
     fn a_measuring_copy_copies_every_bit_and_finds_the_largest_value_on_every_path() {
         use crate::kernels::on_every_path;
-        // Lengths around the block size and the 2048-value piece, the largest value at every
-        // position class (first, inside a block, a block's last lane, the last piece), and
-        // every kind of outlier.
+        // Lengths around an AVX-512 vector (16 values) and the 2048-value piece, the largest
+        // value at every position class (first, inside a vector, a vector's last lane, the
+        // last piece), and every kind of outlier.
         for len in [0usize, 1, 15, 16, 17, 33, 1000, 2049, 2 * 65536 + 5] {
             for at in [0, 7, 15, 16, len.saturating_sub(1)] {
                 for big in [
