@@ -7,6 +7,16 @@ side by side and interleaved, then the target ratios.
     /path/to/venv/bin/python bench/distributed.py      # a Python that has torch: adds its rows
     python3 bench/distributed.py --rounds 1 --no-torch --json out.json -- --transport tcp
 
+Two builds against each other, interleaved (how docs/scaling.md measures each change: a few
+percent is lost in this table's round-to-round noise but shows in pairs run back to back):
+
+    git worktree add /tmp/base <rev>
+    (cd /tmp/base && CARGO_TARGET_DIR=/tmp/base-target cargo build --release -p worker -p coordinator)
+    mkdir -p /tmp/ab/old /tmp/ab/new
+    cp /tmp/base-target/release/{coordinator,worker} /tmp/ab/old/
+    cp target/release/{coordinator,worker} /tmp/ab/new/
+    python3 bench/distributed.py --ab /tmp/ab/old /tmp/ab/new --rounds 5 --rows coord_w1,coord_w4
+
 Arguments after `--` are passed to every `coordinator` run. Standard library only; the PyTorch
 rows run `--torch-script` with `--torch-python` (default: this interpreter) and are skipped when
 either is missing or has no torch. Each round runs every row once, so slow drift of a noisy
@@ -56,18 +66,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def engine(a, shards):
-    cmd = [os.path.join(a.bin_dir, "worker"), "bench", "--batch", "128", "--threads", "2",
+def engine(a, shards, bin_dir=None):
+    cmd = [os.path.join(bin_dir or a.bin_dir, "worker"), "bench", "--batch", "128", "--threads", "2",
            "--seconds", str(a.seconds), "--shards", str(shards)]
     rc, out = run(cmd, 120 + 4 * a.seconds)
     return (samples_per_s(out) if rc == 0 else None), {}, out
 
 
-def coordinator(a, workers):
+def coordinator(a, workers, bin_dir=None):
+    bin_dir = bin_dir or a.bin_dir
     with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
-        cmd = [os.path.join(a.bin_dir, "coordinator"), "--workers", str(workers), "--local",
+        cmd = [os.path.join(bin_dir, "coordinator"), "--workers", str(workers), "--local",
                "--epochs", str(a.epochs), "--iw-samples", "0", "--out", tmp] + a.coord_args
-        rc, out = run(cmd, a.timeout)
+        # The local workers are this build's, not whatever worker sits beside another coordinator.
+        env = dict(os.environ, VAE_WORKER_BIN=os.path.join(bin_dir, "worker"))
+        rc, out = run(cmd, a.timeout, env)
         if rc != 0:
             return None, {}, out
         with open(os.path.join(tmp, "summary.json")) as f:
@@ -85,6 +98,7 @@ def coordinator(a, workers):
         # ms per step of each part of the split
         split = {k: 1e3 * v / max(steps, 1) for k, v in totals.items()}
         split["steps"] = steps
+        split["fingerprint"] = summary.get("fingerprint", "")
         return float(summary["samples_per_s"]), split, out
 
 
@@ -131,6 +145,63 @@ def git_commit():
     return head + ("+dirty" if dirty else "")
 
 
+AB_ROWS = {
+    "engine_1shard": ("engine, 1 shard", lambda a, d: engine(a, 1, d)),
+    "engine_16shards": ("engine, 16 shards", lambda a, d: engine(a, 16, d)),
+    "coord_w1": ("1 worker", lambda a, d: coordinator(a, 1, d)),
+    "coord_w4": ("4 workers", lambda a, d: coordinator(a, 4, d)),
+}
+
+
+def compare(a):
+    """`--ab OLD NEW`: each row run with both builds back to back, the order swapped every round
+    so that a machine drifting one way favours neither; then per row the medians and in how many
+    rounds the new build was faster, and whether the two builds' fingerprints agree."""
+    old, new = a.ab
+    keys = [k.strip() for k in a.rows.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in AB_ROWS]
+    if unknown or not keys:
+        sys.exit(f"--rows: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(AB_ROWS)}")
+    for d in (old, new):
+        for b in ("worker", "coordinator"):
+            if not os.access(os.path.join(d, b), os.X_OK):
+                sys.exit(f"--ab: no {b} binary in {d}")
+    print(f"# A/B  {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}  cpu: {cpu_model()} x "
+          f"{os.cpu_count()}\n# old: {old}\n# new: {new}")
+    if a.coord_args:
+        print(f"# coordinator extra args: {' '.join(a.coord_args)}")
+    got = {k: {"old": [], "new": []} for k in keys}
+    prints = {k: {"old": set(), "new": set()} for k in keys}
+    for r in range(a.rounds):
+        for key in keys:
+            label, fn = AB_ROWS[key]
+            for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                value, split, out = fn(a, old if side == "old" else new)
+                got[key][side].append(value)
+                if split.get("fingerprint"):
+                    prints[key][side].add(split["fingerprint"])
+                parts = "  ".join(f"{k[:-2]} {split[k]:.3f}" for k in SPLIT_KEYS if k in split)
+                shown = f"{value:,.0f}" if value else "FAILED"
+                print(f"  round {r + 1}/{a.rounds}  {label:<18} {side:<3} {shown:>9} samples/s"
+                      f"  {parts + ' ms/step' if parts else ''}", flush=True)
+                if value is None or a.verbose:
+                    print("    " + "\n    ".join(out.strip().splitlines()[-15:]))
+    print(f"\n{'row':<20} {'old median':>11} {'new median':>11} {'new/old':>8}  new faster")
+    for key in keys:
+        o, n = got[key]["old"], got[key]["new"]
+        pairs = [(x, y) for x, y in zip(o, n) if x and y]
+        if not pairs:
+            print(f"{AB_ROWS[key][0]:<20} {'FAILED':>11}")
+            continue
+        mo, mn = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        faster = sum(y > x for x, y in pairs)
+        fp = prints[key]
+        same = ("" if not (fp["old"] or fp["new"]) else "  same fingerprint" if fp["old"] == fp["new"]
+                and len(fp["old"]) == 1 else "  FINGERPRINTS DIFFER: old " + ",".join(sorted(f[:8] for f in fp["old"]))
+                + " new " + ",".join(sorted(f[:8] for f in fp["new"])))
+        print(f"{AB_ROWS[key][0]:<20} {mo:>11,.0f} {mn:>11,.0f} {mn / mo:>7.3f}x  {faster} of {len(pairs)}{same}")
+
+
 def main():
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -149,12 +220,18 @@ def main():
     p.add_argument("--json", help="write the raw figures of every round here")
     p.add_argument("--commit", help="label of the binaries' source [default: this repository's HEAD]")
     p.add_argument("--verbose", action="store_true", help="print each command's output")
+    p.add_argument("--ab", nargs=2, metavar=("OLD_DIR", "NEW_DIR"),
+                   help="compare two builds (directories holding `coordinator` and `worker`), interleaved")
+    p.add_argument("--rows", default="coord_w1,coord_w4",
+                   help=f"with --ab, the rows to run, comma-separated: {', '.join(AB_ROWS)}")
     a = p.parse_args(argv)
     a.coord_args = shlex.split(a.coordinator_args) + extra
     a.torch_script = os.path.normpath(a.torch_script)
     commit = a.commit or git_commit()
     if a.rounds < 1:
         sys.exit("--rounds must be at least 1")
+    if a.ab:
+        return compare(a)
     for b in ("worker", "coordinator"):
         if not os.access(os.path.join(a.bin_dir, b), os.X_OK):
             sys.exit(f"no {b} binary in {a.bin_dir}: run `cargo build --release` first")
@@ -200,7 +277,8 @@ def main():
             continue
         parts = [s for s in splits[key] if s]
         names = [k for k in SPLIT_KEYS if parts and k in parts[0]]
-        names += [k for k in (parts[0] if parts else {}) if k not in names and k not in ("steps", "step_s")]
+        names += [k for k in (parts[0] if parts else {})
+                  if k not in names and k not in ("steps", "step_s", "fingerprint")]
         split = "  ".join(f"{k[:-2]} {statistics.median(s[k] for s in parts):.2f}" for k in names)
         if parts and "step_s" in parts[0]:
             split = f"step {statistics.median(s['step_s'] for s in parts):.2f} = " + split
