@@ -145,12 +145,29 @@ def git_commit():
     return head + ("+dirty" if dirty else "")
 
 
-AB_ROWS = {
-    "engine_1shard": ("engine, 1 shard", lambda a, d: engine(a, 1, d)),
-    "engine_16shards": ("engine, 16 shards", lambda a, d: engine(a, 16, d)),
-    "coord_w1": ("1 worker", lambda a, d: coordinator(a, 1, d)),
-    "coord_w4": ("4 workers", lambda a, d: coordinator(a, 4, d)),
+# Our rows: key -> (label, run(a, bin_dir)). The target table adds PyTorch's; --ab picks from these.
+OUR_ROWS = {
+    "engine_1shard": ("engine: worker bench, 2 threads, 1 shard", lambda a, d: engine(a, 1, d)),
+    "engine_16shards": ("engine: worker bench, 2 threads, 16 shards", lambda a, d: engine(a, 16, d)),
+    "coord_w1": ("coordinator --workers 1 --local", lambda a, d: coordinator(a, 1, d)),
+    "coord_w4": ("coordinator --workers 4 --local", lambda a, d: coordinator(a, 4, d)),
 }
+
+
+def require_binaries(bin_dir, hint):
+    for b in ("worker", "coordinator"):
+        if not os.access(os.path.join(bin_dir, b), os.X_OK):
+            sys.exit(f"no {b} binary in {bin_dir}{hint}")
+
+
+def fingerprint_verdict(old, new):
+    """Whether two builds' runs of one row agree: one fingerprint each, the same."""
+    if not (old or new):
+        return ""
+    if old == new and len(old) == 1:
+        return "  same fingerprint"
+    short = lambda prints: ",".join(sorted(f[:8] for f in prints))
+    return f"  FINGERPRINTS DIFFER: old {short(old)} new {short(new)}"
 
 
 def compare(a):
@@ -159,13 +176,11 @@ def compare(a):
     rounds the new build was faster, and whether the two builds' fingerprints agree."""
     old, new = a.ab
     keys = [k.strip() for k in a.rows.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in AB_ROWS]
+    unknown = [k for k in keys if k not in OUR_ROWS]
     if unknown or not keys:
-        sys.exit(f"--rows: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(AB_ROWS)}")
+        sys.exit(f"--rows: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(OUR_ROWS)}")
     for d in (old, new):
-        for b in ("worker", "coordinator"):
-            if not os.access(os.path.join(d, b), os.X_OK):
-                sys.exit(f"--ab: no {b} binary in {d}")
+        require_binaries(d, " (--ab)")
     print(f"# A/B  {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M:%S %z}  cpu: {cpu_model()} x "
           f"{os.cpu_count()}\n# old: {old}\n# new: {new}")
     if a.coord_args:
@@ -174,7 +189,7 @@ def compare(a):
     prints = {k: {"old": set(), "new": set()} for k in keys}
     for r in range(a.rounds):
         for key in keys:
-            label, fn = AB_ROWS[key]
+            label, fn = OUR_ROWS[key]
             for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
                 value, split, out = fn(a, old if side == "old" else new)
                 got[key][side].append(value)
@@ -182,24 +197,21 @@ def compare(a):
                     prints[key][side].add(split["fingerprint"])
                 parts = "  ".join(f"{k[:-2]} {split[k]:.3f}" for k in SPLIT_KEYS if k in split)
                 shown = f"{value:,.0f}" if value else "FAILED"
-                print(f"  round {r + 1}/{a.rounds}  {label:<18} {side:<3} {shown:>9} samples/s"
+                print(f"  round {r + 1}/{a.rounds}  {label:<44} {side:<3} {shown:>9} samples/s"
                       f"  {parts + ' ms/step' if parts else ''}", flush=True)
                 if value is None or a.verbose:
                     print("    " + "\n    ".join(out.strip().splitlines()[-15:]))
-    print(f"\n{'row':<20} {'old median':>11} {'new median':>11} {'new/old':>8}  new faster")
+    print(f"\n{'row':<44} {'old median':>11} {'new median':>11} {'new/old':>8}  new faster")
     for key in keys:
         o, n = got[key]["old"], got[key]["new"]
         pairs = [(x, y) for x, y in zip(o, n) if x and y]
         if not pairs:
-            print(f"{AB_ROWS[key][0]:<20} {'FAILED':>11}")
+            print(f"{OUR_ROWS[key][0]:<44} {'FAILED':>11}")
             continue
         mo, mn = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
         faster = sum(y > x for x, y in pairs)
-        fp = prints[key]
-        same = ("" if not (fp["old"] or fp["new"]) else "  same fingerprint" if fp["old"] == fp["new"]
-                and len(fp["old"]) == 1 else "  FINGERPRINTS DIFFER: old " + ",".join(sorted(f[:8] for f in fp["old"]))
-                + " new " + ",".join(sorted(f[:8] for f in fp["new"])))
-        print(f"{AB_ROWS[key][0]:<20} {mo:>11,.0f} {mn:>11,.0f} {mn / mo:>7.3f}x  {faster} of {len(pairs)}{same}")
+        same = fingerprint_verdict(prints[key]["old"], prints[key]["new"])
+        print(f"{OUR_ROWS[key][0]:<44} {mo:>11,.0f} {mn:>11,.0f} {mn / mo:>7.3f}x  {faster} of {len(pairs)}{same}")
 
 
 def main():
@@ -223,7 +235,7 @@ def main():
     p.add_argument("--ab", nargs=2, metavar=("OLD_DIR", "NEW_DIR"),
                    help="compare two builds (directories holding `coordinator` and `worker`), interleaved")
     p.add_argument("--rows", default="coord_w1,coord_w4",
-                   help=f"with --ab, the rows to run, comma-separated: {', '.join(AB_ROWS)}")
+                   help=f"with --ab, the rows to run, comma-separated: {', '.join(OUR_ROWS)}")
     a = p.parse_args(argv)
     a.coord_args = shlex.split(a.coordinator_args) + extra
     a.torch_script = os.path.normpath(a.torch_script)
@@ -232,15 +244,10 @@ def main():
         sys.exit("--rounds must be at least 1")
     if a.ab:
         return compare(a)
-    for b in ("worker", "coordinator"):
-        if not os.access(os.path.join(a.bin_dir, b), os.X_OK):
-            sys.exit(f"no {b} binary in {a.bin_dir}: run `cargo build --release` first")
+    require_binaries(a.bin_dir, ": run `cargo build --release` first")
 
     have_torch, torch_note = torch_available(a)
-    rows = [("engine_1shard", "engine: worker bench, 2 threads, 1 shard", lambda: engine(a, 1)),
-            ("engine_16shards", "engine: worker bench, 2 threads, 16 shards", lambda: engine(a, 16)),
-            ("coord_w1", "coordinator --workers 1 --local", lambda: coordinator(a, 1)),
-            ("coord_w4", "coordinator --workers 4 --local", lambda: coordinator(a, 4))]
+    rows = [(key, label, lambda fn=fn: fn(a, None)) for key, (label, fn) in OUR_ROWS.items()]
     if have_torch:
         rows += [("torch_2t", "PyTorch, 2 threads, batch 128", lambda: torch_row(a, "speed")),
                  ("torch_ddp4", "PyTorch DDP gloo, 4 procs x 1 thread x 32", lambda: torch_row(a, "ddp"))]
