@@ -5,6 +5,7 @@
 //! gRPC; [`run`] loads data, serves, spawns local workers and writes the outputs.
 
 pub mod assignment;
+pub mod checkpoint_writer;
 pub mod cli;
 pub mod config;
 pub mod config_file;

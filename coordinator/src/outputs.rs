@@ -361,11 +361,12 @@ fn io_error(path: &Path, e: std::io::Error) -> Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use common::optim::OptimizerConfig;
 
-    fn checkpoint(global_step: u64) -> Checkpoint {
+    /// A small Adam checkpoint at `global_step` (its parameters all equal to the step).
+    pub(crate) fn checkpoint(global_step: u64) -> Checkpoint {
         let optimizer = OptimizerConfig::adam(1e-3);
         Checkpoint {
             params: vec![global_step as f32; 8],

@@ -13,6 +13,7 @@ use proto::credentials::Token;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use crate::checkpoint_writer::CheckpointWriter;
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::gate::{Gate, GateLayer, SMALL_REQUEST_BYTES};
@@ -573,6 +574,7 @@ pub async fn serve(
         prometheus,
         throughput: Throughput::default(),
         checkpointed,
+        checkpoints: CheckpointWriter::default(),
     };
     let ended = driver
         .drive(&mut signals, &mut run_time, &mut run_examples)
@@ -887,6 +889,18 @@ struct Driver<'a> {
     /// The global step of the newest checkpoint file, when this process wrote it or resumed
     /// from it: a stop at that step writes no copy (which would rotate the previous one away).
     checkpointed: Option<u64>,
+    /// The periodic checkpoint being written while training goes on.
+    checkpoints: CheckpointWriter,
+}
+
+/// Whether a checkpoint must be on disk before the run goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    /// Written while training goes on (periodic and end-of-epoch checkpoints): the next
+    /// checkpoint, or the end of the run, waits for it.
+    Later,
+    /// On disk before this returns (a stop or a failure ends the run with it).
+    Now,
 }
 
 impl Driver<'_> {
@@ -899,6 +913,27 @@ impl Driver<'_> {
     /// the last applied update. An epoch that has just ended is evaluated and recorded first (its
     /// position is already the next epoch's), and a run that has just finished finishes.
     async fn drive(
+        &mut self,
+        signals: &mut StopSignals,
+        run_time: &mut TimeSplit,
+        run_examples: &mut u64,
+    ) -> Result<Ended> {
+        let ended = self.drive_steps(signals, run_time, run_examples).await;
+        // However the run ended, a checkpoint still being written is waited for: its error fails
+        // a run that would otherwise have succeeded.
+        let written = self.finish_checkpoint().await;
+        match (ended, written) {
+            (Ok(ended), Ok(())) => Ok(ended),
+            (Ok(_), Err(e)) => Err(e),
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(also)) => {
+                tracing::error!("the last periodic checkpoint failed too: {also}");
+                Err(e)
+            }
+        }
+    }
+
+    async fn drive_steps(
         &mut self,
         signals: &mut StopSignals,
         run_time: &mut TimeSplit,
@@ -1033,7 +1068,10 @@ impl Driver<'_> {
                     }
                     // Stopping: the stop's own checkpoint follows.
                     Output::CheckpointDue if stop.is_some() => {}
-                    Output::CheckpointDue => self.checkpoint(*run_time, *run_examples).await?,
+                    Output::CheckpointDue => {
+                        self.checkpoint(*run_time, *run_examples, Durable::Later)
+                            .await?
+                    }
                     Output::Finished => {
                         let heldout = self.last_heldout.ok_or_else(|| {
                             Error::Training("finished without an evaluation".into())
@@ -1044,7 +1082,8 @@ impl Driver<'_> {
                         });
                     }
                     Output::Failed(reason) => {
-                        self.checkpoint(*run_time, *run_examples).await?;
+                        self.checkpoint(*run_time, *run_examples, Durable::Now)
+                            .await?;
                         return Err(Error::Training(format!(
                             "{reason} (checkpoint in {})",
                             self.config.out.join(outputs::CHECKPOINT_FILE).display()
@@ -1063,8 +1102,10 @@ impl Driver<'_> {
                     // Unless the newest is of this very step (an epoch's end, or nothing
                     // trained since the resume).
                     let step = self.shared.state().position().global_step;
+                    self.finish_checkpoint().await?;
                     if self.checkpointed != Some(step) {
-                        self.checkpoint(*run_time, *run_examples).await?;
+                        self.checkpoint(*run_time, *run_examples, Durable::Now)
+                            .await?;
                     }
                     return Ok(Ended::Stopped(signal));
                 }
@@ -1204,10 +1245,18 @@ impl Driver<'_> {
             .epoch(&metrics, eval_started.elapsed().as_secs_f64());
         self.shared.state().finish_evaluation(Instant::now());
         self.shared.notify();
-        self.checkpoint(*run_time, *run_examples).await
+        self.checkpoint(*run_time, *run_examples, Durable::Later)
+            .await
     }
 
-    async fn checkpoint(&mut self, run_time: TimeSplit, run_examples: u64) -> Result<()> {
+    /// Snapshots the parameters, optimizer state and position, and writes them as a checkpoint:
+    /// in the background for [`Durable::Later`] (after the previous write has finished).
+    async fn checkpoint(
+        &mut self,
+        run_time: TimeSplit,
+        run_examples: u64,
+        durable: Durable,
+    ) -> Result<()> {
         let checkpoint = {
             let state = self.shared.state();
             let position = state.position();
@@ -1228,13 +1277,29 @@ impl Driver<'_> {
                 metrics_history: self.history.clone(),
             }
         };
-        let (dir, global_step) = (self.config.out.clone(), checkpoint.global_step);
-        tokio::task::spawn_blocking(move || outputs::save_checkpoint(&dir, &checkpoint))
-            .await
-            .map_err(|e| Error::Io(format!("checkpoint writer panicked: {e}")))??;
-        self.checkpointed = Some(global_step);
-        self.prometheus.checkpoint_written();
+        let written = self
+            .checkpoints
+            .start(self.config.out.clone(), checkpoint)
+            .await?;
+        self.note_written(written);
+        if durable == Durable::Now {
+            self.finish_checkpoint().await?;
+        }
         Ok(())
+    }
+
+    /// Waits for the checkpoint being written, if any.
+    async fn finish_checkpoint(&mut self) -> Result<()> {
+        let written = self.checkpoints.finish().await?;
+        self.note_written(written);
+        Ok(())
+    }
+
+    fn note_written(&mut self, written: Option<u64>) {
+        if let Some(global_step) = written {
+            self.checkpointed = Some(global_step);
+            self.prometheus.checkpoint_written();
+        }
     }
 }
 
