@@ -39,7 +39,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use common::train::Magnitude;
 use mapping::{FrozenMap, Lease, LockedMap, ReadMap, WriteMap};
@@ -67,8 +67,10 @@ pub struct SharedDir {
     dir: PathBuf,
     probe: Vec<u8>,
     params: Mutex<ParamFiles>,
-    /// Each attached worker's gradient file, mapped on first use.
-    gradients: Mutex<HashMap<u64, ReadMap>>,
+    /// Each attached worker's gradient file, mapped on first use. Locked one by one, so that
+    /// several workers' gradients are copied out at once (the table's lock is held only to find
+    /// a file).
+    gradients: Mutex<HashMap<u64, Arc<Mutex<ReadMap>>>>,
     /// The shard files (locked while one is written, so each is written once).
     shards: Mutex<ShardFiles>,
 }
@@ -208,15 +210,14 @@ impl SharedDir {
         len: u64,
         out: &mut Vec<f32>,
     ) -> io::Result<Magnitude> {
-        let mut maps = lock(&self.gradients);
-        let map = match maps.entry(worker) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        let map = match lock(&self.gradients).entry(worker) {
+            std::collections::hash_map::Entry::Occupied(e) => Arc::clone(e.get()),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let file = File::open(self.dir.join(gradient_file(worker)))?;
-                e.insert(ReadMap::new(file))
+                Arc::clone(e.insert(Arc::new(Mutex::new(ReadMap::new(file)))))
             }
         };
-        read_region(map, offset, len, out)
+        read_region(&mut lock(&map), offset, len, out)
     }
 
     /// Makes sure `shard`'s file holds its examples (`values`, written only the first time),
