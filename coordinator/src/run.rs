@@ -1082,12 +1082,16 @@ impl Driver<'_> {
                         });
                     }
                     Output::Failed(reason) => {
-                        self.checkpoint(*run_time, *run_examples, Durable::Now)
-                            .await?;
-                        return Err(Error::Training(format!(
-                            "{reason} (checkpoint in {})",
-                            self.config.out.join(outputs::CHECKPOINT_FILE).display()
-                        )));
+                        // The failure's reason is the error, whether or not its checkpoint
+                        // could be written.
+                        let saved = self.last_checkpoint(*run_time, *run_examples).await;
+                        return Err(Error::Training(match saved {
+                            Ok(()) => format!(
+                                "{reason} (checkpoint in {})",
+                                self.config.out.join(outputs::CHECKPOINT_FILE).display()
+                            ),
+                            Err(e) => format!("{reason} (no checkpoint of it: {e})"),
+                        }));
                     }
                 }
             }
@@ -1102,10 +1106,9 @@ impl Driver<'_> {
                     // Unless the newest is of this very step (an epoch's end, or nothing
                     // trained since the resume).
                     let step = self.shared.state().position().global_step;
-                    self.finish_checkpoint().await?;
+                    self.finish_earlier_checkpoint().await;
                     if self.checkpointed != Some(step) {
-                        self.checkpoint(*run_time, *run_examples, Durable::Now)
-                            .await?;
+                        self.last_checkpoint(*run_time, *run_examples).await?;
                     }
                     return Ok(Ended::Stopped(signal));
                 }
@@ -1286,6 +1289,20 @@ impl Driver<'_> {
             self.finish_checkpoint().await?;
         }
         Ok(())
+    }
+
+    /// The checkpoint a stop or a failure ends the run with, on disk when this returns. An
+    /// earlier write that failed does not keep it from being written (the error is logged).
+    async fn last_checkpoint(&mut self, run_time: TimeSplit, run_examples: u64) -> Result<()> {
+        self.finish_earlier_checkpoint().await;
+        self.checkpoint(run_time, run_examples, Durable::Now).await
+    }
+
+    /// Waits for the checkpoint being written, if any; its error is logged, not returned.
+    async fn finish_earlier_checkpoint(&mut self) {
+        if let Err(e) = self.finish_checkpoint().await {
+            tracing::warn!("the previous checkpoint was not written: {e}");
+        }
     }
 
     /// Waits for the checkpoint being written, if any.
