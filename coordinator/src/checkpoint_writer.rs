@@ -39,7 +39,13 @@ impl CheckpointWriter {
         let global_step = checkpoint.global_step;
         let write = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            outputs::save_checkpoint(&dir, &checkpoint)?;
+            outputs::save_checkpoint(&dir, &checkpoint).map_err(|e| {
+                Error::Io(format!(
+                    "the checkpoint of global step {global_step} could not be written ({e}); \
+                     the newest one written before it is still in {}",
+                    dir.display()
+                ))
+            })?;
             tracing::debug!(
                 "checkpoint of global step {global_step} written in {:.1} ms",
                 started.elapsed().as_secs_f64() * 1e3

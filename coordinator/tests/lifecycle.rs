@@ -1,7 +1,8 @@
 //! A run's life in `--out` (issue 10): SIGTERM and SIGINT stop it with a checkpoint and a distinct
 //! exit status, and `--resume` then ends with the uninterrupted fingerprint; a truncated newest
-//! checkpoint falls back to the previous one; a finished run whose model is missing gets it on
-//! `--resume`; a fresh run refuses a directory holding another run unless `--force`.
+//! checkpoint falls back to the previous one; a checkpoint that cannot be written fails the run; a
+//! finished run whose model is missing gets it on `--resume`; a fresh run refuses a directory
+//! holding another run unless `--force`.
 
 mod common;
 
@@ -144,6 +145,49 @@ fn a_truncated_newest_checkpoint_resumes_from_the_previous_one() {
         ::common::formats::Checkpoint::load(kept)
             .unwrap_or_else(|e| panic!("{} is kept readable: {e}", kept.display()));
     }
+}
+
+/// Checkpoints are written beside training, but one that cannot be written still fails the run,
+/// with an error naming the file, and leaves the newest one in place. Here the previous
+/// checkpoint's name becomes a directory mid-run, so the newest cannot be rotated into it.
+#[test]
+fn a_checkpoint_that_cannot_be_written_fails_the_run_naming_the_file() {
+    let out = tempfile::tempdir().unwrap();
+    let (newest, prev) = (
+        out.path().join("checkpoint.safetensors"),
+        out.path().join("checkpoint.prev.safetensors"),
+    );
+    let mut c = Coordinator::start(out.path(), &long_run(&[]));
+    wait_for_file(&newest, &mut c);
+    // The writer renames the newest onto `prev` every 5 steps: retry until the directory wins.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = std::fs::remove_file(&prev);
+        if std::fs::create_dir(&prev).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no directory at {}",
+            prev.display()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::fs::write(prev.join("in-the-way"), b"").unwrap();
+    let (ok, log) = c.finish(Duration::from_secs(240));
+    assert!(
+        !ok,
+        "the run ended well without its checkpoints; log:\n{log}"
+    );
+    assert!(
+        log.contains("could not be written")
+            && log.contains("checkpoint.prev.safetensors: Is a directory"),
+        "the error names the file; log:\n{log}"
+    );
+    assert!(
+        newest.is_file() && !out.path().join("summary.json").exists(),
+        "log:\n{log}"
+    );
 }
 
 #[test]
