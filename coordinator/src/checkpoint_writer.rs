@@ -8,8 +8,9 @@
 //!
 //! At most one write is in flight: each rotates the newest file into the previous one's place,
 //! so two at once could leave the older snapshot newest. A write's error surfaces when the next
-//! checkpoint starts or when the run ends ([`CheckpointWriter::finish`]), failing the run then;
-//! the files on disk are whole either way (each is written to a temporary name and renamed).
+//! checkpoint starts or when the run ends ([`CheckpointWriter::finish`]); the driver then writes
+//! the snapshot it holds and fails the run (a stop or a failure only logs it and writes its own).
+//! Every file on disk is whole (each is written to a temporary name and renamed).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,7 +43,7 @@ impl CheckpointWriter {
             outputs::save_checkpoint(&dir, &checkpoint).map_err(|e| {
                 Error::Io(format!(
                     "the checkpoint of global step {global_step} could not be written ({e}); \
-                     the newest one written before it is still in {}",
+                     --resume continues from the newest readable checkpoint in {}, if any",
                     dir.display()
                 ))
             })?;
@@ -113,8 +114,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            err.to_string().contains("no-such-directory"),
-            "the error names the path: {err}"
+            err.to_string().contains("global step 1")
+                && err.to_string().contains("No such file or directory"),
+            "the error names the step and the cause: {err}"
         );
         // The failed write is consumed; the writer goes on.
         writer

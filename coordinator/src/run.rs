@@ -927,7 +927,7 @@ impl Driver<'_> {
             (Ok(_), Err(e)) => Err(e),
             (Err(e), Ok(())) => Err(e),
             (Err(e), Err(also)) => {
-                tracing::error!("the last periodic checkpoint failed too: {also}");
+                tracing::error!("the last checkpoint write failed too: {also}");
                 Err(e)
             }
         }
@@ -1280,15 +1280,25 @@ impl Driver<'_> {
                 metrics_history: self.history.clone(),
             }
         };
+        // A write that failed in the background fails the run, but only after this snapshot is
+        // on disk: the steps since that write are not lost with it.
+        let earlier = self.finish_checkpoint().await;
         let written = self
             .checkpoints
             .start(self.config.out.clone(), checkpoint)
             .await?;
         self.note_written(written);
-        if durable == Durable::Now {
-            self.finish_checkpoint().await?;
+        if durable == Durable::Later && earlier.is_ok() {
+            return Ok(());
         }
-        Ok(())
+        match (earlier, self.finish_checkpoint().await) {
+            (Ok(()), now) => now,
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(also)) => {
+                tracing::error!("{also}");
+                Err(e)
+            }
+        }
     }
 
     /// The checkpoint a stop or a failure ends the run with, on disk when this returns. An

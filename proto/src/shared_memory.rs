@@ -273,7 +273,9 @@ impl SharedDir {
 
     /// Removes an attached worker's gradient file (the worker is gone).
     pub fn forget(&self, worker: u64) {
-        lock(&self.gradients).remove(&worker);
+        // Under the table's lock, so a read cannot map the file again between the two.
+        let mut maps = lock(&self.gradients);
+        maps.remove(&worker);
         let _ = fs::remove_file(self.dir.join(gradient_file(worker)));
     }
 }
