@@ -7,9 +7,10 @@
 //! default model: docs/scaling.md §21).
 //!
 //! At most one write is in flight: each rotates the newest file into the previous one's place,
-//! so two at once could leave the older snapshot newest. A write's error surfaces when the next
-//! checkpoint starts or when the run ends ([`CheckpointWriter::finish`]); the driver then writes
-//! the snapshot it holds and fails the run (a stop or a failure only logs it and writes its own).
+//! so two at once could leave the older snapshot newest. The driver looks for an ended write
+//! ([`CheckpointWriter::write_done`]) each time it wakes, and waits for the write in flight before
+//! the next checkpoint and at the end of the run; a write's error then fails the run, after the
+//! newest snapshot is written (a stop or a failure only logs it and writes its own).
 //! Every file on disk is whole (each is written to a temporary name and renamed).
 
 use std::path::PathBuf;
@@ -57,6 +58,14 @@ impl CheckpointWriter {
         Ok(done)
     }
 
+    /// Whether a write was started and has ended (well or not): [`CheckpointWriter::finish`]
+    /// then returns at once.
+    pub fn write_done(&self) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_some_and(|f| f.write.is_finished())
+    }
+
     /// Waits for the write in flight; returns its global step once it is on disk (`None` when
     /// nothing was in flight), or its error.
     pub async fn finish(&mut self) -> Result<Option<u64>> {
@@ -79,6 +88,7 @@ mod tests {
     async fn each_write_completes_before_the_next_starts_and_the_newest_wins() {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = CheckpointWriter::default();
+        assert!(!writer.write_done(), "nothing started");
         assert_eq!(writer.finish().await.unwrap(), None);
         assert_eq!(
             writer
@@ -94,7 +104,11 @@ mod tests {
                 .unwrap(),
             Some(1)
         );
+        while !writer.write_done() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         assert_eq!(writer.finish().await.unwrap(), Some(2));
+        assert!(!writer.write_done(), "nothing in flight");
         assert_eq!(writer.finish().await.unwrap(), None);
         let loaded = outputs::load_checkpoint(dir.path()).unwrap().unwrap();
         assert_eq!(loaded.checkpoint.global_step, 2);

@@ -1095,6 +1095,21 @@ impl Driver<'_> {
                     }
                 }
             }
+            // A background write that failed fails the run now (at the driver's next wake-up,
+            // 200 ms at most), not at the next checkpoint, which may be an epoch away: with the
+            // snapshot in hand written first. A stop reports it below.
+            if stop.is_none()
+                && self.checkpoints.write_done()
+                && let Err(e) = self.finish_checkpoint().await
+            {
+                if let Err(also) = self
+                    .checkpoint(*run_time, *run_examples, Durable::Now)
+                    .await
+                {
+                    tracing::error!("{also}");
+                }
+                return Err(e);
+            }
             if let Some(signal) = stop {
                 // Evaluating: an ended epoch's outputs are still to be drained; Finished and
                 // Failed: so are those that end the run.
