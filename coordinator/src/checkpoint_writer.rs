@@ -34,10 +34,10 @@ struct InFlight {
 }
 
 impl CheckpointWriter {
-    /// Waits for the write in flight, then starts writing `checkpoint` into `dir`. Returns the
-    /// global step of the write that completed meanwhile, if one did.
+    /// Waits for the write in flight, then starts writing `checkpoint` into `dir` whatever became
+    /// of it. Returns how that earlier write ended, as [`CheckpointWriter::finish`] does.
     pub async fn start(&mut self, dir: PathBuf, checkpoint: Checkpoint) -> Result<Option<u64>> {
-        let done = self.finish().await?;
+        let earlier = self.finish().await;
         let global_step = checkpoint.global_step;
         let write = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
@@ -55,7 +55,7 @@ impl CheckpointWriter {
             Ok(())
         });
         self.in_flight = Some(InFlight { global_step, write });
-        Ok(done)
+        earlier
     }
 
     /// Whether a write was started and has ended (well or not): [`CheckpointWriter::finish`]

@@ -921,16 +921,7 @@ impl Driver<'_> {
         let ended = self.drive_steps(signals, run_time, run_examples).await;
         // However the run ended, a checkpoint still being written is waited for: its error fails
         // a run that would otherwise have succeeded.
-        let written = self.finish_checkpoint().await;
-        match (ended, written) {
-            (Ok(ended), Ok(())) => Ok(ended),
-            (Ok(_), Err(e)) => Err(e),
-            (Err(e), Ok(())) => Err(e),
-            (Err(e), Err(also)) => {
-                tracing::error!("the last checkpoint write failed too: {also}");
-                Err(e)
-            }
-        }
+        first_error(ended, self.finish_checkpoint().await)
     }
 
     async fn drive_steps(
@@ -1297,23 +1288,15 @@ impl Driver<'_> {
         };
         // A write that failed in the background fails the run, but only after this snapshot is
         // on disk: the steps since that write are not lost with it.
-        let earlier = self.finish_checkpoint().await;
-        let written = self
+        let earlier = self
             .checkpoints
             .start(self.config.out.clone(), checkpoint)
-            .await?;
-        self.note_written(written);
+            .await
+            .map(|written| self.note_written(written));
         if durable == Durable::Later && earlier.is_ok() {
             return Ok(());
         }
-        match (earlier, self.finish_checkpoint().await) {
-            (Ok(()), now) => now,
-            (Err(e), Ok(())) => Err(e),
-            (Err(e), Err(also)) => {
-                tracing::error!("{also}");
-                Err(e)
-            }
-        }
+        first_error(earlier, self.finish_checkpoint().await)
     }
 
     /// The checkpoint a stop or a failure ends the run with, on disk when this returns. An
@@ -1341,6 +1324,18 @@ impl Driver<'_> {
         if let Some(global_step) = written {
             self.checkpointed = Some(global_step);
             self.prometheus.checkpoint_written();
+        }
+    }
+}
+
+/// `first`, unless it is Ok and `then` is not; a second error is logged.
+fn first_error<T>(first: Result<T>, then: Result<()>) -> Result<T> {
+    match (first, then) {
+        (Ok(value), then) => then.map(|()| value),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(also)) => {
+            tracing::error!("{also}");
+            Err(e)
         }
     }
 }
