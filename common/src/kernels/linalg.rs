@@ -25,6 +25,10 @@
 //! ndarray, faster here, and every piece's result is independent of any thread setting.
 //! `matrixmultiply` needs its default `avx512` feature, which ndarray turns off: `common` depends
 //! on it directly to turn it back on.
+//!
+//! On AVX-512 CPUs the engine's f32 pieces (`alpha` 1, `beta` 0 or 1, rows contiguous) go to
+//! kernels of our own instead (`gemm_avx512.rs`), which read the weights in place rather than
+//! re-packing them for every piece, and give `matrixmultiply`'s bits exactly.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
@@ -78,7 +82,7 @@ pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: 
     let (axis, len) = if n >= m { (Axis(1), n) } else { (Axis(0), m) };
     let chunk = piece_len(m, n, k, len);
     if chunk >= len {
-        general_mat_mul(alpha, &a, &b, beta, &mut c);
+        product(alpha, &a, &b, beta, &mut c);
         return;
     }
     if axis == Axis(1) {
@@ -88,7 +92,7 @@ pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: 
             .collect();
         pieces
             .into_par_iter()
-            .for_each(|(b, mut c)| general_mat_mul(alpha, &a, &b, beta, &mut c));
+            .for_each(|(b, mut c)| product(alpha, &a, &b, beta, &mut c));
     } else {
         let pieces: Vec<_> = a
             .axis_chunks_iter(Axis(0), chunk)
@@ -96,7 +100,23 @@ pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: 
             .collect();
         pieces
             .into_par_iter()
-            .for_each(|(a, mut c)| general_mat_mul(alpha, &a, &b, beta, &mut c));
+            .for_each(|(a, mut c)| product(alpha, &a, &b, beta, &mut c));
+    }
+}
+
+/// One piece: the type's own kernel where it has one for this case (f32 on AVX-512, `alpha` 1,
+/// `beta` 0 or 1: the engine's products), else `matrixmultiply`. Both give the same bits.
+fn product<T: Float>(
+    alpha: T,
+    a: &ArrayView2<T>,
+    b: &ArrayView2<T>,
+    beta: T,
+    c: &mut ArrayViewMut2<T>,
+) {
+    let accumulate = beta == T::one();
+    let fast = alpha == T::one() && (accumulate || beta == T::zero());
+    if !(fast && T::product_fast_path(a, b, accumulate, c)) {
+        general_mat_mul(alpha, a, b, beta, c);
     }
 }
 

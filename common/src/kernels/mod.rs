@@ -7,6 +7,8 @@
 
 mod awake;
 mod elementwise;
+#[cfg(target_arch = "x86_64")]
+mod gemm_avx512;
 mod linalg;
 mod scalar;
 mod tree_gemm;

@@ -8,7 +8,7 @@
 
 use std::fmt::Debug;
 
-use ndarray::LinalgScalar;
+use ndarray::{ArrayView2, ArrayViewMut2, LinalgScalar};
 
 /// A real scalar the engine can run in.
 pub trait Float:
@@ -36,6 +36,18 @@ pub trait Float:
     /// [`Self::as_f32_slice`], writable.
     fn as_f32_slice_mut(_values: &mut [Self]) -> Option<&mut [f32]> {
         None
+    }
+
+    /// `c = a b` (or `c += a b` when `accumulate`) by a kernel of this type's own, with the same
+    /// bits as `matrixmultiply`; `false`, touching nothing, where there is none (f64, CPUs
+    /// without AVX-512, other layouts). See `kernels/gemm_avx512.rs`.
+    fn product_fast_path(
+        _a: &ArrayView2<Self>,
+        _b: &ArrayView2<Self>,
+        _accumulate: bool,
+        _c: &mut ArrayViewMut2<Self>,
+    ) -> bool {
+        false
     }
 }
 
@@ -73,6 +85,16 @@ impl Float for f32 {
     #[inline]
     fn as_f32_slice_mut(values: &mut [f32]) -> Option<&mut [f32]> {
         Some(values)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn product_fast_path(
+        a: &ArrayView2<f32>,
+        b: &ArrayView2<f32>,
+        accumulate: bool,
+        c: &mut ArrayViewMut2<f32>,
+    ) -> bool {
+        super::gemm_avx512::sgemm(a, b, accumulate, c)
     }
 
     #[inline]
