@@ -33,6 +33,8 @@ pub(super) struct Scalars {
     neg_step_size: f32,
     /// Every gradient value is divided by this first (1 leaves it unchanged).
     divisor: f32,
+    /// `1 / divisor` when that is exact (a power of two, 1 included): then the step multiplies.
+    exact_reciprocal: Option<f32>,
 }
 
 impl Scalars {
@@ -53,12 +55,17 @@ impl Scalars {
             eps: eps as f32,
             neg_step_size: (-step_size) as f32,
             divisor: 1.0,
+            exact_reciprocal: Some(1.0),
         }
     }
 
     /// The step for `grad / divisor`, divided value by value inside the step's one pass.
     pub(super) fn with_divisor(self, divisor: f32) -> Self {
-        Scalars { divisor, ..self }
+        Scalars {
+            divisor,
+            exact_reciprocal: exact_reciprocal(divisor),
+            ..self
+        }
     }
 }
 
@@ -142,7 +149,7 @@ fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut 
 fn kernel_body(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     let n = params.len().min(grad.len()).min(m.len()).min(v.len());
     let (params, grad, m, v) = (&mut params[..n], &grad[..n], &mut m[..n], &mut v[..n]);
-    match (s.divisor != 1.0, s.lerp_weight.abs() < 0.5) {
+    match (s.exact_reciprocal.is_none(), s.lerp_weight.abs() < 0.5) {
         (false, true) => chunked::<false, true>(s, params, grad, m, v),
         (false, false) => chunked::<false, false>(s, params, grad, m, v),
         (true, true) => chunked::<true, true>(s, params, grad, m, v),
@@ -196,6 +203,14 @@ fn block(values: &[f32]) -> [f32; BLOCK] {
     values.try_into().expect("a whole block")
 }
 
+/// `1 / divisor` if it is exact and normal, i.e. `divisor` is a power of two (1 and the usual batch
+/// sizes among them), else `None`.
+fn exact_reciprocal(divisor: f32) -> Option<f32> {
+    let reciprocal = 1.0 / divisor;
+    let power_of_two = |v: f32| v.is_normal() && v.to_bits() & 0x007f_ffff == 0;
+    (power_of_two(divisor) && power_of_two(reciprocal)).then_some(reciprocal)
+}
+
 /// One value's step, in PyTorch's order of operations.
 #[inline(always)]
 fn update<const DIVIDE: bool, const LERP_FROM_START: bool>(
@@ -206,7 +221,13 @@ fn update<const DIVIDE: bool, const LERP_FROM_START: bool>(
     m: &mut f32,
     v: &mut f32,
 ) {
-    let g = if DIVIDE { g / s.divisor } else { g };
+    // `g * 2^-k` and `g / 2^k` are the same correctly rounded value (subnormal results included),
+    // and a vector division costs 8-16 multiplications' time (docs/scaling.md §22).
+    let g = if DIVIDE {
+        g / s.divisor
+    } else {
+        g * s.exact_reciprocal.unwrap_or(1.0)
+    };
     *p *= decay;
     *m = lerp::<LERP_FROM_START>(*m, g, s.lerp_weight);
     // addcmul: self + value * t1 * t2, left to right.
@@ -259,22 +280,49 @@ mod tests {
     }
 
     #[test]
+    fn only_powers_of_two_have_exact_reciprocals() {
+        assert_eq!(exact_reciprocal(1.0), Some(1.0));
+        assert_eq!(exact_reciprocal(128.0), Some(1.0 / 128.0));
+        assert_eq!(exact_reciprocal(0.25), Some(4.0));
+        for divisor in [
+            3.0,
+            100.0,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NAN,
+            1e-40,
+            2f32.powi(127),
+        ] {
+            assert_eq!(exact_reciprocal(divisor), None, "{divisor}");
+        }
+    }
+
+    #[test]
     fn every_variant_on_every_vector_path_gives_the_reference_bits() {
         // Awkward values: tiny and huge gradients, zero moments; a length with a tail.
         let n = 4099;
         let grad: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 1000) as f32 / 313.0 - 1.5)
             .map(|g| g * 10f32.powi((g * 7.0) as i32))
+            .enumerate()
+            // Some tiny enough to give subnormal quotients, a few subnormal already.
+            .map(|(i, g)| match i % 101 {
+                0 => g * 1e-37,
+                1 => g * 1e-43,
+                _ => g,
+            })
             .collect();
         let start: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01 - 0.3).collect();
         let moments = |i: usize| ((i % 5) as f32 * 0.1, (i % 3) as f32 * 0.01);
         let (m0, v0): (Vec<f32>, Vec<f32>) = (0..n).map(moments).unzip();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        // Every branch of `kernel_body`: divisor or not, decay or not, lerp from either end.
+        // Every branch of `kernel_body`: no divisor, one by which it divides (3), ones by which it
+        // multiplies (powers of two), decay or not, lerp from either end.
         for (beta1, wd, divisor) in [0.9, 0.3]
             .into_iter()
             .flat_map(|b| [(b, 0.0), (b, 0.01)])
-            .flat_map(|(b, wd)| [(b, wd, 1.0), (b, wd, 3.0)])
+            .flat_map(|(b, wd)| [1.0, 3.0, 128.0, 0.25].map(|d| (b, wd, d)))
         {
             let s = Scalars::new(1e-3, beta1, 0.999, 1e-8, wd, 7).with_divisor(divisor);
             let (mut p, mut m, mut v) = (start.clone(), m0.clone(), v0.clone());
