@@ -16,13 +16,16 @@
 //! [`KC`] from the start; within a block the sum starts at zero and takes one fused multiply-add
 //! per step, in order; the first block's sum is the result (or is added to `c` when
 //! accumulating), each later block's sum is added to it. The order of elements' work is free;
-//! each element's is not. So the engine's results, and the same-bits-on-every-machine promise
-//! (AVX2 machines keep `matrixmultiply`), are unchanged; the tests compare the bits with
-//! `matrixmultiply` on every shape class.
+//! each element's is not. So on these CPUs the engine computes the bits `matrixmultiply`'s
+//! AVX-512 kernel computed before (and other CPUs still run `matrixmultiply`); the tests compare
+//! the bits with `matrixmultiply` on whole and partial tiles and strips, one block and several,
+//! both layouts, overwrite and accumulate. (NaN payloads aside: where two NaNs meet, which one
+//! survives may differ; any NaN stays a NaN.)
 //!
 //! Unsafe: the `#[target_feature]` functions are called only after
 //! `is_x86_feature_detected!("avx512f")`. Pointers are formed from views whose shapes and strides
-//! [`sgemm`] checked (non-negative, unit stride where read contiguously), and every access is
+//! [`sgemm`] checked (shapes that agree, non-negative strides, unit stride where read
+//! contiguously), and every access is
 //! inside the view: vector loads of `W` rows only for full 32-column panels, masked loads,
 //! gathers and scatters elsewhere (masked-off lanes are not accessed); gather and scatter
 //! offsets fit in `i32` (checked).
@@ -59,7 +62,9 @@ pub(super) fn sgemm(
     c: &mut ArrayViewMut2<f32>,
 ) -> bool {
     let ((m, k), n) = (a.dim(), b.ncols());
-    debug_assert_eq!((b.nrows(), c.dim()), (k, (m, n)));
+    // Checked here, not only by `linalg::gemm`: this is reachable from safe code
+    // (`Float::product_fast_path`), and the kernels trust these shapes.
+    assert_eq!((b.nrows(), c.dim()), (k, (m, n)), "product shapes");
     if m == 0 || n == 0 || k == 0 || !std::arch::is_x86_feature_detected!("avx512f") {
         return false;
     }
@@ -75,14 +80,11 @@ pub(super) fn sgemm(
     let (Some(ldc), true) = (leading(m, c.strides()[0], n), unit(n, c.strides()[1])) else {
         return false;
     };
-    // Gather and scatter offsets reach 31 rows ahead.
+    // The gathers and scatters of `a_times_w_t` reach 31 rows ahead with `i32` offsets.
     let fits = |ld: usize| ld.checked_mul(NR).is_some_and(|v| v <= i32::MAX as usize);
-    if !fits(lda) || !fits(ldc) {
-        return false;
-    }
     let [rsb, csb] = [b.strides()[0], b.strides()[1]];
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    if let (true, Some(ldw)) = (unit(k, rsb), leading(n, csb, k)) {
+    if let (true, Some(ldw), true) = (unit(k, rsb), leading(n, csb, k), fits(lda) && fits(ldc)) {
         // b = W^T with W: [n, k] in rows of stride ldw, e.g. a layer's weight in `x W^T`.
         // SAFETY: AVX-512F is present; the views hold every element the kernel reads and writes.
         unsafe { a_times_w_t(m, k, n, a, lda, b, ldw, c, ldc, accumulate) };
@@ -226,7 +228,7 @@ unsafe fn a_times_b(
     accumulate: bool,
 ) {
     let mut packed = vec![Line([0.0; 16]); 2 * KC];
-    let packed = packed.as_mut_ptr() as *mut f32;
+    let packed: *mut f32 = packed.as_mut_ptr().cast();
     for j0 in (0..n).step_by(NR) {
         let width = (n - j0).min(NR);
         let [low, high] = strip_masks(width);
@@ -241,10 +243,12 @@ unsafe fn a_times_b(
                     for p in 0..kc {
                         let row = strip.add(p * ldb);
                         _mm512_store_ps(packed.add(p * NR), _mm512_maskz_loadu_ps(low, row));
-                        let rest = _mm512_maskz_loadu_ps(high, row.add(16));
+                        // `wrapping_add`: past a short last row it points beyond `b`,
+                        // and the mask (then empty) keeps it from being read.
+                        let rest = _mm512_maskz_loadu_ps(high, row.wrapping_add(16));
                         _mm512_store_ps(packed.add(p * NR + 16), rest);
                     }
-                    (packed as *const f32, NR)
+                    (packed.cast_const(), NR)
                 }
             };
             let add = accumulate || k0 > 0;
@@ -259,7 +263,8 @@ unsafe fn a_times_b(
                         for (r, acc) in acc.iter().enumerate() {
                             let row = out.add(r * ldc);
                             for (v, (&sum, mask)) in acc.iter().zip([low, high]).enumerate() {
-                                let at = row.add(16 * v);
+                                // `wrapping_add`: as for the pack above.
+                                let at = row.wrapping_add(16 * v);
                                 let sum = if add {
                                     _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), sum)
                                 } else {
@@ -293,9 +298,9 @@ unsafe fn a_times_w_t(
     accumulate: bool,
 ) {
     let mut packed = vec![Line([0.0; 16]); 2 * k];
-    let packed = packed.as_mut_ptr() as *mut f32;
+    let packed: *mut f32 = packed.as_mut_ptr().cast();
     let mut tile = [Line([0.0; 16]); 2 * MR];
-    let tile = tile.as_mut_ptr() as *mut f32;
+    let tile: *mut f32 = tile.as_mut_ptr().cast();
     let a_lanes = lane_offsets(lda);
     let c_lanes = lane_offsets(ldc);
     for i0 in (0..m).step_by(NR) {
@@ -408,6 +413,13 @@ mod tests {
             (33, 1, 17),
             (12, 256, 32),
             (31, 513, 11),
+            // Two whole blocks; tile heights 2, 3, 6, 10 on both sides; partial strips 17-31.
+            (2, 512, 20),
+            (3, 40, 3),
+            (6, 270, 6),
+            (10, 100, 10),
+            (20, 513, 26),
+            (29, 300, 31),
         ];
         for (salt, &(m, k, n)) in shapes.iter().enumerate() {
             let salt = salt as u64;

@@ -5,8 +5,8 @@
 //! dimension is ever split. Threads only decide *who* computes a piece, never *what* the piece is,
 //! so a rayon pool of 1, 2 or 8 threads produces the same bits (tested in `tests/determinism.rs`).
 //!
-//! GEMMs go through `ndarray::linalg::general_mat_mul`, i.e. the `matrixmultiply` crate, one
-//! single-threaded call per piece. Measured on this project's machine (2 cores, AMD EPYC family 26,
+//! Each piece is one single-threaded call: to `ndarray::linalg::general_mat_mul`, i.e. the
+//! `matrixmultiply` crate, or on AVX-512 CPUs to kernels of our own (below). Measured on this project's machine (2 cores, AMD EPYC family 26,
 //! i.e. Zen 5 *with* AVX-512, unlike the Zen 3 of docs/design.md §4), f32, the five large products
 //! of a 784-400-20 VAE step at batch 128 (~400 MFLOP), quiet machine:
 //!
@@ -49,6 +49,7 @@ const MAX_PIECES: usize = 8;
 /// (`matrixmultiply` packs both operands per call), which at ~250 GFLOP/s per core costs
 /// ~ (pieces / split length) x 10-20 of the product's time: short pieces spend more time packing
 /// than multiplying. 192 gives 2 pieces of a 400-wide product and 4 of a 784-wide one.
+/// (Measured with `matrixmultiply`; the AVX-512 kernels pack only a 32-row strip of `x`.)
 const MIN_PIECE_LEN: usize = 192;
 
 /// Piece lengths are multiples of this (the AVX-512 sgemm micro-kernel is 16 x 16).
@@ -212,6 +213,31 @@ mod tests {
             let bits = |c: &Array2<f32>| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&results[0]), bits(&results[1]), "{m}x{k}x{n}");
             assert_eq!(bits(&results[0]), bits(&results[2]), "{m}x{k}x{n}");
+        }
+    }
+
+    /// Through the split and the dispatch to AVX-512 kernels where the CPU has them: the engine's
+    /// products give `matrixmultiply`'s bits, as one call.
+    #[test]
+    fn split_products_give_matrixmultiplys_bits() {
+        for &(m, k, n) in &[
+            (128, 784, 400),
+            (128, 400, 784),
+            (32, 784, 400),
+            (128, 20, 400),
+        ] {
+            let a = filled(m, k, 3);
+            let w = filled(n, k, 4); // forward: x W^T
+            let b = filled(k, n, 5); // backward: delta W
+            let bits = |c: &Array2<f32>| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            for (b, beta) in [(w.t(), 0.0), (b.view(), 0.0), (b.view(), 1.0)] {
+                let start = filled(m, n, 6);
+                let mut want = start.clone();
+                general_mat_mul(1.0, &a, &b, beta, &mut want);
+                let mut got = start.clone();
+                gemm(1.0, a.view(), b, beta, got.view_mut());
+                assert_eq!(bits(&got), bits(&want), "{m}x{k}x{n} beta {beta}");
+            }
         }
     }
 

@@ -31,10 +31,19 @@ pub(super) struct Scalars {
     bias_correction2_sqrt: f32,
     eps: f32,
     neg_step_size: f32,
-    /// Every gradient value is divided by this first (1 leaves it unchanged).
-    divisor: f32,
-    /// `1 / divisor` when that is exact (a power of two, 1 included): then the step multiplies.
-    exact_reciprocal: Option<f32>,
+    /// How every gradient value is divided first.
+    grad_scale: GradScale,
+}
+
+/// How the step divides every gradient value by a divisor (1 when there is none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum GradScale {
+    /// By multiplying with `1 / divisor`, exact because the divisor is a power of two: `g * 2^-k`
+    /// and `g / 2^k` are the same correctly rounded value (subnormal results included), and a
+    /// vector division takes many multiplications' time (docs/scaling.md §22).
+    Multiply(f32),
+    /// By dividing: the divisor's reciprocal is not exact.
+    Divide(f32),
 }
 
 impl Scalars {
@@ -54,18 +63,17 @@ impl Scalars {
             bias_correction2_sqrt: bias_correction2.sqrt() as f32,
             eps: eps as f32,
             neg_step_size: (-step_size) as f32,
-            divisor: 1.0,
-            exact_reciprocal: Some(1.0),
+            grad_scale: GradScale::Multiply(1.0),
         }
     }
 
     /// The step for `grad / divisor`, divided value by value inside the step's one pass.
     pub(super) fn with_divisor(self, divisor: f32) -> Self {
-        Scalars {
-            divisor,
-            exact_reciprocal: exact_reciprocal(divisor),
-            ..self
-        }
+        let grad_scale = match exact_reciprocal(divisor) {
+            Some(reciprocal) => GradScale::Multiply(reciprocal),
+            None => GradScale::Divide(divisor),
+        };
+        Scalars { grad_scale, ..self }
     }
 }
 
@@ -130,7 +138,8 @@ pub(super) fn step_from(
     }
 }
 
-/// Two divisions and a square root per value: compute-bound at baseline SSE2's four lanes (12% of
+/// Two divisions (three for a divisor that is not a power of two) and a square root per value:
+/// compute-bound at baseline SSE2's four lanes (12% of
 /// an engine step on a Zen 5), so it runs on the CPU's widest vectors (same bits on every path).
 fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     with_widest_vectors(
@@ -139,7 +148,8 @@ fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut 
     );
 }
 
-/// The step's three loop-invariant choices (divide the gradient? decay? which end of the lerp?),
+/// The step's three loop-invariant choices (divide the gradient or multiply it? decay? which end
+/// of the lerp?),
 /// made once per call: left inside the loop, LLVM vectorised it on AVX-512 but ran the AVX2 copy's
 /// hot loop scalar, testing them per value (1.2-1.5 ms for 650k values on a Zen 3, 15-21% of an
 /// engine step; docs/scaling.md §16). A decay of `None` multiplies by 1, which changes no bits.
@@ -149,7 +159,10 @@ fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut 
 fn kernel_body(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     let n = params.len().min(grad.len()).min(m.len()).min(v.len());
     let (params, grad, m, v) = (&mut params[..n], &grad[..n], &mut m[..n], &mut v[..n]);
-    match (s.exact_reciprocal.is_none(), s.lerp_weight.abs() < 0.5) {
+    match (
+        matches!(s.grad_scale, GradScale::Divide(_)),
+        s.lerp_weight.abs() < 0.5,
+    ) {
         (false, true) => chunked::<false, true>(s, params, grad, m, v),
         (false, false) => chunked::<false, false>(s, params, grad, m, v),
         (true, true) => chunked::<true, true>(s, params, grad, m, v),
@@ -172,6 +185,7 @@ fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
     v: &mut [f32],
 ) {
     let decay = s.decay.unwrap_or(1.0);
+    let (GradScale::Multiply(scale) | GradScale::Divide(scale)) = s.grad_scale;
     let mut blocks = params
         .chunks_exact_mut(BLOCK)
         .zip(grad.chunks_exact(BLOCK))
@@ -181,7 +195,8 @@ fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
         let (mut pl, mut ml, mut vl) = (block(p), block(m), block(v));
         let gl = block(g);
         for i in 0..BLOCK {
-            update::<DIVIDE, LERP_FROM_START>(s, decay, &mut pl[i], gl[i], &mut ml[i], &mut vl[i]);
+            let (p, m, v) = (&mut pl[i], &mut ml[i], &mut vl[i]);
+            update::<DIVIDE, LERP_FROM_START>(s, decay, scale, p, gl[i], m, v);
         }
         p.copy_from_slice(&pl);
         m.copy_from_slice(&ml);
@@ -194,7 +209,7 @@ fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
         .zip(&mut m[whole..])
         .zip(&mut v[whole..]);
     for (((p, &g), m), v) in tail {
-        update::<DIVIDE, LERP_FROM_START>(s, decay, p, g, m, v);
+        update::<DIVIDE, LERP_FROM_START>(s, decay, scale, p, g, m, v);
     }
 }
 
@@ -216,18 +231,14 @@ fn exact_reciprocal(divisor: f32) -> Option<f32> {
 fn update<const DIVIDE: bool, const LERP_FROM_START: bool>(
     s: &Scalars,
     decay: f32,
+    scale: f32,
     p: &mut f32,
     g: f32,
     m: &mut f32,
     v: &mut f32,
 ) {
-    // `g * 2^-k` and `g / 2^k` are the same correctly rounded value (subnormal results included),
-    // and a vector division costs 8-16 multiplications' time (docs/scaling.md §22).
-    let g = if DIVIDE {
-        g / s.divisor
-    } else {
-        g * s.exact_reciprocal.unwrap_or(1.0)
-    };
+    // `scale` is the divisor, or its exact reciprocal ([`GradScale`]).
+    let g = if DIVIDE { g / scale } else { g * scale };
     *p *= decay;
     *m = lerp::<LERP_FROM_START>(*m, g, s.lerp_weight);
     // addcmul: self + value * t1 * t2, left to right.
@@ -262,9 +273,16 @@ mod tests {
     }
 
     /// The per-value definition, every choice made per value as PyTorch's loop reads.
-    fn reference(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    fn reference(
+        s: &Scalars,
+        divisor: f32,
+        params: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) {
         for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m).zip(v) {
-            let g = if s.divisor == 1.0 { g } else { g / s.divisor };
+            let g = if divisor == 1.0 { g } else { g / divisor };
             if let Some(decay) = s.decay {
                 *p *= decay;
             }
@@ -284,6 +302,9 @@ mod tests {
         assert_eq!(exact_reciprocal(1.0), Some(1.0));
         assert_eq!(exact_reciprocal(128.0), Some(1.0 / 128.0));
         assert_eq!(exact_reciprocal(0.25), Some(4.0));
+        let scale = |divisor| Scalars::new(1e-3, 0.9, 0.999, 1e-8, 0.0, 1).with_divisor(divisor);
+        assert_eq!(scale(128.0).grad_scale, GradScale::Multiply(1.0 / 128.0));
+        assert_eq!(scale(3.0).grad_scale, GradScale::Divide(3.0));
         for divisor in [
             3.0,
             100.0,
@@ -326,7 +347,7 @@ mod tests {
         {
             let s = Scalars::new(1e-3, beta1, 0.999, 1e-8, wd, 7).with_divisor(divisor);
             let (mut p, mut m, mut v) = (start.clone(), m0.clone(), v0.clone());
-            reference(&s, &mut p, &grad, &mut m, &mut v);
+            reference(&s, divisor, &mut p, &grad, &mut m, &mut v);
             let want = (bits(&p), bits(&m), bits(&v));
             assert_ne!(want.0, bits(&start), "the step must change the parameters");
             // `kernel_body` called inside the closure, so that each path's copy inlines it.
