@@ -68,7 +68,8 @@ pub(super) fn sgemm(
     if m == 0 || n == 0 || k == 0 || !std::arch::is_x86_feature_detected!("avx512f") {
         return false;
     }
-    // A stride matters only along an axis longer than one (ndarray gives such axes stride 0).
+    // A stride matters only along an axis longer than one (ndarray may give a length-1 axis
+    // stride 0).
     let unit = |len: usize, stride: isize| len == 1 || stride == 1;
     let leading = |len: usize, stride: isize, min: usize| match len {
         1 => Some(min),

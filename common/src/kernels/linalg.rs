@@ -6,9 +6,10 @@
 //! so a rayon pool of 1, 2 or 8 threads produces the same bits (tested in `tests/determinism.rs`).
 //!
 //! Each piece is one single-threaded call: to `ndarray::linalg::general_mat_mul`, i.e. the
-//! `matrixmultiply` crate, or on AVX-512 CPUs to kernels of our own (below). Measured on this project's machine (2 cores, AMD EPYC family 26,
-//! i.e. Zen 5 *with* AVX-512, unlike the Zen 3 of docs/design.md §4), f32, the five large products
-//! of a 784-400-20 VAE step at batch 128 (~400 MFLOP), quiet machine:
+//! `matrixmultiply` crate, or on AVX-512 CPUs to kernels of our own (below). Measured on this
+//! project's machine (2 cores, AMD EPYC family 26, i.e. Zen 5 *with* AVX-512, unlike the Zen 3 of
+//! docs/design.md §4), f32, the five large products of a 784-400-20 VAE step at batch 128
+//! (~400 MFLOP), quiet machine:
 //!
 //! | kernel                                             | 1 thread | 2 threads |
 //! |----------------------------------------------------|----------|-----------|

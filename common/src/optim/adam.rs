@@ -139,8 +139,8 @@ pub(super) fn step_from(
 }
 
 /// Two divisions (three for a divisor that is not a power of two) and a square root per value:
-/// compute-bound at baseline SSE2's four lanes (12% of
-/// an engine step on a Zen 5), so it runs on the CPU's widest vectors (same bits on every path).
+/// compute-bound at baseline SSE2's four lanes (12% of an engine step on a Zen 5), so it runs on
+/// the CPU's widest vectors (same bits on every path).
 fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     with_widest_vectors(
         #[inline(always)]
@@ -149,12 +149,11 @@ fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut 
 }
 
 /// The step's three loop-invariant choices (divide the gradient or multiply it? decay? which end
-/// of the lerp?),
-/// made once per call: left inside the loop, LLVM vectorised it on AVX-512 but ran the AVX2 copy's
-/// hot loop scalar, testing them per value (1.2-1.5 ms for 650k values on a Zen 3, 15-21% of an
-/// engine step; docs/scaling.md §16). A decay of `None` multiplies by 1, which changes no bits.
-/// Like the loop it replaces, it steps the first `params.len()` values of each slice (the
-/// callers pass equal lengths).
+/// of the lerp?), made once per call: left inside the loop, LLVM vectorised it on AVX-512 but ran
+/// the AVX2 copy's hot loop scalar, testing them per value (1.2-1.5 ms for 650k values on a Zen 3,
+/// 15-21% of an engine step; docs/scaling.md §16). A decay of `None` multiplies by 1, which
+/// changes no bits. Like the loop it replaces, it steps the first `params.len()` values of each
+/// slice (the callers pass equal lengths).
 #[inline(always)]
 fn kernel_body(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     let n = params.len().min(grad.len()).min(m.len()).min(v.len());
