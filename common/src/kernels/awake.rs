@@ -11,12 +11,14 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rayon::Scope;
 
 /// Runs `work` (on a thread of a rayon pool) while the pool's other threads spin for its work
 /// instead of sleeping between its parallel sections. Off a pool, or on a pool of one thread,
 /// it just runs `work`. Only for pools that have their cores to themselves: a spinning thread
-/// takes a core from whatever else would run there. One step at a time per pool: two
-/// overlapping calls could each wait in the other's spinner.
+/// takes a core from whatever else would run there.
 pub fn with_pool_awake<R>(work: impl FnOnce() -> R) -> R {
     let Some(owner) = rayon::current_thread_index().filter(|_| rayon::current_num_threads() > 1)
     else {
@@ -26,7 +28,7 @@ pub fn with_pool_awake<R>(work: impl FnOnce() -> R) -> R {
     rayon::in_place_scope(|scope| {
         // A broadcast job runs on each thread of the pool, that thread's own: no thread takes
         // another's spinner, so every other thread spins.
-        scope.spawn_broadcast(|_, thread| spin_for_work(&done, thread.index() == owner));
+        scope.spawn_broadcast(|scope, _| spin_for_work(scope, &done, owner));
         // Set however `work` ends, a panic included, so the spinners (and the scope) end too.
         let _stop = SetOnDrop(&done);
         work()
@@ -42,19 +44,36 @@ thread_local! {
 #[cfg(test)]
 static SPINNERS_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn spin_for_work(done: &AtomicBool, on_owner: bool) {
+/// How long a spinner may find no work before it hands its place back to rayon (and queues a
+/// new spinner in it). Rayon may run a spinner inside a thread's wait for a job another thread
+/// stole from it (a join's other half); that wait cannot end before the spinner returns, and the
+/// step may need it to: a spinner that only stopped at the step's end hung `worker bench`
+/// (docs/scaling.md §23). Stepping out after this much idleness bounds such a delay; at the top
+/// of a thread's stack the queued spinner is taken up again at once.
+const IDLE_SLICE: Duration = Duration::from_micros(50);
+
+fn spin_for_work<'s>(scope: &Scope<'s>, done: &'s AtomicBool, owner: usize) {
     // The step's own thread runs its copy only while waiting inside the step, which could then
     // never finish; a thread already spinning (a nested step) needs no second spinner.
-    if on_owner || SPINNING.with(|s| s.replace(true)) {
+    if rayon::current_thread_index() == Some(owner) || SPINNING.with(|s| s.replace(true)) {
         return;
     }
     let _reset = ResetSpinning;
     #[cfg(test)]
     SPINNERS_STARTED.fetch_add(1, Ordering::SeqCst);
+    let mut idle_since = None;
     while !done.load(Ordering::Acquire) {
-        if rayon::yield_now() != Some(rayon::Yield::Executed) {
-            std::hint::spin_loop();
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_since = None;
+            continue;
         }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > IDLE_SLICE {
+            // Onto this thread's own deque, which it takes from first.
+            scope.spawn(move |scope| spin_for_work(scope, done, owner));
+            return;
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -103,6 +122,68 @@ mod tests {
             let seen = SPINNERS_STARTED.load(Ordering::SeqCst) >= before + others;
             (sum_of_squares_mod_7(), seen)
         })
+    }
+
+    /// Spins until `flag` is set or `limit` passes; whether it was set.
+    fn wait_for(flag: &AtomicBool, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !flag.load(Ordering::SeqCst) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+        true
+    }
+
+    /// The hang this module once had, made to happen: thread B runs a job X that the step needs;
+    /// X's join waits for its other half, which the step's thread A took; rayon runs B's
+    /// spinner inside that wait. A spinner that only stopped at the step's end never let X finish.
+    #[test]
+    fn a_spinner_run_inside_a_wait_lets_the_wait_end() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let limit = Duration::from_secs(5);
+        let (x_started, half_taken, x_done) = (
+            AtomicBool::new(false),
+            AtomicBool::new(false),
+            AtomicBool::new(false),
+        );
+        let (step_saw_x_finish, ()) = pool.install(|| {
+            rayon::join(
+                || {
+                    // A, once B has taken X: the step.
+                    assert!(wait_for(&x_started, limit), "the other thread never took X");
+                    with_pool_awake(|| {
+                        // Take the other half of X's join from B's deque (rayon steals it).
+                        let deadline = Instant::now() + limit;
+                        while !half_taken.load(Ordering::SeqCst) && Instant::now() < deadline {
+                            rayon::yield_now();
+                        }
+                        wait_for(&x_done, limit)
+                    })
+                },
+                || {
+                    // X, on B.
+                    x_started.store(true, Ordering::SeqCst);
+                    rayon::join(
+                        || assert!(wait_for(&half_taken, limit), "A never took the half"),
+                        || {
+                            // On A: held while B waits for it (and runs its spinner).
+                            half_taken.store(true, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(50));
+                        },
+                    );
+                    x_done.store(true, Ordering::SeqCst);
+                },
+            )
+        });
+        assert!(
+            step_saw_x_finish,
+            "X stayed stuck under its thread's spinner"
+        );
     }
 
     /// Every other thread of the pool spins through the step, which gives its result, whether
