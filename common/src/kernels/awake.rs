@@ -13,8 +13,6 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rayon::Scope;
-
 /// Runs `work` (on a thread of a rayon pool) while the pool's other threads spin for its work
 /// instead of sleeping between its parallel sections. Off a pool, or on a pool of one thread,
 /// it just runs `work`. Only for pools that have their cores to themselves: a spinning thread
@@ -28,7 +26,7 @@ pub fn with_pool_awake<R>(work: impl FnOnce() -> R) -> R {
     rayon::in_place_scope(|scope| {
         // A broadcast job runs on each thread of the pool, that thread's own: no thread takes
         // another's spinner, so every other thread spins.
-        scope.spawn_broadcast(|scope, _| spin_for_work(scope, &done, owner));
+        scope.spawn_broadcast(|_, thread| spin_for_work(&done, thread.index() == owner));
         // Set however `work` ends, a panic included, so the spinners (and the scope) end too.
         let _stop = SetOnDrop(&done);
         work()
@@ -44,35 +42,41 @@ thread_local! {
 #[cfg(test)]
 static SPINNERS_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// How long a spinner may find no work before it hands its place back to rayon (and queues a
-/// new spinner in it). Rayon may run a spinner inside a thread's wait for a job another thread
-/// stole from it (a join's other half); that wait cannot end before the spinner returns, and the
-/// step may need it to: a spinner that only stopped at the step's end hung `worker bench`
-/// (docs/scaling.md §23). Stepping out after this much idleness bounds such a delay; at the top
-/// of a thread's stack the queued spinner is taken up again at once.
-const IDLE_SLICE: Duration = Duration::from_micros(50);
+/// How long a spinner may find no work before it stops for the rest of the step (its thread then
+/// sleeps between sections, as rayon's threads do). Rayon may run a spinner inside its thread's
+/// wait for a join half another thread stole; that wait cannot end before the spinner returns,
+/// and the step may need it to. A spinner that stopped only at the step's end hung `worker bench`
+/// (docs/scaling.md §23); this bounds such a stall to 5 ms, far longer than the gaps between
+/// a step's parallel sections.
+const IDLE_LIMIT: Duration = Duration::from_millis(5);
 
-fn spin_for_work<'s>(scope: &Scope<'s>, done: &'s AtomicBool, owner: usize) {
+fn spin_for_work(done: &AtomicBool, on_owner: bool) {
     // The step's own thread runs its copy only while waiting inside the step, which could then
     // never finish; a thread already spinning (a nested step) needs no second spinner.
-    if rayon::current_thread_index() == Some(owner) || SPINNING.with(|s| s.replace(true)) {
+    if on_owner || SPINNING.with(|s| s.replace(true)) {
         return;
     }
     let _reset = ResetSpinning;
     #[cfg(test)]
     SPINNERS_STARTED.fetch_add(1, Ordering::SeqCst);
-    let mut idle_since = None;
+    // Idle rounds since the last job; the clock is read every 64th (a read costs more than a
+    // round of looking for work).
+    let mut idle_rounds = 0u32;
+    let mut idle_since = Instant::now();
     while !done.load(Ordering::Acquire) {
         if rayon::yield_now() == Some(rayon::Yield::Executed) {
-            idle_since = None;
+            idle_rounds = 0;
             continue;
         }
-        let since = *idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > IDLE_SLICE {
-            // Onto this thread's own deque, which it takes from first.
-            scope.spawn(move |scope| spin_for_work(scope, done, owner));
-            return;
+        if idle_rounds % 64 == 0 {
+            let now = Instant::now();
+            if idle_rounds == 0 {
+                idle_since = now;
+            } else if now - idle_since > IDLE_LIMIT {
+                return;
+            }
         }
+        idle_rounds = idle_rounds.wrapping_add(1);
         std::hint::spin_loop();
     }
 }
