@@ -128,18 +128,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut epoch = 0u64;
     // The pool's idle threads spin, or sleep, between the step's parallel sections as a
     // worker's do.
-    let mut step = |params: &mut Vec<f32>| -> anyhow::Result<()> {
+    // Returns how long the gradient and the optimizer took inside the step.
+    let mut step = |params: &mut Vec<f32>| -> anyhow::Result<[Duration; 2]> {
         args.idle_threads.run(|| {
+            let t = Instant::now();
             engine.node_gradient_into(params, epoch, &tree, tree.root(), &batches, &mut sum)?;
             epoch += 1; // fresh noise every step, as in training
+            let gradient = t.elapsed();
             // The coordinator's part, as it does it: the optimizer divides the summed gradient
             // by the example count inside its own pass (no serial pass over the gradient first).
             adam.step_scaled(params, &sum.grad, sum.stats.examples as f32, &mut state)?;
-            Ok(())
+            Ok([gradient, t.elapsed() - gradient])
         })
     };
 
-    let (steps, elapsed, step_times) = pool.install(|| -> anyhow::Result<_> {
+    let (steps, elapsed, step_times, phases) = pool.install(|| -> anyhow::Result<_> {
         let warm = Instant::now();
         let mut warm_steps = 0;
         while warm.elapsed() < WARMUP || warm_steps < WARMUP_STEPS {
@@ -149,12 +152,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let budget = Duration::from_secs_f64(args.seconds);
         let start = Instant::now();
         let mut times = Vec::new();
+        let mut phases = Vec::new();
         while start.elapsed() < budget {
             let t = Instant::now();
-            step(&mut params)?;
+            phases.push(step(&mut params)?);
             times.push(t.elapsed());
         }
-        Ok((times.len(), start.elapsed(), times))
+        Ok((times.len(), start.elapsed(), times, phases))
     })?;
     if params.iter().any(|p| !p.is_finite()) {
         bail!("parameters became non-finite during the benchmark");
@@ -182,6 +186,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         ms(sorted[0]),
         args.batch as f64 / sorted[0].as_secs_f64()
     );
+
+    // Inside the step, where the parts share caches and cores with each other (and with whatever
+    // else the machine runs): the optimizer's median has measured several times its fastest
+    // alone (docs/scaling.md §23).
+    let phase = |i: usize| {
+        let mut t: Vec<Duration> = phases.iter().map(|p| p[i]).collect();
+        t.sort();
+        (
+            ms(t[t.len() / 2]),
+            ms(t[t.len() / 10]),
+            ms(t[t.len() * 9 / 10]),
+        )
+    };
+    for (name, i) in [("gradient", 0), ("optimizer", 1)] {
+        let (median, p10, p90) = phase(i);
+        say!("  in the step, {name}: median {median:.3} ms (10% {p10:.3}, 90% {p90:.3})");
+    }
 
     let parts = pool.install(|| {
         args.idle_threads
