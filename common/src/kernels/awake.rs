@@ -68,7 +68,7 @@ fn spin_for_work(done: &AtomicBool, on_owner: bool) {
             idle_rounds = 0;
             continue;
         }
-        if idle_rounds % 64 == 0 {
+        if idle_rounds.is_multiple_of(64) {
             let now = Instant::now();
             if idle_rounds == 0 {
                 idle_since = now;
