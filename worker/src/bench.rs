@@ -155,11 +155,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let mut phases = Vec::new();
         while start.elapsed() < budget {
             let t = Instant::now();
-            phases.push(step(&mut params)?);
+            let phase = step(&mut params)?;
             times.push(t.elapsed());
+            phases.push(phase);
         }
         Ok((times.len(), start.elapsed(), times, phases))
     })?;
+    if steps == 0 {
+        bail!(
+            "no step finished within --seconds {}: give it more time",
+            args.seconds
+        );
+    }
     if params.iter().any(|p| !p.is_finite()) {
         bail!("parameters became non-finite during the benchmark");
     }

@@ -5,7 +5,8 @@
 //! few microseconds, then sleep on a futex; on a virtual machine waking a sleeping vCPU costs tens
 //! of microseconds. PyTorch's OpenMP threads instead spin for milliseconds (`KMP_BLOCKTIME`,
 //! `GOMP_SPINCOUNT`). [`with_pool_awake`] does the same for one step: every other thread of the
-//! pool runs a job that keeps taking the pool's work (`rayon::yield_now`) until the step ends.
+//! pool runs a job that keeps taking the pool's work (`rayon::yield_now`) until the step ends,
+//! or until it has found none for 5 ms.
 //! Which thread computes a piece never changes what it computes (docs/design.md §2), so the bits
 //! are the same either way.
 
@@ -38,6 +39,12 @@ thread_local! {
     static SPINNING: Cell<bool> = const { Cell::new(false) };
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Spinners that stopped for want of work, per thread (a test checks where one did).
+    static IDLE_RETURNS: Cell<u32> = const { Cell::new(0) };
+}
+
 /// Spinners that started spinning (tests check that each other thread does).
 #[cfg(test)]
 static SPINNERS_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -46,8 +53,9 @@ static SPINNERS_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::Ato
 /// sleeps between sections, as rayon's threads do). Rayon may run a spinner inside its thread's
 /// wait for a join half another thread stole; that wait cannot end before the spinner returns,
 /// and the step may need it to. A spinner that stopped only at the step's end hung `worker bench`
-/// (docs/scaling.md §23); this bounds such a stall to 5 ms, far longer than the gaps between
-/// a step's parallel sections.
+/// (docs/scaling.md §23); this bounds such a stall to 5 ms after the pool runs out of other work.
+/// 5 ms is far longer than the gaps between a step's parallel sections; a serial stretch longer
+/// than that costs the rest of the step its spinning, not its result.
 const IDLE_LIMIT: Duration = Duration::from_millis(5);
 
 fn spin_for_work(done: &AtomicBool, on_owner: bool) {
@@ -73,6 +81,8 @@ fn spin_for_work(done: &AtomicBool, on_owner: bool) {
             if idle_rounds == 0 {
                 idle_since = now;
             } else if now - idle_since > IDLE_LIMIT {
+                #[cfg(test)]
+                IDLE_RETURNS.with(|n| n.set(n.get() + 1));
                 return;
             }
         }
@@ -161,7 +171,8 @@ mod tests {
                     // A, once B has taken X: the step.
                     assert!(wait_for(&x_started, limit), "the other thread never took X");
                     with_pool_awake(|| {
-                        // Take the other half of X's join from B's deque (rayon steals it).
+                        // Take the other half of X's join from B's deque (rayon steals it; the
+                        // first `yield_now` runs A's own spinner, which returns at once).
                         let deadline = Instant::now() + limit;
                         while !half_taken.load(Ordering::SeqCst) && Instant::now() < deadline {
                             rayon::yield_now();
@@ -172,6 +183,7 @@ mod tests {
                 || {
                     // X, on B.
                     x_started.store(true, Ordering::SeqCst);
+                    let idle_returns = IDLE_RETURNS.with(Cell::get);
                     rayon::join(
                         || assert!(wait_for(&half_taken, limit), "A never took the half"),
                         || {
@@ -179,6 +191,12 @@ mod tests {
                             half_taken.store(true, Ordering::SeqCst);
                             std::thread::sleep(Duration::from_millis(50));
                         },
+                    );
+                    // The hang was set up: B's spinner ran inside X's wait, and stopped.
+                    assert!(
+                        IDLE_RETURNS.with(Cell::get) > idle_returns,
+                        "B's spinner did not stop for want of work inside X's wait (it held X until the step \
+                         ended, or it never ran there and the test proved nothing)"
                     );
                     x_done.store(true, Ordering::SeqCst);
                 },
