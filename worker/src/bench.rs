@@ -126,9 +126,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut state = adam.init_state(params.len());
     let mut sum = GradientSum::zeros(params.len());
     let mut epoch = 0u64;
-    // The pool's idle threads spin, or sleep, between the step's parallel sections as a
-    // worker's do.
-    // Returns how long the gradient and the optimizer took inside the step.
+    // Returns how long the gradient and the optimizer took inside the step. The pool's idle
+    // threads spin, or sleep, between the step's parallel sections as a worker's do.
     let mut step = |params: &mut Vec<f32>| -> anyhow::Result<[Duration; 2]> {
         args.idle_threads.run(|| {
             let t = Instant::now();
@@ -182,40 +181,35 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         seconds,
         (steps * args.batch) as f64 / seconds
     );
-    let mut sorted = step_times;
-    sorted.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let step = Spread::of(step_times);
     say!(
         "  step time: median {:.3} ms (10% {:.3}, 90% {:.3}), fastest {:.3} ms (= {:.0} samples/s)",
-        ms(sorted[sorted.len() / 2]),
-        ms(sorted[sorted.len() / 10]),
-        ms(sorted[sorted.len() * 9 / 10]),
-        ms(sorted[0]),
-        args.batch as f64 / sorted[0].as_secs_f64()
+        ms(step.median),
+        ms(step.p10),
+        ms(step.p90),
+        ms(step.fastest),
+        args.batch as f64 / step.fastest.as_secs_f64()
     );
 
     // Inside the step, where the parts share caches and cores with each other (and with whatever
     // else the machine runs): the optimizer's median has measured several times its fastest
     // alone (docs/scaling.md §23).
-    let phase = |i: usize| {
-        let mut t: Vec<Duration> = phases.iter().map(|p| p[i]).collect();
-        t.sort();
-        (
-            ms(t[t.len() / 2]),
-            ms(t[t.len() / 10]),
-            ms(t[t.len() * 9 / 10]),
-        )
-    };
     for (name, i) in [("gradient", 0), ("optimizer", 1)] {
-        let (median, p10, p90) = phase(i);
-        say!("  in the step, {name}: median {median:.3} ms (10% {p10:.3}, 90% {p90:.3})");
+        let t = Spread::of(phases.iter().map(|p| p[i]).collect());
+        say!(
+            "  in the step, {name}: median {:.3} ms (10% {:.3}, 90% {:.3})",
+            ms(t.median),
+            ms(t.p10),
+            ms(t.p90)
+        );
     }
 
     let parts = pool.install(|| {
         args.idle_threads
             .run(|| breakdown(&engine, &data, &ids, args, &params, &adam))
     });
-    let step_ms = ms(sorted[sorted.len() / 2]);
+    let step_ms = ms(step.median);
     say!(
         "  breakdown (each part timed alone, fastest of {PART_REPS}; median step {step_ms:.3} ms):"
     );
@@ -234,6 +228,29 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         100.0 * (step_ms - accounted) / step_ms
     );
     Ok(())
+}
+
+/// The fastest, 10th-percentile, median and 90th-percentile of some timings.
+struct Spread {
+    fastest: Duration,
+    p10: Duration,
+    median: Duration,
+    p90: Duration,
+}
+
+impl Spread {
+    /// # Panics
+    /// If `times` is empty.
+    fn of(mut times: Vec<Duration>) -> Self {
+        times.sort();
+        let at = |q: usize| times[times.len() * q / 100];
+        Spread {
+            fastest: times[0],
+            p10: at(10),
+            median: at(50),
+            p90: at(90),
+        }
+    }
 }
 
 fn fastest(mut f: impl FnMut()) -> Duration {
