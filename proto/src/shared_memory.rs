@@ -152,6 +152,32 @@ impl SharedDir {
         .ok_or_else(|| io::Error::other("the parameters were not written"))
     }
 
+    /// Creates every parameter file for `len` values and writes it once (zeros, naming no step),
+    /// so that the run's first steps do not grow, map and first touch one file each: 1-3 ms of
+    /// each of steps 0-3 on a 2-core VM (docs/scaling.md §24). A failure (a full `/dev/shm`)
+    /// costs nothing but that: the files are then made on first use, as without this.
+    pub fn prepare_params(&self, len: usize) -> io::Result<()> {
+        let mut params = lock(&self.params);
+        for slot in 0..PARAM_SLOTS {
+            let path = self.dir.join(param_file(slot));
+            let mut zeros = Some(|values: Option<&mut [f32]>| {
+                if let Some(values) = values {
+                    values.fill(0.0);
+                }
+                // Declined: the header keeps naming no step, so no task can lease the file.
+                false
+            });
+            write_param_file(
+                &mut params.files[slot as usize],
+                &path,
+                NO_STEP,
+                len,
+                &mut zeros,
+            )?;
+        }
+        Ok(())
+    }
+
     /// [`Self::write_params`] for `len` values that `fill` writes straight into the file (the
     /// coordinator's optimizer, as it steps each block). `fill` is called exactly once: with the
     /// file's values when a file was taken, and then returns whether it wrote them all; or with
@@ -981,6 +1007,28 @@ mod tests {
         drop(dir);
         let err = client.lease_params(1, 1, 100).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    }
+
+    #[test]
+    fn prepared_parameter_files_are_full_length_and_name_no_step() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "w", b"p").unwrap();
+        dir.prepare_params(1000).unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 7).unwrap();
+        for slot in 0..PARAM_SLOTS {
+            let file = dir.path().join(param_file(slot));
+            assert!(fs::metadata(&file).unwrap().len() >= PARAM_HEADER + 4000);
+            // No task can take the zeros for a step's parameters.
+            assert!(client.lease_params(slot, 0, 1000).unwrap().is_none());
+        }
+        // Steps then use the files in turn from the first, as without the preparation.
+        for step in 0..PARAM_SLOTS as u64 + 1 {
+            let params = values(1000, step as f32);
+            let (slot, len) = slot_of(dir.write_params(step, &params).unwrap());
+            assert_eq!(slot, step as u32 % PARAM_SLOTS);
+            let lease = client.lease_params(slot, step, len).unwrap().unwrap();
+            assert_eq!(bits(lease.values()), bits(&params), "step {step}");
+        }
     }
 
     #[test]

@@ -171,12 +171,13 @@ impl OptimizerConfig {
     }
 
     /// The state before the first step: step 0, Adam's moments zero. SGD's momentum buffer does
-    /// not exist until the first step sets it to the gradient (as in PyTorch).
+    /// not exist until the first step sets it to the gradient (as in PyTorch). The moments' pages
+    /// are mapped here, not in the first step.
     pub fn init_state(&self, n_params: usize) -> OptimizerState {
         let moments = match self {
             OptimizerConfig::Adam { .. } => Moments::Adam {
-                exp_avg: vec![0.0; n_params],
-                exp_avg_sq: vec![0.0; n_params],
+                exp_avg: crate::kernels::resident_zeros(n_params),
+                exp_avg_sq: crate::kernels::resident_zeros(n_params),
             },
             OptimizerConfig::Sgd { .. } => Moments::Sgd {
                 momentum_buffer: None,
