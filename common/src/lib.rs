@@ -12,6 +12,8 @@
 //! - [`data`]: the built-in synthetic dataset, IDX, `.npy`, MNIST download, held-out split.
 //! - [`formats`]: files on disk: the model and checkpoint files, their fingerprint, atomic writes.
 //!
+//! Beside them, [`memory`]: buffers made resident before the steps that use them.
+//!
 //! The design these follow (the model and its objective, the invariant and the fixed reduction
 //! order, the process roles, measured facts) is written down in `docs/design.md`.
 //!
@@ -25,6 +27,7 @@ pub mod data;
 mod error;
 pub mod formats;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod train;

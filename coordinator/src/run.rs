@@ -515,7 +515,7 @@ pub async fn serve(
         crate::transport::Transport::new(shared_dir(&config)),
         prometheus.clone(),
     );
-    prepare_first_steps(&shared, engine.layout().len(), config.workers, config.local).await?;
+    ready_before_training(&shared, engine.layout().len(), config.workers, config.local).await;
     let token = config
         .token
         .as_deref()
@@ -811,39 +811,41 @@ async fn complete_finished(prepared: Prepared) -> Result<Outcome> {
 }
 
 /// Makes, before the first step, what the first steps would otherwise make inside themselves
-/// (docs/scaling.md §24): the parameter files, resident gradient buffers, the update's thread
-/// pool, and for `--local` runs, whose workers surely share this host, every shard's file (which
-/// their first task would otherwise have written, in step 0's time). Training's wall time is the
-/// same; the steps' times then measure training alone.
-async fn prepare_first_steps(
+/// (docs/scaling.md §24): resident gradient buffers, the optimizer's thread pool, and for `--local`
+/// runs, whose workers surely share this host, the parameter files and every shard's file (which
+/// their first tasks would otherwise have written, in steps 0-3). Training's wall time is the same;
+/// the steps' times then measure training alone. All of it is optional: a failure is logged and
+/// the first steps make what is missing, as without this.
+async fn ready_before_training(
     shared: &Arc<Shared>,
     param_len: usize,
     workers: usize,
     local: bool,
-) -> Result<()> {
+) {
     let shared = Arc::clone(shared);
     let started = Instant::now();
-    tokio::task::spawn_blocking(move || {
-        shared.transport().prepare(param_len, workers);
+    let readied = tokio::task::spawn_blocking(move || {
+        shared
+            .transport()
+            .reserve_gradient_buffers(param_len, workers);
         // Starts the pool the optimizer runs on, which would otherwise start in step 0's update.
         rayon::broadcast(|_| ());
         if local {
-            let plan = shared.plan();
+            shared.transport().prepare_parameter_files(param_len);
+            let shards = shared.plan().shards() as u32;
             shared
                 .transport()
-                .write_shard_files((0..plan.shards()).map(|s| {
-                    let rows = shared.train().row_values(plan.shard_range(s));
-                    (s as u32, rows)
-                }));
+                .write_shard_files((0..shards).map(|s| (s, shared.shard_values(s))));
         }
     })
-    .await
-    .map_err(|e| Error::Io(format!("preparing the first steps panicked: {e}")))?;
-    tracing::debug!(
-        "first steps prepared in {:.1} ms",
-        started.elapsed().as_secs_f64() * 1e3
-    );
-    Ok(())
+    .await;
+    match readied {
+        Ok(()) => tracing::debug!(
+            "first steps readied in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => tracing::warn!("readying the first steps failed ({e}); they do it themselves"),
+    }
 }
 
 /// The shared-memory directory offered to workers on this host, unless `--transport tcp` or the

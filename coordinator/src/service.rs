@@ -92,6 +92,11 @@ impl Shared {
         &self.train
     }
 
+    /// The examples of shard `shard`, row after row.
+    pub fn shard_values(&self, shard: u32) -> &[f32] {
+        self.train.row_values(self.plan.shard_range(shard as usize))
+    }
+
     /// Signals that the state changed.
     pub fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
@@ -323,12 +328,10 @@ impl pb::trainer_server::Trainer for TrainerService {
             true
         } else {
             let shared = Arc::clone(&self.shared);
-            let range = range.clone();
             tokio::task::spawn_blocking(move || {
-                let values = shared.train.row_values(range);
                 shared
                     .transport
-                    .shard_in_shared_memory(worker.0, shard, values)
+                    .shard_in_shared_memory(worker.0, shard, shared.shard_values(shard))
             })
             .await
             .unwrap_or(false)

@@ -111,7 +111,7 @@ impl Transport {
 
     /// Writes every shard's file now, before any worker asks, for a run whose workers are known
     /// to be on this host (`--local`): otherwise step 0 writes them as its tasks ask (188 MB for
-    /// the default data, 80 ms on a 2-core VM, inside the step). Blocking. Stops at the first
+    /// the default data, 83 ms on a 2-core VM, inside the step). Blocking. Stops at the first
     /// shard that cannot be written (warned once); that one and the rest are then streamed.
     pub fn write_shard_files<'a>(&self, shards: impl IntoIterator<Item = (u32, &'a [f32])>) {
         for (shard, values) in shards {
@@ -142,10 +142,20 @@ impl Transport {
         }
     }
 
-    /// Readies before the first step what the first steps would otherwise make, each inside a
-    /// step: the parameter files in shared memory (1-3 ms in each of steps 0-3 on a 2-core VM)
-    /// and resident gradient buffers for `workers` results (up to the pool's size). Blocking.
-    pub fn prepare(&self, param_len: usize, workers: usize) {
+    /// Resident buffers for `workers` gradients of `param_len` values (up to the pool's size), so
+    /// that the first step's results are not copied into fresh pages. Blocking.
+    pub fn reserve_gradient_buffers(&self, param_len: usize, workers: usize) {
+        let mut pool = lock(&self.buffers);
+        while pool.len() < workers.min(POOLED_BUFFERS) {
+            pool.push(common::memory::resident_zeros(param_len));
+        }
+    }
+
+    /// Makes the parameter files now, for a run whose workers are known to be on this host
+    /// (`--local`): otherwise steps 0-3 each make one (1-2 ms apiece on a 2-core VM), and a
+    /// coordinator whose workers are all remote would hold them for nothing. Blocking; a failure
+    /// (a full `/dev/shm`) only leaves them to be made at first use.
+    pub fn prepare_parameter_files(&self, param_len: usize) {
         if let Some(dir) = &self.shared_dir
             && let Err(e) = dir.prepare_params(param_len)
         {
@@ -153,10 +163,6 @@ impl Transport {
                 "parameter files not prepared in {}: {e}; each is made at its first step",
                 dir.path().display()
             );
-        }
-        let mut pool = lock(&self.buffers);
-        while pool.len() < workers.min(POOLED_BUFFERS) {
-            pool.push(common::kernels::resident_zeros(param_len));
         }
     }
 
@@ -379,7 +385,8 @@ mod tests {
         let tcp = Transport::new(None);
         tcp.write_shard_files(shards());
         assert!(!tcp.has_shard_file(0));
-        tcp.prepare(100, 2);
+        tcp.prepare_parameter_files(100);
+        tcp.reserve_gradient_buffers(100, 2);
         assert_eq!(
             tcp.buffer().len(),
             100,

@@ -75,7 +75,8 @@ pub struct SharedDir {
     shards: Mutex<ShardFiles>,
 }
 
-/// The parameter files written so far (created on first use), and which to try first next.
+/// The parameter files written so far (created by `SharedDir::prepare_params` or on first use),
+/// and which to try first next.
 #[derive(Debug, Default)]
 struct ParamFiles {
     files: Vec<Option<WriteMap>>,
@@ -153,7 +154,7 @@ impl SharedDir {
     }
 
     /// Creates every parameter file for `len` values and writes it once (zeros, naming no step),
-    /// so that the run's first steps do not grow, map and first touch one file each: 1-3 ms of
+    /// so that the run's first steps do not grow, map and first touch one file each: 1-2 ms of
     /// each of steps 0-3 on a 2-core VM (docs/scaling.md §24). A failure (a full `/dev/shm`)
     /// costs nothing but that: the files are then made on first use, as without this.
     pub fn prepare_params(&self, len: usize) -> io::Result<()> {
@@ -477,7 +478,7 @@ fn param_file(slot: u32) -> String {
     format!("params-{slot}.f32")
 }
 
-/// Takes a parameter file (opened, and created, on first use) and has `fill` (taken from its
+/// Takes a parameter file (opened, and created, on first use unless prepared) and has `fill` (taken from its
 /// option) write its values: `Ok(Some(whether fill wrote them))`, or `Ok(None)` (fill not called)
 /// when a worker holds the file. The header names `step` only once the values are written: until
 /// then, and for good if `fill` declines, it names no step ([`NO_STEP`]), so no task leases

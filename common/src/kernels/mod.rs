@@ -1,8 +1,7 @@
 //! The deterministic arithmetic everything else runs on: the floating-point types ([`Float`]:
 //! f32 for training, f64 for gradient checks), the GEMMs and column sums ([`gemm`],
 //! [`colsum_into`]), and the elementwise kernels beside them (bias and activation, the ReLU
-//! backward step [`relu_mask`], fixed-lane row sums, [`add_assign`]), and the zeroed buffers they
-//! write every step, made resident up front ([`resident_zeros`]). Work is split at boundaries
+//! backward step [`relu_mask`], fixed-lane row sums, [`add_assign`]). Work is split at boundaries
 //! computed from the shapes alone and no sum is ever reordered, so every result is a pure function
 //! of its inputs' shapes and values, never of the thread count (docs/design.md §2).
 
@@ -11,7 +10,6 @@ mod elementwise;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx512;
 mod linalg;
-mod resident;
 mod scalar;
 mod tree_gemm;
 #[cfg(target_arch = "x86_64")]
@@ -21,7 +19,6 @@ mod vector_isa;
 pub use awake::with_pool_awake;
 pub use elementwise::{add_assign, relu_mask};
 pub use linalg::{colsum_into, gemm};
-pub use resident::resident_zeros;
 pub use scalar::{Float, exp_nonpositive_f32, ln_1p_unit_f32};
 pub use tree_gemm::{TreeProgram, tree_weight_grad};
 

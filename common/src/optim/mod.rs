@@ -176,8 +176,8 @@ impl OptimizerConfig {
     pub fn init_state(&self, n_params: usize) -> OptimizerState {
         let moments = match self {
             OptimizerConfig::Adam { .. } => Moments::Adam {
-                exp_avg: crate::kernels::resident_zeros(n_params),
-                exp_avg_sq: crate::kernels::resident_zeros(n_params),
+                exp_avg: crate::memory::resident_zeros(n_params),
+                exp_avg_sq: crate::memory::resident_zeros(n_params),
             },
             OptimizerConfig::Sgd { .. } => Moments::Sgd {
                 momentum_buffer: None,
