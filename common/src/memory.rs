@@ -2,10 +2,11 @@
 //!
 //! `vec![0.0; n]` asks the allocator for zeroed memory, which for large buffers is fresh pages
 //! the kernel maps lazily, a page fault at a time. For a buffer used every training step the first
-//! step pays them all: Adam's moments, read then written, take two faults a page (a read maps the
-//! shared zero page, the write copies it), and with the optimizer's pool starting they cost step 0
-//! of the default model 10 ms on a 2-core VM (docs/scaling.md §24). Writing the zeros where the
-//! buffer is made moves that cost to the run's setup.
+//! step pays them all. Adam's moments, read then written, take two faults a page (a read maps the
+//! shared zero page, the write copies it): with the optimizer's pool starting and the parameter
+//! file's first write, they made step 0's Adam take 10 ms instead of 0.4 on a 2-core VM
+//! (docs/scaling.md §24). Writing the zeros where the buffer is made moves that cost to the run's
+//! setup.
 
 /// `n` zeros, every page already written.
 pub fn resident_zeros(n: usize) -> Vec<f32> {

@@ -478,11 +478,11 @@ fn param_file(slot: u32) -> String {
     format!("params-{slot}.f32")
 }
 
-/// Takes a parameter file (opened, and created, on first use unless prepared) and has `fill` (taken from its
-/// option) write its values: `Ok(Some(whether fill wrote them))`, or `Ok(None)` (fill not called)
-/// when a worker holds the file. The header names `step` only once the values are written: until
-/// then, and for good if `fill` declines, it names no step ([`NO_STEP`]), so no task leases
-/// half-written values.
+/// Takes a parameter file (opened, and created, on first use unless prepared) and has `fill`
+/// (taken from its option) write its values: `Ok(Some(whether fill wrote them))`, or `Ok(None)`
+/// (fill not called) when a worker holds the file. The header names `step` only once the values
+/// are written: until then, and for good if `fill` declines, it names no step ([`NO_STEP`]), so
+/// no task leases half-written values.
 fn write_param_file(
     file: &mut Option<WriteMap>,
     path: &Path,
