@@ -1439,7 +1439,7 @@ impl UpdateJob {
             stepped.map_err(|e| format!("optimizer: {e}"))?;
             // The paths that could not write it as they stepped.
             if let Some(mirror) = mirror.take() {
-                mirror.copy_from_slice(&params);
+                common::kernels::copy_values(mirror, &params);
             }
             Ok(stats)
         })();

@@ -23,7 +23,7 @@ pub fn decode_f32(bytes: &[u8]) -> Option<Vec<f32>> {
 /// Little-endian bytes into `out` (resized; its allocation is reused). The length must be a
 /// multiple of 4 (inline tensors are checked on decode); trailing bytes are ignored.
 pub fn decode_f32_into(bytes: &[u8], out: &mut Vec<f32>) {
-    // The measuring decode, for its choice of copy loop; the magnitude costs nothing beside it.
+    // The measuring decode, for its choice of copy loop; the magnitude costs little beside it.
     decode_f32_measuring(bytes, out);
 }
 
@@ -32,8 +32,8 @@ pub fn decode_f32_into(bytes: &[u8], out: &mut Vec<f32>) {
 pub fn decode_f32_measuring(bytes: &[u8], out: &mut Vec<f32>) -> Magnitude {
     out.resize(bytes.len() / 4, 0.0);
     match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-        // Whole values on 4-byte boundaries (what a message's buffer holds): the measuring copy,
-        // which avoids `memcpy` where the two sides' offsets in a cache line differ.
+        // Whole values on 4-byte boundaries (as a message's field usually is, but need not be):
+        // the measuring copy, which avoids `memcpy` where the two sides' line offsets differ.
         Ok(values) => Magnitude::copy_measuring(out, values),
         Err(_) => Magnitude::fill_measuring(out, |at, piece| {
             let src = &bytes[4 * at..4 * (at + piece.len())];

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use super::{CHUNK, GradientBlocks, PARALLEL_MIN};
-use crate::kernels::with_widest_vectors;
+use crate::kernels::{copy_values, with_widest_vectors};
 
 /// One step's scalars, computed in f64 as Python floats and cast to f32 once, as PyTorch does
 /// when it applies a Python scalar to an f32 tensor.
@@ -101,7 +101,8 @@ pub(super) fn step(
 /// block below [`PARALLEL_MIN`]) just before the block's step (the coordinator sums the reduction
 /// tree's top this way, `train::BlockwiseSum`). With a `mirror` (as long as `params`), each
 /// block's new values are also copied there while they are in cache (the coordinator's parameter
-/// file for the workers on its host).
+/// file for the workers on its host; by `copy_values`, as the file's values and `params` start at
+/// different offsets in a cache line).
 pub(super) fn step_from(
     s: &Scalars,
     params: &mut [f32],
@@ -117,7 +118,7 @@ pub(super) fn step_from(
     if params.len() < PARALLEL_MIN {
         block_step(&mut Vec::new(), 0, params, exp_avg, exp_avg_sq);
         if let Some(mirror) = mirror {
-            mirror.copy_from_slice(params);
+            copy_values(mirror, params);
         }
         return;
     }
@@ -132,7 +133,7 @@ pub(super) fn step_from(
             Vec::new,
             |g, ((c, ((p, m), v)), out)| {
                 block_step(g, c, p, m, v);
-                out.copy_from_slice(p);
+                copy_values(out, p);
             },
         ),
     }

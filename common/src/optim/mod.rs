@@ -301,7 +301,7 @@ impl OptimizerConfig {
                 let grad = grad.block(0..params.len(), &mut scratch);
                 self.step_scaled(params, grad, divisor, state)?;
                 if let Some(mirror) = mirror {
-                    mirror.copy_from_slice(params);
+                    crate::kernels::copy_values(mirror, params);
                 }
                 Ok(())
             }

@@ -1,6 +1,6 @@
 //! What a shard, or a block of shards, contributes to a step.
 
-use crate::kernels::{add_assign, with_widest_vectors};
+use crate::kernels::{self, add_assign};
 use crate::model::BatchStats;
 use crate::train::TreeSum;
 
@@ -73,67 +73,20 @@ pub const MAX_ABS_GRADIENT_PER_EXAMPLE: f32 = 1e15;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Magnitude(u32);
 
-const MAGNITUDE_BITS: u32 = 0x7fff_ffff;
-
 impl Magnitude {
     /// The largest magnitude among `values` (zero for none).
-    ///
-    /// A plain fold, which LLVM turns into vector maxima over several accumulators. An array of
-    /// 16 running maxima updated lane by lane was compiled for AVX-512 into `vpgatherdd` loads,
-    /// 16 per 256 values: 10x slower on a Zen 4 (334 against 33 µs for 2.6 MB), and 12% of a
-    /// four-worker run's coordinator (docs/scaling.md §20).
     pub fn of(values: &[f32]) -> Self {
-        with_widest_vectors(
-            #[inline(always)]
-            || {
-                Magnitude(
-                    values
-                        .iter()
-                        .fold(0, |peak, v| peak.max(v.to_bits() & MAGNITUDE_BITS)),
-                )
-            },
-        )
+        Magnitude(kernels::magnitude_bits(values))
     }
 
     /// Copies `src` into `dst` (of the same length) and measures the copy in the same pass, so
-    /// what is measured is what was stored, whatever another process does to `src` meanwhile.
-    ///
-    /// Two ways, by where the two slices sit within a 64-byte cache line:
-    /// - the same offset: piece by piece by `memcpy`, each piece measured in `dst` while it is in
-    ///   L1. On a Sapphire Rapids-class Xeon this ran 1.8x faster than one loop of vector loads,
-    ///   stores and maxima (its large copies skip reading the destination first);
-    /// - different offsets: that one loop, each value measured in the register it was stored
-    ///   from. On a Zen 3 EPYC `memcpy`'s `rep movsb` collapses when the offsets differ: 2.6 MB
-    ///   took 1.4 ms against 0.3 ms for the loop. A shared-memory mapping starts on a page and a
-    ///   large `Vec` 16 bytes into one, so a worker's gradient copied out of its file always
-    ///   met this (docs/scaling.md §25).
+    /// what is measured is what was stored, whatever another process does to `src` meanwhile
+    /// (`kernels::copy_measuring`, which also avoids `memcpy`'s slow case on a Zen 3).
     ///
     /// # Panics
     /// If the lengths differ.
     pub fn copy_measuring(dst: &mut [f32], src: &[f32]) -> Self {
-        assert_eq!(dst.len(), src.len(), "copy_measuring lengths");
-        let line_offset = |values: &[f32]| values.as_ptr() as usize % 64;
-        if line_offset(dst) == line_offset(src) {
-            Magnitude::fill_measuring(dst, |at, piece| {
-                piece.copy_from_slice(&src[at..at + piece.len()]);
-            })
-        } else {
-            Magnitude::copy_measuring_in_one_loop(dst, src)
-        }
-    }
-
-    /// One loop that stores each value and folds its magnitude: the loaded value has two uses,
-    /// so LLVM does not turn the loop back into a `memcpy`.
-    fn copy_measuring_in_one_loop(dst: &mut [f32], src: &[f32]) -> Self {
-        with_widest_vectors(
-            #[inline(always)]
-            || {
-                Magnitude(dst.iter_mut().zip(src).fold(0, |peak, (d, &v)| {
-                    *d = v;
-                    peak.max(v.to_bits() & MAGNITUDE_BITS)
-                }))
-            },
-        )
+        Magnitude(kernels::copy_measuring(dst, src))
     }
 
     /// Fills `dst` piece by piece (`fill(start, piece)` writes the values from `start` on) and
@@ -310,41 +263,5 @@ mod tests {
         let e = check_measured(&[1.0; 4], Magnitude::of(&[9.0]), 4, 4.0).unwrap_err();
         assert!(e.contains("internal error"), "{e}");
         assert!(Magnitude::of(&[-0.0, 0.0]).is_within(0.0));
-    }
-
-    #[test]
-    fn a_measuring_copy_is_the_same_whether_or_not_the_slices_share_a_line_offset() {
-        use crate::kernels::on_every_path;
-        let len = 2 * 2048 + 37;
-        let mut src_backing: Vec<f32> = (0..len + 16).map(|i| (i as f32 * 0.71).cos()).collect();
-        src_backing[len / 2] = -1e20;
-        let line_offset = |values: &[f32]| values.as_ptr() as usize % 64;
-        let mut same_offset = Vec::new();
-        // Sixteen source starts cover every 4-byte offset within a line, so exactly one of them
-        // shares the destination's.
-        for shift in 0..16 {
-            let src = &src_backing[shift..shift + len];
-            for (path, (copy, magnitude, same)) in on_every_path(|| {
-                let mut dst = vec![0.0f32; len];
-                let same = line_offset(&dst) == line_offset(src);
-                let magnitude = Magnitude::copy_measuring(&mut dst, src);
-                (dst, magnitude, same)
-            }) {
-                same_offset.push(same);
-                assert!(
-                    copy.iter()
-                        .zip(src)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{path}: shift {shift}"
-                );
-                assert_eq!(magnitude, Magnitude::of(src), "{path}: shift {shift}");
-                assert_eq!(
-                    magnitude,
-                    Magnitude(1e20f32.to_bits()),
-                    "{path}: shift {shift}"
-                );
-            }
-        }
-        assert!(same_offset.contains(&true) && same_offset.contains(&false));
     }
 }
