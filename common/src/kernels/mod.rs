@@ -2,9 +2,9 @@
 //! f32 for training, f64 for gradient checks), the GEMMs and column sums ([`gemm`],
 //! [`colsum_into`]), the elementwise kernels beside them (bias and activation, the ReLU
 //! backward step [`relu_mask`], fixed-lane row sums, [`add_assign`]), and the step's large
-//! copies ([`copy_values`]). Work is split at boundaries
-//! computed from the shapes alone and no sum is ever reordered, so every result is a pure function
-//! of its inputs' shapes and values, never of the thread count (docs/design.md §2).
+//! copies ([`copy_values`]). Work is split at boundaries computed from the shapes alone and no
+//! sum is ever reordered, so every result is a pure function of its inputs' shapes and values,
+//! never of the thread count (docs/design.md §2).
 
 mod awake;
 mod copy;
