@@ -597,7 +597,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 ///   within a mapping can touch pages past the end of the file (which would raise SIGBUS). The
 ///   directory is private (0700) and its files 0600, so only processes of the same user, which
 ///   could equally kill the coordinator, could truncate them.
-/// - A read mapping's bytes are only copied out (`copy_from_slice`), never lent out as
+/// - A read mapping's bytes are only copied out (`copy_from_slice`, or the loop of
+///   `common::kernels`' measuring copy, which reads each value once), never lent out as
 ///   references, so a concurrent writer in another process can change what a copy reads (a
 ///   result the protocol then ignores or rejects) but not break this process's aliasing rules.
 /// - A frozen mapping is of a file that is complete before any process can open it (written

@@ -92,17 +92,8 @@ impl Magnitude {
     /// Fills `dst` piece by piece (`fill(start, piece)` writes the values from `start` on) and
     /// measures each piece while it is in L1: [`Magnitude::copy_measuring`] from any source
     /// (the bytes of a message, say).
-    pub fn fill_measuring(dst: &mut [f32], mut fill: impl FnMut(usize, &mut [f32])) -> Self {
-        /// Values per piece: 8 KiB, well inside L1.
-        const PIECE: usize = 2048;
-        dst.chunks_mut(PIECE)
-            .enumerate()
-            .map(|(i, piece)| {
-                fill(i * PIECE, piece);
-                Magnitude::of(piece)
-            })
-            .max()
-            .unwrap_or_default()
+    pub fn fill_measuring(dst: &mut [f32], fill: impl FnMut(usize, &mut [f32])) -> Self {
+        Magnitude(kernels::fill_measuring(dst, fill))
     }
 
     /// The larger of two magnitudes (of two parts of the same values).
