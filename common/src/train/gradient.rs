@@ -201,53 +201,36 @@ mod tests {
         assert!(all_finite(&[f32::MAX, f32::MIN]) && !all_finite(&[1.0, f32::NAN]));
     }
 
+    /// The measured magnitude answers the check for every kind of outlier (the copy itself, on
+    /// every vector path and both ways, is tested in `kernels::copy`).
     #[test]
-    fn a_measuring_copy_copies_every_bit_and_finds_the_largest_value_on_every_path() {
-        use crate::kernels::on_every_path;
-        // Lengths around an AVX-512 vector (16 values) and the 2048-value piece, the largest
-        // value at every position class (first, inside a vector, a vector's last lane, the
-        // last piece), and every kind of outlier.
-        for len in [0usize, 1, 15, 16, 17, 33, 1000, 2049, 2 * 65536 + 5] {
-            for at in [0, 7, 15, 16, len.saturating_sub(1)] {
-                for big in [
-                    3.5f32,
-                    -3.5,
-                    1e30,
-                    f32::INFINITY,
-                    f32::NEG_INFINITY,
-                    f32::NAN,
-                ] {
-                    if at >= len {
-                        continue;
-                    }
-                    let mut src: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
-                    src[at] = big;
-                    for (path, (copy, magnitude, of)) in on_every_path(|| {
-                        let mut dst = vec![0.0f32; len];
-                        let m = Magnitude::copy_measuring(&mut dst, &src);
-                        (dst, m, Magnitude::of(&src))
-                    }) {
-                        let same = copy
-                            .iter()
-                            .zip(&src)
-                            .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{path}: copy differs (len {len})");
-                        assert_eq!(magnitude, of, "{path}: len {len}, at {at}, {big}");
-                        assert_eq!(
-                            magnitude,
-                            Magnitude(big.abs().to_bits()),
-                            "{path}: len {len}, at {at}, {big}"
-                        );
-                        assert_eq!(magnitude.is_within(4.0), big.abs() <= 4.0, "{path}");
-                        let within = src.iter().all(|v| !v.is_nan() && v.abs() <= 4.0);
-                        assert_eq!(
-                            check_measured(&src, magnitude, len, 4.0).is_ok(),
-                            within,
-                            "{path}: len {len}, at {at}, {big}"
-                        );
-                    }
-                }
-            }
+    fn a_measuring_copy_answers_the_check_for_every_kind_of_outlier() {
+        let len = 1000;
+        for big in [
+            3.5f32,
+            -3.5,
+            1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ] {
+            let mut src: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            src[len / 3] = big;
+            let mut copy = vec![0.0f32; len];
+            let magnitude = Magnitude::copy_measuring(&mut copy, &src);
+            assert!(
+                copy.iter()
+                    .zip(&src)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            assert_eq!(magnitude, Magnitude::of(&src), "{big}");
+            assert_eq!(magnitude, Magnitude(big.abs().to_bits()), "{big}");
+            assert_eq!(magnitude.is_within(4.0), big.abs() <= 4.0, "{big}");
+            assert_eq!(
+                check_measured(&src, magnitude, len, 4.0).is_ok(),
+                big.abs() <= 4.0,
+                "{big}"
+            );
         }
         assert_eq!(Magnitude::of(&[]), Magnitude::default());
         // A magnitude that is not the values' is reported as the caller's bug, not the peer's.
