@@ -13,6 +13,7 @@ pub mod error;
 pub mod gate;
 pub mod listener;
 pub mod local;
+pub mod mailbox_server;
 pub mod metrics;
 pub mod names;
 pub mod outputs;

@@ -626,6 +626,8 @@ pub async fn serve(
     }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+    // The mailboxes' threads end too, before the runtime they wait on goes away.
+    shared.transport().close_mailboxes();
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

@@ -83,6 +83,10 @@ impl Shared {
         &self.transport
     }
 
+    pub fn run(&self) -> &RunSpec {
+        &self.run
+    }
+
     pub fn plan(&self) -> &ShardPlan {
         &self.plan
     }
@@ -139,6 +143,87 @@ impl Shared {
     pub fn forget_worker(&self, worker: WorkerId) {
         self.sessions.close(worker);
         self.transport.forget(worker.0);
+    }
+
+    /// A worker's next task, waiting up to [`LONG_POLL`] for one (`Wait` after that): the
+    /// `NextTask` call, over gRPC or through a mailbox (`crate::mailbox_server`).
+    pub async fn next_task(&self, worker: WorkerId) -> Result<TaskReply, Status> {
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        let mut changed = self.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let reply = {
+                let mut state = self.state();
+                match state.next_task(worker, Instant::now()) {
+                    TaskDecision::Task(work) => {
+                        let params =
+                            self.transport
+                                .params_for(worker.0, work.global_step, state.params());
+                        self.metrics.params_sent(&params);
+                        Some(TaskReply::Task(Task {
+                            step: work.global_step,
+                            epoch: work.epoch,
+                            params,
+                            nodes: work.nodes,
+                            run_id: self.run.run_id.clone(),
+                        }))
+                    }
+                    TaskDecision::Done => Some(TaskReply::Done("training has ended".into())),
+                    TaskDecision::UnknownWorker => {
+                        return Err(Status::not_found(format!(
+                            "worker {worker} is not registered (declared lost or coordinator \
+                             restarted): register again"
+                        )));
+                    }
+                    TaskDecision::Wait => None,
+                }
+            };
+            if let Some(reply) = reply {
+                tracing::trace!("next task answered");
+                return Ok(reply);
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                return Ok(TaskReply::Wait);
+            }
+        }
+    }
+
+    /// A worker's results for a step, decoded, read and handed to the state machine: the
+    /// `SubmitResult` call, over gRPC or through a mailbox. A result that does not decode
+    /// removes the worker, so its work is redone.
+    pub fn submit_result(&self, worker: WorkerId, request: pb::SubmitRequest) -> Verdict {
+        let step = request.step;
+        let outcome = match Submission::try_from(request) {
+            Ok(submission) => self.submit(worker, submission),
+            Err(e) => {
+                let mut state = self.state();
+                let name = state.worker_name(worker).unwrap_or("unknown").to_string();
+                tracing::warn!(
+                    "worker {worker} ({name}) sent an undecodable result for step {step}: {e}; \
+                     removing it so its work is redone"
+                );
+                state.remove_worker(worker, format!("sent an undecodable result: {e}"));
+                SubmitOutcome::Rejected(e.to_string())
+            }
+        };
+        self.notify();
+        match outcome {
+            SubmitOutcome::Accepted => Verdict {
+                accepted: true,
+                reason: String::new(),
+            },
+            SubmitOutcome::Ignored(reason) => Verdict {
+                accepted: true,
+                reason,
+            },
+            SubmitOutcome::Rejected(reason) => Verdict {
+                accepted: false,
+                reason,
+            },
+        }
     }
 
     /// Reads every result's gradient (inline or from shared memory) and hands the results to
@@ -286,13 +371,20 @@ impl pb::trainer_server::Trainer for TrainerService {
         let req = Attach::from(request.into_inner());
         let name = self.shared.state().worker_name(worker).map(str::to_owned);
         let attached = name.is_some() && self.shared.transport.attach(worker.0, &req);
+        let mut mailbox = false;
         if attached {
+            mailbox = crate::mailbox_server::start(&self.shared, worker);
             tracing::info!(
-                "worker {worker} ({}) exchanges tensors through shared memory",
-                name.unwrap_or_default()
+                "worker {worker} ({}) exchanges tensors through shared memory{}",
+                name.unwrap_or_default(),
+                if mailbox {
+                    ", and its calls through a mailbox"
+                } else {
+                    ""
+                }
             );
         }
-        Ok(Response::new(pb::AttachReply { attached }))
+        Ok(Response::new(pb::AttachReply { attached, mailbox }))
     }
 
     type FetchShardStream = ShardStream;
@@ -377,49 +469,8 @@ impl pb::trainer_server::Trainer for TrainerService {
         request: Request<pb::NextTaskRequest>,
     ) -> Result<Response<pb::NextTaskReply>, Status> {
         let worker = caller(&request)?;
-        let deadline = tokio::time::Instant::now() + LONG_POLL;
-        let mut changed = self.shared.subscribe();
-        loop {
-            changed.borrow_and_update();
-            let reply = {
-                let mut state = self.shared.state();
-                match state.next_task(worker, Instant::now()) {
-                    TaskDecision::Task(work) => {
-                        let params = self.shared.transport.params_for(
-                            worker.0,
-                            work.global_step,
-                            state.params(),
-                        );
-                        self.shared.metrics.params_sent(&params);
-                        Some(TaskReply::Task(Task {
-                            step: work.global_step,
-                            epoch: work.epoch,
-                            params,
-                            nodes: work.nodes,
-                            run_id: self.shared.run.run_id.clone(),
-                        }))
-                    }
-                    TaskDecision::Done => Some(TaskReply::Done("training has ended".into())),
-                    TaskDecision::UnknownWorker => {
-                        return Err(Status::not_found(format!(
-                            "worker {worker} is not registered (declared lost or coordinator \
-                             restarted): register again"
-                        )));
-                    }
-                    TaskDecision::Wait => None,
-                }
-            };
-            if let Some(reply) = reply {
-                tracing::trace!("next task answered");
-                return Ok(Response::new(reply.into()));
-            }
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
-                return Ok(Response::new(TaskReply::Wait.into()));
-            }
-        }
+        let reply = self.shared.next_task(worker).await?;
+        Ok(Response::new(reply.into()))
     }
 
     async fn submit_result(
@@ -427,36 +478,7 @@ impl pb::trainer_server::Trainer for TrainerService {
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let worker = caller(&request)?;
-        let req = request.into_inner();
-        let step = req.step;
-        let outcome = match Submission::try_from(req) {
-            Ok(submission) => self.shared.submit(worker, submission),
-            Err(e) => {
-                let mut state = self.shared.state();
-                let name = state.worker_name(worker).unwrap_or("unknown").to_string();
-                tracing::warn!(
-                    "worker {worker} ({name}) sent an undecodable result for step {step}: {e}; \
-                     removing it so its work is redone"
-                );
-                state.remove_worker(worker, format!("sent an undecodable result: {e}"));
-                SubmitOutcome::Rejected(e.to_string())
-            }
-        };
-        self.shared.notify();
-        let verdict = match outcome {
-            SubmitOutcome::Accepted => Verdict {
-                accepted: true,
-                reason: String::new(),
-            },
-            SubmitOutcome::Ignored(reason) => Verdict {
-                accepted: true,
-                reason,
-            },
-            SubmitOutcome::Rejected(reason) => Verdict {
-                accepted: false,
-                reason,
-            },
-        };
+        let verdict = self.shared.submit_result(worker, request.into_inner());
         Ok(Response::new(verdict.into()))
     }
 

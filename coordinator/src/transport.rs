@@ -3,11 +3,12 @@
 //! (`proto::shared_memory`). Which path a worker uses never changes a bit of the result.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::train::Magnitude;
+use proto::mailbox::Mailbox;
 use proto::messages::{Attach, SharedMemoryOffer, TensorRef};
 use proto::shared_memory::SharedDir;
 
@@ -83,6 +84,27 @@ impl Transport {
             lock(&self.attached).insert(worker);
         }
         ok
+    }
+
+    /// An attached worker's mailbox, for replies of up to `reply_capacity` bytes; `None` when
+    /// it cannot be made (a full `/dev/shm`: the worker then calls the service as before).
+    pub fn create_mailbox(&self, worker: u64, reply_capacity: u32) -> Option<Arc<Mailbox>> {
+        let dir = self
+            .shared_dir
+            .as_ref()
+            .filter(|_| self.is_attached(worker))?;
+        dir.create_mailbox(worker, reply_capacity)
+            .inspect_err(|e| {
+                tracing::warn!("no mailbox for worker {worker:x} ({e}): its calls use gRPC")
+            })
+            .ok()
+    }
+
+    /// Closes every mailbox: the run is over, and their threads end.
+    pub fn close_mailboxes(&self) {
+        if let Some(dir) = &self.shared_dir {
+            dir.close_mailboxes();
+        }
     }
 
     pub fn is_attached(&self, worker: u64) -> bool {

@@ -95,8 +95,8 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
         let (ok, log) = c.finish(Duration::from_secs(240));
         assert!(ok, "{log}");
         // Each worker's tally: (parameters read in place, decoded inline, shards mapped,
-        // streamed).
-        let tallies: Vec<[u64; 4]> = children
+        // streamed, calls through the mailbox, through gRPC).
+        let tallies: Vec<[u64; 6]> = children
             .into_iter()
             .map(|child| {
                 let (status, log) = finish_worker(child, Duration::from_secs(30));
@@ -115,27 +115,31 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
         )
     };
     // Workers on the coordinator's host attach to its shared memory by default, and then read
-    // parameters in place (all but the first step's, sent before any parameter file exists) and
-    // map shards...
+    // parameters in place (all but the first step's, sent before any parameter file exists),
+    // map shards, and make every per-step call through their mailbox...
     let (shared, attached, tallies) = run(&[], &[&[], &[]]);
     assert_eq!(attached, 2, "both local workers use shared memory");
     // (Shards may still be streamed when /dev/shm is short of space.)
-    for &[in_place, inline, mapped, _streamed] in &tallies {
+    for &[in_place, inline, mapped, _streamed, mailbox, service] in &tallies {
         assert!(in_place > inline && mapped > 0, "{tallies:?}");
+        assert!(mailbox > in_place && service == 0, "{tallies:?}");
     }
     // ...not when either side says tcp, and a mix of the two paths is fine.
     let (tcp, attached, tallies) = run(&["--transport", "tcp"], &[&[], &[]]);
     assert_eq!(attached, 0);
-    for &[in_place, inline, mapped, streamed] in &tallies {
+    for &[in_place, inline, mapped, streamed, mailbox, service] in &tallies {
         assert!(
             in_place == 0 && inline > 0 && mapped == 0 && streamed > 0,
             "{tallies:?}"
         );
+        assert!(mailbox == 0 && service > inline, "{tallies:?}");
     }
     let (mixed, attached, tallies) = run(&[], &[&[], &["--transport", "tcp"], &[]]);
     assert_eq!(attached, 2);
     assert_eq!(tallies[1][0], 0, "the tcp worker reads no parameter file");
+    assert_eq!(tallies[1][4], 0, "the tcp worker has no mailbox");
     assert!(tallies[0][0] > 0 && tallies[2][0] > 0, "{tallies:?}");
+    assert!(tallies[0][4] > 0 && tallies[2][4] > 0, "{tallies:?}");
     assert_eq!(shared, tcp, "the transport changed the parameters");
     assert_eq!(shared, mixed, "a mix of transports changed the parameters");
 }
@@ -306,20 +310,21 @@ fn a_saved_model_continues_training_with_init_from() {
 }
 
 /// The figures of a worker's tally lines (one per registration), summed: parameters read in
-/// place, decoded inline, shards mapped, shards streamed.
-fn tally(log: &str) -> [u64; 4] {
+/// place, decoded inline, shards mapped, shards streamed, calls through the mailbox, calls
+/// through gRPC.
+fn tally(log: &str) -> [u64; 6] {
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("task(s) computed"))
         .collect();
     assert!(!lines.is_empty(), "no tally in the worker's log:\n{log}");
-    lines.iter().fold([0; 4], |sum, line| {
+    lines.iter().fold([0; 6], |sum, line| {
         let figures = line_tally(line);
         std::array::from_fn(|i| sum[i] + figures[i])
     })
 }
 
-fn line_tally(line: &str) -> [u64; 4] {
+fn line_tally(line: &str) -> [u64; 6] {
     let after = |label: &str| -> u64 {
         let rest = &line[line
             .find(label)
@@ -337,5 +342,7 @@ fn line_tally(line: &str) -> [u64; 4] {
         after("decoded inline"),
         after("mapped from shared memory"),
         after("streamed"),
+        after("through the mailbox"),
+        after("through gRPC"),
     ]
 }

@@ -22,6 +22,7 @@ pub mod pb {
 
 pub mod convert;
 pub mod credentials;
+pub mod mailbox;
 pub mod messages;
 pub mod shared_memory;
 pub mod tensor;

@@ -42,8 +42,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::train::Magnitude;
+pub(crate) use mapping::SharedMap;
 use mapping::{FrozenMap, Lease, LockedMap, ReadMap, WriteMap};
 
+use crate::mailbox::Mailbox;
 use crate::messages::{SharedMemoryOffer, TensorRef};
 
 /// Where shared-memory directories go when the host has `/dev/shm` (tmpfs on Linux).
@@ -73,6 +75,8 @@ pub struct SharedDir {
     gradients: Mutex<HashMap<u64, Arc<Mutex<ReadMap>>>>,
     /// The shard files (locked while one is written, so each is written once).
     shards: Mutex<ShardFiles>,
+    /// Each attached worker's mailbox (`crate::mailbox`), if one was made for it.
+    mailboxes: Mutex<HashMap<u64, Arc<Mailbox>>>,
 }
 
 /// The parameter files written so far (created by `SharedDir::prepare_params` or on first use),
@@ -111,6 +115,7 @@ impl SharedDir {
                 }),
                 gradients: Mutex::new(HashMap::new()),
                 shards: Mutex::new(ShardFiles::default()),
+                mailboxes: Mutex::new(HashMap::new()),
             }),
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -298,17 +303,46 @@ impl SharedDir {
         lock(&self.shards).written.contains(&shard)
     }
 
-    /// Removes an attached worker's gradient file (the worker is gone).
+    /// Makes `worker`'s mailbox, whose replies may be up to `reply_capacity` bytes (a task
+    /// with its parameters inline must fit), replacing any earlier one.
+    pub fn create_mailbox(&self, worker: u64, reply_capacity: u32) -> io::Result<Arc<Mailbox>> {
+        const REQUEST_CAPACITY: u32 = 1 << 20;
+        let mut mailboxes = lock(&self.mailboxes);
+        if let Some(old) = mailboxes.remove(&worker) {
+            old.close();
+        }
+        let mailbox = Arc::new(Mailbox::create(
+            &self.dir.join(mailbox_file(worker)),
+            REQUEST_CAPACITY,
+            reply_capacity,
+        )?);
+        mailboxes.insert(worker, Arc::clone(&mailbox));
+        Ok(mailbox)
+    }
+
+    /// Removes an attached worker's gradient file and closes its mailbox (the worker is gone).
     pub fn forget(&self, worker: u64) {
         // Under the table's lock, so a read cannot map the file again between the two.
         let mut maps = lock(&self.gradients);
         maps.remove(&worker);
         let _ = fs::remove_file(self.dir.join(gradient_file(worker)));
+        if let Some(mailbox) = lock(&self.mailboxes).remove(&worker) {
+            mailbox.close();
+            let _ = fs::remove_file(self.dir.join(mailbox_file(worker)));
+        }
+    }
+
+    /// Closes every mailbox: the run is over, their threads end.
+    pub fn close_mailboxes(&self) {
+        for mailbox in lock(&self.mailboxes).values() {
+            mailbox.close();
+        }
     }
 }
 
 impl Drop for SharedDir {
     fn drop(&mut self) {
+        self.close_mailboxes();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -317,6 +351,7 @@ impl Drop for SharedDir {
 #[derive(Debug)]
 pub struct SharedClient {
     dir: PathBuf,
+    worker: u64,
     /// The parameter files, each mapped the first time a task names it.
     params: Mutex<Vec<Option<std::sync::Arc<LockedMap>>>>,
     gradients: Mutex<WriteMap>,
@@ -347,10 +382,16 @@ impl SharedClient {
         let gradients = private_file(&offer.dir.join(gradient_file(worker)), true)?;
         let client = SharedClient {
             dir: offer.dir.clone(),
+            worker,
             params: Mutex::new((0..PARAM_SLOTS).map(|_| None).collect()),
             gradients: Mutex::new(WriteMap::new(gradients)),
         };
         Ok((client, probe))
+    }
+
+    /// Maps this worker's mailbox, which the coordinator made when it accepted the attachment.
+    pub fn open_mailbox(&self) -> io::Result<Mailbox> {
+        Mailbox::open(&self.dir.join(mailbox_file(self.worker)))
     }
 
     /// The `len` parameters of `step` in parameter file `slot`, locked in place (no copy) until
@@ -530,8 +571,12 @@ fn gradient_file(worker: u64) -> String {
     format!("grad-{worker:016x}.f32")
 }
 
+fn mailbox_file(worker: u64) -> String {
+    format!("mail-{worker:016x}")
+}
+
 /// Opens (creating, mode 0600) a file for reading and writing; `truncate` empties it.
-fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
+pub(crate) fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -622,14 +667,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 ///   A process of the same user that wrote such a file anyway would race with this one's
 ///   borrow; like truncation, that is outside what the 0700 directory defends against (such a
 ///   process could equally kill or ptrace this one).
+/// - A shared map (a worker's mailbox) is written by both processes, each in its own parts, so
+///   no reference to its bytes is ever made: they are copied in and out through raw pointers,
+///   and the words both sides synchronise on are accessed only as `AtomicU32`s (which `futex`
+///   waits on). A peer that wrote this side's parts anyway can only garble what this side
+///   copies out next, which is decoded and checked like any message from that peer.
 #[allow(unsafe_code)]
 mod mapping {
     use std::fs::File;
     use std::io;
     use std::sync::{Arc, Mutex};
 
+    use std::sync::atomic::AtomicU32;
+
     use common::train::Magnitude;
-    use memmap2::{Mmap, MmapMut, MmapOptions};
+    use memmap2::{Mmap, MmapMut, MmapOptions, MmapRaw};
     use rayon::prelude::*;
     use rustix::fs::{FlockOperation, flock};
 
@@ -777,6 +829,83 @@ mod mapping {
             }
             let map = self.map.as_mut().expect("mapped above");
             Ok(&mut map[offset as usize..end as usize])
+        }
+    }
+
+    /// A fixed-size file both processes map writable, each writing only its own parts (a
+    /// worker's mailbox, `crate::mailbox`). Its bytes are never lent out: the other side's parts
+    /// are only copied out (and decoded from the copy), this side's only copied in, and the words
+    /// both sides synchronise on are only touched as atomics. Every access is bounds-checked.
+    #[derive(Debug)]
+    pub struct SharedMap {
+        map: MmapRaw,
+        /// Kept open with the mapping, as every mapping here.
+        _file: File,
+    }
+
+    impl SharedMap {
+        /// Grows the (new, empty) `file` to `len` bytes of zeros and maps it.
+        pub fn create(file: File, len: u64) -> io::Result<Self> {
+            reserve(&file, 0, len)?;
+            Self::open(file)
+        }
+
+        /// Maps all of `file` as it is now.
+        pub fn open(file: File) -> io::Result<Self> {
+            // Mapping is safe here (a raw mapping makes no reference); each access below is
+            // `unsafe`, under the module's invariants.
+            let map = MmapOptions::new().map_raw(&file)?;
+            Ok(SharedMap { map, _file: file })
+        }
+
+        pub fn len(&self) -> usize {
+            self.map.len()
+        }
+
+        fn check(&self, offset: usize, len: usize) {
+            assert!(
+                offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= self.map.len()),
+                "{len} bytes at {offset} are outside a mapping of {}",
+                self.map.len()
+            );
+        }
+
+        /// The 4-byte word at `offset` (a multiple of 4), shared with the other process.
+        pub fn word(&self, offset: usize) -> &AtomicU32 {
+            self.check(offset, 4);
+            assert!(offset.is_multiple_of(4), "word at {offset} is not aligned");
+            // SAFETY: inside the mapping (checked), aligned (the mapping starts on a page),
+            // and only ever accessed as an atomic by either process; borrowed from `self`, so
+            // it cannot outlive the mapping.
+            unsafe { &*self.map.as_ptr().add(offset).cast::<AtomicU32>() }
+        }
+
+        /// Copies `out.len()` bytes at `offset` out of the mapping.
+        pub fn read(&self, offset: usize, out: &mut [u8]) {
+            self.check(offset, out.len());
+            // SAFETY: inside the mapping (checked); `out` is this process's own memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.map.as_ptr().add(offset),
+                    out.as_mut_ptr(),
+                    out.len(),
+                );
+            }
+        }
+
+        /// Copies `src` into the mapping at `offset`.
+        pub fn write(&self, offset: usize, src: &[u8]) {
+            self.check(offset, src.len());
+            // SAFETY: inside the mapping (checked); no reference into it exists.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr(),
+                    self.map.as_mut_ptr().add(offset),
+                    src.len(),
+                );
+            }
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::train::ReductionTree;
 use proto::credentials::{Credentials, Token};
+use proto::mailbox::{Answer, Call, Mailbox, Waited};
 use proto::messages::{Attach, Liveness, Registered, Registration, Submission, TaskReply, Verdict};
 use proto::pb;
 use proto::pb::trainer_client::TrainerClient;
@@ -31,6 +32,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/2 pings notice a silently dead connection (cut network) quickly.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a wait for the mailbox's answer blocks the runtime before it lets the heartbeat run.
+const MAILBOX_SLICE: Duration = Duration::from_millis(50);
 
 /// A connection to the coordinator that adds our credentials to every call.
 type Client = TrainerClient<InterceptedService<Channel, Credentials>>;
@@ -88,18 +91,23 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
             context = Some(Arc::new(RunContext::new(run, config.idle_threads)?));
         }
         let ctx = Arc::clone(context.as_ref().expect("set above"));
-        let shared = match &registered.shared_memory {
+        let (shared, mut mailbox) = match &registered.shared_memory {
             Some(offer) if config.shared_memory => attach(&mut client, worker_id, offer).await,
-            _ => None,
+            _ => (None, None),
         };
         tracing::info!(
-            "registered with {} as worker {worker_id:x} ({} threads, tensors {})",
+            "registered with {} as worker {worker_id:x} ({} threads, tensors {}{})",
             config.addr,
             config.threads,
             if shared.is_some() {
                 "through shared memory"
             } else {
                 "inline"
+            },
+            if mailbox.is_some() {
+                ", calls through a mailbox"
+            } else {
+                ""
             }
         );
         let (done_tx, mut done_rx) = watch::channel(HeartbeatState::Alive);
@@ -116,6 +124,7 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
             &mut done_rx,
             Transfer {
                 shared: shared.as_ref(),
+                mailbox: &mut mailbox,
                 buffers: &mut buffers,
                 fault: &mut fault,
             },
@@ -138,6 +147,9 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HeartbeatState {
     Alive,
+    /// The last heartbeat failed (the coordinator is gone or cut off): a wait on the mailbox
+    /// stops, and the service's own call says what happened.
+    Unreachable,
     Forgotten,
     Done,
 }
@@ -150,17 +162,19 @@ enum LoopEnd {
 /// How a task's tensors move, and the buffers and test fault that go with it.
 struct Transfer<'a> {
     shared: Option<&'a Arc<SharedClient>>,
+    mailbox: &'a mut Option<MailboxClient>,
     buffers: &'a mut StepBuffers,
     fault: &'a mut Option<Fault>,
 }
 
 /// Tries the coordinator's shared-memory offer: attached only if this worker can read the
-/// probe file and the coordinator agrees it is the right one.
+/// probe file and the coordinator agrees it is the right one; with the mailbox the coordinator
+/// made for this worker, if it made one.
 async fn attach(
     client: &mut Client,
     worker_id: u64,
     offer: &proto::messages::SharedMemoryOffer,
-) -> Option<Arc<SharedClient>> {
+) -> (Option<Arc<SharedClient>>, Option<MailboxClient>) {
     let (shared, probe) = match SharedClient::open(offer, worker_id) {
         Ok(opened) => opened,
         Err(e) => {
@@ -168,16 +182,87 @@ async fn attach(
                 "shared memory at {} not usable from here ({e}): tensors go inline",
                 offer.dir.display()
             );
-            return None;
+            return (None, None);
         }
     };
     let request = pb::AttachRequest::from(Attach { probe });
-    match client.attach_shared_memory(request).await {
-        Ok(reply) if reply.get_ref().attached => Some(Arc::new(shared)),
-        Ok(_) => None,
+    let reply = match client.attach_shared_memory(request).await {
+        Ok(reply) if reply.get_ref().attached => reply.into_inner(),
+        Ok(_) => return (None, None),
         Err(status) => {
             tracing::debug!("shared memory refused: {}", describe(&status));
+            return (None, None);
+        }
+    };
+    let mailbox = match reply.mailbox.then(|| shared.open_mailbox()) {
+        Some(Ok(mailbox)) => Some(MailboxClient::new(mailbox)),
+        Some(Err(e)) => {
+            tracing::warn!("cannot open the coordinator's mailbox ({e}): calls use gRPC");
             None
+        }
+        None => None,
+    };
+    (Some(Arc::new(shared)), mailbox)
+}
+
+/// This worker's mailbox (`proto::mailbox`): `NextTask` and `SubmitResult` without gRPC.
+struct MailboxClient {
+    mailbox: Mailbox,
+    /// The number of the last request posted.
+    seq: u32,
+    reply: Vec<u8>,
+}
+
+impl MailboxClient {
+    fn new(mailbox: Mailbox) -> Self {
+        MailboxClient {
+            mailbox,
+            seq: 0,
+            reply: Vec::new(),
+        }
+    }
+
+    /// The coordinator's answer to `request` (a [`Call`]'s bytes); `Ok(None)` when the service must take the call
+    /// instead (the mailbox is closed, the call does not fit, or the heartbeat says the
+    /// coordinator is gone or has forgotten us); `Err` when the answer does not decode or does
+    /// not come in [`CALL_TIMEOUT`].
+    ///
+    /// The wait blocks this (single-threaded) runtime in slices of [`MAILBOX_SLICE`], yielding
+    /// between them so the heartbeat keeps running: an answer wakes it at once, with no hop
+    /// through the runtime.
+    async fn call(
+        &mut self,
+        request: &[u8],
+        heartbeat: &watch::Receiver<HeartbeatState>,
+    ) -> Result<Option<Answer>, String> {
+        if request.len() > self.mailbox.request_capacity() || self.mailbox.is_closed() {
+            return Ok(None);
+        }
+        self.seq = self.seq.wrapping_add(1);
+        self.mailbox
+            .post(self.seq, request)
+            .map_err(|e| format!("the mailbox failed: {e}"))?;
+        let started = Instant::now();
+        loop {
+            match self
+                .mailbox
+                .wait_reply(self.seq, MAILBOX_SLICE, &mut self.reply)
+            {
+                Ok(Waited::Ready(())) => return Answer::decode(&self.reply).map(Some),
+                Ok(Waited::Closed) => return Ok(None),
+                Ok(Waited::TimedOut) => {}
+                Err(e) => return Err(format!("the mailbox failed: {e}")),
+            }
+            if *heartbeat.borrow() != HeartbeatState::Alive {
+                return Ok(None);
+            }
+            if started.elapsed() >= CALL_TIMEOUT {
+                return Err(format!(
+                    "no answer through the mailbox in {} s",
+                    CALL_TIMEOUT.as_secs()
+                ));
+            }
+            tokio::task::yield_now().await;
         }
     }
 }
@@ -185,6 +270,9 @@ async fn attach(
 /// How a registration's work went, logged when its loop ends (tests read it to check the paths).
 #[derive(Debug, Default)]
 struct Tally {
+    /// Calls answered through the mailbox, and by the service.
+    mailbox_calls: u64,
+    service_calls: u64,
     in_place: u64,
     inline: u64,
     stale: u64,
@@ -196,13 +284,16 @@ impl Drop for Tally {
     fn drop(&mut self) {
         tracing::info!(
             "{} task(s) computed: parameters read in place {} time(s), decoded inline {}; {} \
-             stale task(s) skipped; shards mapped from shared memory {}, streamed {}",
+             stale task(s) skipped; shards mapped from shared memory {}, streamed {}; calls \
+             through the mailbox {}, through gRPC {}",
             self.in_place + self.inline,
             self.in_place,
             self.inline,
             self.stale,
             self.mapped,
-            self.streamed
+            self.streamed,
+            self.mailbox_calls,
+            self.service_calls
         );
     }
 }
@@ -226,13 +317,35 @@ async fn work_loop(
                     "the coordinator no longer knows this worker".into(),
                 ));
             }
-            HeartbeatState::Alive => {}
+            HeartbeatState::Alive | HeartbeatState::Unreachable => {}
         }
-        let reply = match client.next_task(pb::NextTaskRequest {}).await {
-            Ok(reply) => TaskReply::try_from(reply.into_inner())
-                .map_err(|e| Error::Protocol(e.to_string()))?,
-            Err(status) => return Ok(LoopEnd::Reregister(describe(&status))),
+        let answer = match transfer.mailbox.as_mut() {
+            Some(mailbox) => match mailbox.call(&Call::encode_next_task(), heartbeat).await {
+                Ok(answer) => answer,
+                Err(why) => return Ok(LoopEnd::Reregister(why)),
+            },
+            None => None,
         };
+        let wire = match answer {
+            Some(Answer::NextTask(reply)) => {
+                tally.mailbox_calls += 1;
+                reply
+            }
+            Some(Answer::Error(why)) => return Ok(LoopEnd::Reregister(why)),
+            Some(Answer::SubmitResult(_)) => {
+                return Err(Error::Protocol(
+                    "the coordinator answered NextTask with a SubmitResult reply".into(),
+                ));
+            }
+            None => match client.next_task(pb::NextTaskRequest {}).await {
+                Ok(reply) => {
+                    tally.service_calls += 1;
+                    reply.into_inner()
+                }
+                Err(status) => return Ok(LoopEnd::Reregister(describe(&status))),
+            },
+        };
+        let reply = TaskReply::try_from(wire).map_err(|e| Error::Protocol(e.to_string()))?;
         let task = match reply {
             TaskReply::Task(task) => task,
             TaskReply::Wait => continue,
@@ -309,18 +422,44 @@ async fn work_loop(
             tally.inline += 1;
         }
         tracing::trace!("step {step}: computed");
-        let submission = Submission {
+        let submission = pb::SubmitRequest::from(Submission {
             step,
             results: output.results,
             compute_seconds: output.compute_seconds,
+        });
+        let answer = match transfer.mailbox.as_mut() {
+            Some(mailbox) => {
+                let request = Call::encode_submit_result(&submission);
+                match mailbox.call(&request, heartbeat).await {
+                    Ok(answer) => answer,
+                    Err(why) => return Ok(LoopEnd::Reregister(why)),
+                }
+            }
+            None => None,
         };
-        match client
-            .submit_result(pb::SubmitRequest::from(submission))
-            .await
-        {
+        let reply = match answer {
+            Some(Answer::SubmitResult(reply)) => {
+                tally.mailbox_calls += 1;
+                Ok(reply)
+            }
+            Some(Answer::Error(why)) => return Ok(LoopEnd::Reregister(why)),
+            Some(Answer::NextTask(_)) => {
+                return Err(Error::Protocol(
+                    "the coordinator answered SubmitResult with a NextTask reply".into(),
+                ));
+            }
+            None => {
+                tally.service_calls += 1;
+                client
+                    .submit_result(submission)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        };
+        match reply {
             Ok(reply) => {
                 tracing::trace!("step {step}: submitted");
-                let verdict = Verdict::from(reply.into_inner());
+                let verdict = Verdict::from(reply);
                 if !verdict.accepted {
                     tracing::warn!(
                         "coordinator rejected our result for step {step}: {}",
@@ -376,21 +515,36 @@ async fn heartbeat_loop(
     let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
     loop {
         ticker.tick().await;
-        if let Ok(reply) = client.heartbeat(pb::HeartbeatRequest {}).await {
-            if let Some(path) = &status_file {
-                // Best effort: a failed touch only makes the health check pessimistic.
-                let _ = std::fs::write(path, b"alive\n");
-            }
-            let next = match Liveness::from(reply.into_inner()) {
-                Liveness::Done => HeartbeatState::Done,
-                Liveness::Unknown => HeartbeatState::Forgotten,
-                Liveness::Known => HeartbeatState::Alive,
-            };
-            if next != HeartbeatState::Alive {
-                let _ = state.send(next);
-                return;
-            }
+        let Ok(reply) = client.heartbeat(pb::HeartbeatRequest {}).await else {
+            state.send_if_modified(|s| {
+                let changed = *s == HeartbeatState::Alive;
+                if changed {
+                    *s = HeartbeatState::Unreachable;
+                }
+                changed
+            });
+            continue;
+        };
+        if let Some(path) = &status_file {
+            // Best effort: a failed touch only makes the health check pessimistic.
+            let _ = std::fs::write(path, b"alive\n");
         }
+        let next = match Liveness::from(reply.into_inner()) {
+            Liveness::Done => HeartbeatState::Done,
+            Liveness::Unknown => HeartbeatState::Forgotten,
+            Liveness::Known => HeartbeatState::Alive,
+        };
+        if next != HeartbeatState::Alive {
+            let _ = state.send(next);
+            return;
+        }
+        state.send_if_modified(|s| {
+            let changed = *s == HeartbeatState::Unreachable;
+            if changed {
+                *s = HeartbeatState::Alive;
+            }
+            changed
+        });
     }
 }
 

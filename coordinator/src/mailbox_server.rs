@@ -1,0 +1,94 @@
+//! Answers a co-located worker's `NextTask` and `SubmitResult` calls through its mailbox
+//! (`proto::mailbox`), on a thread of its own that sleeps on the mailbox's doorbell: the same
+//! answers as the gRPC service's ([`Shared::next_task`], [`Shared::submit_result`]), without
+//! HTTP/2 or a wake-up of the async runtime between the worker and the state machine
+//! (docs/scaling.md §26).
+//!
+//! The caller is the worker the mailbox was made for: the file is in the run's private
+//! directory, made after that worker proved (with the probe) that it sees the directory, and
+//! removed with the worker's gradient file when the worker is forgotten.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use proto::mailbox::{Answer, Call, Mailbox, Waited};
+use tokio::runtime::Handle;
+
+use crate::service::Shared;
+use crate::state::WorkerId;
+
+/// How often an idle server thread checks whether the run is still there.
+const IDLE_CHECK: Duration = Duration::from_millis(500);
+
+/// Makes `worker`'s mailbox and starts the thread that answers it; `false` (the worker keeps
+/// calling the service) when the mailbox or the thread cannot be made. Call inside the runtime.
+pub fn start(shared: &Arc<Shared>, worker: WorkerId) -> bool {
+    // A task with its parameters inline (every parameter file held by stragglers) must fit.
+    let param_bytes = common::model::ParamLayout::new(&shared.run().model).len() * 4;
+    let Ok(reply_capacity) = u32::try_from(param_bytes + (1 << 20)) else {
+        return false;
+    };
+    let Some(mailbox) = shared.transport().create_mailbox(worker.0, reply_capacity) else {
+        return false;
+    };
+    let run = Arc::downgrade(shared);
+    let runtime = Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name(format!("mailbox-{:x}", worker.0))
+        .spawn({
+            let mailbox = Arc::clone(&mailbox);
+            move || serve(&run, worker, &mailbox, &runtime)
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no mailbox thread for worker {worker} ({e}): its calls use gRPC");
+        mailbox.close();
+        return false;
+    }
+    true
+}
+
+/// Answers requests until the mailbox is closed or the run (its `Shared`) is gone.
+fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox, runtime: &Handle) {
+    let mut answered = 0;
+    let mut request = Vec::new();
+    loop {
+        let seq = match mailbox.wait_request(answered, IDLE_CHECK, &mut request) {
+            Ok(Waited::Ready(seq)) => seq,
+            Ok(Waited::TimedOut) if run.strong_count() > 0 => continue,
+            Ok(Waited::TimedOut | Waited::Closed) => return,
+            Err(e) => {
+                tracing::warn!("worker {worker}'s mailbox failed ({e}): it stops");
+                mailbox.close();
+                return;
+            }
+        };
+        answered = seq;
+        let Some(shared) = run.upgrade() else {
+            return;
+        };
+        let reply = answer(&shared, worker, &request, runtime).encode();
+        if let Err(e) = mailbox.reply(seq, &reply) {
+            let error = Answer::Error(format!(
+                "the coordinator's answer did not fit the mailbox: {e}"
+            ));
+            if mailbox.reply(seq, &error.encode()).is_err() {
+                mailbox.close();
+                return;
+            }
+        }
+    }
+}
+
+/// The service's answer to one request read from the mailbox.
+fn answer(shared: &Shared, worker: WorkerId, request: &[u8], runtime: &Handle) -> Answer {
+    match Call::decode(request) {
+        Ok(Call::NextTask) => match runtime.block_on(shared.next_task(worker)) {
+            Ok(reply) => Answer::NextTask(reply.into()),
+            Err(status) => Answer::Error(status.message().to_string()),
+        },
+        Ok(Call::SubmitResult(request)) => {
+            Answer::SubmitResult(shared.submit_result(worker, request).into())
+        }
+        Err(e) => Answer::Error(e),
+    }
+}
