@@ -1,8 +1,8 @@
 //! Answers a co-located worker's `NextTask` and `SubmitResult` calls through its mailbox
 //! (`proto::mailbox`), on a thread of its own that sleeps on the mailbox's doorbell: the same
-//! answers as the gRPC service's ([`Shared::next_task`], [`Shared::submit_result`]), without
-//! HTTP/2 or a wake-up of the async runtime between the worker and the state machine
-//! (docs/scaling.md §26).
+//! answers as the gRPC service's ([`Shared::next_task_blocking`], [`Shared::submit_result`]),
+//! without HTTP/2 or a wake-up of the async runtime between the worker and the state machine
+//! (docs/scaling.md §26). The thread never waits on the runtime, so it may outlive it.
 //!
 //! The caller is the worker the mailbox was made for: the file is in the run's private
 //! directory, made after that worker proved (with the probe) that it sees the directory, and
@@ -12,7 +12,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use proto::mailbox::{Answer, Call, Mailbox, Waited};
-use tokio::runtime::Handle;
 
 use crate::service::Shared;
 use crate::state::WorkerId;
@@ -21,7 +20,7 @@ use crate::state::WorkerId;
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// Makes `worker`'s mailbox and starts the thread that answers it; `false` (the worker keeps
-/// calling the service) when the mailbox or the thread cannot be made. Call inside the runtime.
+/// calling the service) when the mailbox or the thread cannot be made.
 pub fn start(shared: &Arc<Shared>, worker: WorkerId) -> bool {
     // A task with its parameters inline (every parameter file held by stragglers) must fit.
     let param_bytes = common::model::ParamLayout::new(&shared.run().model).len() * 4;
@@ -32,12 +31,11 @@ pub fn start(shared: &Arc<Shared>, worker: WorkerId) -> bool {
         return false;
     };
     let run = Arc::downgrade(shared);
-    let runtime = Handle::current();
     let spawned = std::thread::Builder::new()
         .name(format!("mailbox-{:x}", worker.0))
         .spawn({
             let mailbox = Arc::clone(&mailbox);
-            move || serve(&run, worker, &mailbox, &runtime)
+            move || serve(&run, worker, &mailbox)
         });
     if let Err(e) = spawned {
         tracing::warn!("no mailbox thread for worker {worker} ({e}): its calls use gRPC");
@@ -48,7 +46,7 @@ pub fn start(shared: &Arc<Shared>, worker: WorkerId) -> bool {
 }
 
 /// Answers requests until the mailbox is closed or the run (its `Shared`) is gone.
-fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox, runtime: &Handle) {
+fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox) {
     let mut answered = 0;
     let mut request = Vec::new();
     loop {
@@ -66,7 +64,7 @@ fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox, runtime: &Hand
         let Some(shared) = run.upgrade() else {
             return;
         };
-        let reply = answer(&shared, worker, &request, runtime).encode();
+        let reply = answer(&shared, worker, mailbox, &request).encode();
         if let Err(e) = mailbox.reply(seq, &reply) {
             let error = Answer::Error(format!(
                 "the coordinator's answer did not fit the mailbox: {e}"
@@ -80,9 +78,9 @@ fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox, runtime: &Hand
 }
 
 /// The service's answer to one request read from the mailbox.
-fn answer(shared: &Shared, worker: WorkerId, request: &[u8], runtime: &Handle) -> Answer {
+fn answer(shared: &Shared, worker: WorkerId, mailbox: &Mailbox, request: &[u8]) -> Answer {
     match Call::decode(request) {
-        Ok(Call::NextTask) => match runtime.block_on(shared.next_task(worker)) {
+        Ok(Call::NextTask) => match shared.next_task_blocking(worker, || mailbox.is_closed()) {
             Ok(reply) => Answer::NextTask(reply.into()),
             Err(status) => Answer::Error(status.message().to_string()),
         },

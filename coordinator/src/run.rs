@@ -626,8 +626,9 @@ pub async fn serve(
     }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
-    // The mailboxes' threads end too, before the runtime they wait on goes away.
+    // The mailboxes' threads end too, a long poll in progress answered at once.
     shared.transport().close_mailboxes();
+    shared.notify();
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

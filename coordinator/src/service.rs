@@ -2,7 +2,7 @@
 //! state machine, and maps the result back. No training logic lives here.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::data::Dataset;
@@ -36,6 +36,10 @@ pub struct Shared {
     state: Mutex<StateMachine>,
     /// Bumped on every state change: wakes long polls and the driver.
     changed: watch::Sender<u64>,
+    /// The same count for threads outside the runtime (the mailboxes' servers), which must not
+    /// wait on the runtime's timers: those panic once the runtime shuts down.
+    generation: Mutex<u64>,
+    generation_changed: Condvar,
     train: Arc<Dataset>,
     plan: ShardPlan,
     run: RunSpec,
@@ -62,6 +66,8 @@ impl Shared {
         Arc::new(Shared {
             state: Mutex::new(state),
             changed: watch::channel(0).0,
+            generation: Mutex::new(0),
+            generation_changed: Condvar::new(),
             train,
             plan,
             run,
@@ -101,9 +107,17 @@ impl Shared {
         self.train.row_values(self.plan.shard_range(shard as usize))
     }
 
+    fn generation(&self) -> MutexGuard<'_, u64> {
+        self.generation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Signals that the state changed.
     pub fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        *self.generation() += 1;
+        self.generation_changed.notify_all();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -146,40 +160,13 @@ impl Shared {
     }
 
     /// A worker's next task, waiting up to [`LONG_POLL`] for one (`Wait` after that): the
-    /// `NextTask` call, over gRPC or through a mailbox (`crate::mailbox_server`).
+    /// `NextTask` call over gRPC.
     pub async fn next_task(&self, worker: WorkerId) -> Result<TaskReply, Status> {
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         let mut changed = self.subscribe();
         loop {
             changed.borrow_and_update();
-            let reply = {
-                let mut state = self.state();
-                match state.next_task(worker, Instant::now()) {
-                    TaskDecision::Task(work) => {
-                        let params =
-                            self.transport
-                                .params_for(worker.0, work.global_step, state.params());
-                        self.metrics.params_sent(&params);
-                        Some(TaskReply::Task(Task {
-                            step: work.global_step,
-                            epoch: work.epoch,
-                            params,
-                            nodes: work.nodes,
-                            run_id: self.run.run_id.clone(),
-                        }))
-                    }
-                    TaskDecision::Done => Some(TaskReply::Done("training has ended".into())),
-                    TaskDecision::UnknownWorker => {
-                        return Err(Status::not_found(format!(
-                            "worker {worker} is not registered (declared lost or coordinator \
-                             restarted): register again"
-                        )));
-                    }
-                    TaskDecision::Wait => None,
-                }
-            };
-            if let Some(reply) = reply {
-                tracing::trace!("next task answered");
+            if let Some(reply) = self.poll_task(worker)? {
                 return Ok(reply);
             }
             if tokio::time::timeout_at(deadline, changed.changed())
@@ -189,6 +176,70 @@ impl Shared {
                 return Ok(TaskReply::Wait);
             }
         }
+    }
+
+    /// [`Self::next_task`] for a thread outside the runtime: the `NextTask` call through a
+    /// mailbox (`crate::mailbox_server`). Answers `Wait` early once `give_up` says so (checked
+    /// at every state change).
+    pub fn next_task_blocking(
+        &self,
+        worker: WorkerId,
+        give_up: impl Fn() -> bool,
+    ) -> Result<TaskReply, Status> {
+        let deadline = Instant::now() + LONG_POLL;
+        let mut generation = self.generation();
+        loop {
+            let seen = *generation;
+            drop(generation);
+            if let Some(reply) = self.poll_task(worker)? {
+                return Ok(reply);
+            }
+            if give_up() {
+                return Ok(TaskReply::Wait);
+            }
+            generation = self.generation();
+            while *generation == seen {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(TaskReply::Wait);
+                }
+                generation = self
+                    .generation_changed
+                    .wait_timeout(generation, left)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0;
+            }
+        }
+    }
+
+    /// The state machine's answer to a `NextTask` now: `None` while there is nothing to do yet.
+    fn poll_task(&self, worker: WorkerId) -> Result<Option<TaskReply>, Status> {
+        let mut state = self.state();
+        let reply = match state.next_task(worker, Instant::now()) {
+            TaskDecision::Task(work) => {
+                let params = self
+                    .transport
+                    .params_for(worker.0, work.global_step, state.params());
+                self.metrics.params_sent(&params);
+                TaskReply::Task(Task {
+                    step: work.global_step,
+                    epoch: work.epoch,
+                    params,
+                    nodes: work.nodes,
+                    run_id: self.run.run_id.clone(),
+                })
+            }
+            TaskDecision::Done => TaskReply::Done("training has ended".into()),
+            TaskDecision::UnknownWorker => {
+                return Err(Status::not_found(format!(
+                    "worker {worker} is not registered (declared lost or coordinator \
+                     restarted): register again"
+                )));
+            }
+            TaskDecision::Wait => return Ok(None),
+        };
+        tracing::trace!("next task answered");
+        Ok(Some(reply))
     }
 
     /// A worker's results for a step, decoded, read and handed to the state machine: the
