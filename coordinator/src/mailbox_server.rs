@@ -37,12 +37,17 @@ pub fn start(shared: &Arc<Shared>, worker: WorkerId) -> bool {
             let mailbox = Arc::clone(&mailbox);
             move || serve(&run, worker, &mailbox)
         });
-    if let Err(e) = spawned {
-        tracing::warn!("no mailbox thread for worker {worker} ({e}): its calls use gRPC");
-        mailbox.close();
-        return false;
+    match spawned {
+        Ok(thread) => {
+            shared.adopt_mailbox_thread(thread);
+            true
+        }
+        Err(e) => {
+            tracing::warn!("no mailbox thread for worker {worker} ({e}): its calls use gRPC");
+            mailbox.close();
+            false
+        }
     }
-    true
 }
 
 /// Answers requests until the mailbox is closed or the run (its `Shared`) is gone.

@@ -626,9 +626,7 @@ pub async fn serve(
     }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
-    // The mailboxes' threads end too, a long poll in progress answered at once.
-    shared.transport().close_mailboxes();
-    shared.notify();
+    shared.stop_mailboxes();
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

@@ -40,6 +40,8 @@ pub struct Shared {
     /// wait on the runtime's timers: those panic once the runtime shuts down.
     generation: Mutex<u64>,
     generation_changed: Condvar,
+    /// The mailboxes' server threads (`crate::mailbox_server`), joined when the run ends.
+    mailbox_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     train: Arc<Dataset>,
     plan: ShardPlan,
     run: RunSpec,
@@ -68,6 +70,7 @@ impl Shared {
             changed: watch::channel(0).0,
             generation: Mutex::new(0),
             generation_changed: Condvar::new(),
+            mailbox_threads: Mutex::new(Vec::new()),
             train,
             plan,
             run,
@@ -111,6 +114,30 @@ impl Shared {
         self.generation
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keeps a mailbox's server thread, to join when the run ends.
+    pub fn adopt_mailbox_thread(&self, thread: std::thread::JoinHandle<()>) {
+        self.mailbox_threads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(thread);
+    }
+
+    /// Closes every mailbox and waits for their threads, which then answer a long poll in
+    /// progress at once and end: none outlives the run (or holds its directory open past it).
+    pub fn stop_mailboxes(&self) {
+        self.transport.close_mailboxes();
+        self.notify();
+        let threads = std::mem::take(
+            &mut *self
+                .mailbox_threads
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for thread in threads {
+            let _ = thread.join();
+        }
     }
 
     /// Signals that the state changed.

@@ -235,8 +235,7 @@ fn floods_of_oversized_parallel_and_silent_requests_leave_the_run_alive_and_boun
     );
     let pid = c.child.id();
     let before = peak_rss_mib(pid);
-    let honest = worker(&c.addr, &["--token", TOKEN]);
-    runtime().block_on(async {
+    let honest = runtime().block_on(async {
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let ch = channel(&c.addr).await;
@@ -279,6 +278,9 @@ fn floods_of_oversized_parallel_and_silent_requests_leave_the_run_alive_and_boun
             codes.iter().all(|&c| c != Code::Ok),
             "every flooding call is refused: {codes:?}"
         );
+        // The honest worker joins only now: this small run trains in about a second, and must
+        // not end (closing the port) while the calls above still need it.
+        let honest = worker(&c.addr, &["--token", TOKEN]);
         // Connections that never say anything take slots until the idle timeout closes them.
         let mut silent = Vec::new();
         for _ in 0..100 {
@@ -299,6 +301,7 @@ fn floods_of_oversized_parallel_and_silent_requests_leave_the_run_alive_and_boun
             }
         }
         assert_eq!(closed, silent.len(), "silent connections are closed");
+        honest
     });
     let peak = peak_rss_mib(pid);
     eprintln!("coordinator peak RSS: {before:.0} MiB at start, {peak:.0} MiB after the flood");

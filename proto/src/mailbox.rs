@@ -12,8 +12,13 @@
 //! - Each side writes only its own part: the worker the request area and words, the coordinator
 //!   the reply area and words (and the header, once, before the worker learns of the file).
 //! - A length and the bytes it covers are stored before the sequence number that publishes them
-//!   (release) and read after it (acquire); the reader copies the bytes out and, for requests,
-//!   checks that the sequence number did not move meanwhile, so a request is never read torn.
+//!   (release) and read after it (acquire), and copied out before they are decoded. The worker
+//!   posts its next request only after the answer to the last (a worker that stops waiting
+//!   registers again, with a new mailbox), so an honest worker never writes a request while it
+//!   is read; one that did would only garble its own call.
+//! - Each side sleeps on a doorbell word the other side bumps after publishing (and `close` bumps
+//!   both), read before the state it checks, so a wake-up between the check and the sleep is
+//!   never lost.
 //! - Nothing read is trusted: lengths are checked against the areas, bytes are decoded as
 //!   messages from that peer (`MailboxRequest`/`MailboxReply`) and checked as the service checks
 //!   them.
@@ -22,6 +27,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -32,17 +38,21 @@ use rustix::thread::futex;
 use crate::pb;
 use crate::shared_memory::SharedMap;
 
-/// The worker's words: the number of its latest request, and that request's length.
+/// The worker's words: the number of its latest request, that request's length, and the
+/// coordinator's doorbell (bumped after each request, and by `close`).
 const REQUEST_SEQ: usize = 0;
 const REQUEST_LEN: usize = 4;
+const REQUEST_BELL: usize = 8;
 /// The coordinator's words, on a cache line of their own: the number of the request last
-/// answered, that answer's length, and whether the coordinator has stopped serving the mailbox.
+/// answered, that answer's length, whether the coordinator has stopped serving the mailbox, and
+/// the worker's doorbell (bumped after each answer, and by `close`).
 const REPLY_SEQ: usize = 64;
 const REPLY_LEN: usize = 68;
 const CLOSED: usize = 72;
+const REPLY_BELL: usize = 76;
 /// Written once by the coordinator when it creates the file: the two areas' sizes.
-const REQUEST_CAPACITY: usize = 76;
-const REPLY_CAPACITY: usize = 80;
+const REQUEST_CAPACITY: usize = 80;
+const REPLY_CAPACITY: usize = 84;
 /// Bytes before the request area.
 const HEADER: usize = 128;
 
@@ -64,10 +74,16 @@ pub enum Waited<T> {
 }
 
 impl Mailbox {
-    /// The coordinator's side: creates the file at `path` (mode 0600, zeros) with room for a
-    /// request of `request_capacity` bytes and a reply of `reply_capacity`.
+    /// The coordinator's side: creates the file at `path` (a new file, never one that exists,
+    /// which another process may have mapped; mode 0600, zeros) with room for a request of
+    /// `request_capacity` bytes and a reply of `reply_capacity`.
     pub fn create(path: &Path, request_capacity: u32, reply_capacity: u32) -> io::Result<Self> {
-        let file = crate::shared_memory::private_file(path, true)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
         let len = HEADER as u64 + u64::from(request_capacity) + u64::from(reply_capacity);
         let map = SharedMap::create(file, len)?;
         map.word(REQUEST_CAPACITY)
@@ -138,8 +154,7 @@ impl Mailbox {
         self.word(REQUEST_LEN)
             .store(request.len() as u32, Ordering::Relaxed);
         self.word(REQUEST_SEQ).store(seq, Ordering::Release);
-        futex::wake(self.word(REQUEST_SEQ), futex::Flags::empty(), 1)?;
-        Ok(())
+        ring(self.word(REQUEST_BELL))
     }
 
     /// Worker: waits up to `timeout` for the answer to request `seq`, copied into `out`.
@@ -151,8 +166,8 @@ impl Mailbox {
     ) -> io::Result<Waited<()>> {
         let deadline = Instant::now() + timeout;
         loop {
-            let answered = self.word(REPLY_SEQ).load(Ordering::Acquire);
-            if answered == seq {
+            let bell = self.word(REPLY_BELL).load(Ordering::Acquire);
+            if self.word(REPLY_SEQ).load(Ordering::Acquire) == seq {
                 let len = self.word(REPLY_LEN).load(Ordering::Relaxed) as usize;
                 if len > self.reply_capacity {
                     return Err(io::Error::new(
@@ -171,7 +186,7 @@ impl Mailbox {
             if self.is_closed() {
                 return Ok(Waited::Closed);
             }
-            if !sleep_while(self.word(REPLY_SEQ), answered, deadline)? {
+            if !sleep_while(self.word(REPLY_BELL), bell, deadline)? {
                 return Ok(Waited::TimedOut);
             }
         }
@@ -188,6 +203,7 @@ impl Mailbox {
     ) -> io::Result<Waited<u32>> {
         let deadline = Instant::now() + timeout;
         loop {
+            let bell = self.word(REQUEST_BELL).load(Ordering::Acquire);
             if self.is_closed() {
                 return Ok(Waited::Closed);
             }
@@ -199,13 +215,9 @@ impl Mailbox {
                     out.resize(len, 0);
                     self.map.read(HEADER, out);
                 }
-                // A newer request may have been written while we copied: read that one instead.
-                if self.word(REQUEST_SEQ).load(Ordering::Acquire) == seq {
-                    return Ok(Waited::Ready(seq));
-                }
-                continue;
+                return Ok(Waited::Ready(seq));
             }
-            if !sleep_while(self.word(REQUEST_SEQ), seq, deadline)? {
+            if !sleep_while(self.word(REQUEST_BELL), bell, deadline)? {
                 return Ok(Waited::TimedOut);
             }
         }
@@ -228,16 +240,15 @@ impl Mailbox {
         self.word(REPLY_LEN)
             .store(reply.len() as u32, Ordering::Relaxed);
         self.word(REPLY_SEQ).store(seq, Ordering::Release);
-        futex::wake(self.word(REPLY_SEQ), futex::Flags::empty(), 1)?;
-        Ok(())
+        ring(self.word(REPLY_BELL))
     }
 
     /// Coordinator: stops serving; both sides' waits end with [`Waited::Closed`].
     pub fn close(&self) {
         self.word(CLOSED).store(1, Ordering::Release);
-        // Waiters sleep on the sequence words; a failed wake only delays them to their timeout.
-        let _ = futex::wake(self.word(REPLY_SEQ), futex::Flags::empty(), u32::MAX);
-        let _ = futex::wake(self.word(REQUEST_SEQ), futex::Flags::empty(), u32::MAX);
+        // A failed ring only delays a waiter to the end of its slice.
+        let _ = ring(self.word(REPLY_BELL));
+        let _ = ring(self.word(REQUEST_BELL));
     }
 
     pub fn is_closed(&self) -> bool {
@@ -328,6 +339,13 @@ impl Answer {
             )),
         }
     }
+}
+
+/// Bumps a doorbell word (after what it announces is stored) and wakes whoever sleeps on it.
+fn ring(bell: &AtomicU32) -> io::Result<()> {
+    bell.fetch_add(1, Ordering::Release);
+    futex::wake(bell, futex::Flags::empty(), u32::MAX)?;
+    Ok(())
 }
 
 /// Sleeps on `word` while it holds `value`, until woken or `deadline`; `false` once the deadline

@@ -308,14 +308,14 @@ impl SharedDir {
     pub fn create_mailbox(&self, worker: u64, reply_capacity: u32) -> io::Result<Arc<Mailbox>> {
         const REQUEST_CAPACITY: u32 = 1 << 20;
         let mut mailboxes = lock(&self.mailboxes);
+        let path = self.dir.join(mailbox_file(worker));
         if let Some(old) = mailboxes.remove(&worker) {
+            // Closed in its own file, then unlinked: its server and the worker may still map it,
+            // so it is never truncated or reused.
             old.close();
+            fs::remove_file(&path)?;
         }
-        let mailbox = Arc::new(Mailbox::create(
-            &self.dir.join(mailbox_file(worker)),
-            REQUEST_CAPACITY,
-            reply_capacity,
-        )?);
+        let mailbox = Arc::new(Mailbox::create(&path, REQUEST_CAPACITY, reply_capacity)?);
         mailboxes.insert(worker, Arc::clone(&mailbox));
         Ok(mailbox)
     }
@@ -576,7 +576,7 @@ fn mailbox_file(worker: u64) -> String {
 }
 
 /// Opens (creating, mode 0600) a file for reading and writing; `truncate` empties it.
-pub(crate) fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
+fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -1138,6 +1138,31 @@ mod tests {
         drop(dir);
         let err = client.lease_params(1, 1, 100).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    }
+
+    /// A second mailbox for a worker closes the first in its own file and never truncates it
+    /// (its server and the worker may still map it).
+    #[test]
+    fn a_mailbox_made_again_closes_the_old_one_in_its_own_file() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "m", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 7).unwrap();
+        let first = dir.create_mailbox(7, 4096).unwrap();
+        let worker_first = client.open_mailbox().unwrap();
+        let second = dir.create_mailbox(7, 4096).unwrap();
+        assert!(first.is_closed() && worker_first.is_closed());
+        assert!(!second.is_closed());
+        let worker_second = client.open_mailbox().unwrap();
+        assert!(!worker_second.is_closed());
+        // The old mapping is still whole: a call through it is refused as closed, not a SIGBUS.
+        worker_first.post(1, b"late").unwrap();
+        let waited = worker_first
+            .wait_reply(1, std::time::Duration::from_secs(1), &mut Vec::new())
+            .unwrap();
+        assert_eq!(waited, crate::mailbox::Waited::Closed);
+        dir.forget(7);
+        assert!(second.is_closed());
+        assert!(!dir.path().join(mailbox_file(7)).exists());
     }
 
     #[test]

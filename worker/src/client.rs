@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::train::ReductionTree;
 use proto::credentials::{Credentials, Token};
-use proto::mailbox::{Answer, Call, Mailbox, Waited};
+use proto::mailbox::{Answer, Call};
 use proto::messages::{Attach, Liveness, Registered, Registration, Submission, TaskReply, Verdict};
 use proto::pb;
 use proto::pb::trainer_client::TrainerClient;
@@ -19,6 +19,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::compute::{self, Fault, IdleThreads, RunContext, StepBuffers};
 use crate::error::{Error, Result};
+use crate::mailbox_client::{MailboxClient, Outcome};
 use crate::shard_cache::{Pixels, ShardAssembler, ShardCache, ShardData};
 
 /// Between liveness messages. The coordinator's default timeout (3 s) allows several misses.
@@ -32,8 +33,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/2 pings notice a silently dead connection (cut network) quickly.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a wait for the mailbox's answer blocks the runtime before it lets the heartbeat run.
-const MAILBOX_SLICE: Duration = Duration::from_millis(50);
 
 /// A connection to the coordinator that adds our credentials to every call.
 type Client = TrainerClient<InterceptedService<Channel, Credentials>>;
@@ -195,7 +194,7 @@ async fn attach(
         }
     };
     let mailbox = match reply.mailbox.then(|| shared.open_mailbox()) {
-        Some(Ok(mailbox)) => Some(MailboxClient::new(mailbox)),
+        Some(Ok(mailbox)) => Some(MailboxClient::new(mailbox, CALL_TIMEOUT)),
         Some(Err(e)) => {
             tracing::warn!("cannot open the coordinator's mailbox ({e}): calls use gRPC");
             None
@@ -203,68 +202,6 @@ async fn attach(
         None => None,
     };
     (Some(Arc::new(shared)), mailbox)
-}
-
-/// This worker's mailbox (`proto::mailbox`): `NextTask` and `SubmitResult` without gRPC.
-struct MailboxClient {
-    mailbox: Mailbox,
-    /// The number of the last request posted.
-    seq: u32,
-    reply: Vec<u8>,
-}
-
-impl MailboxClient {
-    fn new(mailbox: Mailbox) -> Self {
-        MailboxClient {
-            mailbox,
-            seq: 0,
-            reply: Vec::new(),
-        }
-    }
-
-    /// The coordinator's answer to `request` (a [`Call`]'s bytes); `Ok(None)` when the service must take the call
-    /// instead (the mailbox is closed, the call does not fit, or the heartbeat says the
-    /// coordinator is gone or has forgotten us); `Err` when the answer does not decode or does
-    /// not come in [`CALL_TIMEOUT`].
-    ///
-    /// The wait blocks this (single-threaded) runtime in slices of [`MAILBOX_SLICE`], yielding
-    /// between them so the heartbeat keeps running: an answer wakes it at once, with no hop
-    /// through the runtime.
-    async fn call(
-        &mut self,
-        request: &[u8],
-        heartbeat: &watch::Receiver<HeartbeatState>,
-    ) -> Result<Option<Answer>, String> {
-        if request.len() > self.mailbox.request_capacity() || self.mailbox.is_closed() {
-            return Ok(None);
-        }
-        self.seq = self.seq.wrapping_add(1);
-        self.mailbox
-            .post(self.seq, request)
-            .map_err(|e| format!("the mailbox failed: {e}"))?;
-        let started = Instant::now();
-        loop {
-            match self
-                .mailbox
-                .wait_reply(self.seq, MAILBOX_SLICE, &mut self.reply)
-            {
-                Ok(Waited::Ready(())) => return Answer::decode(&self.reply).map(Some),
-                Ok(Waited::Closed) => return Ok(None),
-                Ok(Waited::TimedOut) => {}
-                Err(e) => return Err(format!("the mailbox failed: {e}")),
-            }
-            if *heartbeat.borrow() != HeartbeatState::Alive {
-                return Ok(None);
-            }
-            if started.elapsed() >= CALL_TIMEOUT {
-                return Err(format!(
-                    "no answer through the mailbox in {} s",
-                    CALL_TIMEOUT.as_secs()
-                ));
-            }
-            tokio::task::yield_now().await;
-        }
-    }
 }
 
 /// How a registration's work went, logged when its loop ends (tests read it to check the paths).
@@ -319,13 +256,11 @@ async fn work_loop(
             }
             HeartbeatState::Alive | HeartbeatState::Unreachable => {}
         }
-        let answer = match transfer.mailbox.as_mut() {
-            Some(mailbox) => match mailbox.call(&Call::encode_next_task(), heartbeat).await {
+        let answer =
+            match through_mailbox(transfer.mailbox, heartbeat, Call::encode_next_task).await {
                 Ok(answer) => answer,
-                Err(why) => return Ok(LoopEnd::Reregister(why)),
-            },
-            None => None,
-        };
+                Err(end) => return Ok(end),
+            };
         let wire = match answer {
             Some(Answer::NextTask(reply)) => {
                 tally.mailbox_calls += 1;
@@ -427,15 +362,10 @@ async fn work_loop(
             results: output.results,
             compute_seconds: output.compute_seconds,
         });
-        let answer = match transfer.mailbox.as_mut() {
-            Some(mailbox) => {
-                let request = Call::encode_submit_result(&submission);
-                match mailbox.call(&request, heartbeat).await {
-                    Ok(answer) => answer,
-                    Err(why) => return Ok(LoopEnd::Reregister(why)),
-                }
-            }
-            None => None,
+        let request = || Call::encode_submit_result(&submission);
+        let answer = match through_mailbox(transfer.mailbox, heartbeat, request).await {
+            Ok(answer) => answer,
+            Err(end) => return Ok(end),
         };
         let reply = match answer {
             Some(Answer::SubmitResult(reply)) => {
@@ -471,6 +401,25 @@ async fn work_loop(
             }
             Err(status) => return Ok(LoopEnd::Reregister(describe(&status))),
         }
+    }
+}
+
+/// A call through this worker's mailbox, if it has one: the answer, `None` when the service
+/// must take the call, or how the loop ends when a posted call was given up on.
+async fn through_mailbox(
+    mailbox: &mut Option<MailboxClient>,
+    heartbeat: &watch::Receiver<HeartbeatState>,
+    request: impl FnOnce() -> Vec<u8>,
+) -> Result<Option<Answer>, LoopEnd> {
+    let Some(mailbox) = mailbox.as_mut() else {
+        return Ok(None);
+    };
+    let alive = || *heartbeat.borrow() == HeartbeatState::Alive;
+    match mailbox.call(&request(), alive).await {
+        Outcome::Answered(answer) => Ok(Some(answer)),
+        Outcome::UseService => Ok(None),
+        Outcome::GiveUp(_) if *heartbeat.borrow() == HeartbeatState::Done => Err(LoopEnd::Done),
+        Outcome::GiveUp(why) => Err(LoopEnd::Reregister(why)),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod client;
 pub mod compute;
 pub mod cpu_time;
 pub mod error;
+pub mod mailbox_client;
 pub mod shard_cache;
 
 pub use error::{Error, Result};
