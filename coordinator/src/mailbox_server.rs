@@ -2,7 +2,8 @@
 //! (`proto::mailbox`), on a thread of its own that sleeps on the mailbox's doorbell: the same
 //! answers as the gRPC service's ([`Shared::next_task_blocking`], [`Shared::submit_result`]),
 //! without HTTP/2 or a wake-up of the async runtime between the worker and the state machine
-//! (docs/scaling.md §26). The thread never waits on the runtime, so it may outlive it.
+//! (docs/scaling.md §26). The thread never waits on the runtime; the run closes and joins it
+//! before it ends ([`Shared::stop_mailboxes`]).
 //!
 //! The caller is the worker the mailbox was made for: the file is in the run's private
 //! directory, made after that worker proved (with the probe) that it sees the directory, and
@@ -52,6 +53,14 @@ pub fn start(shared: &Arc<Shared>, worker: WorkerId) -> bool {
 
 /// Answers requests until the mailbox is closed or the run (its `Shared`) is gone.
 fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox) {
+    // However this thread ends, a panic included, the worker's wait ends at once with it.
+    struct CloseOnExit<'a>(&'a Mailbox);
+    impl Drop for CloseOnExit<'_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseOnExit(mailbox);
     let mut answered = 0;
     let mut request = Vec::new();
     loop {
@@ -61,7 +70,6 @@ fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox) {
             Ok(Waited::TimedOut | Waited::Closed) => return,
             Err(e) => {
                 tracing::warn!("worker {worker}'s mailbox failed ({e}): it stops");
-                mailbox.close();
                 return;
             }
         };
@@ -75,7 +83,6 @@ fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox) {
                 "the coordinator's answer did not fit the mailbox: {e}"
             ));
             if mailbox.reply(seq, &error.encode()).is_err() {
-                mailbox.close();
                 return;
             }
         }

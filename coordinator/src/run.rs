@@ -625,8 +625,8 @@ pub async fn serve(
         }
     }
     let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
     shared.stop_mailboxes();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

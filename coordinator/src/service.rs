@@ -116,12 +116,15 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Keeps a mailbox's server thread, to join when the run ends.
+    /// Keeps a mailbox's server thread, to join when the run ends (and drops those that
+    /// ended, whose workers were forgotten, so that re-registrations do not pile them up).
     pub fn adopt_mailbox_thread(&self, thread: std::thread::JoinHandle<()>) {
-        self.mailbox_threads
+        let mut threads = self
+            .mailbox_threads
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(thread);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        threads.retain(|t| !t.is_finished());
+        threads.push(thread);
     }
 
     /// Closes every mailbox and waits for their threads, which then answer a long poll in
@@ -218,11 +221,12 @@ impl Shared {
         loop {
             let seen = *generation;
             drop(generation);
-            if let Some(reply) = self.poll_task(worker)? {
-                return Ok(reply);
-            }
+            // Before the poll: a closed mailbox's thread must not take a task no one will read.
             if give_up() {
                 return Ok(TaskReply::Wait);
+            }
+            if let Some(reply) = self.poll_task(worker)? {
+                return Ok(reply);
             }
             generation = self.generation();
             while *generation == seen {

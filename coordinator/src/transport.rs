@@ -89,10 +89,13 @@ impl Transport {
     /// An attached worker's mailbox, for replies of up to `reply_capacity` bytes; `None` when
     /// it cannot be made (a full `/dev/shm`: the worker then calls the service as before).
     pub fn create_mailbox(&self, worker: u64, reply_capacity: u32) -> Option<Arc<Mailbox>> {
-        let dir = self
-            .shared_dir
-            .as_ref()
-            .filter(|_| self.is_attached(worker))?;
+        let dir = self.shared_dir.as_ref()?;
+        // Under the attachment lock, so that `forget` cannot run between the check and the
+        // making (and leave a mailbox no one closes).
+        let attached = lock(&self.attached);
+        if !attached.contains(&worker) {
+            return None;
+        }
         dir.create_mailbox(worker, reply_capacity)
             .inspect_err(|e| {
                 tracing::warn!("no mailbox for worker {worker:x} ({e}): its calls use gRPC")

@@ -122,7 +122,9 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
     // (Shards may still be streamed when /dev/shm is short of space.)
     for &[in_place, inline, mapped, _streamed, mailbox, service] in &tallies {
         assert!(in_place > inline && mapped > 0, "{tallies:?}");
-        assert!(mailbox > in_place && service == 0, "{tallies:?}");
+        // (A worker declared lost on a loaded machine may make a call or two through gRPC
+        // before it notices and registers again.)
+        assert!(mailbox > in_place && service <= 2, "{tallies:?}");
     }
     // ...not when either side says tcp, and a mix of the two paths is fine.
     let (tcp, attached, tallies) = run(&["--transport", "tcp"], &[&[], &[]]);

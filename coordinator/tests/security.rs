@@ -278,9 +278,7 @@ fn floods_of_oversized_parallel_and_silent_requests_leave_the_run_alive_and_boun
             codes.iter().all(|&c| c != Code::Ok),
             "every flooding call is refused: {codes:?}"
         );
-        // The honest worker joins only now: this small run trains in about a second, and must
-        // not end (closing the port) while the calls above still need it.
-        let honest = worker(&c.addr, &["--token", TOKEN]);
+
         // Connections that never say anything take slots until the idle timeout closes them.
         let mut silent = Vec::new();
         for _ in 0..100 {
@@ -301,7 +299,13 @@ fn floods_of_oversized_parallel_and_silent_requests_leave_the_run_alive_and_boun
             }
         }
         assert_eq!(closed, silent.len(), "silent connections are closed");
-        honest
+        assert!(
+            c.child.try_wait().unwrap().is_none(),
+            "closed by the idle timeout, not by the run's end"
+        );
+        // The honest worker joins only now: this small run trains in about a second, and must
+        // not end (closing the port) while the checks above still need it.
+        worker(&c.addr, &["--token", TOKEN])
     });
     let peak = peak_rss_mib(pid);
     eprintln!("coordinator peak RSS: {before:.0} MiB at start, {peak:.0} MiB after the flood");

@@ -379,11 +379,9 @@ async fn work_loop(
                 ));
             }
             None => {
-                tally.service_calls += 1;
-                client
-                    .submit_result(submission)
-                    .await
-                    .map(tonic::Response::into_inner)
+                let reply = client.submit_result(submission).await;
+                tally.service_calls += u64::from(reply.is_ok());
+                reply.map(tonic::Response::into_inner)
             }
         };
         match reply {

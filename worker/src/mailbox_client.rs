@@ -89,10 +89,10 @@ mod tests {
     use proto::mailbox::Call;
     use std::cell::Cell;
 
-    fn pair(dir: &std::path::Path) -> (Mailbox, MailboxClient) {
+    fn pair(dir: &std::path::Path, timeout: Duration) -> (Mailbox, MailboxClient) {
         let path = dir.join("mail");
         let coordinator = Mailbox::create(&path, 1024, 1024).unwrap();
-        let worker = MailboxClient::new(Mailbox::open(&path).unwrap(), Duration::from_millis(300));
+        let worker = MailboxClient::new(Mailbox::open(&path).unwrap(), timeout);
         (coordinator, worker)
     }
 
@@ -101,7 +101,7 @@ mod tests {
     #[tokio::test]
     async fn calls_the_mailbox_cannot_take_are_not_posted() {
         let dir = tempfile::tempdir().unwrap();
-        let (coordinator, mut worker) = pair(dir.path());
+        let (coordinator, mut worker) = pair(dir.path(), Duration::from_secs(30));
         let call = Call::encode_next_task();
         assert_eq!(worker.call(&call, || false).await, Outcome::UseService);
         assert_eq!(worker.call(&[0; 1025], || true).await, Outcome::UseService);
@@ -119,7 +119,7 @@ mod tests {
     #[tokio::test]
     async fn a_posted_call_is_answered_or_given_up() {
         let dir = tempfile::tempdir().unwrap();
-        let (coordinator, mut worker) = pair(dir.path());
+        let (coordinator, mut worker) = pair(dir.path(), Duration::from_millis(300));
         let call = Call::encode_next_task();
         let server = std::thread::spawn(move || {
             let mut request = Vec::new();
@@ -153,6 +153,11 @@ mod tests {
         assert!(matches!(outcome, Outcome::GiveUp(ref why) if why.contains("no answer")));
         assert!(started.elapsed() >= Duration::from_millis(300));
 
+        drop(coordinator);
+
+        // Closed while the worker waits (a long timeout: only the close can end this wait).
+        let dir = tempfile::tempdir().unwrap();
+        let (coordinator, mut worker) = pair(dir.path(), Duration::from_secs(30));
         let closing = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             coordinator.close();
