@@ -140,16 +140,7 @@ impl Mailbox {
     /// Worker: posts request number `seq` (one more than the last) and rings the doorbell.
     /// `InvalidInput` when it does not fit (the caller then uses the service instead).
     pub fn post(&self, seq: u32, request: &[u8]) -> io::Result<()> {
-        if request.len() > self.request_capacity {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "a request of {} bytes does not fit the mailbox's {}",
-                    request.len(),
-                    self.request_capacity
-                ),
-            ));
-        }
+        fits("request", request, self.request_capacity)?;
         self.map.write(HEADER, request);
         self.word(REQUEST_LEN)
             .store(request.len() as u32, Ordering::Relaxed);
@@ -226,16 +217,7 @@ impl Mailbox {
     /// Coordinator: publishes the answer to request `seq` and wakes the worker. `InvalidInput`
     /// when it does not fit (the caller answers with an error instead).
     pub fn reply(&self, seq: u32, reply: &[u8]) -> io::Result<()> {
-        if reply.len() > self.reply_capacity {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "a reply of {} bytes does not fit the mailbox's {}",
-                    reply.len(),
-                    self.reply_capacity
-                ),
-            ));
-        }
+        fits("reply", reply, self.reply_capacity)?;
         self.map.write(HEADER + self.request_capacity, reply);
         self.word(REPLY_LEN)
             .store(reply.len() as u32, Ordering::Relaxed);
@@ -339,6 +321,20 @@ impl Answer {
             )),
         }
     }
+}
+
+/// `InvalidInput` when `bytes` are more than an area of `capacity` holds.
+fn fits(what: &str, bytes: &[u8], capacity: usize) -> io::Result<()> {
+    if bytes.len() > capacity {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a {what} of {} bytes does not fit the mailbox's {capacity}",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Bumps a doorbell word (after what it announces is stored) and wakes whoever sleeps on it.
