@@ -96,6 +96,11 @@ fn one_loop(dst: &mut [f32], src: &[f32]) -> u32 {
     })
 }
 
+/// One value of every kind the magnitude check must catch or pass (tests here and in
+/// `train::gradient`).
+#[cfg(test)]
+pub(crate) const OUTLIERS: [f32; 6] = [3.5, -3.5, 1e30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,14 +116,7 @@ mod tests {
     fn the_loop_copies_every_bit_and_measures_on_every_path() {
         for len in [0usize, 1, 15, 16, 17, 33, 1000, 2049] {
             for at in [0, 7, 15, 16, len.saturating_sub(1)] {
-                for big in [
-                    3.5f32,
-                    -3.5,
-                    1e30,
-                    f32::INFINITY,
-                    f32::NEG_INFINITY,
-                    f32::NAN,
-                ] {
+                for big in OUTLIERS {
                     if at >= len {
                         continue;
                     }

@@ -19,6 +19,8 @@ mod tree_tile_avx512;
 mod vector_isa;
 
 pub use awake::with_pool_awake;
+#[cfg(test)]
+pub(crate) use copy::OUTLIERS;
 pub use copy::copy_values;
 pub use elementwise::{add_assign, relu_mask};
 pub use linalg::{colsum_into, gemm};
