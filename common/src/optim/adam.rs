@@ -11,6 +11,16 @@
 //! denom = sqrt(v) / sqrt(bc2) + eps
 //! p <- p + (-step_size) * m / denom
 //! ```
+//!
+//! One departure: a moment whose magnitude falls below [`MOMENT_FLOOR`] (2^-96, about 1.3e-29)
+//! is stored as zero. A weight whose gradient stays zero (a pixel that is blank in every recent
+//! batch) has its first moment decay by `beta1` each step into f32's subnormal range, where it
+//! sticks (`m - 0.1 m` rounds back to `m` for the smallest few), and on Intel CPUs every vector
+//! operation with a subnormal input or result takes a microcode assist: from the third epoch on
+//! the built-in data, Adam took 2.5x its first epoch's time (docs/scaling.md §27). Above the
+//! floor, products with the step's scalars (down to 2^-30) stay normal, so no assist happens;
+//! below it, a moment's part in `p`'s update is under `lr * 1.3e-29 / eps`, so parameters match
+//! PyTorch's bit for bit except where a parameter, or a gradient, is itself that small.
 
 use rayon::prelude::*;
 
@@ -240,12 +250,22 @@ fn update<const DIVIDE: bool, const LERP_FROM_START: bool>(
     // `scale` is the divisor, or its exact reciprocal ([`GradScale`]).
     let g = if DIVIDE { g / scale } else { g * scale };
     *p *= decay;
-    *m = lerp::<LERP_FROM_START>(*m, g, s.lerp_weight);
+    *m = flush_tiny(lerp::<LERP_FROM_START>(*m, g, s.lerp_weight));
     // addcmul: self + value * t1 * t2, left to right.
-    *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+    *v = flush_tiny(*v * s.beta2 + s.one_minus_beta2 * g * g);
     let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
     // addcdiv: self + value * t1 / t2, left to right.
     *p += s.neg_step_size * *m / denom;
+}
+
+/// The smallest moment magnitude stored; smaller ones become zero (the module's doc says why).
+const MOMENT_FLOOR: f32 = f32::MIN_POSITIVE * (1u64 << 30) as f32;
+
+/// `x`, or zero if `|x|` is below [`MOMENT_FLOOR`] (NaN stays NaN). A compare and a blend per
+/// vector: free beside the step's divisions.
+#[inline(always)]
+fn flush_tiny(x: f32) -> f32 {
+    if x.abs() < MOMENT_FLOOR { 0.0 } else { x }
 }
 
 /// PyTorch's `lerp`: from the nearer end (`FROM_START` when `|weight| < 0.5`), so a weight near 1
@@ -292,6 +312,11 @@ mod tests {
                 g - (g - *m) * (1.0 - s.lerp_weight)
             };
             *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+            for moment in [&mut *m, &mut *v] {
+                if moment.abs() < 2f32.powi(-96) {
+                    *moment = 0.0;
+                }
+            }
             let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
             *p += s.neg_step_size * *m / denom;
         }
@@ -331,11 +356,19 @@ mod tests {
             .map(|(i, g)| match i % 101 {
                 0 => g * 1e-37,
                 1 => g * 1e-43,
+                2..=9 => 0.0,
                 _ => g,
             })
             .collect();
         let start: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01 - 0.3).collect();
-        let moments = |i: usize| ((i % 5) as f32 * 0.1, (i % 3) as f32 * 0.01);
+        // Moments at the floor, just above it (decaying below), and subnormal (as an older
+        // build's checkpoint may hold), among ordinary ones.
+        let moments = |i: usize| match i % 7 {
+            0 => (MOMENT_FLOOR, MOMENT_FLOOR),
+            1 => (-1.05 * MOMENT_FLOOR, 1.0005 * MOMENT_FLOOR),
+            2 => (-1e-40, 1e-41),
+            _ => ((i % 5) as f32 * 0.1, (i % 3) as f32 * 0.01),
+        };
         let (m0, v0): (Vec<f32>, Vec<f32>) = (0..n).map(moments).unzip();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         // Every branch of `kernel_body`: no divisor, one by which it divides (3), ones by which it
@@ -366,6 +399,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_moment_that_decays_below_the_floor_becomes_zero_not_a_stuck_subnormal() {
+        assert_eq!(MOMENT_FLOOR, 2f32.powi(-96));
+        let s = Scalars::new(1e-3, 0.9, 0.999, 1e-8, 0.0, 1);
+        let (mut p, mut m, mut v) = ([0.5f32], [1e-3f32], [1e-6f32]);
+        let mut steps_to_zero = None;
+        for step in 1..=100_000 {
+            kernel(&s, &mut p, &[0.0], &mut m, &mut v);
+            for moment in [m[0], v[0]] {
+                assert!(
+                    moment == 0.0 || moment.abs() >= MOMENT_FLOOR,
+                    "step {step}: {moment:e}"
+                );
+            }
+            if m[0] == 0.0 && steps_to_zero.is_none() {
+                steps_to_zero = Some(step);
+            }
+        }
+        // 1e-3 * 0.9^t < 2^-96 from t = 565 on; v (0.999 a step) after about 46,000 steps.
+        let steps = steps_to_zero.expect("m reaches zero");
+        assert!(
+            (560..=570).contains(&steps),
+            "m reached zero after {steps} steps"
+        );
+        assert_eq!(v[0], 0.0, "v reaches zero too");
+        // Unflushed, the same recurrence sticks at a subnormal: PyTorch's m after the same steps.
+        let mut unflushed = 1e-3f32;
+        for _ in 0..100_000 {
+            unflushed = unflushed + 0.1 * (0.0 - unflushed);
+        }
+        assert!(unflushed.is_subnormal(), "{unflushed:e}");
     }
 
     #[test]
