@@ -25,7 +25,7 @@
 use rayon::prelude::*;
 
 use super::{CHUNK, GradientBlocks, PARALLEL_MIN};
-use crate::kernels::{copy_values, with_widest_vectors};
+use crate::kernels::with_widest_vectors;
 
 /// One step's scalars, computed in f64 as Python floats and cast to f32 once, as PyTorch does
 /// when it applies a Python scalar to an f32 tensor.
@@ -96,23 +96,24 @@ pub(super) fn step(
     exp_avg_sq: &mut [f32],
 ) {
     if params.len() < PARALLEL_MIN {
-        kernel(s, params, grad, exp_avg, exp_avg_sq);
+        kernel(s, params, grad, exp_avg, exp_avg_sq, None);
     } else {
         params
             .par_chunks_mut(CHUNK)
             .zip(grad.par_chunks(CHUNK))
             .zip(exp_avg.par_chunks_mut(CHUNK))
             .zip(exp_avg_sq.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), m), v)| kernel(s, p, g, m, v));
+            .for_each(|(((p, g), m), v)| kernel(s, p, g, m, v, None));
     }
 }
 
 /// [`step`] for a gradient read block by block, asked for once per block of [`CHUNK`] values (one
 /// block below [`PARALLEL_MIN`]) just before the block's step (the coordinator sums the reduction
-/// tree's top this way, `train::BlockwiseSum`). With a `mirror` (as long as `params`), each
-/// block's new values are also copied there while they are in cache (the coordinator's parameter
-/// file for the workers on its host; by `copy_values`, as the file's values and `params` start at
-/// different offsets in a cache line).
+/// tree's top this way, `train::BlockwiseSum`). With a `mirror` (as long as `params`), the new
+/// values are also stored there, from the registers that hold them (the coordinator's parameter
+/// file for the workers on its host): copying each block after its step, `copy_values` read it
+/// back at a different offset in a cache line, 0.13 ms of a 3.5 ms step on an Emerald Rapids
+/// Xeon (docs/scaling.md §27).
 pub(super) fn step_from(
     s: &Scalars,
     params: &mut [f32],
@@ -121,15 +122,17 @@ pub(super) fn step_from(
     grad: &(impl GradientBlocks + ?Sized),
     mirror: Option<&mut [f32]>,
 ) {
-    let block_step = |g: &mut Vec<f32>, c: usize, p: &mut [f32], m: &mut [f32], v: &mut [f32]| {
+    let block_step = |g: &mut Vec<f32>,
+                      c: usize,
+                      p: &mut [f32],
+                      m: &mut [f32],
+                      v: &mut [f32],
+                      out: Option<&mut [f32]>| {
         let g = grad.block(c * CHUNK..c * CHUNK + p.len(), g);
-        kernel(s, p, g, m, v);
+        kernel(s, p, g, m, v, out);
     };
     if params.len() < PARALLEL_MIN {
-        block_step(&mut Vec::new(), 0, params, exp_avg, exp_avg_sq);
-        if let Some(mirror) = mirror {
-            copy_values(mirror, params);
-        }
+        block_step(&mut Vec::new(), 0, params, exp_avg, exp_avg_sq, mirror);
         return;
     }
     let blocks = params
@@ -138,24 +141,32 @@ pub(super) fn step_from(
         .zip(exp_avg_sq.par_chunks_mut(CHUNK))
         .enumerate();
     match mirror {
-        None => blocks.for_each_init(Vec::new, |g, (c, ((p, m), v))| block_step(g, c, p, m, v)),
-        Some(mirror) => blocks.zip(mirror.par_chunks_mut(CHUNK)).for_each_init(
-            Vec::new,
-            |g, ((c, ((p, m), v)), out)| {
-                block_step(g, c, p, m, v);
-                copy_values(out, p);
-            },
-        ),
+        None => blocks.for_each_init(Vec::new, |g, (c, ((p, m), v))| {
+            block_step(g, c, p, m, v, None)
+        }),
+        Some(mirror) => blocks
+            .zip(mirror.par_chunks_mut(CHUNK))
+            .for_each_init(Vec::new, |g, ((c, ((p, m), v)), out)| {
+                block_step(g, c, p, m, v, Some(out))
+            }),
     }
 }
 
 /// Two divisions (three for a divisor that is not a power of two) and a square root per value:
 /// compute-bound at baseline SSE2's four lanes (12% of an engine step on a Zen 5), so it runs on
 /// the CPU's widest vectors (same bits on every path).
-fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+/// With a `mirror`, the new parameters are stored there too.
+fn kernel(
+    s: &Scalars,
+    params: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    mirror: Option<&mut [f32]>,
+) {
     with_widest_vectors(
         #[inline(always)]
-        || kernel_body(s, params, grad, m, v),
+        || kernel_body(s, params, grad, m, v, mirror),
     );
 }
 
@@ -164,19 +175,36 @@ fn kernel(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut 
 /// the AVX2 copy's hot loop scalar, testing them per value (1.2-1.5 ms for 650k values on a Zen 3,
 /// 15-21% of an engine step; docs/scaling.md §16). A decay of `None` multiplies by 1, which
 /// changes no bits. Like the loop it replaces, it steps the first `params.len()` values of each
-/// slice (the callers pass equal lengths).
+/// slice (the callers pass equal lengths; a shorter `mirror` panics).
 #[inline(always)]
-fn kernel_body(s: &Scalars, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+fn kernel_body(
+    s: &Scalars,
+    params: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    mirror: Option<&mut [f32]>,
+) {
     let n = params.len().min(grad.len()).min(m.len()).min(v.len());
     let (params, grad, m, v) = (&mut params[..n], &grad[..n], &mut m[..n], &mut v[..n]);
-    match (
-        matches!(s.grad_scale, GradScale::Divide(_)),
-        s.lerp_weight.abs() < 0.5,
-    ) {
-        (false, true) => chunked::<false, true>(s, params, grad, m, v),
-        (false, false) => chunked::<false, false>(s, params, grad, m, v),
-        (true, true) => chunked::<true, true>(s, params, grad, m, v),
-        (true, false) => chunked::<true, false>(s, params, grad, m, v),
+    let divide = matches!(s.grad_scale, GradScale::Divide(_));
+    let from_start = s.lerp_weight.abs() < 0.5;
+    match mirror {
+        None => match (divide, from_start) {
+            (false, true) => chunked::<false, true, false>(s, params, grad, m, v, &mut []),
+            (false, false) => chunked::<false, false, false>(s, params, grad, m, v, &mut []),
+            (true, true) => chunked::<true, true, false>(s, params, grad, m, v, &mut []),
+            (true, false) => chunked::<true, false, false>(s, params, grad, m, v, &mut []),
+        },
+        Some(out) => {
+            let out = &mut out[..n];
+            match (divide, from_start) {
+                (false, true) => chunked::<false, true, true>(s, params, grad, m, v, out),
+                (false, false) => chunked::<false, false, true>(s, params, grad, m, v, out),
+                (true, true) => chunked::<true, true, true>(s, params, grad, m, v, out),
+                (true, false) => chunked::<true, false, true>(s, params, grad, m, v, out),
+            }
+        }
     }
 }
 
@@ -185,14 +213,16 @@ const BLOCK: usize = 16;
 
 /// Whole blocks through local arrays (all loads, then the arithmetic, then the stores: a shape
 /// that vectorises whatever the compiler concludes about the slices; hoisting the choices alone
-/// was not tried apart), then the tail one value at a time.
+/// was not tried apart), then the tail one value at a time. With `MIRROR`, `out` (as long as
+/// `params`) gets each new value from the register it is stored from.
 #[inline(always)]
-fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
+fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool, const MIRROR: bool>(
     s: &Scalars,
     params: &mut [f32],
     grad: &[f32],
     m: &mut [f32],
     v: &mut [f32],
+    out: &mut [f32],
 ) {
     let decay = s.decay.unwrap_or(1.0);
     let (GradScale::Multiply(scale) | GradScale::Divide(scale)) = s.grad_scale;
@@ -201,6 +231,7 @@ fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
         .zip(grad.chunks_exact(BLOCK))
         .zip(m.chunks_exact_mut(BLOCK))
         .zip(v.chunks_exact_mut(BLOCK));
+    let mut out_blocks = out.chunks_exact_mut(BLOCK);
     for (((p, g), m), v) in &mut blocks {
         let (mut pl, mut ml, mut vl) = (block(p), block(m), block(v));
         let gl = block(g);
@@ -211,6 +242,9 @@ fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
         p.copy_from_slice(&pl);
         m.copy_from_slice(&ml);
         v.copy_from_slice(&vl);
+        if MIRROR && let Some(out) = out_blocks.next() {
+            out.copy_from_slice(&pl);
+        }
     }
     let whole = params.len() / BLOCK * BLOCK;
     let tail = params[whole..]
@@ -218,8 +252,11 @@ fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool>(
         .zip(&grad[whole..])
         .zip(&mut m[whole..])
         .zip(&mut v[whole..]);
-    for (((p, &g), m), v) in tail {
+    for (i, (((p, &g), m), v)) in tail.enumerate() {
         update::<DIVIDE, LERP_FROM_START>(s, decay, scale, p, g, m, v);
+        if MIRROR {
+            out[whole + i] = *p;
+        }
     }
 }
 
@@ -388,14 +425,29 @@ mod tests {
                 #[inline(always)]
                 || {
                     let (mut p, mut m, mut v) = (start.clone(), m0.clone(), v0.clone());
-                    kernel_body(&s, &mut p, &grad, &mut m, &mut v);
-                    (bits(&p), bits(&m), bits(&v))
+                    kernel_body(&s, &mut p, &grad, &mut m, &mut v, None);
+                    // The same step with a mirror: the same results, and the mirror holds `p`.
+                    let (mut mp, mut mm, mut mv) = (start.clone(), m0.clone(), v0.clone());
+                    let mut mirror = vec![f32::NAN; n];
+                    kernel_body(&s, &mut mp, &grad, &mut mm, &mut mv, Some(&mut mirror));
+                    let mirrored = (bits(&mp), bits(&mm), bits(&mv), bits(&mirror));
+                    (bits(&p), bits(&m), bits(&v), mirrored)
                 },
             );
-            for (path, result) in &results {
+            for (path, (p, m, v, mirrored)) in &results {
                 assert!(
-                    *result == want,
+                    (p, m, v) == (&want.0, &want.1, &want.2),
                     "beta1 {beta1} wd {wd} divisor {divisor}: {path} differs from the reference"
+                );
+                assert!(
+                    *mirrored
+                        == (
+                            want.0.clone(),
+                            want.1.clone(),
+                            want.2.clone(),
+                            want.0.clone()
+                        ),
+                    "beta1 {beta1} wd {wd} divisor {divisor}: {path} with a mirror"
                 );
             }
         }
@@ -408,7 +460,7 @@ mod tests {
         let (mut p, mut m, mut v) = ([0.5f32], [1e-3f32], [1e-6f32]);
         let mut steps_to_zero = None;
         for step in 1..=100_000 {
-            kernel(&s, &mut p, &[0.0], &mut m, &mut v);
+            kernel(&s, &mut p, &[0.0], &mut m, &mut v, None);
             for moment in [m[0], v[0]] {
                 assert!(
                     moment == 0.0 || moment.abs() >= MOMENT_FLOOR,
@@ -445,7 +497,7 @@ mod tests {
         let (mut p1, mut m1, mut v1) = (start.clone(), vec![0.1; n], vec![0.2; n]);
         let (mut p2, mut m2, mut v2) = (p1.clone(), m1.clone(), v1.clone());
         step(&s, &mut p1, &grad, &mut m1, &mut v1);
-        kernel(&s, &mut p2, &grad, &mut m2, &mut v2);
+        kernel(&s, &mut p2, &grad, &mut m2, &mut v2, None);
         assert_eq!(p1, p2);
         assert_eq!(m1, m2);
         assert_eq!(v1, v2);

@@ -257,7 +257,7 @@ impl OptimizerConfig {
     /// same bits as `step_scaled` on the same gradient.
     ///
     /// With a `mirror` (as long as `params`), the new parameters are also written there: by Adam
-    /// block by block while they are in cache, saving the pass over memory that copying them
+    /// from the registers it stores them from, saving the pass over memory that copying them
     /// afterwards takes (the coordinator's parameter file in shared memory).
     pub fn step_scaled_from(
         &self,
