@@ -1378,9 +1378,9 @@ impl UpdateJob {
 
     /// CPU-heavy and pure: runs on whatever thread calls it (rayon inside for long vectors).
     /// With a `mirror` as long as the parameters, the new parameters are also written there when
-    /// the outcome is `Ok`, within the optimizer's pass where it can (Adam without clipping): the
-    /// coordinator's parameter file for the workers on its host, one pass over memory fewer
-    /// than copying them afterwards.
+    /// the outcome is `Ok`, within the optimizer's pass where it can (Adam, with or without
+    /// clipping): the coordinator's parameter file for the workers on its host, one pass over
+    /// memory fewer than copying them afterwards.
     pub fn run(self, mut mirror: Option<&mut [f32]>) -> UpdateDone {
         let UpdateJob {
             global_step,
@@ -1409,8 +1409,8 @@ impl UpdateJob {
             let stepped = match clip_norm {
                 // The mean gradient is divided inside the optimizer's pass (same bits). Adam
                 // reads the tree's top block by block (summed on the fly, or the one received
-                // gradient where it is) and writes each block's new values to the mirror from
-                // cache; SGD takes the whole gradient and the mirror is copied after.
+                // gradient where it is) and stores the new values in the mirror from its
+                // registers; SGD takes the whole gradient and the mirror is copied after.
                 None => {
                     optimizer.step_scaled_from(&mut params, n, &mut opt_state, &sum, mirror.take())
                 }

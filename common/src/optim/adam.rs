@@ -12,19 +12,23 @@
 //! p <- p + (-step_size) * m / denom
 //! ```
 //!
-//! One departure: a moment whose magnitude falls below [`MOMENT_FLOOR`] (2^-96, about 1.3e-29)
-//! is stored as zero. A weight whose gradient stays zero (a pixel that is blank in every recent
-//! batch) has its first moment decay by `beta1` each step into f32's subnormal range, where it
-//! sticks (`m - 0.1 m` rounds back to `m` for the smallest few), and on Intel CPUs every vector
-//! operation with a subnormal input or result takes a microcode assist: from the third epoch on
-//! the built-in data, Adam took 2.5x its first epoch's time (docs/scaling.md §27). Above the
-//! floor, products with the step's scalars (down to 2^-30) stay normal, so no assist happens;
-//! below it, a moment's part in `p`'s update is under `lr * 1.3e-29 / eps`, so parameters match
-//! PyTorch's bit for bit except where a parameter, or a gradient, is itself that small.
+//! One departure: a moment whose magnitude falls below [`super::MOMENT_FLOOR`] (2^-96, about
+//! 1.3e-29) is stored as zero (SGD's momentum buffer too). A weight whose gradient stays zero (a
+//! pixel that is blank in every recent batch) has its first moment decay by `beta1` each step
+//! into f32's subnormal range, where it sticks (`m - 0.1 m` rounds back to `m` for the smallest
+//! few), and on Intel CPUs every vector operation with a subnormal input or result takes a
+//! microcode assist: from the third epoch on the built-in data, Adam took 2.5x its first epoch's
+//! time (docs/scaling.md §27). Above the floor, a stored moment's products with the step's
+//! scalars (down to 2^-30) stay normal. Otherwise the arithmetic is the per-element definition's,
+//! bit for bit. What the floor changes: a flushed `m` moved `p` by less than
+//! `lr / bc1 * 2^-96 / eps`, which changes only parameters below about 2^24 times that (about
+//! 2e-16 at the defaults); a flushed `v` shifts `denom` by up to `2^-48 / sqrt(bc2)`, a few ulps
+//! of `eps`, so weights whose gradients stay below about 1e-14 (1e-13 in the first steps) may
+//! differ by an ulp.
 
 use rayon::prelude::*;
 
-use super::{CHUNK, GradientBlocks, PARALLEL_MIN};
+use super::{CHUNK, GradientBlocks, PARALLEL_MIN, flush_tiny};
 use crate::kernels::with_widest_vectors;
 
 /// One step's scalars, computed in f64 as Python floats and cast to f32 once, as PyTorch does
@@ -122,6 +126,13 @@ pub(super) fn step_from(
     grad: &(impl GradientBlocks + ?Sized),
     mirror: Option<&mut [f32]>,
 ) {
+    if let Some(mirror) = &mirror {
+        assert_eq!(
+            mirror.len(),
+            params.len(),
+            "a mirror as long as the parameters"
+        );
+    }
     let block_step = |g: &mut Vec<f32>,
                       c: usize,
                       p: &mut [f32],
@@ -242,7 +253,8 @@ fn chunked<const DIVIDE: bool, const LERP_FROM_START: bool, const MIRROR: bool>(
         p.copy_from_slice(&pl);
         m.copy_from_slice(&ml);
         v.copy_from_slice(&vl);
-        if MIRROR && let Some(out) = out_blocks.next() {
+        if MIRROR {
+            let out = out_blocks.next().expect("`out` is as long as `params`");
             out.copy_from_slice(&pl);
         }
     }
@@ -295,16 +307,6 @@ fn update<const DIVIDE: bool, const LERP_FROM_START: bool>(
     *p += s.neg_step_size * *m / denom;
 }
 
-/// The smallest moment magnitude stored; smaller ones become zero (the module's doc says why).
-const MOMENT_FLOOR: f32 = f32::MIN_POSITIVE * (1u64 << 30) as f32;
-
-/// `x`, or zero if `|x|` is below [`MOMENT_FLOOR`] (NaN stays NaN). A compare and a blend per
-/// vector: free beside the step's divisions.
-#[inline(always)]
-fn flush_tiny(x: f32) -> f32 {
-    if x.abs() < MOMENT_FLOOR { 0.0 } else { x }
-}
-
 /// PyTorch's `lerp`: from the nearer end (`FROM_START` when `|weight| < 0.5`), so a weight near 1
 /// loses no precision.
 #[inline(always)]
@@ -320,6 +322,7 @@ fn lerp<const FROM_START: bool>(start: f32, end: f32, weight: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::kernels::on_every_path;
+    use crate::optim::MOMENT_FLOOR;
 
     #[test]
     fn lerp_hits_both_ends() {
@@ -394,6 +397,8 @@ mod tests {
                 0 => g * 1e-37,
                 1 => g * 1e-43,
                 2..=9 => 0.0,
+                // Second moments below the floor while first moments stay above it.
+                10..=12 => 2.5e-15,
                 _ => g,
             })
             .collect();
@@ -420,6 +425,10 @@ mod tests {
             reference(&s, divisor, &mut p, &grad, &mut m, &mut v);
             let want = (bits(&p), bits(&m), bits(&v));
             assert_ne!(want.0, bits(&start), "the step must change the parameters");
+            // The floor fired, for both moments: one decayed from the floor to zero, and a
+            // second moment zeroed under a nonzero first moment by a nonzero gradient.
+            assert!((0..n).any(|i| m0[i] != 0.0 && m[i] == 0.0 && v0[i] != 0.0 && v[i] == 0.0));
+            assert!((0..n).any(|i| grad[i] != 0.0 && m[i] != 0.0 && v[i] == 0.0));
             // `kernel_body` called inside the closure, so that each path's copy inlines it.
             let results = on_every_path(
                 #[inline(always)]
@@ -457,27 +466,30 @@ mod tests {
     fn a_moment_that_decays_below_the_floor_becomes_zero_not_a_stuck_subnormal() {
         assert_eq!(MOMENT_FLOOR, 2f32.powi(-96));
         let s = Scalars::new(1e-3, 0.9, 0.999, 1e-8, 0.0, 1);
-        let (mut p, mut m, mut v) = ([0.5f32], [1e-3f32], [1e-6f32]);
+        // Two vector blocks and a tail, every value alike.
+        let n = 2 * BLOCK + 1;
+        let (mut p, mut m, mut v) = (vec![0.5f32; n], vec![1e-3f32; n], vec![1e-6f32; n]);
+        let zeros = vec![0.0f32; n];
         let mut steps_to_zero = None;
         for step in 1..=100_000 {
-            kernel(&s, &mut p, &[0.0], &mut m, &mut v, None);
-            for moment in [m[0], v[0]] {
+            kernel(&s, &mut p, &zeros, &mut m, &mut v, None);
+            for &moment in m.iter().chain(&v) {
                 assert!(
                     moment == 0.0 || moment.abs() >= MOMENT_FLOOR,
                     "step {step}: {moment:e}"
                 );
             }
-            if m[0] == 0.0 && steps_to_zero.is_none() {
+            if m.iter().all(|&x| x == 0.0) && steps_to_zero.is_none() {
                 steps_to_zero = Some(step);
             }
         }
-        // 1e-3 * 0.9^t < 2^-96 from t = 565 on; v (0.999 a step) after about 46,000 steps.
+        // 1e-3 * 0.9^t < 2^-96 from t = 565 on; v (0.999 a step) after about 52,700 steps.
         let steps = steps_to_zero.expect("m reaches zero");
         assert!(
             (560..=570).contains(&steps),
             "m reached zero after {steps} steps"
         );
-        assert_eq!(v[0], 0.0, "v reaches zero too");
+        assert!(v.iter().all(|&x| x == 0.0), "v reaches zero too");
         // Unflushed, the same recurrence sticks at a subnormal: PyTorch's m after the same steps.
         let mut unflushed = 1e-3f32;
         for _ in 0..100_000 {

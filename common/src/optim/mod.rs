@@ -8,8 +8,10 @@
 //! `AdamW` and `torch.optim.SGD`: per-element operations in f32, in PyTorch's operation order, with
 //! scalars such as the bias-corrected step size computed in f64 and cast to f32 once. PyTorch's
 //! vectorised kernels may fuse a multiply-add where we round twice, so results agree to a few ulp,
-//! not bit for bit. Ours are deterministic: every operation is elementwise, so splitting the vector
-//! across threads (in fixed chunks) cannot change a bit.
+//! not bit for bit. One departure of ours: optimizer state below [`MOMENT_FLOOR`] is stored as
+//! zero (`adam`'s module doc says why and what it changes). Ours are deterministic: every
+//! operation is elementwise, so splitting the vector across threads (in fixed chunks) cannot
+//! change a bit.
 //!
 //! ```
 //! use common::optim::OptimizerConfig;
@@ -44,6 +46,19 @@ const CHUNK: usize = 1 << 14;
 
 /// Below this many elements one thread does the whole vector: splitting costs more than it saves.
 const PARALLEL_MIN: usize = 1 << 16;
+
+/// The smallest optimizer-state magnitude stored (Adam's moments, SGD's momentum buffer);
+/// smaller values become zero, so a state that decays (its gradient staying zero) reaches zero
+/// instead of sticking in f32's subnormal range, which costs a microcode assist per vector
+/// instruction on Intel CPUs (`adam`'s module doc; docs/scaling.md §27).
+const MOMENT_FLOOR: f32 = f32::MIN_POSITIVE * (1u64 << 30) as f32;
+
+/// `x`, or zero if `|x|` is below [`MOMENT_FLOOR`] (NaN stays NaN). A compare and a blend per
+/// vector: free beside Adam's divisions.
+#[inline(always)]
+fn flush_tiny(x: f32) -> f32 {
+    if x.abs() < MOMENT_FLOOR { 0.0 } else { x }
+}
 
 /// Which optimizer, and its hyper-parameters. Serialised as `{"kind": "adam", "lr": ..., ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,10 +8,12 @@
 //! d <- d + momentum * b   (Nesterov)   or   d <- b     (if momentum != 0)
 //! p <- p + (-lr) * d
 //! ```
+//!
+//! As in `adam`, a buffer value below [`super::MOMENT_FLOOR`] is stored as zero.
 
 use rayon::prelude::*;
 
-use super::{CHUNK, PARALLEL_MIN};
+use super::{CHUNK, PARALLEL_MIN, flush_tiny};
 
 /// One step's scalars, cast from f64 to f32 once as PyTorch does.
 #[derive(Debug, Clone, Copy)]
@@ -120,12 +122,43 @@ fn with_momentum(
             Some(wd) => g + wd * *p,
             None => g,
         };
-        *b = if first {
+        *b = flush_tiny(if first {
             d
         } else {
             *b * m.momentum + m.one_minus_dampening * d
-        };
+        });
         let d = if m.nesterov { d + m.momentum * *b } else { *b };
         *p += s.neg_lr * d;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::MOMENT_FLOOR;
+
+    #[test]
+    fn a_momentum_buffer_that_decays_below_the_floor_becomes_zero() {
+        let s = Scalars::new(1e-2, 0.9, 0.0, false, 0.0);
+        let (mut p, mut buffer) = ([0.5f32], None);
+        step(&s, &mut p, &[1e-3], &mut buffer);
+        let mut steps_to_zero = None;
+        for step_no in 2..=2_000 {
+            step(&s, &mut p, &[0.0], &mut buffer);
+            let b = buffer.as_ref().expect("made at the first step")[0];
+            assert!(b == 0.0 || b.abs() >= MOMENT_FLOOR, "step {step_no}: {b:e}");
+            if b == 0.0 && steps_to_zero.is_none() {
+                steps_to_zero = Some(step_no);
+            }
+        }
+        // 1e-3 * 0.9^t < 2^-96 from t = 565 on.
+        let steps = steps_to_zero.expect("the buffer reaches zero");
+        assert!((560..=570).contains(&steps), "zero after {steps} steps");
+        // Unflushed, the same recurrence sticks at a subnormal.
+        let mut unflushed = 1e-3f32;
+        for _ in 0..2_000 {
+            unflushed = unflushed * 0.9 + 1.0 * 0.0;
+        }
+        assert!(unflushed.is_subnormal(), "{unflushed:e}");
     }
 }
