@@ -198,24 +198,31 @@ fn kernel_body(
 ) {
     let n = params.len().min(grad.len()).min(m.len()).min(v.len());
     let (params, grad, m, v) = (&mut params[..n], &grad[..n], &mut m[..n], &mut v[..n]);
-    let divide = matches!(s.grad_scale, GradScale::Divide(_));
-    let from_start = s.lerp_weight.abs() < 0.5;
     match mirror {
-        None => match (divide, from_start) {
-            (false, true) => chunked::<false, true, false>(s, params, grad, m, v, &mut []),
-            (false, false) => chunked::<false, false, false>(s, params, grad, m, v, &mut []),
-            (true, true) => chunked::<true, true, false>(s, params, grad, m, v, &mut []),
-            (true, false) => chunked::<true, false, false>(s, params, grad, m, v, &mut []),
-        },
-        Some(out) => {
-            let out = &mut out[..n];
-            match (divide, from_start) {
-                (false, true) => chunked::<false, true, true>(s, params, grad, m, v, out),
-                (false, false) => chunked::<false, false, true>(s, params, grad, m, v, out),
-                (true, true) => chunked::<true, true, true>(s, params, grad, m, v, out),
-                (true, false) => chunked::<true, false, true>(s, params, grad, m, v, out),
-            }
-        }
+        None => by_choices::<false>(s, params, grad, m, v, &mut []),
+        Some(out) => by_choices::<true>(s, params, grad, m, v, &mut out[..n]),
+    }
+}
+
+/// [`chunked`] for the two choices `kernel_body` leaves to it (divide the gradient or multiply
+/// it, which end of the lerp), the mirror already chosen.
+#[inline(always)]
+fn by_choices<const MIRROR: bool>(
+    s: &Scalars,
+    params: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    out: &mut [f32],
+) {
+    match (
+        matches!(s.grad_scale, GradScale::Divide(_)),
+        s.lerp_weight.abs() < 0.5,
+    ) {
+        (false, true) => chunked::<false, true, MIRROR>(s, params, grad, m, v, out),
+        (false, false) => chunked::<false, false, MIRROR>(s, params, grad, m, v, out),
+        (true, true) => chunked::<true, true, MIRROR>(s, params, grad, m, v, out),
+        (true, false) => chunked::<true, false, MIRROR>(s, params, grad, m, v, out),
     }
 }
 
