@@ -24,6 +24,7 @@ pub mod sessions;
 pub mod state;
 pub mod tools;
 pub mod transport;
+pub mod update;
 pub mod verification;
 
 pub use error::{Error, Result};

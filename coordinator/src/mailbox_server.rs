@@ -2,8 +2,9 @@
 //! (`proto::mailbox`), on a thread of its own that sleeps on the mailbox's doorbell: the same
 //! answers as the gRPC service's ([`Shared::next_task_blocking`], [`Shared::submit_result`]),
 //! without HTTP/2 or a wake-up of the async runtime between the worker and the state machine
-//! (docs/scaling.md §26). The thread never waits on the runtime; the run closes and joins it
-//! before it ends ([`Shared::stop_mailboxes`]).
+//! (docs/scaling.md §26). When a result completes its step, this thread also runs the step's
+//! update (`crate::update`, docs/scaling.md §28). The thread never waits on the runtime; the run
+//! closes and joins it before it ends ([`Shared::stop_mailboxes`]).
 //!
 //! The caller is the worker the mailbox was made for: the file is in the run's private
 //! directory, made after that worker proved (with the probe) that it sees the directory, and
@@ -16,6 +17,7 @@ use proto::mailbox::{Answer, Call, Mailbox, Waited};
 
 use crate::service::Shared;
 use crate::state::WorkerId;
+use crate::update::{self, TakenUpdate};
 
 /// How often an idle server thread checks whether the run is still there.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
@@ -77,8 +79,8 @@ fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox) {
         let Some(shared) = run.upgrade() else {
             return;
         };
-        let reply = answer(&shared, worker, mailbox, &request).encode();
-        if let Err(e) = mailbox.reply(seq, &reply) {
+        let (answer, update) = answer(&shared, worker, mailbox, &request);
+        if let Err(e) = mailbox.reply(seq, &answer.encode()) {
             let error = Answer::Error(format!(
                 "the coordinator's answer did not fit the mailbox: {e}"
             ));
@@ -86,19 +88,31 @@ fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox) {
                 return;
             }
         }
+        // A result that completed its step: its update runs here, now, while the worker posts
+        // its next request, which this thread then answers without waiting to be woken.
+        if let Some(update) = update {
+            update::apply_taken(&shared, update);
+        }
     }
 }
 
-/// The service's answer to one request read from the mailbox.
-fn answer(shared: &Shared, worker: WorkerId, mailbox: &Mailbox, request: &[u8]) -> Answer {
+/// The service's answer to one request read from the mailbox, and the update of the step a
+/// result completed, for this thread to run once it has answered.
+fn answer(
+    shared: &Shared,
+    worker: WorkerId,
+    mailbox: &Mailbox,
+    request: &[u8],
+) -> (Answer, Option<TakenUpdate>) {
     match Call::decode(request) {
         Ok(Call::NextTask) => match shared.next_task_blocking(worker, || mailbox.is_closed()) {
-            Ok(reply) => Answer::NextTask(reply.into()),
-            Err(status) => Answer::Error(status.message().to_string()),
+            Ok(reply) => (Answer::NextTask(reply.into()), None),
+            Err(status) => (Answer::Error(status.message().to_string()), None),
         },
         Ok(Call::SubmitResult(request)) => {
-            Answer::SubmitResult(shared.submit_result(worker, request).into())
+            let (verdict, update) = shared.submit_result_taking_update(worker, request);
+            (Answer::SubmitResult(verdict.into()), update)
         }
-        Err(e) => Answer::Error(e),
+        Err(e) => (Answer::Error(e), None),
     }
 }

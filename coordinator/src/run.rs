@@ -24,6 +24,7 @@ use crate::progress::Progress;
 use crate::service::{Shared, TrainerService};
 use crate::sessions::Sessions;
 use crate::state::{EpochTotals, Output, Phase, Position, StateConfig, StateMachine};
+use crate::update;
 
 /// How often the driver checks for silent workers. A fraction of the default worker timeout, so
 /// detection takes at most timeout + this.
@@ -991,7 +992,12 @@ impl Driver<'_> {
                         signal.name()
                     );
                     stop = Some(signal);
+                    self.shared.state().hold_updates_for_stop();
                 }
+            }
+            // An update a mailbox thread ran panicked: the parameters were in it.
+            if let Some(panic) = self.shared.take_update_panic() {
+                return Err(update_panicked(&panic));
             }
             let outputs = {
                 let mut state = self.shared.state();
@@ -1144,10 +1150,15 @@ impl Driver<'_> {
             if let Some(signal) = stop {
                 // Evaluating: an ended epoch's outputs are still to be drained; Finished and
                 // Failed: so are those that end the run.
-                let settled = !matches!(
-                    *self.shared.state().phase(),
-                    Phase::Evaluating | Phase::Finished | Phase::Failed(_)
-                );
+                // An update a mailbox thread took before the stop: its step is applied first.
+                let settled = {
+                    let state = self.shared.state();
+                    !state.update_in_flight()
+                        && !matches!(
+                            *state.phase(),
+                            Phase::Evaluating | Phase::Finished | Phase::Failed(_)
+                        )
+                };
                 if settled {
                     // Unless the newest is of this very step (an epoch's end, or nothing
                     // trained since the resume).
@@ -1209,9 +1220,7 @@ impl Driver<'_> {
     }
 
     /// Applies a ready step's update on a blocking thread, so heartbeats and long polls go on
-    /// meanwhile; the same thread publishes the new parameters, hands them back to the state
-    /// machine and wakes the long polls (one thread hand-off fewer before workers get the next
-    /// step than going back through the driver: 0.1-0.2 ms a step on a 2-core VM).
+    /// meanwhile (`crate::update`). A co-located worker's mailbox thread may have taken it first.
     async fn update(&mut self) -> Result<()> {
         let Some(job) = self.shared.state().take_update() else {
             return Ok(());
@@ -1219,29 +1228,9 @@ impl Driver<'_> {
         let shared = Arc::clone(self.shared);
         let started = Instant::now();
         tracing::trace!("step {}: update starts", job.global_step);
-        tokio::task::spawn_blocking(move || {
-            tracing::trace!("step {}: update thread runs", job.global_step);
-            let (step, len) = (job.global_step, job.param_len());
-            // The new parameters go straight into the workers' parameter file as Adam makes them.
-            let mut done = shared.transport().publish_while(step + 1, len, |file| {
-                let done = job.run(file);
-                let made = done.outcome.is_ok();
-                (done, made)
-            });
-            tracing::trace!("step {}: optimizer done and published", done.global_step);
-            shared.transport().recycle(done.spent.drain(..));
-            let step = done.global_step;
-            let seconds = started.elapsed().as_secs_f64();
-            shared.state().finish_update(done, seconds, Instant::now());
-            shared.notify();
-            tracing::trace!("step {step}: update handed back");
-        })
-        .await
-        .map_err(|e| {
-            Error::Io(format!(
-                "the update (optimizer step or hand-back) panicked: {e}"
-            ))
-        })
+        tokio::task::spawn_blocking(move || update::apply(&shared, job, started))
+            .await
+            .map_err(|e| update_panicked(&e))
     }
 
     async fn end_epoch(
@@ -1306,25 +1295,13 @@ impl Driver<'_> {
         run_examples: u64,
         durable: Durable,
     ) -> Result<()> {
-        let checkpoint = {
-            let state = self.shared.state();
-            let position = state.position();
-            let run_state = RunState {
-                identity: self.config.identity(),
-                epoch_totals: state.totals(),
-                run_time,
-                run_examples,
-            };
-            Checkpoint {
-                params: state.params().to_vec(),
-                optimizer: self.config.optimizer.clone(),
-                optimizer_state: state.optimizer_state().clone(),
-                global_step: position.global_step,
-                epoch: position.epoch,
-                step_in_epoch: position.step_in_epoch,
-                run_config_json: run_state.to_json(),
-                metrics_history: self.history.clone(),
+        let checkpoint = loop {
+            if let Some(checkpoint) = self.snapshot(run_time, run_examples) {
+                break checkpoint;
             }
+            // An update a mailbox thread took holds the parameters (a stop or a failure while
+            // it ran; periodic and epoch-end checkpoints hold updates back instead).
+            tokio::time::sleep(Duration::from_micros(100)).await;
         };
         // A write that failed in the background fails the run, but only after this snapshot is
         // on disk: the steps since that write are not lost with it.
@@ -1337,6 +1314,33 @@ impl Driver<'_> {
             return Ok(());
         }
         first_error(earlier, self.finish_checkpoint().await)
+    }
+
+    /// The state as a checkpoint, taken under the state lock; `None` while an update has the
+    /// parameters out. Lets other threads take updates again.
+    fn snapshot(&self, run_time: TimeSplit, run_examples: u64) -> Option<Checkpoint> {
+        let mut state = self.shared.state();
+        if state.update_in_flight() {
+            return None;
+        }
+        state.snapshot_taken();
+        let position = state.position();
+        let run_state = RunState {
+            identity: self.config.identity(),
+            epoch_totals: state.totals(),
+            run_time,
+            run_examples,
+        };
+        Some(Checkpoint {
+            params: state.params().to_vec(),
+            optimizer: self.config.optimizer.clone(),
+            optimizer_state: state.optimizer_state().clone(),
+            global_step: position.global_step,
+            epoch: position.epoch,
+            step_in_epoch: position.step_in_epoch,
+            run_config_json: run_state.to_json(),
+            metrics_history: self.history.clone(),
+        })
     }
 
     /// The checkpoint a stop or a failure ends the run with, on disk when this returns. An
@@ -1366,6 +1370,15 @@ impl Driver<'_> {
             self.prometheus.checkpoint_written();
         }
     }
+}
+
+/// The run's error when an update panicked (on the driver's blocking thread or a mailbox
+/// thread): the parameters were in it, so no checkpoint of them can follow; the last one written
+/// stands.
+fn update_panicked(cause: &dyn std::fmt::Display) -> Error {
+    Error::Io(format!(
+        "the update (optimizer step or hand-back) panicked: {cause}"
+    ))
 }
 
 /// `first`, unless it is Ok and `then` is not; a second error is logged.

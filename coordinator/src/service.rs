@@ -25,6 +25,7 @@ use crate::state::{
     HeartbeatAnswer, NodeResult, StateMachine, SubmitOutcome, TaskDecision, WorkerId,
 };
 use crate::transport::Transport;
+use crate::update::TakenUpdate;
 
 /// How long a `NextTask` call waits for work before answering `Wait`. Short enough that a worker
 /// notices a restarted coordinator quickly, long enough that idle polling costs nothing.
@@ -51,6 +52,8 @@ pub struct Shared {
     transport: Transport,
     /// Tensor and shard bytes (atomics) and node times (`crate::metrics`).
     metrics: Metrics,
+    /// Why an update run on a mailbox thread panicked, for the driver to end the run with.
+    update_panic: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -78,6 +81,7 @@ impl Shared {
             max_workers,
             transport,
             metrics,
+            update_panic: Mutex::new(None),
         })
     }
 
@@ -144,6 +148,24 @@ impl Shared {
     }
 
     /// Signals that the state changed.
+    /// An update run on a mailbox thread panicked (`crate::update::apply_here`): the driver ends
+    /// the run with `message`.
+    pub fn update_panicked(&self, message: String) {
+        *self
+            .update_panic
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(message);
+        self.notify();
+    }
+
+    /// Why an update on a mailbox thread panicked, once.
+    pub fn take_update_panic(&self) -> Option<String> {
+        self.update_panic
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
     pub fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         *self.generation() += 1;
@@ -277,9 +299,29 @@ impl Shared {
     /// `SubmitResult` call, over gRPC or through a mailbox. A result that does not decode
     /// removes the worker, so its work is redone.
     pub fn submit_result(&self, worker: WorkerId, request: pb::SubmitRequest) -> Verdict {
+        self.submit_result_taking(worker, request, false).0
+    }
+
+    /// [`Shared::submit_result`], and the update of the step these results completed, taken
+    /// under the same lock so that no other thread runs it ([`StateMachine::take_update_here`]):
+    /// for the caller to run once it has answered (`crate::update::apply_taken`).
+    pub fn submit_result_taking_update(
+        &self,
+        worker: WorkerId,
+        request: pb::SubmitRequest,
+    ) -> (Verdict, Option<TakenUpdate>) {
+        self.submit_result_taking(worker, request, true)
+    }
+
+    fn submit_result_taking(
+        &self,
+        worker: WorkerId,
+        request: pb::SubmitRequest,
+        take_update: bool,
+    ) -> (Verdict, Option<TakenUpdate>) {
         let step = request.step;
-        let outcome = match Submission::try_from(request) {
-            Ok(submission) => self.submit(worker, submission),
+        let (outcome, update) = match Submission::try_from(request) {
+            Ok(submission) => self.submit(worker, submission, take_update),
             Err(e) => {
                 let mut state = self.state();
                 let name = state.worker_name(worker).unwrap_or("unknown").to_string();
@@ -288,11 +330,15 @@ impl Shared {
                      removing it so its work is redone"
                 );
                 state.remove_worker(worker, format!("sent an undecodable result: {e}"));
-                SubmitOutcome::Rejected(e.to_string())
+                (SubmitOutcome::Rejected(e.to_string()), None)
             }
         };
-        self.notify();
-        match outcome {
+        // A taken update notifies when it is done (`crate::update::apply`): waking the driver now
+        // would only have it find the update gone, on a core the update needs.
+        if update.is_none() {
+            self.notify();
+        }
+        let verdict = match outcome {
             SubmitOutcome::Accepted => Verdict {
                 accepted: true,
                 reason: String::new(),
@@ -305,12 +351,19 @@ impl Shared {
                 accepted: false,
                 reason,
             },
-        }
+        };
+        (verdict, update)
     }
 
     /// Reads every result's gradient (inline or from shared memory) and hands the results to
     /// the state machine. A result that cannot be read removes the worker, so its work is redone.
-    fn submit(&self, worker: WorkerId, submission: Submission) -> SubmitOutcome {
+    /// With `take_update`, also takes the update of the step the results completed, if any.
+    fn submit(
+        &self,
+        worker: WorkerId,
+        submission: Submission,
+        take_update: bool,
+    ) -> (SubmitOutcome, Option<TakenUpdate>) {
         tracing::trace!("step {}: result arrives", submission.step);
         let compute_seconds = submission.compute_seconds;
         let mut results = Vec::with_capacity(submission.results.len());
@@ -331,7 +384,7 @@ impl Shared {
                         submission.step
                     );
                     state.remove_worker(worker, format!("sent an unreadable result: {e}"));
-                    return SubmitOutcome::Rejected(e.to_string());
+                    return (SubmitOutcome::Rejected(e.to_string()), None);
                 }
             };
             results.push(NodeResult::measured(
@@ -344,17 +397,28 @@ impl Shared {
             ));
         }
         tracing::trace!("step {}: result read", submission.step);
-        let outcome = self.state().submit(
-            worker,
-            submission.step,
-            results,
-            compute_seconds,
-            Instant::now(),
-        );
+        let (outcome, update) = {
+            let mut state = self.state();
+            let outcome = state.submit(
+                worker,
+                submission.step,
+                results,
+                compute_seconds,
+                Instant::now(),
+            );
+            let update = take_update
+                .then(|| state.take_update_here())
+                .flatten()
+                .map(|job| TakenUpdate {
+                    job,
+                    taken: Instant::now(),
+                });
+            (outcome, update)
+        };
         if outcome == SubmitOutcome::Accepted {
             self.metrics.node_computed(worker, compute_seconds);
         }
-        outcome
+        (outcome, update)
     }
 }
 

@@ -5,9 +5,10 @@
 //!
 //! A step: the step's examples are fixed by the [`ShardPlan`]; live workers each get one tree
 //! node and are asked for its sum. When the received nodes cover the tree the machine emits
-//! [`Output::StepReady`] and hands the update out ([`StateMachine::take_update`]): the driver sums
-//! the tree in its fixed order (docs/design.md §2), divides by the step's example count, steps the
-//! optimizer off the async runtime, and hands the parameters back
+//! [`Output::StepReady`] and hands the update out ([`StateMachine::take_update`]): the driver, or
+//! the mailbox thread that delivered the step's last result ([`StateMachine::take_update_here`]),
+//! sums the tree in its fixed order (docs/design.md §2), divides by the step's example count,
+//! steps the optimizer off the async runtime, and hands the parameters back
 //! ([`StateMachine::finish_update`]). Which worker computed what never changes the bits, so a lost
 //! worker's nodes simply move to a survivor.
 
@@ -156,7 +157,8 @@ pub enum Output {
         /// Wall time of the step, from its start to its update applied.
         seconds: f64,
     },
-    /// The epoch's last step was applied: evaluate, record, then call `finish_evaluation`.
+    /// The epoch's last step was applied: evaluate, record, then call `finish_evaluation`. Other
+    /// threads take no update until [`StateMachine::snapshot_taken`].
     EpochEnded {
         epoch: u64,
         totals: EpochTotals,
@@ -180,6 +182,8 @@ pub enum Output {
         name: String,
         reason: String,
     },
+    /// Take a checkpoint of the step just applied; other threads take no update until
+    /// [`StateMachine::snapshot_taken`].
     CheckpointDue,
     Finished,
     Failed(String),
@@ -347,6 +351,12 @@ pub struct StateMachine {
     step: Option<StepState>,
     /// A complete step whose update is ready or being applied.
     ready: Option<StepState>,
+    /// Updates are kept for the driver ([`StateMachine::take_update_here`] hands none out) until
+    /// it has taken the snapshot it was told of (a checkpoint due, an epoch's end), so that no
+    /// update has the parameters out when it copies them.
+    held_for_snapshot: bool,
+    /// The same, for good: the run is stopping and leaves the step in progress to its resume.
+    held_for_stop: bool,
     /// The slowest node of the last completed step: the yardstick for stragglers.
     last_slowest_node: Duration,
     /// Per worker, how many steps in a row a backup finished its node first.
@@ -396,6 +406,8 @@ impl StateMachine {
             epoch_orders: None,
             step: None,
             ready: None,
+            held_for_snapshot: false,
+            held_for_stop: false,
             last_slowest_node: Duration::ZERO,
             overtaken: HashMap::new(),
             strikes: HashMap::new(),
@@ -1256,6 +1268,33 @@ impl StateMachine {
         })
     }
 
+    /// [`StateMachine::take_update`] for a thread other than the driver's (the mailbox thread that
+    /// delivered the step's last result, which then runs the update at once instead of waking
+    /// the driver): `None` while updates are held for a snapshot or a stop.
+    pub fn take_update_here(&mut self) -> Option<UpdateJob> {
+        if self.held_for_snapshot || self.held_for_stop {
+            return None;
+        }
+        self.take_update()
+    }
+
+    /// Whether an update was handed out and has not come back: the parameters and the optimizer
+    /// state are in the job then, not here, so nothing may copy them.
+    pub fn update_in_flight(&self) -> bool {
+        self.ready.as_ref().is_some_and(|step| step.update_taken)
+    }
+
+    /// The driver took the snapshot it was told of: other threads may take updates again.
+    pub fn snapshot_taken(&mut self) {
+        self.held_for_snapshot = false;
+    }
+
+    /// The run is stopping: no thread but the driver takes an update from now on (and the driver
+    /// takes none), so the stop's checkpoint holds the last applied step.
+    pub fn hold_updates_for_stop(&mut self) {
+        self.held_for_stop = true;
+    }
+
     /// Takes back the parameters of an [`UpdateJob`] and moves on: the next step, or the epoch's
     /// end. `update_seconds` is how long the job took (measured by the caller: no clock here).
     pub fn finish_update(&mut self, done: UpdateDone, update_seconds: f64, now: Instant) {
@@ -1295,6 +1334,8 @@ impl StateMachine {
             self.position.epoch += 1;
             self.position.step_in_epoch = 0;
             self.phase = Phase::Evaluating;
+            // The driver evaluates these parameters and checkpoints them.
+            self.held_for_snapshot = true;
             // The driver checkpoints after the evaluation, so a resumed run never skips one.
             self.outputs.push(Output::EpochEnded {
                 epoch,
@@ -1307,6 +1348,7 @@ impl StateMachine {
                     .global_step
                     .is_multiple_of(self.config.checkpoint_every)
             {
+                self.held_for_snapshot = true;
                 self.outputs.push(Output::CheckpointDue);
             }
             self.start_step(now);

@@ -1114,3 +1114,94 @@ fn an_update_writes_the_same_parameters_into_its_mirror_on_every_path() {
         }
     }
 }
+
+/// Hands `worker`'s task of the current step in without applying the update (a mailbox thread
+/// takes it next, or the driver).
+fn submit_only(sm: &mut StateMachine, worker: WorkerId, now: Instant) {
+    let TaskDecision::Task(task) = sm.next_task(worker, now) else {
+        panic!("a task for the only worker");
+    };
+    let results = compute(&task, sm.params())
+        .into_iter()
+        .map(|(node, sum)| NodeResult::new(node, sum))
+        .collect();
+    assert_eq!(
+        sm.submit(worker, task.global_step, results, 0.01, now),
+        SubmitOutcome::Accepted
+    );
+}
+
+/// Runs a taken update and hands it back, checking that the machine knew it was out.
+fn run_taken(sm: &mut StateMachine, job: coordinator::state::UpdateJob, now: Instant) {
+    assert!(sm.update_in_flight(), "the parameters are in the job");
+    assert!(sm.take_update().is_none(), "an update is handed out once");
+    sm.finish_update(job.run(None), 0.0, now);
+    assert!(!sm.update_in_flight());
+}
+
+#[test]
+fn updates_are_held_for_the_driver_while_it_needs_the_parameters() {
+    let reference = reference_params();
+    let (mut sm, workers, now) = start(1);
+    let w = workers[0];
+    let (mut taken_here, mut held) = (0, Vec::new());
+    // The driver has not yet copied what it was told of (a checkpoint due, an epoch's end).
+    let mut snapshot_due = false;
+    loop {
+        match sm.phase() {
+            Phase::Finished => break,
+            Phase::Evaluating => {
+                sm.finish_evaluation(now);
+                continue;
+            }
+            _ => {}
+        }
+        let step = sm.position().global_step;
+        submit_only(&mut sm, w, now);
+        match sm.take_update_here() {
+            Some(job) => {
+                assert!(
+                    !snapshot_due,
+                    "step {step}: taken before the driver's snapshot"
+                );
+                taken_here += 1;
+                run_taken(&mut sm, job, now);
+            }
+            None => {
+                assert!(snapshot_due, "step {step}: held with nothing due");
+                held.push(step);
+                // The driver copies the parameters (all there), then takes the update itself.
+                assert_eq!(sm.params().len(), PARAMS);
+                sm.snapshot_taken();
+                snapshot_due = false;
+                let job = sm.take_update().expect("the driver takes a held update");
+                run_taken(&mut sm, job, now);
+            }
+        }
+        for output in sm.drain_outputs() {
+            if matches!(output, Output::CheckpointDue | Output::EpochEnded { .. }) {
+                snapshot_due = true;
+            }
+        }
+    }
+    // Checkpoints every 5 steps and two epochs of 13 steps: held once after each.
+    assert_eq!(held, vec![5, 10, 13, 15, 20, 25], "{taken_here} taken here");
+    assert_eq!(
+        bits(sm.params()),
+        reference,
+        "the same bits whoever runs the updates"
+    );
+
+    // A stop holds updates for good: the driver's snapshot no longer releases them.
+    let (mut sm, workers, now) = start(1);
+    submit_only(&mut sm, workers[0], now);
+    sm.hold_updates_for_stop();
+    sm.snapshot_taken();
+    assert!(
+        sm.take_update_here().is_none(),
+        "stopping: no thread takes it"
+    );
+    assert!(!sm.update_in_flight());
+    let job = sm.take_update().expect("the driver still can");
+    run_taken(&mut sm, job, now);
+}
