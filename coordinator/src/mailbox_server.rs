@@ -80,18 +80,23 @@ fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox) {
             return;
         };
         let (answer, update) = answer(&shared, worker, mailbox, &request);
-        if let Err(e) = mailbox.reply(seq, &answer.encode()) {
-            let error = Answer::Error(format!(
-                "the coordinator's answer did not fit the mailbox: {e}"
-            ));
-            if mailbox.reply(seq, &error.encode()).is_err() {
-                return;
+        let answered = match mailbox.reply(seq, &answer.encode()) {
+            Ok(()) => true,
+            Err(e) => {
+                let error = Answer::Error(format!(
+                    "the coordinator's answer did not fit the mailbox: {e}"
+                ));
+                mailbox.reply(seq, &error.encode()).is_ok()
             }
-        }
+        };
         // A result that completed its step: its update runs here, now, while the worker posts
-        // its next request, which this thread then answers without waiting to be woken.
+        // its next request, which this thread then answers without waiting to be woken. Run
+        // even when the worker could not be answered: the run needs the step applied.
         if let Some(update) = update {
             update::apply_taken(&shared, update);
+        }
+        if !answered {
+            return;
         }
     }
 }

@@ -960,6 +960,8 @@ impl Driver<'_> {
         run_examples: &mut u64,
     ) -> Result<Ended> {
         let ended = self.drive_steps(signals, run_time, run_examples).await;
+        // Whatever ended it, no mailbox thread trains on while the run winds down.
+        self.shared.state().hold_updates_for_stop();
         // However the run ended, a checkpoint still being written is waited for: its error fails
         // a run that would otherwise have succeeded.
         first_error(ended, self.finish_checkpoint().await)
@@ -1088,7 +1090,7 @@ impl Driver<'_> {
                     }
                     // Stopping: this step is left to the resumed run.
                     Output::StepReady { .. } if stop.is_some() => {}
-                    Output::StepReady { .. } => self.update().await?,
+                    Output::StepReady { global_step } => self.update(global_step).await?,
                     Output::StepApplied {
                         position,
                         examples,
@@ -1180,7 +1182,16 @@ impl Driver<'_> {
         let shared = Arc::clone(self.shared);
         let engine = Arc::clone(&self.engine);
         let train = Arc::clone(self.shared.train());
-        let params = self.shared.state().params().to_vec();
+        // The step completed meanwhile (the slow worker's own result came in, through a mailbox
+        // whose thread may be running the update now): nothing to compute.
+        let Some(params) = self
+            .shared
+            .state()
+            .params_of_step(global_step)
+            .map(<[f32]>::to_vec)
+        else {
+            return;
+        };
         tokio::task::spawn_blocking(move || {
             let tree = ReductionTree::new(shared.plan().shards());
             let pixels = train.pixels();
@@ -1208,12 +1219,18 @@ impl Driver<'_> {
                         .state()
                         .accept_own_computation(global_step, work.node, sum);
                 }
-                // The step cannot complete without this node: stop rather than wait forever.
-                Err(e) => shared.state().stop(format!(
-                    "step {global_step}: the coordinator cannot compute shards {}..{} itself: \
-                     {e}",
-                    work.node.lo, work.node.hi
-                )),
+                // The step cannot complete without this node: stop rather than wait forever
+                // (unless it completed meanwhile, from a late result).
+                Err(e) => {
+                    let mut state = shared.state();
+                    if state.params_of_step(global_step).is_some() {
+                        state.stop(format!(
+                            "step {global_step}: the coordinator cannot compute shards {}..{} \
+                             itself: {e}",
+                            work.node.lo, work.node.hi
+                        ));
+                    }
+                }
             }
             shared.notify();
         });
@@ -1221,8 +1238,8 @@ impl Driver<'_> {
 
     /// Applies a ready step's update on a blocking thread, so heartbeats and long polls go on
     /// meanwhile (`crate::update`). A co-located worker's mailbox thread may have taken it first.
-    async fn update(&mut self) -> Result<()> {
-        let Some(job) = self.shared.state().take_update() else {
+    async fn update(&mut self, global_step: u64) -> Result<()> {
+        let Some(job) = self.shared.state().take_update_of(global_step) else {
             return Ok(());
         };
         let shared = Arc::clone(self.shared);
@@ -1299,8 +1316,12 @@ impl Driver<'_> {
             if let Some(checkpoint) = self.snapshot(run_time, run_examples) {
                 break checkpoint;
             }
-            // An update a mailbox thread took holds the parameters (a stop or a failure while
-            // it ran; periodic and epoch-end checkpoints hold updates back instead).
+            // An update a mailbox thread took holds the parameters (a failure while it ran, or
+            // a background write that failed; periodic and epoch-end checkpoints hold updates
+            // back instead, and a stop waits for it before its checkpoint).
+            if let Some(panic) = self.shared.take_update_panic() {
+                return Err(update_panicked(&panic));
+            }
             tokio::time::sleep(Duration::from_micros(100)).await;
         };
         // A write that failed in the background fails the run, but only after this snapshot is

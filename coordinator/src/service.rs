@@ -147,8 +147,7 @@ impl Shared {
         }
     }
 
-    /// Signals that the state changed.
-    /// An update run on a mailbox thread panicked (`crate::update::apply_here`): the driver ends
+    /// An update run on a mailbox thread panicked (`crate::update::apply_taken`): the driver ends
     /// the run with `message`.
     pub fn update_panicked(&self, message: String) {
         *self
@@ -166,6 +165,7 @@ impl Shared {
             .take()
     }
 
+    /// Signals that the state changed.
     pub fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         *self.generation() += 1;
@@ -303,7 +303,7 @@ impl Shared {
     }
 
     /// [`Shared::submit_result`], and the update of the step these results completed, taken
-    /// under the same lock so that no other thread runs it ([`StateMachine::take_update_here`]):
+    /// under the same lock so that no other thread runs it ([`StateMachine::take_update_unless_held`]):
     /// for the caller to run once it has answered (`crate::update::apply_taken`).
     pub fn submit_result_taking_update(
         &self,
@@ -407,7 +407,7 @@ impl Shared {
                 Instant::now(),
             );
             let update = take_update
-                .then(|| state.take_update_here())
+                .then(|| state.take_update_unless_held())
                 .flatten()
                 .map(|job| TakenUpdate {
                     job,

@@ -6,7 +6,7 @@
 //! A step: the step's examples are fixed by the [`ShardPlan`]; live workers each get one tree
 //! node and are asked for its sum. When the received nodes cover the tree the machine emits
 //! [`Output::StepReady`] and hands the update out ([`StateMachine::take_update`]): the driver, or
-//! the mailbox thread that delivered the step's last result ([`StateMachine::take_update_here`]),
+//! the mailbox thread that delivered the step's last result ([`StateMachine::take_update_unless_held`]),
 //! sums the tree in its fixed order (docs/design.md §2), divides by the step's example count,
 //! steps the optimizer off the async runtime, and hands the parameters back
 //! ([`StateMachine::finish_update`]). Which worker computed what never changes the bits, so a lost
@@ -351,7 +351,7 @@ pub struct StateMachine {
     step: Option<StepState>,
     /// A complete step whose update is ready or being applied.
     ready: Option<StepState>,
-    /// Updates are kept for the driver ([`StateMachine::take_update_here`] hands none out) until
+    /// Updates are kept for the driver ([`StateMachine::take_update_unless_held`] hands none out) until
     /// it has taken the snapshot it was told of (a checkpoint due, an epoch's end), so that no
     /// update has the parameters out when it copies them.
     held_for_snapshot: bool,
@@ -1268,10 +1268,26 @@ impl StateMachine {
         })
     }
 
+    /// [`StateMachine::take_update`] of step `global_step` only (the one a [`Output::StepReady`]
+    /// named): a later step's update may be held back for a snapshot not yet taken.
+    pub fn take_update_of(&mut self, global_step: u64) -> Option<UpdateJob> {
+        if self.ready.as_ref()?.global_step != global_step {
+            return None;
+        }
+        self.take_update()
+    }
+
+    /// The parameters of step `global_step` while it is in progress (its nodes still being
+    /// computed, so no update has them out); `None` once it completed.
+    pub fn params_of_step(&self, global_step: u64) -> Option<&[f32]> {
+        let step = self.step.as_ref()?;
+        (step.global_step == global_step).then_some(&self.params[..])
+    }
+
     /// [`StateMachine::take_update`] for a thread other than the driver's (the mailbox thread that
     /// delivered the step's last result, which then runs the update at once instead of waking
     /// the driver): `None` while updates are held for a snapshot or a stop.
-    pub fn take_update_here(&mut self) -> Option<UpdateJob> {
+    pub fn take_update_unless_held(&mut self) -> Option<UpdateJob> {
         if self.held_for_snapshot || self.held_for_stop {
             return None;
         }
@@ -1298,14 +1314,22 @@ impl StateMachine {
     /// Takes back the parameters of an [`UpdateJob`] and moves on: the next step, or the epoch's
     /// end. `update_seconds` is how long the job took (measured by the caller: no clock here).
     pub fn finish_update(&mut self, done: UpdateDone, update_seconds: f64, now: Instant) {
+        debug_assert_eq!(
+            self.ready.as_ref().map(|step| step.global_step),
+            Some(done.global_step)
+        );
         let Some(step) = self.ready.take() else {
             return;
         };
-        debug_assert_eq!(step.global_step, done.global_step);
         self.last_slowest_node = step.slowest_node;
         self.params = done.params;
         self.opt_state = done.opt_state;
         self.clip_buffer = done.clip_buffer;
+        // The run failed while the update ran (a node the coordinator could not compute, say):
+        // the parameters are back for its checkpoint, and nothing moves on.
+        if matches!(self.phase, Phase::Failed(_)) {
+            return;
+        }
         let stats = match done.outcome {
             Ok(stats) => stats,
             Err(reason) => {

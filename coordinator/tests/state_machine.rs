@@ -1157,8 +1157,10 @@ fn updates_are_held_for_the_driver_while_it_needs_the_parameters() {
             _ => {}
         }
         let step = sm.position().global_step;
+        assert!(sm.params_of_step(step).is_some(), "step {step} in progress");
         submit_only(&mut sm, w, now);
-        match sm.take_update_here() {
+        assert!(sm.params_of_step(step).is_none(), "step {step} complete");
+        match sm.take_update_unless_held() {
             Some(job) => {
                 assert!(
                     !snapshot_due,
@@ -1174,7 +1176,10 @@ fn updates_are_held_for_the_driver_while_it_needs_the_parameters() {
                 assert_eq!(sm.params().len(), PARAMS);
                 sm.snapshot_taken();
                 snapshot_due = false;
-                let job = sm.take_update().expect("the driver takes a held update");
+                assert!(sm.take_update_of(step + 1).is_none(), "only the step named");
+                let job = sm
+                    .take_update_of(step)
+                    .expect("the driver takes a held update");
                 run_taken(&mut sm, job, now);
             }
         }
@@ -1198,7 +1203,7 @@ fn updates_are_held_for_the_driver_while_it_needs_the_parameters() {
     sm.hold_updates_for_stop();
     sm.snapshot_taken();
     assert!(
-        sm.take_update_here().is_none(),
+        sm.take_update_unless_held().is_none(),
         "stopping: no thread takes it"
     );
     assert!(!sm.update_in_flight());
