@@ -303,8 +303,9 @@ impl Shared {
     }
 
     /// [`Shared::submit_result`], and the update of the step these results completed, taken
-    /// under the same lock so that no other thread runs it ([`StateMachine::take_update_unless_held`]):
-    /// for the caller to run once it has answered (`crate::update::apply_taken`).
+    /// under the same lock so that no other thread runs it
+    /// ([`StateMachine::take_update_unless_held`]): for the caller to run once it has answered
+    /// (`crate::update::apply_taken`).
     pub fn submit_result_taking_update(
         &self,
         worker: WorkerId,

@@ -6,11 +6,11 @@
 //! A step: the step's examples are fixed by the [`ShardPlan`]; live workers each get one tree
 //! node and are asked for its sum. When the received nodes cover the tree the machine emits
 //! [`Output::StepReady`] and hands the update out ([`StateMachine::take_update`]): the driver, or
-//! the mailbox thread that delivered the step's last result ([`StateMachine::take_update_unless_held`]),
-//! sums the tree in its fixed order (docs/design.md §2), divides by the step's example count,
-//! steps the optimizer off the async runtime, and hands the parameters back
-//! ([`StateMachine::finish_update`]). Which worker computed what never changes the bits, so a lost
-//! worker's nodes simply move to a survivor.
+//! the mailbox thread that delivered the step's last result
+//! ([`StateMachine::take_update_unless_held`]), sums the tree in its fixed order (docs/design.md
+//! §2), divides by the step's example count, steps the optimizer off the async runtime, and hands
+//! the parameters back ([`StateMachine::finish_update`]). Which worker computed what never
+//! changes the bits, so a lost worker's nodes simply move to a survivor.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -351,9 +351,9 @@ pub struct StateMachine {
     step: Option<StepState>,
     /// A complete step whose update is ready or being applied.
     ready: Option<StepState>,
-    /// Updates are kept for the driver ([`StateMachine::take_update_unless_held`] hands none out) until
-    /// it has taken the snapshot it was told of (a checkpoint due, an epoch's end), so that no
-    /// update has the parameters out when it copies them.
+    /// Updates are kept for the driver ([`StateMachine::take_update_unless_held`] hands none out)
+    /// until it has taken the snapshot it was told of (a checkpoint due, an epoch's end), so that
+    /// no update has the parameters out when it copies them.
     held_for_snapshot: bool,
     /// The same, for good: the run is stopping and leaves the step in progress to its resume.
     held_for_stop: bool,
