@@ -472,21 +472,24 @@ fn checkpoint(optimizer: OptimizerConfig, n: usize, steps: u64) -> Checkpoint {
 fn checkpoint_round_trip_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("checkpoint.safetensors");
-    for (optimizer, steps) in [
-        (OptimizerConfig::default(), 3),
-        (OptimizerConfig::default(), 0),
-        (OptimizerConfig::sgd(0.1, 0.9), 2),
-        (OptimizerConfig::sgd(0.1, 0.9), 0),
-        (OptimizerConfig::sgd(0.1, 0.0), 4),
+    // 150,001 values: the tensors are streamed to the file in pieces of 65,536, and the last
+    // piece of each is shorter.
+    for (optimizer, steps, n) in [
+        (OptimizerConfig::default(), 3, 1000),
+        (OptimizerConfig::default(), 2, 150_001),
+        (OptimizerConfig::default(), 0, 1000),
+        (OptimizerConfig::sgd(0.1, 0.9), 2, 1000),
+        (OptimizerConfig::sgd(0.1, 0.9), 0, 1000),
+        (OptimizerConfig::sgd(0.1, 0.0), 4, 1000),
     ] {
-        let original = checkpoint(optimizer, 1000, steps);
+        let original = checkpoint(optimizer, n, steps);
         original.save(&path).unwrap();
         let loaded = Checkpoint::load(&path).unwrap();
         assert_eq!(bits(&loaded.params), bits(&original.params));
         assert_eq!(loaded, original);
 
         // Resuming gives the same bits as never stopping.
-        let grad = vec![0.25_f32; 1000];
+        let grad = vec![0.25_f32; n];
         let (mut a, mut b) = (original.clone(), loaded);
         a.optimizer
             .step(&mut a.params, &grad, &mut a.optimizer_state)
@@ -503,7 +506,8 @@ fn checkpoint_round_trip_is_exact() {
 fn checkpoint_metadata_is_readable_without_this_program() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("checkpoint.safetensors");
-    let original = checkpoint(OptimizerConfig::default(), 50, 2);
+    // Longer than one piece of the streamed write (65,536 values).
+    let original = checkpoint(OptimizerConfig::default(), 70_000, 2);
     original.save(&path).unwrap();
     let bytes = fs::read(&path).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
@@ -512,6 +516,17 @@ fn checkpoint_metadata_is_readable_without_this_program() {
     assert_eq!(
         names,
         ["optimizer.exp_avg", "optimizer.exp_avg_sq", "params"]
+    );
+    let le_bytes =
+        |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    assert_eq!(
+        file.tensor("params").unwrap().data(),
+        le_bytes(&original.params)
+    );
+    let buffers = original.optimizer_state.buffers();
+    assert_eq!(
+        file.tensor("optimizer.exp_avg_sq").unwrap().data(),
+        le_bytes(buffers[1].1)
     );
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
     let metadata = header.metadata().as_ref().unwrap();

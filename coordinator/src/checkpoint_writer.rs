@@ -1,8 +1,9 @@
 //! Checkpoints written beside training instead of in its way.
 //!
 //! A checkpoint is a snapshot taken under the state lock (a copy of the parameters, the optimizer
-//! state and the position: a few milliseconds for the default model), then hashed, written and
-//! synced on a blocking thread while steps go on. Written in line, every `--checkpoint-every`
+//! state and the position, into the previous checkpoint's buffers: under a millisecond for the
+//! default model), then hashed, streamed to disk and synced on a blocking thread while steps go
+//! on. Written in line, every `--checkpoint-every`
 //! steps stalled the run for the whole write (about 25 ms on a 2-core VM, ten steps of the
 //! default model: docs/scaling.md §21).
 //!
@@ -14,6 +15,7 @@
 //! Every file on disk is whole (each is written to a temporary name and renamed).
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use common::formats::Checkpoint;
@@ -25,6 +27,9 @@ use crate::{Error, Result, outputs};
 #[derive(Debug, Default)]
 pub struct CheckpointWriter {
     in_flight: Option<InFlight>,
+    /// The last written checkpoint, handed back by its write for the next snapshot to copy into
+    /// ([`CheckpointWriter::take_spare`]).
+    spare: Arc<Mutex<Option<Checkpoint>>>,
 }
 
 #[derive(Debug)]
@@ -39,9 +44,14 @@ impl CheckpointWriter {
     pub async fn start(&mut self, dir: PathBuf, checkpoint: Checkpoint) -> Result<Option<u64>> {
         let earlier = self.finish().await;
         let global_step = checkpoint.global_step;
+        let spare = Arc::clone(&self.spare);
         let write = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            outputs::save_checkpoint(&dir, &checkpoint).map_err(|e| {
+            let saved = outputs::save_checkpoint(&dir, &checkpoint);
+            *spare
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(checkpoint);
+            saved.map_err(|e| {
                 Error::Io(format!(
                     "the checkpoint of global step {global_step} could not be written ({e}); \
                      --resume continues from the newest readable checkpoint in {}, if any",
@@ -56,6 +66,17 @@ impl CheckpointWriter {
         });
         self.in_flight = Some(InFlight { global_step, write });
         earlier
+    }
+
+    /// The buffers of the last checkpoint written (or not, after an error), if its write has
+    /// ended and they were not taken yet. A snapshot copies into them: its lock is then held for
+    /// a copy alone, not also for faulting in fresh pages (about 3 ms of the default model on a
+    /// 2-core VM, during which the step waited; docs/scaling.md §29).
+    pub fn take_spare(&self) -> Option<Checkpoint> {
+        self.spare
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
 
     /// Whether a write was started and has ended (well or not): [`CheckpointWriter::finish`]
@@ -108,6 +129,12 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         assert_eq!(writer.finish().await.unwrap(), Some(2));
+        // The ended write handed its buffers back, once, for the next snapshot to copy into.
+        let spare = writer
+            .take_spare()
+            .expect("the written checkpoint comes back");
+        assert_eq!((spare.global_step, spare.params), (2, vec![2.0; 8]));
+        assert!(writer.take_spare().is_none(), "taken");
         assert!(!writer.write_done(), "nothing in flight");
         assert_eq!(writer.finish().await.unwrap(), None);
         let loaded = outputs::load_checkpoint(dir.path()).unwrap().unwrap();
@@ -123,6 +150,13 @@ mod tests {
         let missing = dir.path().join("no-such-directory");
         let mut writer = CheckpointWriter::default();
         writer.start(missing.clone(), checkpoint(1)).await.unwrap();
+        while !writer.write_done() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let spare = writer
+            .take_spare()
+            .expect("a failed write hands its buffers back too");
+        assert_eq!(spare.global_step, 1);
         let err = writer
             .start(dir.path().into(), checkpoint(2))
             .await

@@ -1344,6 +1344,7 @@ impl Driver<'_> {
         if state.update_in_flight() {
             return None;
         }
+        let spare = self.checkpoints.take_spare();
         state.snapshot_taken();
         let position = state.position();
         let run_state = RunState {
@@ -1352,10 +1353,24 @@ impl Driver<'_> {
             run_time,
             run_examples,
         };
+        // Into the last checkpoint's buffers when its write has handed them back.
+        let (params, optimizer_state) = match spare {
+            Some(Checkpoint {
+                mut params,
+                mut optimizer_state,
+                ..
+            }) => {
+                params.resize(state.params().len(), 0.0);
+                common::kernels::copy_values(&mut params, state.params());
+                optimizer_state.clone_from(state.optimizer_state());
+                (params, optimizer_state)
+            }
+            None => (state.params().to_vec(), state.optimizer_state().clone()),
+        };
         Some(Checkpoint {
-            params: state.params().to_vec(),
+            params,
             optimizer: self.config.optimizer.clone(),
-            optimizer_state: state.optimizer_state().clone(),
+            optimizer_state,
             global_step: position.global_step,
             epoch: position.epoch,
             step_in_epoch: position.step_in_epoch,

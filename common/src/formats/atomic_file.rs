@@ -18,6 +18,15 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// The temporary file is named `.{file name}.tmp.{pid}.{n}`, with the first `n` whose name is
 /// free.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes to the temporary file (which may be large: a
+/// checkpoint streams its tensors instead of first building the whole file in memory).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     let file_name = path.file_name().ok_or_else(|| {
         Error::io(
             path,
@@ -51,7 +60,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         }
     };
     let guard = RemoveOnDrop(Some(tmp.clone()));
-    file.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    write(&mut file).map_err(|e| Error::io(&tmp, e))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(file);
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;

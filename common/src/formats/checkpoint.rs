@@ -23,10 +23,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::atomic_file::write_atomic;
+use super::atomic_file::write_atomic_with;
 use super::fingerprint::{fingerprint, sha256_f32};
 use super::model_file::{FINGERPRINT_KEY, FORMAT_VERSION, KIND_KEY, VERSION_KEY, check_kind};
-use super::tensor_file::{F32Tensor, TensorFile, encode};
+use super::tensor_file::{F32Tensor, TensorFile, encode_to};
 use crate::optim::{OptimizerConfig, OptimizerState};
 use crate::{Error, Result};
 
@@ -125,7 +125,7 @@ impl Checkpoint {
                     data,
                 }),
         );
-        write_atomic(path, &encode(&tensors, &metadata))
+        write_atomic_with(path, |file| encode_to(file, &tensors, &metadata))
     }
 
     /// Reads a checkpoint written by [`save`](Self::save). Errors name the file and what is

@@ -18,6 +18,7 @@
 //! a multiple of 8, then the tensors' little-endian bytes back to back.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
@@ -51,6 +52,19 @@ const METADATA_KEY: &str = "__metadata__";
 /// Panics if a tensor's data length differs from its shape's product or a name repeats or is
 /// `__metadata__`: callers build tensors from a layout, so that is a bug.
 pub(crate) fn encode(tensors: &[F32Tensor<'_>], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_to(&mut out, tensors, metadata).expect("writing to a Vec cannot fail");
+    out
+}
+
+/// [`encode`] into `out` as it goes: the tensors' bytes pass through a small buffer, so a large
+/// file is never whole in memory (a checkpoint of the default model is 10 MB, which would be a
+/// fresh allocation, its pages faulted in, every time; docs/scaling.md §29).
+pub(crate) fn encode_to(
+    out: &mut impl Write,
+    tensors: &[F32Tensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
     let mut header: BTreeMap<&str, HeaderEntry<'_>> = BTreeMap::new();
     if !metadata.is_empty() {
         header.insert(METADATA_KEY, HeaderEntry::Metadata(metadata));
@@ -81,14 +95,23 @@ pub(crate) fn encode(tensors: &[F32Tensor<'_>], metadata: &BTreeMap<String, Stri
     // Pad so the data starts 8-byte aligned, as the reference writer does.
     header_bytes.resize(header_bytes.len().next_multiple_of(8), b' ');
 
-    let mut out = Vec::with_capacity(8 + header_bytes.len() + offset);
-    out.extend((header_bytes.len() as u64).to_le_bytes());
-    out.extend(header_bytes);
+    out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
+    out.write_all(&header_bytes)?;
+    let mut bytes = vec![0u8; 4 * STREAM_VALUES];
     for t in tensors {
-        out.extend(t.data.iter().flat_map(|x| x.to_le_bytes()));
+        for values in t.data.chunks(STREAM_VALUES) {
+            let bytes = &mut bytes[..4 * values.len()];
+            for (slot, v) in bytes.chunks_exact_mut(4).zip(values) {
+                slot.copy_from_slice(&v.to_le_bytes());
+            }
+            out.write_all(bytes)?;
+        }
     }
-    out
+    Ok(())
 }
+
+/// Values per write when streaming tensors: 256 KiB, a few syscalls per megabyte.
+const STREAM_VALUES: usize = 1 << 16;
 
 /// The largest header read: the `safetensors` crate's limit.
 const MAX_HEADER_BYTES: usize = 100_000_000;

@@ -6,7 +6,7 @@ use super::OptimizerConfig;
 
 /// Everything an optimizer carries from one step to the next. Buffers have PyTorch's state-dict
 /// names and the parameters' flat layout.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct OptimizerState {
     /// Steps taken so far (PyTorch's `state['step']`); Adam's bias correction uses it.
     pub step: u64,
@@ -14,7 +14,7 @@ pub struct OptimizerState {
 }
 
 /// The per-parameter buffers of each optimizer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub enum Moments {
     Adam {
         /// First moment m (running mean of g).
@@ -26,6 +26,75 @@ pub enum Moments {
         /// Momentum buffer b: `None` before the first step and whenever momentum is 0.
         momentum_buffer: Option<Vec<f32>>,
     },
+}
+
+// `clone_from` reuses the target's buffers: a checkpoint's snapshot copies the state into the
+// previous snapshot's, under the coordinator's state lock, and fresh buffers would first have
+// their pages faulted in (about 3 ms of the default model's 5 MB of moments on a 2-core VM,
+// docs/scaling.md §29).
+impl Clone for OptimizerState {
+    fn clone(&self) -> Self {
+        OptimizerState {
+            step: self.step,
+            moments: self.moments.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.step = source.step;
+        self.moments.clone_from(&source.moments);
+    }
+}
+
+impl Clone for Moments {
+    fn clone(&self) -> Self {
+        match self {
+            Moments::Adam {
+                exp_avg,
+                exp_avg_sq,
+            } => Moments::Adam {
+                exp_avg: exp_avg.clone(),
+                exp_avg_sq: exp_avg_sq.clone(),
+            },
+            Moments::Sgd { momentum_buffer } => Moments::Sgd {
+                momentum_buffer: momentum_buffer.clone(),
+            },
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        match (self, source) {
+            (
+                Moments::Adam {
+                    exp_avg,
+                    exp_avg_sq,
+                },
+                Moments::Adam {
+                    exp_avg: from_avg,
+                    exp_avg_sq: from_avg_sq,
+                },
+            ) => {
+                copy_reusing(exp_avg, from_avg);
+                copy_reusing(exp_avg_sq, from_avg_sq);
+            }
+            (
+                Moments::Sgd {
+                    momentum_buffer: Some(buffer),
+                },
+                Moments::Sgd {
+                    momentum_buffer: Some(from),
+                },
+            ) => copy_reusing(buffer, from),
+            (this, source) => *this = source.clone(),
+        }
+    }
+}
+
+/// `dst = src.to_vec()` in `dst`'s allocation (the copy kernel avoids `memcpy`'s slow case on a
+/// Zen 3, docs/scaling.md §25).
+fn copy_reusing(dst: &mut Vec<f32>, src: &[f32]) {
+    dst.resize(src.len(), 0.0);
+    crate::kernels::copy_values(dst, src);
 }
 
 const EXP_AVG: &str = "exp_avg";
@@ -139,5 +208,57 @@ impl OptimizerState {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adam(n: usize, fill: f32) -> OptimizerState {
+        OptimizerState {
+            step: fill as u64,
+            moments: Moments::Adam {
+                exp_avg: vec![fill; n],
+                exp_avg_sq: vec![fill * 2.0; n],
+            },
+        }
+    }
+
+    fn sgd(buffer: Option<Vec<f32>>) -> OptimizerState {
+        OptimizerState {
+            step: 9,
+            moments: Moments::Sgd {
+                momentum_buffer: buffer,
+            },
+        }
+    }
+
+    fn first_buffer(state: &OptimizerState) -> *const f32 {
+        state.buffers()[0].1.as_ptr()
+    }
+
+    #[test]
+    fn clone_from_copies_into_the_buffers_it_has() {
+        let mut snapshot = adam(1000, 1.0);
+        let kept = first_buffer(&snapshot);
+        let source = adam(1000, 5.0);
+        snapshot.clone_from(&source);
+        assert_eq!(snapshot, source);
+        assert_eq!(first_buffer(&snapshot), kept, "the allocation was reused");
+
+        // Another length, another optimizer, a buffer that appears or goes: still equal.
+        for source in [
+            adam(10, 3.0),
+            adam(2000, 4.0),
+            sgd(Some(vec![0.5; 7])),
+            sgd(None),
+            sgd(Some(vec![0.25; 3])),
+            adam(5, 6.0),
+        ] {
+            snapshot.clone_from(&source);
+            assert_eq!(snapshot, source);
+            assert_eq!(snapshot.clone(), source);
+        }
     }
 }
