@@ -84,8 +84,21 @@ impl TreeProgram {
     }
 }
 
-/// Output rows per parallel task.
+/// Output rows per parallel task: a multiple of every tile's rows.
 const ROWS_PER_TASK: usize = 32;
+
+/// [`ROWS_PER_TASK`], or a multiple of the AVX-512 paired tiles' six rows where those run (which
+/// thread sums a row never changes its bits).
+fn rows_per_task<T: Float>(program: &TreeProgram) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if T::as_f32_slice(&[]).is_some()
+        && super::tree_tile_avx512::pairs(program)
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
+        return 30;
+    }
+    ROWS_PER_TASK
+}
 
 /// `out[o, i] = tree sum over the leaves of (sum over the leaf's rows r of delta[r, o] *
 /// input[r, i])` for row-major `delta: [n, out_dim]`, `input: [n, in_dim]` (rows `in_stride`
@@ -118,7 +131,8 @@ pub fn tree_weight_grad<T: Float>(
         in_dim,
         in_stride,
     };
-    out.par_chunks_mut(ROWS_PER_TASK * in_dim)
+    let rows_per_task = rows_per_task::<T>(program);
+    out.par_chunks_mut(rows_per_task * in_dim)
         .enumerate()
         .for_each(|(task, out)| {
             let operands = Block {
@@ -126,7 +140,7 @@ pub fn tree_weight_grad<T: Float>(
                 delta,
                 input,
                 shape,
-                first_row: task * ROWS_PER_TASK,
+                first_row: task * rows_per_task,
             };
             block(operands, out);
         });
@@ -142,7 +156,7 @@ struct Shape {
 /// Output rows `first_row..` (as many as `out` holds), on the CPU's widest vectors.
 ///
 /// f32 on AVX-512: 8 x 32 tiles written with intrinsics (`tree_tile_avx512`), sixteen
-/// accumulators.
+/// accumulators, or 6 x 32 tiles that keep a pair of leaves' sums in registers.
 /// Otherwise one portable tile shape: 4 x 16 accumulators, 8 of the 16 ymm registers for f32 on
 /// AVX2 (4 x 24 spilled in the inner loop), 8 zmm on AVX-512 for f64 (used only by gradient
 /// checks). Wider portable tiles (4 x 32, 8 x 16) are not vectorised by LLVM: it keeps their
@@ -187,19 +201,34 @@ struct Block<'a, T> {
 /// written) when this CPU lacks AVX-512F.
 #[cfg(target_arch = "x86_64")]
 fn avx512_block(b: Block<'_, f32>, out: &mut [f32]) -> Option<()> {
-    use super::tree_tile_avx512::{MR, NR, with_avx512};
-    with_avx512(
-        b.program,
-        #[inline(always)]
-        |tiles| {
-            block_tiles::<f32, MR, NR, true>(
-                b,
-                out,
-                #[inline(always)]
-                |d, x, stride| tiles.sum(d, x, stride),
-            )
-        },
-    )
+    use super::tree_tile_avx512::{MR, NR, PAIR_MR, pairs, with_avx512};
+    if pairs(b.program) {
+        with_avx512::<PAIR_MR, _>(
+            b.program,
+            #[inline(always)]
+            |tiles| {
+                block_tiles::<f32, PAIR_MR, NR, true>(
+                    b,
+                    out,
+                    #[inline(always)]
+                    |d, x, stride| tiles.sum(d, x, stride),
+                )
+            },
+        )
+    } else {
+        with_avx512::<MR, _>(
+            b.program,
+            #[inline(always)]
+            |tiles| {
+                block_tiles::<f32, MR, NR, true>(
+                    b,
+                    out,
+                    #[inline(always)]
+                    |d, x, stride| tiles.sum(d, x, stride),
+                )
+            },
+        )
+    }
 }
 
 /// The block in portable `MR x NR` tiles ([`tile_sum`]). The tile closure must be inlined (as
@@ -445,28 +474,64 @@ mod tests {
     }
 
     /// The AVX-512 tiles against the portable ones, directly (not through the dispatch), over
-    /// shapes with partial panels and strips on both sides.
+    /// shapes with partial panels and strips on both sides: both tile heights (pairs fused in the
+    /// paired tiles' height, and not in the other) on trees with and without pairs of leaves.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_tiles_give_the_portable_tiles_bits() {
-        let node = Node { lo: 0, hi: 6 };
-        let bounds = [0usize, 5, 5, 12, 13, 20, 29];
-        for (out_dim, in_dim) in [(37, 45), (32, 64), (8, 32), (5, 7), (40, 100)] {
-            let delta = filled(29 * out_dim, 5);
-            let input = filled(29 * in_dim, 6);
+        use super::super::tree_tile_avx512::{MR, NR, PAIR_MR, pairs, with_avx512};
+        let trees: [(Node, Vec<usize>, bool); 4] = [
+            (Node { lo: 0, hi: 6 }, vec![0, 5, 5, 12, 13, 20, 29], true),
+            (Node { lo: 0, hi: 1 }, vec![0, 29], false),
+            (
+                Node { lo: 0, hi: 16 },
+                (0..=16).map(|s| s * 29 / 16).collect(),
+                true,
+            ),
+            (Node { lo: 3, hi: 6 }, vec![0, 11, 11, 29], true),
+        ];
+        for (node, bounds, has_pairs) in trees {
             let program = TreeProgram::new(node, |leaf| {
-                bounds[leaf.lo as usize]..bounds[leaf.lo as usize + 1]
+                let s = (leaf.lo - node.lo) as usize;
+                bounds[s]..bounds[s + 1]
             });
-            let b = whole_block(&program, &delta, &input, out_dim, in_dim);
-            let mut want = vec![f32::NAN; out_dim * in_dim];
-            portable_block::<f32, 4, 16>(b, &mut want);
-            let mut got = vec![f32::NAN; out_dim * in_dim];
-            if avx512_block(b, &mut got).is_none() {
-                eprintln!("this CPU has no AVX-512F: its tiles were not run");
-                return;
+            assert_eq!(pairs(&program), has_pairs, "{node:?}");
+            for (out_dim, in_dim) in [(37, 45), (32, 64), (8, 32), (5, 7), (40, 100)] {
+                let delta = filled(29 * out_dim, 5);
+                let input = filled(29 * in_dim, 6);
+                let b = whole_block(&program, &delta, &input, out_dim, in_dim);
+                let mut want = vec![f32::NAN; out_dim * in_dim];
+                portable_block::<f32, 4, 16>(b, &mut want);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let mut got = vec![f32::NAN; out_dim * in_dim];
+                if avx512_block(b, &mut got).is_none() {
+                    eprintln!("this CPU has no AVX-512F: its tiles were not run");
+                    return;
+                }
+                assert_eq!(bits(&got), bits(&want), "{node:?} {out_dim} x {in_dim}");
+                got.fill(f32::NAN);
+                with_avx512::<MR, _>(&program, |tiles| {
+                    block_tiles::<f32, MR, NR, true>(b, &mut got, |d, x, stride| {
+                        tiles.sum(d, x, stride)
+                    })
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{node:?} {out_dim} x {in_dim}, 8 rows"
+                );
+                got.fill(f32::NAN);
+                with_avx512::<PAIR_MR, _>(&program, |tiles| {
+                    block_tiles::<f32, PAIR_MR, NR, true>(b, &mut got, |d, x, stride| {
+                        tiles.sum(d, x, stride)
+                    })
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{node:?} {out_dim} x {in_dim}, 6 rows"
+                );
             }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{out_dim} x {in_dim}");
         }
     }
 
