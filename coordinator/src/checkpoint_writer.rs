@@ -3,9 +3,8 @@
 //! A checkpoint is a snapshot taken under the state lock (a copy of the parameters, the optimizer
 //! state and the position, into the previous checkpoint's buffers: under a millisecond for the
 //! default model), then hashed, streamed to disk and synced on a blocking thread while steps go
-//! on. Written in line, every `--checkpoint-every`
-//! steps stalled the run for the whole write (about 25 ms on a 2-core VM, ten steps of the
-//! default model: docs/scaling.md §21).
+//! on. Written in line, every `--checkpoint-every` steps stalled the run for the whole write
+//! (about 25 ms on a 2-core VM, ten steps of the default model: docs/scaling.md §21).
 //!
 //! At most one write is in flight: each rotates the newest file into the previous one's place,
 //! so two at once could leave the older snapshot newest. The driver looks for an ended write
@@ -28,7 +27,8 @@ use crate::{Error, Result, outputs};
 pub struct CheckpointWriter {
     in_flight: Option<InFlight>,
     /// The last written checkpoint, handed back by its write for the next snapshot to copy into
-    /// ([`CheckpointWriter::take_spare`]).
+    /// ([`CheckpointWriter::take_spare`]). It stays allocated between checkpoints: one more copy of
+    /// the parameters and the optimizer's moments (10 MB for the default model) for the run.
     spare: Arc<Mutex<Option<Checkpoint>>>,
 }
 

@@ -126,6 +126,24 @@ mod tests {
         assert_eq!(fs::read(path.join("keep")).unwrap(), b"x");
     }
 
+    /// A streamed write that fails part way (a full disk, say) leaves the old file and no
+    /// temporary one, and the error names the file.
+    #[test]
+    fn a_failed_streamed_write_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        write_atomic(&path, b"old").unwrap();
+        let err = write_atomic_with(&path, |file| {
+            file.write_all(b"half of the new")?;
+            Err(std::io::Error::other("no space left"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert!(err.to_string().contains("out.bin"), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        assert_eq!(entries(dir.path()), ["out.bin"]);
+    }
+
     /// A process killed mid-write leaves its temporary file; a later process with the same pid
     /// (a restarted container's pid 1) reaches the same name and must neither fail on it nor
     /// touch it (it could be a live writer's in another pid namespace).

@@ -52,7 +52,8 @@ const METADATA_KEY: &str = "__metadata__";
 /// Panics if a tensor's data length differs from its shape's product or a name repeats or is
 /// `__metadata__`: callers build tensors from a layout, so that is a bug.
 pub(crate) fn encode(tensors: &[F32Tensor<'_>], metadata: &BTreeMap<String, String>) -> Vec<u8> {
-    let mut out = Vec::new();
+    let data: usize = tensors.iter().map(|t| 4 * t.data.len()).sum();
+    let mut out = Vec::with_capacity(data + 4096);
     encode_to(&mut out, tensors, metadata).expect("writing to a Vec cannot fail");
     out
 }
@@ -97,7 +98,8 @@ pub(crate) fn encode_to(
 
     out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
     out.write_all(&header_bytes)?;
-    let mut bytes = vec![0u8; 4 * STREAM_VALUES];
+    let largest = tensors.iter().map(|t| t.data.len()).max().unwrap_or(0);
+    let mut bytes = vec![0u8; 4 * largest.min(STREAM_VALUES)];
     for t in tensors {
         for values in t.data.chunks(STREAM_VALUES) {
             let bytes = &mut bytes[..4 * values.len()];

@@ -40,6 +40,9 @@ struct Step {
 #[derive(Debug, Clone)]
 pub struct TreeProgram {
     steps: Vec<Step>,
+    /// Whether a leaf's sum waits only for the next leaf's, which adds it at once: true of every
+    /// tree of two leaves or more (the deepest inner node's two leaves), false of one leaf.
+    has_pair: bool,
     /// The most sums ever waiting on the stack.
     waiting: usize,
     /// One past the last row any leaf reads.
@@ -66,8 +69,10 @@ impl TreeProgram {
             },
         );
         let rows = steps.iter().map(|s| s.rows.end).max().unwrap_or(0);
+        let has_pair = steps.windows(2).any(|w| w[0].adds == 0 && w[1].adds >= 1);
         TreeProgram {
             steps,
+            has_pair,
             waiting,
             rows,
         }
@@ -82,21 +87,31 @@ impl TreeProgram {
     pub(super) fn waiting(&self) -> usize {
         self.waiting
     }
+
+    /// Whether some leaf's sum is added to the next leaf's at once (see the field).
+    pub(super) fn has_pair(&self) -> bool {
+        self.has_pair
+    }
 }
 
-/// Output rows per parallel task: a multiple of every tile's rows.
+/// Output rows per parallel task: a multiple of the 8- and 4-row tiles' heights.
 const ROWS_PER_TASK: usize = 32;
 
 /// [`ROWS_PER_TASK`], or a multiple of the AVX-512 paired tiles' six rows where those run (which
 /// thread sums a row never changes its bits).
 fn rows_per_task<T: Float>(program: &TreeProgram) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if T::as_f32_slice(&[]).is_some()
-        && super::tree_tile_avx512::pairs(program)
-        && std::arch::is_x86_feature_detected!("avx512f")
     {
-        return 30;
+        use super::tree_tile_avx512::{PAIR_MR, pairs};
+        if T::as_f32_slice(&[]).is_some()
+            && pairs(program)
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            return 5 * PAIR_MR;
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = program;
     ROWS_PER_TASK
 }
 
@@ -201,34 +216,31 @@ struct Block<'a, T> {
 /// written) when this CPU lacks AVX-512F.
 #[cfg(target_arch = "x86_64")]
 fn avx512_block(b: Block<'_, f32>, out: &mut [f32]) -> Option<()> {
-    use super::tree_tile_avx512::{MR, NR, PAIR_MR, pairs, with_avx512};
+    use super::tree_tile_avx512::{MR, PAIR_MR, pairs};
     if pairs(b.program) {
-        with_avx512::<PAIR_MR, _>(
-            b.program,
-            #[inline(always)]
-            |tiles| {
-                block_tiles::<f32, PAIR_MR, NR, true>(
-                    b,
-                    out,
-                    #[inline(always)]
-                    |d, x, stride| tiles.sum(d, x, stride),
-                )
-            },
-        )
+        avx512_tiles::<PAIR_MR>(b, out)
     } else {
-        with_avx512::<MR, _>(
-            b.program,
-            #[inline(always)]
-            |tiles| {
-                block_tiles::<f32, MR, NR, true>(
-                    b,
-                    out,
-                    #[inline(always)]
-                    |d, x, stride| tiles.sum(d, x, stride),
-                )
-            },
-        )
+        avx512_tiles::<MR>(b, out)
     }
+}
+
+/// [`avx512_block`] in tiles of `R` rows (`tree_tile_avx512`'s `MR` or `PAIR_MR`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn avx512_tiles<const R: usize>(b: Block<'_, f32>, out: &mut [f32]) -> Option<()> {
+    use super::tree_tile_avx512::{NR, with_avx512};
+    with_avx512::<R, _>(
+        b.program,
+        #[inline(always)]
+        |tiles| {
+            block_tiles::<f32, R, NR, true>(
+                b,
+                out,
+                #[inline(always)]
+                |d, x, stride| tiles.sum(d, x, stride),
+            )
+        },
+    )
 }
 
 /// The block in portable `MR x NR` tiles ([`tile_sum`]). The tile closure must be inlined (as
@@ -479,7 +491,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_tiles_give_the_portable_tiles_bits() {
-        use super::super::tree_tile_avx512::{MR, NR, PAIR_MR, pairs, with_avx512};
+        use super::super::tree_tile_avx512::{MR, PAIR_MR, pairs};
         let trees: [(Node, Vec<usize>, bool); 4] = [
             (Node { lo: 0, hi: 6 }, vec![0, 5, 5, 12, 13, 20, 29], true),
             (Node { lo: 0, hi: 1 }, vec![0, 29], false),
@@ -510,22 +522,14 @@ mod tests {
                 }
                 assert_eq!(bits(&got), bits(&want), "{node:?} {out_dim} x {in_dim}");
                 got.fill(f32::NAN);
-                with_avx512::<MR, _>(&program, |tiles| {
-                    block_tiles::<f32, MR, NR, true>(b, &mut got, |d, x, stride| {
-                        tiles.sum(d, x, stride)
-                    })
-                });
+                avx512_tiles::<MR>(b, &mut got);
                 assert_eq!(
                     bits(&got),
                     bits(&want),
                     "{node:?} {out_dim} x {in_dim}, 8 rows"
                 );
                 got.fill(f32::NAN);
-                with_avx512::<PAIR_MR, _>(&program, |tiles| {
-                    block_tiles::<f32, PAIR_MR, NR, true>(b, &mut got, |d, x, stride| {
-                        tiles.sum(d, x, stride)
-                    })
-                });
+                avx512_tiles::<PAIR_MR>(b, &mut got);
                 assert_eq!(
                     bits(&got),
                     bits(&want),

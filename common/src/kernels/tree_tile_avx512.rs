@@ -10,7 +10,8 @@
 //! vectorised by LLVM (it emitted 128 scalar FMAs for an 8 x 16 tile, docs/scaling.md §13), so
 //! this one spells out its vector operations. Per row of the node it loads two vectors of input
 //! (where they are in the input, not from a packed copy: re-packing the strips for every block
-//! of output rows was 6% of a step) and broadcasts eight delta values for sixteen FMAs. Measured
+//! of output rows was 6% of a step) and broadcasts eight delta values for sixteen FMAs (six for
+//! twelve in the paired tiles). Measured
 //! on a Zen 5 EPYC (`worker bench`, interleaved, 5 of 5 pairs each): 8 x 16 +10% over 4 x 16,
 //! 8 x 32 +12% over 8 x 16, 8 x 48 no better than 8 x 32, strips read in place +8%
 //! (docs/scaling.md §15).
@@ -49,14 +50,14 @@ const V: usize = NR / 16;
 /// A tile's sums: [`V`] vectors ([`NR`] columns) per output row.
 type Acc<const R: usize> = [[__m512; V]; R];
 
-/// Whether `program` has a pair to fuse: a leaf whose sum waits only for the next leaf's (the
-/// next leaf adds it at once). Each of the default 16 shards' balanced tree is such a pair of
-/// leaves. Unfused, every leaf's sum (8 rows' worth of multiply-adds) went to the stack and back:
-/// the 16-shard tile took 30% longer than the one-shard tile on a Zen 4, most of it in those
-/// stores (docs/scaling.md §29).
+/// Whether `program` has a pair to fuse ([`TreeProgram::has_pair`]): then its tiles are
+/// [`PAIR_MR`] rows high. Unfused, every leaf's sum (8 rows' worth of multiply-adds for the
+/// default 16 shards of 128 rows) went to the stack and back: the 16-shard tile took 30% longer
+/// than the one-shard tile on a Zen 4, most of it in those stores. Fused, one 784 x 400 gradient
+/// took 4-9% less time for every tree of 2 to 16 leaves measured there, and the same for one
+/// leaf, which keeps 8-row tiles (docs/scaling.md §29).
 pub(super) fn pairs(program: &TreeProgram) -> bool {
-    let steps: Vec<usize> = program.leaf_steps().map(|(_, adds)| adds).collect();
-    steps.windows(2).any(|w| w[0] == 0 && w[1] >= 1)
+    program.has_pair()
 }
 
 /// Calls `block(tiles)`, where `tiles` sums `R` x 32 tiles of `program`'s tree with AVX-512 (see

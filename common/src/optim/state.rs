@@ -41,8 +41,9 @@ impl Clone for OptimizerState {
     }
 
     fn clone_from(&mut self, source: &Self) {
-        self.step = source.step;
-        self.moments.clone_from(&source.moments);
+        let OptimizerState { step, moments } = self;
+        *step = source.step;
+        moments.clone_from(&source.moments);
     }
 }
 
