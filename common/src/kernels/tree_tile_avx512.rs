@@ -11,10 +11,9 @@
 //! this one spells out its vector operations. Per row of the node it loads two vectors of input
 //! (where they are in the input, not from a packed copy: re-packing the strips for every block
 //! of output rows was 6% of a step) and broadcasts eight delta values for sixteen FMAs (six for
-//! twelve in the paired tiles). Measured
-//! on a Zen 5 EPYC (`worker bench`, interleaved, 5 of 5 pairs each): 8 x 16 +10% over 4 x 16,
-//! 8 x 32 +12% over 8 x 16, 8 x 48 no better than 8 x 32, strips read in place +8%
-//! (docs/scaling.md §15).
+//! twelve in the paired tiles). Measured on a Zen 5 EPYC (`worker bench`, interleaved, 5 of 5
+//! pairs each): 8 x 16 +10% over 4 x 16, 8 x 32 +12% over 8 x 16, 8 x 48 no better than 8 x 32,
+//! strips read in place +8% (docs/scaling.md §15).
 //!
 //! Bits: each output element gets exactly the portable tile's operations in the same order: per
 //! leaf `acc = fma(delta, input, acc)` over the leaf's rows from zero, then for each waiting sum
@@ -31,7 +30,6 @@ use std::arch::x86_64::{
     __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
     _mm512_storeu_ps,
 };
-
 use std::ops::Range;
 
 use super::tree_gemm::TreeProgram;
@@ -54,8 +52,8 @@ type Acc<const R: usize> = [[__m512; V]; R];
 /// [`PAIR_MR`] rows high. Unfused, every leaf's sum (8 rows' worth of multiply-adds for the
 /// default 16 shards of 128 rows) went to the stack and back: the 16-shard tile took 30% longer
 /// than the one-shard tile on a Zen 4, most of it in those stores. Fused, one 784 x 400 gradient
-/// took 4-9% less time for every tree of 2 to 16 leaves measured there, and the same for one
-/// leaf, which keeps 8-row tiles (docs/scaling.md §29).
+/// took 1-10% less time for every tree of 2 to 16 leaves measured there (the most with the
+/// shortest leaves), and the same for one leaf, which keeps 8-row tiles (docs/scaling.md §29).
 pub(super) fn pairs(program: &TreeProgram) -> bool {
     program.has_pair()
 }
