@@ -280,6 +280,7 @@ impl Shared {
                     params,
                     nodes: work.nodes,
                     run_id: self.run.run_id.clone(),
+                    next_examples: work.next_examples,
                 })
             }
             TaskDecision::Done => TaskReply::Done("training has ended".into()),

@@ -197,6 +197,9 @@ pub struct Task {
     pub global_step: u64,
     pub epoch: u64,
     pub nodes: Vec<NodeWork>,
+    /// The examples the nodes' shards take next step, if it is in the same epoch: a hint the
+    /// worker gathers rows by while the update runs (the next task's own examples count).
+    pub next_examples: Vec<ShardWork>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -534,15 +537,43 @@ impl StateMachine {
         for &node in &nodes {
             step.handed_out.insert((worker, node), now);
         }
-        let nodes = nodes
+        let nodes: Vec<NodeWork> = nodes
             .into_iter()
             .map(|node| node_work(step, node))
             .collect();
+        let global_step = step.global_step;
+        let next_examples = self.next_examples(&nodes);
         TaskDecision::Task(Task {
-            global_step: step.global_step,
+            global_step,
             epoch: self.position.epoch,
             nodes,
+            next_examples,
         })
+    }
+
+    /// The examples the shards of `nodes` take in the step after the current one, when it is in
+    /// the same epoch (whose shard orders are at hand); empty otherwise.
+    fn next_examples(&self, nodes: &[NodeWork]) -> Vec<ShardWork> {
+        let plan = &self.config.plan;
+        let next = self.position.step_in_epoch as usize + 1;
+        let Some((_, orders)) = self
+            .epoch_orders
+            .as_ref()
+            .filter(|(epoch, _)| *epoch == self.position.epoch)
+        else {
+            return Vec::new();
+        };
+        if next >= plan.steps_per_epoch() {
+            return Vec::new();
+        }
+        nodes
+            .iter()
+            .flat_map(|work| work.node.lo..work.node.hi)
+            .map(|s| ShardWork {
+                shard: s,
+                examples: orders[s as usize][plan.step_window(s as usize, next)].to_vec(),
+            })
+            .collect()
     }
 
     /// A worker returns node sums for `global_step`.

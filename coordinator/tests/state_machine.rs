@@ -2,13 +2,14 @@
 //! by a deterministic function of the examples, summed along the reduction tree as a real worker
 //! does, so every scenario can be compared bit for bit with an undisturbed single-worker run.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::optim::{OptimizerConfig, clip_grad_norm};
 use common::train::{GradientSum, Node, ReductionTree, ShardPlan};
 use coordinator::state::{
-    EpochTotals, HeartbeatAnswer, NodeResult, Output, Phase, Position, StateConfig, StateMachine,
-    SubmitOutcome, Task, TaskDecision, WorkerId,
+    EpochTotals, HeartbeatAnswer, NodeResult, Output, Phase, Position, ShardWork, StateConfig,
+    StateMachine, SubmitOutcome, Task, TaskDecision, WorkerId,
 };
 
 const PARAMS: usize = 8;
@@ -192,6 +193,44 @@ fn every_example_is_used_once_per_epoch() {
 }
 
 #[test]
+fn each_task_hints_the_examples_its_shards_take_next_step() {
+    let (mut sm, workers, now) = start(3);
+    let steps = config(1).plan.steps_per_epoch();
+    let mut hints: HashMap<WorkerId, Vec<ShardWork>> = HashMap::new();
+    let (mut hinted, mut unhinted) = (0, 0);
+    for _ in 0..2 * steps {
+        if *sm.phase() == Phase::Evaluating {
+            sm.finish_evaluation(now);
+        }
+        let step_in_epoch = sm.position().step_in_epoch as usize;
+        for &w in &workers {
+            let TaskDecision::Task(task) = sm.next_task(w, now) else {
+                panic!("every worker has a node each step");
+            };
+            let taken: Vec<ShardWork> = task.nodes.iter().flat_map(|n| n.shards.clone()).collect();
+            // The hint given with the previous task, if any, is exactly what this step takes.
+            if let Some(hint) = hints.remove(&w) {
+                assert_eq!(hint, taken, "worker {w}, step {}", task.global_step);
+                hinted += 1;
+            }
+            if step_in_epoch + 1 == steps {
+                assert!(
+                    task.next_examples.is_empty(),
+                    "no hint across an epoch's end"
+                );
+                unhinted += 1;
+            } else {
+                hints.insert(w, task.next_examples.clone());
+            }
+            let results = compute(&task, sm.params());
+            submit(&mut sm, w, task.global_step, results, 0.0, now);
+        }
+    }
+    assert_eq!(hinted, 3 * (2 * steps - 2));
+    assert_eq!(unhinted, 3 * 2);
+}
+
+#[test]
 fn a_worker_lost_mid_step_changes_nothing() {
     let reference = reference_params();
     let (mut sm, mut workers, mut now) = start(3);
@@ -354,6 +393,7 @@ fn a_diverging_run_stops_instead_of_looping() {
                     global_step: *global_step,
                     epoch: *epoch,
                     nodes: vec![work.clone()],
+                    next_examples: Vec::new(),
                 };
                 let (node, mut sum) = compute(&task, sm.params()).remove(0);
                 sum.grad[0] = f32::INFINITY;
@@ -656,6 +696,7 @@ fn serve_compute_requests(sm: &mut StateMachine, outputs: &mut Vec<Output>, now:
                     global_step: *global_step,
                     epoch: *epoch,
                     nodes: vec![work.clone()],
+                    next_examples: Vec::new(),
                 };
                 let (node, sum) = compute(&task, sm.params()).remove(0);
                 sm.accept_own_computation(*global_step, node, sum);

@@ -420,6 +420,7 @@ impl From<Task> for pb::Task {
             params: Some(t.params.into()),
             nodes: t.nodes.into_iter().map(Into::into).collect(),
             run_id: t.run_id,
+            next_examples: t.next_examples.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -437,6 +438,14 @@ impl TryFrom<pb::Task> for Task {
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
             run_id: t.run_id,
+            next_examples: t
+                .next_examples
+                .into_iter()
+                .map(|s| ShardWork {
+                    shard: s.shard,
+                    examples: s.examples,
+                })
+                .collect(),
         })
     }
 }
@@ -614,6 +623,10 @@ mod tests {
                 ],
             }],
             run_id: "abc".into(),
+            next_examples: vec![ShardWork {
+                shard: 4,
+                examples: vec![7, 1],
+            }],
         }
     }
 

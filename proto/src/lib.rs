@@ -38,7 +38,8 @@ pub use convert::WireError;
 /// path. 5 when a `ShardChunk` may point at a shard file in shared memory instead of carrying
 /// pixels (a new field; a release-4 worker would read such a chunk as malformed). 6 when a task's
 /// parameters may be a locked parameter file read in place (`TensorRef::ParameterFile`) instead
-/// of the one `params.f32` copied out.
+/// of the one `params.f32` copied out. (A task's next-step hint, `Task::next_examples`, did not
+/// change it: a release-6 worker ignores the field and a newer one does without it.)
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's

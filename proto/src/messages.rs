@@ -111,6 +111,9 @@ pub struct Task {
     pub params: TensorRef,
     pub nodes: Vec<NodeWork>,
     pub run_id: String,
+    /// A hint: the examples these nodes' shards are expected to take next step (empty when
+    /// unknown). Only a prefetch may use it: the next task's own examples are what count.
+    pub next_examples: Vec<ShardWork>,
 }
 
 /// The answer to `NextTask`.

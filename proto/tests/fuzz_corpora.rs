@@ -75,6 +75,10 @@ fn write_seed_corpus() {
             ],
         }],
         run_id: "abc".into(),
+        next_examples: vec![ShardWork {
+            shard: 2,
+            examples: vec![5, 8, 2],
+        }],
     };
     let result = NodeResult {
         node: Node { lo: 0, hi: 2 },

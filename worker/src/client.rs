@@ -281,7 +281,7 @@ async fn work_loop(
             },
         };
         let reply = TaskReply::try_from(wire).map_err(|e| Error::Protocol(e.to_string()))?;
-        let task = match reply {
+        let mut task = match reply {
             TaskReply::Task(task) => task,
             TaskReply::Wait => continue,
             TaskReply::Done(reason) => {
@@ -336,6 +336,7 @@ async fn work_loop(
         }
         let step = task.step;
         tracing::trace!("step {step}: task received");
+        let hint = compute::next_step_hint(&mut task);
         let Some(output) = compute::run_task(
             ctx,
             &tree,
@@ -387,6 +388,9 @@ async fn work_loop(
         match reply {
             Ok(reply) => {
                 tracing::trace!("step {step}: submitted");
+                // The update runs now: the next step's rows are read meanwhile, off its path.
+                cache.gather_ahead(&hint, ctx.engine.config().input_dim);
+                tracing::trace!("step {step}: next rows gathered");
                 let verdict = Verdict::from(reply);
                 if !verdict.accepted {
                     tracing::warn!(

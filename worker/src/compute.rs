@@ -1,13 +1,14 @@
 //! Turning a task into node gradients, on the worker's own rayon pool (never on the async
 //! runtime's threads), with the step's buffers reused from one task to the next.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::kernels::with_pool_awake;
 use common::model::BatchStats;
 use common::train::{Engine, GradientSum, Node, ReductionTree, ShardBatch};
 use ndarray::Array2;
-use proto::messages::{NodeResult, RunSpec, Task, TensorRef};
+use proto::messages::{NodeResult, RunSpec, ShardWork, Task, TensorRef};
 use proto::shared_memory::{ParamsLease, SharedClient};
 use rayon::prelude::*;
 
@@ -129,7 +130,7 @@ pub async fn run_task(
     ctx: &Arc<RunContext>,
     tree: &ReductionTree,
     pool: &Arc<rayon::ThreadPool>,
-    cache: &ShardCache,
+    cache: &mut ShardCache,
     task: Task,
     shared: Option<&Arc<SharedClient>>,
     buffers: &mut StepBuffers,
@@ -144,6 +145,19 @@ pub async fn run_task(
     let layout_len = ctx.engine.layout().len();
     let params = std::mem::take(&mut buffers.params);
     let dim = ctx.engine.config().input_dim;
+    // Rows gathered while the previous step's update ran (`ShardCache::gather_ahead`).
+    let ahead: Vec<Vec<Option<Array2<f32>>>> = task
+        .nodes
+        .iter()
+        .map(|work| {
+            work.shards
+                .iter()
+                .map(|s| cache.take_gathered(s.shard, &s.examples))
+                .collect()
+        })
+        .collect();
+    cache.forget_gathered();
+    let cache = &*cache;
     // On the pool, whose threads are idle until the computation: the parameters (decoded, or a
     // parameter file locked, which waits only while the coordinator writes it) beside the rows.
     // The async thread waits meanwhile (a fraction of a millisecond; heartbeats are 500 ms
@@ -151,7 +165,7 @@ pub async fn run_task(
     let (params, nodes) = pool.install(|| {
         rayon::join(
             || Params::of(&task, shared.map(|s| &**s), layout_len, params),
-            || gather_rows(&task, cache, ctx.shards, dim),
+            || gather_rows(&task, cache, ctx.shards, dim, ahead),
         )
     });
     let (Some(params), nodes) = (params?, nodes?) else {
@@ -276,17 +290,37 @@ pub async fn run_task(
     }))
 }
 
-/// The rows of every node of `task`, shard by shard (in parallel on the current pool).
-#[allow(clippy::type_complexity)]
+/// The coordinator's hint of the examples this task's shards take next step
+/// (`Task::next_examples`), kept only for shards this task computes and no larger than what it
+/// takes of them now: rows gathered ahead then never hold more memory than a step's own.
+pub fn next_step_hint(task: &mut Task) -> Vec<ShardWork> {
+    let hint = std::mem::take(&mut task.next_examples);
+    let now: HashMap<u32, usize> = task
+        .nodes
+        .iter()
+        .flat_map(|work| work.shards.iter().map(|s| (s.shard, s.examples.len())))
+        .collect();
+    hint.into_iter()
+        .filter(|s| now.get(&s.shard).is_some_and(|&n| s.examples.len() <= n))
+        .collect()
+}
+
+/// A node and, per shard, its id, rows and example ids.
+type NodeRows = (Node, Vec<(u32, Array2<f32>, Vec<u32>)>);
+
+/// The rows of every node of `task`, shard by shard (in parallel on the current pool), taking
+/// those in `ahead` (per node, per shard: rows gathered ahead for exactly its examples).
 fn gather_rows(
     task: &Task,
     cache: &ShardCache,
     shards: usize,
     dim: usize,
-) -> Result<Vec<(Node, Vec<(u32, Array2<f32>, Vec<u32>)>)>> {
+    ahead: Vec<Vec<Option<Array2<f32>>>>,
+) -> Result<Vec<NodeRows>> {
     task.nodes
         .iter()
-        .map(|work| {
+        .zip(ahead)
+        .map(|(work, ahead)| {
             if work.node.hi as usize > shards {
                 return Err(Error::Protocol(format!(
                     "task node {}..{} is outside the run's {shards} shards",
@@ -296,12 +330,13 @@ fn gather_rows(
             let rows = work
                 .shards
                 .par_iter()
-                .map(|s| {
-                    Ok((
-                        s.shard,
-                        cache.gather(s.shard, &s.examples, dim)?,
-                        s.examples.clone(),
-                    ))
+                .zip(ahead)
+                .map(|(s, ready)| {
+                    let x = match ready {
+                        Some(x) => x,
+                        None => cache.gather(s.shard, &s.examples, dim)?,
+                    };
+                    Ok((s.shard, x, s.examples.clone()))
                 })
                 .collect::<Result<Vec<_>>>()?;
             Ok((work.node, rows))
@@ -406,5 +441,32 @@ impl Params {
             Params::Decoded(values) => Some(values),
             Params::InPlace(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_next_step_hint_is_kept_only_for_this_tasks_shards_and_sizes() {
+        let work = |shard, examples: &[u32]| ShardWork {
+            shard,
+            examples: examples.to_vec(),
+        };
+        let mut task = Task {
+            step: 4,
+            epoch: 0,
+            params: TensorRef::Inline(Default::default()),
+            nodes: vec![proto::messages::NodeWork {
+                node: Node { lo: 2, hi: 4 },
+                shards: vec![work(2, &[20, 21]), work(3, &[30, 31])],
+            }],
+            run_id: "r".into(),
+            next_examples: vec![work(2, &[22, 23]), work(3, &[32, 33, 34]), work(7, &[70])],
+        };
+        // Shard 3's hint is larger than a step's share of it, shard 7 is not this task's.
+        assert_eq!(next_step_hint(&mut task), vec![work(2, &[22, 23])]);
+        assert!(task.next_examples.is_empty());
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ndarray::Array2;
-use proto::messages::{ShardChunk, ShardPixels};
+use proto::messages::{ShardChunk, ShardPixels, ShardWork};
 use proto::pb;
 use proto::shared_memory::{ShardFile, SharedClient};
 
@@ -149,10 +149,14 @@ impl ShardAssembler {
     }
 }
 
-/// Shards received from the coordinator, by shard id.
+/// Shards received from the coordinator, by shard id, and rows gathered from them ahead of the
+/// task that uses them.
 #[derive(Debug, Default)]
 pub struct ShardCache {
     shards: HashMap<u32, ShardData>,
+    /// Per shard, the examples of a step gathered early (the coordinator's hint of the next
+    /// step's examples) and their rows: copies of this cache's data, so they go with it.
+    ahead: HashMap<u32, (Vec<u32>, Array2<f32>)>,
 }
 
 impl ShardCache {
@@ -161,11 +165,43 @@ impl ShardCache {
     }
 
     pub fn insert(&mut self, shard: u32, data: ShardData) {
+        self.ahead.remove(&shard);
         self.shards.insert(shard, data);
     }
 
     pub fn clear(&mut self) {
         self.shards.clear();
+        self.ahead.clear();
+    }
+
+    /// Gathers the rows of `hint` now, while the coordinator updates the parameters, so the
+    /// next task finds them ready: the random reads of a step's rows across the dataset cost
+    /// 0.1-0.5 ms on our machines (docs/scaling.md §31). Replaces earlier rows gathered ahead.
+    /// A hint naming a shard not held here or examples outside it is only a hint: skipped.
+    pub fn gather_ahead(&mut self, hint: &[ShardWork], dim: usize) {
+        self.ahead.clear();
+        for work in hint {
+            match self.gather(work.shard, &work.examples, dim) {
+                Ok(x) => {
+                    self.ahead.insert(work.shard, (work.examples.clone(), x));
+                }
+                Err(e) => tracing::debug!("next-step hint not gathered: {e}"),
+            }
+        }
+    }
+
+    /// The rows of `examples` from `shard` if they were gathered ahead; they are handed over
+    /// once.
+    pub fn take_gathered(&mut self, shard: u32, examples: &[u32]) -> Option<Array2<f32>> {
+        match self.ahead.remove(&shard) {
+            Some((ids, x)) if ids == examples => Some(x),
+            _ => None,
+        }
+    }
+
+    /// Drops rows gathered ahead that no task took.
+    pub fn forget_gathered(&mut self) {
+        self.ahead.clear();
     }
 
     /// The rows of `examples` (global ids) from `shard`, as an `[n, dim]` array.
@@ -226,6 +262,44 @@ mod tests {
         assert!(cache.gather(3, &[9], 2).is_err());
         assert!(cache.gather(4, &[10], 2).is_err());
         assert!(cache.gather(3, &[10], 3).is_err());
+    }
+
+    #[test]
+    fn rows_gathered_ahead_are_handed_over_once_and_only_for_the_same_examples() {
+        let shard = |first_example| ShardData {
+            first_example,
+            examples: 3,
+            dim: 2,
+            pixels: Pixels::Received(vec![0.0, 0.1, 1.0, 1.1, 2.0, 2.1]),
+        };
+        let work = |shard, examples: &[u32]| ShardWork {
+            shard,
+            examples: examples.to_vec(),
+        };
+        let mut cache = ShardCache::default();
+        cache.insert(3, shard(10));
+        cache.insert(4, shard(20));
+        // Shard 5 is not held and 4's ids are outside it: both skipped, 3's gathered.
+        cache.gather_ahead(&[work(3, &[12, 10]), work(4, &[10]), work(5, &[0])], 2);
+        assert_eq!(cache.take_gathered(4, &[10]), None);
+        assert_eq!(cache.take_gathered(5, &[0]), None);
+        let x = cache.take_gathered(3, &[12, 10]).unwrap();
+        assert_eq!(x, cache.gather(3, &[12, 10], 2).unwrap());
+        assert_eq!(cache.take_gathered(3, &[12, 10]), None, "handed over once");
+        // Other examples, or the same shard received again, or the cache cleared: gone.
+        cache.gather_ahead(&[work(3, &[11])], 2);
+        assert_eq!(cache.take_gathered(3, &[10]), None);
+        cache.gather_ahead(&[work(3, &[11])], 2);
+        cache.insert(3, shard(10));
+        assert_eq!(cache.take_gathered(3, &[11]), None);
+        cache.gather_ahead(&[work(3, &[11])], 2);
+        cache.clear();
+        assert_eq!(cache.take_gathered(3, &[11]), None);
+        // A new hint replaces the rows of the last one.
+        cache.insert(3, shard(10));
+        cache.gather_ahead(&[work(3, &[11])], 2);
+        cache.gather_ahead(&[], 2);
+        assert_eq!(cache.take_gathered(3, &[11]), None);
     }
 
     #[test]
