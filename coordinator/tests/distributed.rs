@@ -95,8 +95,9 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
         let (ok, log) = c.finish(Duration::from_secs(240));
         assert!(ok, "{log}");
         // Each worker's tally: (parameters read in place, decoded inline, shards mapped,
-        // streamed, calls through the mailbox, through gRPC).
-        let tallies: Vec<[u64; 6]> = children
+        // streamed, calls through the mailbox, through gRPC, shards whose rows were gathered
+        // ahead, shards computed).
+        let tallies: Vec<[u64; 8]> = children
             .into_iter()
             .map(|child| {
                 let (status, log) = finish_worker(child, Duration::from_secs(30));
@@ -120,8 +121,21 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
     let (shared, attached, tallies) = run(&[], &[&[], &[]]);
     assert_eq!(attached, 2, "both local workers use shared memory");
     // (Shards may still be streamed when /dev/shm is short of space.)
-    for &[in_place, inline, mapped, _streamed, mailbox, service] in &tallies {
+    for &[
+        in_place,
+        inline,
+        mapped,
+        _streamed,
+        mailbox,
+        service,
+        ahead,
+        shards,
+    ] in &tallies
+    {
         assert!(in_place > inline && mapped > 0, "{tallies:?}");
+        // Every step but an epoch's last hints the next one's examples; the workers' nodes
+        // stay the same while both stay, so most rows are read ahead.
+        assert!(2 * ahead > shards, "{tallies:?}");
         // (A worker declared lost on a loaded machine may make a call or two through gRPC
         // before it notices and registers again.)
         assert!(mailbox > in_place && service <= 2, "{tallies:?}");
@@ -129,10 +143,24 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
     // ...not when either side says tcp, and a mix of the two paths is fine.
     let (tcp, attached, tallies) = run(&["--transport", "tcp"], &[&[], &[]]);
     assert_eq!(attached, 0);
-    for &[in_place, inline, mapped, streamed, mailbox, service] in &tallies {
+    for &[
+        in_place,
+        inline,
+        mapped,
+        streamed,
+        mailbox,
+        service,
+        ahead,
+        shards,
+    ] in &tallies
+    {
         assert!(
             in_place == 0 && inline > 0 && mapped == 0 && streamed > 0,
             "{tallies:?}"
+        );
+        assert!(
+            2 * ahead > shards,
+            "gathered ahead over gRPC too: {tallies:?}"
         );
         assert!(mailbox == 0 && service > inline, "{tallies:?}");
     }
@@ -313,20 +341,20 @@ fn a_saved_model_continues_training_with_init_from() {
 
 /// The figures of a worker's tally lines (one per registration), summed: parameters read in
 /// place, decoded inline, shards mapped, shards streamed, calls through the mailbox, calls
-/// through gRPC.
-fn tally(log: &str) -> [u64; 6] {
+/// through gRPC, shards whose rows were gathered ahead, shards computed.
+fn tally(log: &str) -> [u64; 8] {
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("task(s) computed"))
         .collect();
     assert!(!lines.is_empty(), "no tally in the worker's log:\n{log}");
-    lines.iter().fold([0; 6], |sum, line| {
+    lines.iter().fold([0; 8], |sum, line| {
         let figures = line_tally(line);
         std::array::from_fn(|i| sum[i] + figures[i])
     })
 }
 
-fn line_tally(line: &str) -> [u64; 6] {
+fn line_tally(line: &str) -> [u64; 8] {
     let after = |label: &str| -> u64 {
         let rest = &line[line
             .find(label)
@@ -346,5 +374,7 @@ fn line_tally(line: &str) -> [u64; 6] {
         after("streamed"),
         after("through the mailbox"),
         after("through gRPC"),
+        after("rows gathered ahead for"),
+        after("shard(s) of"),
     ]
 }

@@ -215,6 +215,8 @@ struct Tally {
     stale: u64,
     mapped: u64,
     streamed: u64,
+    shards: u64,
+    shards_gathered_ahead: u64,
 }
 
 impl Drop for Tally {
@@ -222,7 +224,7 @@ impl Drop for Tally {
         tracing::info!(
             "{} task(s) computed: parameters read in place {} time(s), decoded inline {}; {} \
              stale task(s) skipped; shards mapped from shared memory {}, streamed {}; calls \
-             through the mailbox {}, through gRPC {}",
+             through the mailbox {}, through gRPC {}; rows gathered ahead for {} shard(s) of {} computed",
             self.in_place + self.inline,
             self.in_place,
             self.inline,
@@ -230,7 +232,9 @@ impl Drop for Tally {
             self.mapped,
             self.streamed,
             self.mailbox_calls,
-            self.service_calls
+            self.service_calls,
+            self.shards_gathered_ahead,
+            self.shards
         );
     }
 }
@@ -257,7 +261,8 @@ async fn work_loop(
             HeartbeatState::Alive | HeartbeatState::Unreachable => {}
         }
         let answer =
-            match through_mailbox(transfer.mailbox, heartbeat, Call::encode_next_task).await {
+            match through_mailbox(transfer.mailbox, heartbeat, Call::encode_next_task, || {}).await
+            {
                 Ok(answer) => answer,
                 Err(end) => return Ok(end),
             };
@@ -352,6 +357,8 @@ async fn work_loop(
             tally.stale += 1;
             continue;
         };
+        tally.shards += output.shards;
+        tally.shards_gathered_ahead += output.shards_gathered_ahead;
         if output.params_in_place {
             tally.in_place += 1;
         } else {
@@ -364,7 +371,16 @@ async fn work_loop(
             compute_seconds: output.compute_seconds,
         });
         let request = || Call::encode_submit_result(&submission);
-        let answer = match through_mailbox(transfer.mailbox, heartbeat, request).await {
+        // The next step's rows are read while the coordinator checks this result (one of its
+        // threads; ours are idle), else once it has answered, while it applies the step.
+        let dim = ctx.engine.config().input_dim;
+        let mut gathered = false;
+        let gather_ahead = || {
+            cache.gather_ahead(&hint, dim);
+            gathered = true;
+        };
+        let answer = match through_mailbox(transfer.mailbox, heartbeat, request, gather_ahead).await
+        {
             Ok(answer) => answer,
             Err(end) => return Ok(end),
         };
@@ -388,9 +404,9 @@ async fn work_loop(
         match reply {
             Ok(reply) => {
                 tracing::trace!("step {step}: submitted");
-                // The update runs now: the next step's rows are read meanwhile, off its path.
-                cache.gather_ahead(&hint, ctx.engine.config().input_dim);
-                tracing::trace!("step {step}: next rows gathered");
+                if !gathered {
+                    cache.gather_ahead(&hint, dim);
+                }
                 let verdict = Verdict::from(reply);
                 if !verdict.accepted {
                     tracing::warn!(
@@ -407,17 +423,19 @@ async fn work_loop(
 }
 
 /// A call through this worker's mailbox, if it has one: the answer, `None` when the service
-/// must take the call, or how the loop ends when a posted call was given up on.
+/// must take the call, or how the loop ends when a posted call was given up on. `meanwhile`
+/// runs while the coordinator handles a posted call.
 async fn through_mailbox(
     mailbox: &mut Option<MailboxClient>,
     heartbeat: &watch::Receiver<HeartbeatState>,
     request: impl FnOnce() -> Vec<u8>,
+    meanwhile: impl FnOnce(),
 ) -> Result<Option<Answer>, LoopEnd> {
     let Some(mailbox) = mailbox.as_mut() else {
         return Ok(None);
     };
     let alive = || *heartbeat.borrow() == HeartbeatState::Alive;
-    match mailbox.call(&request(), alive).await {
+    match mailbox.call(&request(), alive, meanwhile).await {
         Outcome::Answered(answer) => Ok(Some(answer)),
         Outcome::UseService => Ok(None),
         Outcome::GiveUp(_) if *heartbeat.borrow() == HeartbeatState::Done => Err(LoopEnd::Done),

@@ -74,6 +74,9 @@ pub struct TaskOutput {
     pub compute_seconds: f64,
     /// Whether the parameters were read in place from a parameter file (else decoded inline).
     pub params_in_place: bool,
+    /// Shards computed, and those whose rows had been gathered ahead.
+    pub shards: u64,
+    pub shards_gathered_ahead: u64,
 }
 
 /// Deliberate misbehaviour, so tests can check the coordinator's defences (`--inject-fault`).
@@ -157,6 +160,8 @@ pub async fn run_task(
         })
         .collect();
     cache.forget_gathered();
+    let shards = ahead.iter().map(|node| node.len() as u64).sum();
+    let shards_gathered_ahead = ahead.iter().flatten().filter(|x| x.is_some()).count() as u64;
     let cache = &*cache;
     // On the pool, whose threads are idle until the computation: the parameters (decoded, or a
     // parameter file locked, which waits only while the coordinator writes it) beside the rows.
@@ -287,6 +292,8 @@ pub async fn run_task(
         results,
         compute_seconds,
         params_in_place,
+        shards,
+        shards_gathered_ahead,
     }))
 }
 

@@ -41,10 +41,16 @@ impl MailboxClient {
         }
     }
 
-    /// Posts `request` (a `proto::mailbox::Call`'s bytes) and waits for the answer. `alive` is
-    /// the heartbeat's view of the coordinator: checked before posting, and between slices of
-    /// the wait (a dead coordinator is noticed within a heartbeat interval).
-    pub async fn call(&mut self, request: &[u8], alive: impl Fn() -> bool) -> Outcome {
+    /// Posts `request` (a `proto::mailbox::Call`'s bytes), runs `meanwhile` while the
+    /// coordinator handles it, and waits for the answer; `meanwhile` runs only if the call was
+    /// posted. `alive` is the heartbeat's view of the coordinator: checked before posting, and
+    /// between slices of the wait (a dead coordinator is noticed within a heartbeat interval).
+    pub async fn call(
+        &mut self,
+        request: &[u8],
+        alive: impl Fn() -> bool,
+        meanwhile: impl FnOnce(),
+    ) -> Outcome {
         if !alive() || self.mailbox.is_closed() || request.len() > self.mailbox.request_capacity() {
             return Outcome::UseService;
         }
@@ -52,6 +58,7 @@ impl MailboxClient {
         if let Err(e) = self.mailbox.post(self.seq, request) {
             return Outcome::GiveUp(format!("the mailbox failed: {e}"));
         }
+        meanwhile();
         let started = Instant::now();
         loop {
             match self.mailbox.wait_reply(self.seq, SLICE, &mut self.reply) {
@@ -103,15 +110,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (coordinator, mut worker) = pair(dir.path(), Duration::from_secs(30));
         let call = Call::encode_next_task();
-        assert_eq!(worker.call(&call, || false).await, Outcome::UseService);
-        assert_eq!(worker.call(&[0; 1025], || true).await, Outcome::UseService);
+        let not_posted = || panic!("runs only while a posted call is handled");
+        assert_eq!(
+            worker.call(&call, || false, not_posted).await,
+            Outcome::UseService
+        );
+        assert_eq!(
+            worker.call(&[0; 1025], || true, not_posted).await,
+            Outcome::UseService
+        );
         let mut request = Vec::new();
         let waited = coordinator
             .wait_request(0, Duration::from_millis(10), &mut request)
             .unwrap();
         assert_eq!(waited, Waited::TimedOut, "nothing was posted");
         coordinator.close();
-        assert_eq!(worker.call(&call, || true).await, Outcome::UseService);
+        assert_eq!(
+            worker.call(&call, || true, not_posted).await,
+            Outcome::UseService
+        );
     }
 
     /// A posted call is answered, or given up on (never re-sent): when the heartbeat fails
@@ -132,24 +149,30 @@ mod tests {
             coordinator.reply(1, &answer.encode()).unwrap();
             coordinator
         });
+        let ran = Cell::new(0);
         assert_eq!(
-            worker.call(&call, || true).await,
+            worker.call(&call, || true, || ran.set(ran.get() + 1)).await,
             Outcome::Answered(Answer::Error("gone".into()))
         );
+        assert_eq!(ran.get(), 1, "`meanwhile` runs once for a posted call");
         let coordinator = server.join().unwrap();
 
         // Alive when posted, then the heartbeat fails.
         let checks = Cell::new(0);
         let outcome = worker
-            .call(&call, || {
-                checks.set(checks.get() + 1);
-                checks.get() == 1
-            })
+            .call(
+                &call,
+                || {
+                    checks.set(checks.get() + 1);
+                    checks.get() == 1
+                },
+                || {},
+            )
             .await;
         assert!(matches!(outcome, Outcome::GiveUp(ref why) if why.contains("heartbeats")));
 
         let started = Instant::now();
-        let outcome = worker.call(&call, || true).await;
+        let outcome = worker.call(&call, || true, || {}).await;
         assert!(matches!(outcome, Outcome::GiveUp(ref why) if why.contains("no answer")));
         assert!(started.elapsed() >= Duration::from_millis(300));
 
@@ -162,7 +185,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             coordinator.close();
         });
-        let outcome = worker.call(&call, || true).await;
+        let outcome = worker.call(&call, || true, || {}).await;
         assert!(matches!(outcome, Outcome::GiveUp(ref why) if why.contains("closed")));
         closing.join().unwrap();
     }
