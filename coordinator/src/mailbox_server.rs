@@ -79,7 +79,8 @@ fn serve(run: &Weak<Shared>, worker: WorkerId, mailbox: &Mailbox) {
         let Some(shared) = run.upgrade() else {
             return;
         };
-        let (answer, update) = answer(&shared, worker, mailbox, &request);
+        let (mut answer, update) = answer(&shared, worker, mailbox, &request);
+        answer.drop_hint_beyond(mailbox.reply_capacity());
         let answered = match mailbox.reply(seq, &answer.encode()) {
             Ok(()) => true,
             Err(e) => {

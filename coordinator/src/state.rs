@@ -198,7 +198,7 @@ pub struct Task {
     pub epoch: u64,
     pub nodes: Vec<NodeWork>,
     /// The examples the nodes' shards take next step, if it is in the same epoch: a hint the
-    /// worker gathers rows by while the update runs (the next task's own examples count).
+    /// worker gathers rows by while its result is checked (the next task's own examples count).
     pub next_examples: Vec<ShardWork>,
 }
 

@@ -133,6 +133,11 @@ impl Mailbox {
         self.request_capacity
     }
 
+    /// The largest answer the coordinator may publish.
+    pub fn reply_capacity(&self) -> usize {
+        self.reply_capacity
+    }
+
     fn word(&self, offset: usize) -> &AtomicU32 {
         self.map.word(offset)
     }
@@ -289,6 +294,21 @@ impl Call {
 }
 
 impl Answer {
+    /// Removes a task's next-step hint (`Task::next_examples`, which only saves the worker time)
+    /// when the encoded answer would not fit `capacity` bytes with it: a task with inline
+    /// parameters and a very large batch per worker may still fit without it.
+    pub fn drop_hint_beyond(&mut self, capacity: usize) {
+        use pb::next_task_reply::Kind;
+        // The answer's wrapping (`MailboxReply`'s tag and length) takes at most 11 bytes.
+        const WRAPPING: usize = 16;
+        if let Answer::NextTask(reply) = self
+            && reply.encoded_len() + WRAPPING > capacity
+            && let Some(Kind::Task(task)) = &mut reply.kind
+        {
+            task.next_examples.clear();
+        }
+    }
+
     pub fn encode(self) -> Vec<u8> {
         use pb::mailbox_reply::Answer as Wire;
         let answer = match self {
@@ -375,6 +395,47 @@ mod tests {
         let coordinator = Mailbox::create(&path, 256, 1024).unwrap();
         let worker = Mailbox::open(&path).unwrap();
         (Arc::new(coordinator), Arc::new(worker))
+    }
+
+    /// A task whose next-step hint would overflow the reply area goes without it, and only then.
+    #[test]
+    fn a_hint_that_would_not_fit_is_dropped() {
+        use crate::messages::{NodeWork, ShardWork, Task, TaskReply, TensorRef};
+        let examples: Vec<u32> = (0..64).collect();
+        let task = TaskReply::Task(Task {
+            step: 1,
+            epoch: 0,
+            params: TensorRef::ParameterFile { slot: 0, len: 10 },
+            nodes: vec![NodeWork {
+                node: common::train::Node { lo: 0, hi: 1 },
+                shards: vec![ShardWork {
+                    shard: 0,
+                    examples: examples.clone(),
+                }],
+            }],
+            run_id: "r".into(),
+            next_examples: vec![ShardWork { shard: 0, examples }],
+        });
+        let answer = || Answer::NextTask(task.clone().into());
+        let with_hint = answer().encode().len();
+        let mut roomy = answer();
+        roomy.drop_hint_beyond(with_hint + 16);
+        assert_eq!(roomy.encode().len(), with_hint, "kept when it fits");
+        let mut tight = answer();
+        tight.drop_hint_beyond(with_hint);
+        let without = tight.encode();
+        assert!(
+            without.len() + 60 < with_hint,
+            "dropped: {} bytes",
+            without.len()
+        );
+        let Ok(Answer::NextTask(reply)) = Answer::decode(&without) else {
+            panic!("decodes");
+        };
+        let Ok(TaskReply::Task(task)) = TaskReply::try_from(reply) else {
+            panic!("a task");
+        };
+        assert!(task.next_examples.is_empty() && task.nodes[0].shards[0].examples.len() == 64);
     }
 
     /// Calls go back and forth between two mappings of one file, as between two processes;

@@ -224,7 +224,8 @@ impl Drop for Tally {
         tracing::info!(
             "{} task(s) computed: parameters read in place {} time(s), decoded inline {}; {} \
              stale task(s) skipped; shards mapped from shared memory {}, streamed {}; calls \
-             through the mailbox {}, through gRPC {}; rows gathered ahead for {} shard(s) of {} computed",
+             through the mailbox {}, through gRPC {}; rows gathered ahead for {} shard(s) of {} \
+             computed",
             self.in_place + self.inline,
             self.in_place,
             self.inline,

@@ -159,9 +159,8 @@ pub async fn run_task(
                 .collect()
         })
         .collect();
-    cache.forget_gathered();
     let shards = ahead.iter().map(|node| node.len() as u64).sum();
-    let shards_gathered_ahead = ahead.iter().flatten().filter(|x| x.is_some()).count() as u64;
+    let shards_gathered_ahead = ahead.iter().flatten().flatten().count() as u64;
     let cache = &*cache;
     // On the pool, whose threads are idle until the computation: the parameters (decoded, or a
     // parameter file locked, which waits only while the coordinator writes it) beside the rows.
@@ -299,16 +298,17 @@ pub async fn run_task(
 
 /// The coordinator's hint of the examples this task's shards take next step
 /// (`Task::next_examples`), kept only for shards this task computes and no larger than what it
-/// takes of them now: rows gathered ahead then never hold more memory than a step's own.
+/// takes of them now, each once: rows gathered ahead then never take more memory or time than a
+/// step's own.
 pub fn next_step_hint(task: &mut Task) -> Vec<ShardWork> {
     let hint = std::mem::take(&mut task.next_examples);
-    let now: HashMap<u32, usize> = task
+    let mut now: HashMap<u32, usize> = task
         .nodes
         .iter()
         .flat_map(|work| work.shards.iter().map(|s| (s.shard, s.examples.len())))
         .collect();
     hint.into_iter()
-        .filter(|s| now.get(&s.shard).is_some_and(|&n| s.examples.len() <= n))
+        .filter(|s| now.remove(&s.shard).is_some_and(|n| s.examples.len() <= n))
         .collect()
 }
 
@@ -470,10 +470,15 @@ mod tests {
                 shards: vec![work(2, &[20, 21]), work(3, &[30, 31])],
             }],
             run_id: "r".into(),
-            next_examples: vec![work(2, &[22, 23]), work(3, &[32, 33, 34]), work(7, &[70])],
+            next_examples: vec![
+                work(2, &[22, 23]),
+                work(3, &[32, 33, 34]),
+                work(7, &[70]),
+                work(2, &[24]),
+            ],
         };
-        // Shard 3's hint is larger than a step's share of it, shard 7 is not this task's.
+        // Shard 3's hint is larger than a step's share of it, shard 7 is not this task's, and
+        // shard 2 is hinted once.
         assert_eq!(next_step_hint(&mut task), vec![work(2, &[22, 23])]);
-        assert!(task.next_examples.is_empty());
     }
 }

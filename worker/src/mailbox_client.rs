@@ -43,8 +43,10 @@ impl MailboxClient {
 
     /// Posts `request` (a `proto::mailbox::Call`'s bytes), runs `meanwhile` while the
     /// coordinator handles it, and waits for the answer; `meanwhile` runs only if the call was
-    /// posted. `alive` is the heartbeat's view of the coordinator: checked before posting, and
-    /// between slices of the wait (a dead coordinator is noticed within a heartbeat interval).
+    /// posted. It blocks the runtime (heartbeats included) and is not under the call's timeout,
+    /// so it must be short; an answer that arrives meanwhile is read after it. `alive` is the
+    /// heartbeat's view of the coordinator: checked before posting, and between slices of the
+    /// wait (a dead coordinator is noticed within a heartbeat interval).
     pub async fn call(
         &mut self,
         request: &[u8],

@@ -174,34 +174,32 @@ impl ShardCache {
         self.ahead.clear();
     }
 
-    /// Gathers the rows of `hint` now, while the coordinator updates the parameters, so the
+    /// Gathers the rows of `hint` now, while the coordinator handles the last result, so the
     /// next task finds them ready: the random reads of a step's rows across the dataset cost
-    /// 0.1-0.5 ms on our machines (docs/scaling.md §31). Replaces earlier rows gathered ahead.
-    /// A hint naming a shard not held here or examples outside it is only a hint: skipped.
+    /// 0.1-0.5 ms on our machines (docs/scaling.md §31). Replaces the rows gathered ahead for
+    /// the same shards (one set per shard: never more than a step's rows in all). A hint naming
+    /// a shard not held here or examples outside it is only a hint: skipped.
     pub fn gather_ahead(&mut self, hint: &[ShardWork], dim: usize) {
-        self.ahead.clear();
         for work in hint {
             match self.gather(work.shard, &work.examples, dim) {
                 Ok(x) => {
                     self.ahead.insert(work.shard, (work.examples.clone(), x));
                 }
-                Err(e) => tracing::debug!("next-step hint not gathered: {e}"),
+                Err(e) => {
+                    self.ahead.remove(&work.shard);
+                    tracing::debug!("next-step hint not gathered: {e}");
+                }
             }
         }
     }
 
     /// The rows of `examples` from `shard` if they were gathered ahead; they are handed over
-    /// once.
+    /// once, and rows gathered for other examples of the shard are dropped.
     pub fn take_gathered(&mut self, shard: u32, examples: &[u32]) -> Option<Array2<f32>> {
         match self.ahead.remove(&shard) {
             Some((ids, x)) if ids == examples => Some(x),
             _ => None,
         }
-    }
-
-    /// Drops rows gathered ahead that no task took.
-    pub fn forget_gathered(&mut self) {
-        self.ahead.clear();
     }
 
     /// The rows of `examples` (global ids) from `shard`, as an `[n, dim]` array.
@@ -295,10 +293,19 @@ mod tests {
         cache.gather_ahead(&[work(3, &[11])], 2);
         cache.clear();
         assert_eq!(cache.take_gathered(3, &[11]), None);
-        // A new hint replaces the rows of the last one.
+        // A new hint replaces the rows of the last one for the same shard, and keeps the
+        // others' (a backup task's hint does not drop the main task's).
         cache.insert(3, shard(10));
+        cache.insert(4, shard(20));
+        cache.gather_ahead(&[work(3, &[11]), work(4, &[21])], 2);
+        cache.gather_ahead(&[work(3, &[12])], 2);
+        assert_eq!(cache.take_gathered(3, &[11]), None);
+        cache.gather_ahead(&[work(3, &[12])], 2);
+        assert!(cache.take_gathered(3, &[12]).is_some());
+        assert!(cache.take_gathered(4, &[21]).is_some());
+        // A hint that cannot be gathered drops what the shard had.
         cache.gather_ahead(&[work(3, &[11])], 2);
-        cache.gather_ahead(&[], 2);
+        cache.gather_ahead(&[work(3, &[99])], 2);
         assert_eq!(cache.take_gathered(3, &[11]), None);
     }
 
