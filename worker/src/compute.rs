@@ -148,7 +148,7 @@ pub async fn run_task(
     let layout_len = ctx.engine.layout().len();
     let params = std::mem::take(&mut buffers.params);
     let dim = ctx.engine.config().input_dim;
-    // Rows gathered while the previous step's update ran (`ShardCache::gather_ahead`).
+    // Rows gathered while the coordinator handled the last result (`ShardCache::gather_ahead`).
     let ahead: Vec<Vec<Option<Array2<f32>>>> = task
         .nodes
         .iter()

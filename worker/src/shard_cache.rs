@@ -177,8 +177,8 @@ impl ShardCache {
     /// Gathers the rows of `hint` now, while the coordinator handles the last result, so the
     /// next task finds them ready: the random reads of a step's rows across the dataset cost
     /// 0.1-0.5 ms on our machines (docs/scaling.md §31). Replaces the rows gathered ahead for
-    /// the same shards (one set per shard: never more than a step's rows in all). A hint naming
-    /// a shard not held here or examples outside it is only a hint: skipped.
+    /// the same shards (one set per shard: never more rows than one step takes of every shard).
+    /// A hint naming a shard not held here or examples outside it is only a hint: skipped.
     pub fn gather_ahead(&mut self, hint: &[ShardWork], dim: usize) {
         for work in hint {
             match self.gather(work.shard, &work.examples, dim) {
