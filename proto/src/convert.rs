@@ -364,6 +364,15 @@ impl From<ShardWork> for pb::ShardWork {
     }
 }
 
+impl From<pb::ShardWork> for ShardWork {
+    fn from(s: pb::ShardWork) -> Self {
+        ShardWork {
+            shard: s.shard,
+            examples: s.examples,
+        }
+    }
+}
+
 impl From<NodeWork> for pb::NodeWork {
     fn from(n: NodeWork) -> Self {
         pb::NodeWork {
@@ -400,14 +409,7 @@ impl TryFrom<pb::NodeWork> for NodeWork {
         }
         Ok(NodeWork {
             node,
-            shards: n
-                .shards
-                .into_iter()
-                .map(|s| ShardWork {
-                    shard: s.shard,
-                    examples: s.examples,
-                })
-                .collect(),
+            shards: n.shards.into_iter().map(Into::into).collect(),
         })
     }
 }
@@ -438,14 +440,7 @@ impl TryFrom<pb::Task> for Task {
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
             run_id: t.run_id,
-            next_examples: t
-                .next_examples
-                .into_iter()
-                .map(|s| ShardWork {
-                    shard: s.shard,
-                    examples: s.examples,
-                })
-                .collect(),
+            next_examples: t.next_examples.into_iter().map(Into::into).collect(),
         })
     }
 }
