@@ -59,6 +59,8 @@ pub struct WorkerConfig {
     pub status_file: Option<std::path::PathBuf>,
     /// Accept the coordinator's shared-memory offer (when it is on this host).
     pub shared_memory: bool,
+    /// Gather the rows the coordinator hints for the next step before that step's task comes.
+    pub read_ahead: bool,
 }
 
 /// How long ago the status file was touched, if it exists.
@@ -126,6 +128,7 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
                 mailbox: &mut mailbox,
                 buffers: &mut buffers,
                 fault: &mut fault,
+                read_ahead: config.read_ahead,
             },
         )
         .await;
@@ -164,6 +167,7 @@ struct Transfer<'a> {
     mailbox: &'a mut Option<MailboxClient>,
     buffers: &'a mut StepBuffers,
     fault: &'a mut Option<Fault>,
+    read_ahead: bool,
 }
 
 /// Tries the coordinator's shared-memory offer: attached only if this worker can read the
@@ -342,7 +346,10 @@ async fn work_loop(
         }
         let step = task.step;
         tracing::trace!("step {step}: task received");
-        let hint = compute::next_step_hint(&mut task);
+        let mut hint = compute::next_step_hint(&mut task);
+        if !transfer.read_ahead {
+            hint.clear();
+        }
         let Some(output) = compute::run_task(
             ctx,
             &tree,

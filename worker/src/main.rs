@@ -82,6 +82,10 @@ struct Cli {
     /// host (same results, less copying); `tcp` always uses gRPC.
     #[arg(long, value_enum, default_value_t = Transport::Auto)]
     transport: Transport,
+    /// Read the next step's rows while the coordinator handles this step's result (`on`, the
+    /// default), or only once the next task arrives (`off`): the same results either way.
+    #[arg(long, value_enum, default_value_t = ReadAhead::On)]
+    read_ahead: ReadAhead,
     /// Test hook (debug builds only): misbehave (`nan@STEP`, `short@STEP`, `huge@STEP`, `ulp@STEP`,
     /// `stall@STEP`).
     #[cfg(debug_assertions)]
@@ -96,6 +100,12 @@ struct Cli {
 enum Transport {
     Auto,
     Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReadAhead {
+    On,
+    Off,
 }
 
 /// `--log-format`.
@@ -188,6 +198,7 @@ async fn main() -> std::process::ExitCode {
         fault: None,
         status_file: cli.status_file,
         shared_memory: cli.transport == Transport::Auto,
+        read_ahead: cli.read_ahead == ReadAhead::On,
     };
     match client::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
