@@ -171,6 +171,10 @@ fn shared_memory_and_tcp_give_the_same_fingerprint() {
     );
     assert_eq!(attached, 2);
     assert_eq!(tallies[2][6], 0, "rows read ahead: {tallies:?}");
+    assert!(
+        tallies[0][6] > 0 && tallies[1][6] > 0,
+        "hints were sent: {tallies:?}"
+    );
     assert_eq!(tallies[1][0], 0, "the tcp worker reads no parameter file");
     assert_eq!(tallies[1][4], 0, "the tcp worker has no mailbox");
     assert!(tallies[0][0] > 0 && tallies[2][0] > 0, "{tallies:?}");

@@ -379,8 +379,9 @@ async fn work_loop(
             compute_seconds: output.compute_seconds,
         });
         let request = || Call::encode_submit_result(&submission);
-        // The next step's rows are read while the coordinator checks this result (one of its
-        // threads; ours are idle), else once it has answered, while it applies the step.
+        // The next step's rows are read while the coordinator checks this result (our compute
+        // threads are idle; its copy runs beside this gather), else once it has answered, while
+        // it applies the step.
         let dim = ctx.engine.config().input_dim;
         let mut gathered = false;
         let gather_ahead = || {
