@@ -124,14 +124,24 @@ def torch_available(a):
 
 
 def cpu_model():
+    """The CPU's name with what tells machines of one name apart: family and model numbers (a
+    virtual machine often reports only "Intel(R) Xeon(R) Processor"), the widest vectors our
+    kernels use, and whether it runs under a hypervisor."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if not sep:
+                    break  # the first processor's block ends
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE2"
+    guest = ", virtual machine" if "hypervisor" in flags else ""
+    return (f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}, {vectors}{guest})")
 
 
 def git_commit():
