@@ -603,4 +603,110 @@ mod tests {
         let err = Mailbox::open(&dir.path().join("short")).unwrap_err();
         assert!(err.to_string().contains("shorter than its header"), "{err}");
     }
+
+    /// A worker maps the whole file read-write, so a hostile one can write anything anywhere,
+    /// any time: the coordinator's words and the header included, while the coordinator reads.
+    /// Its side must still only copy out what fits the request area it made (by the capacities
+    /// it keeps, not the header's), hand every copy to the decoder (which names what is wrong),
+    /// answer within its own area, and serve again once calls are posted properly.
+    #[test]
+    fn a_worker_scribbling_over_the_whole_file_cannot_break_the_coordinators_side() {
+        use rand::{RngExt, SeedableRng};
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let (coordinator, worker) = pair(dir.path());
+        let len = coordinator.map.len();
+        let stop = Arc::new(AtomicBool::new(false));
+        let scribbler = {
+            let (worker, stop) = (Arc::clone(&worker), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+                let mut writes = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Words anywhere but `CLOSED` (a worker that closes its own mailbox only
+                    // ends it: `waits_end_at_their_timeout_or_when_closed`), runs of bytes over
+                    // both areas, and the coordinator's doorbell.
+                    match rng.random_range(0..4) {
+                        0 => {
+                            let at = rng.random_range(0..len / 4) * 4;
+                            if at != CLOSED {
+                                worker.word(at).store(rng.random(), Ordering::Relaxed);
+                            }
+                        }
+                        1 => worker.word(REQUEST_LEN).store(
+                            rng.random_range(0..2 * worker.request_capacity as u32),
+                            Ordering::Relaxed,
+                        ),
+                        2 => {
+                            let at = rng.random_range(HEADER..len);
+                            let bytes: Vec<u8> = (0..rng.random_range(1..=(len - at).min(300)))
+                                .map(|_| rng.random())
+                                .collect();
+                            worker.map.write(at, &bytes);
+                        }
+                        _ => {
+                            worker.word(REQUEST_SEQ).fetch_add(1, Ordering::Release);
+                            ring(worker.word(REQUEST_BELL)).unwrap();
+                        }
+                    }
+                    writes += 1;
+                }
+                writes
+            })
+        };
+        let (mut answered, mut request, mut served, mut undecodable) = (0, Vec::new(), 0, 0);
+        let started = Instant::now();
+        while served < 2000 && started.elapsed() < Duration::from_secs(20) {
+            match coordinator
+                .wait_request(answered, Duration::from_millis(50), &mut request)
+                .unwrap()
+            {
+                Waited::Ready(seq) => {
+                    assert!(request.len() <= 256, "copied {} bytes", request.len());
+                    let answer = match Call::decode(&request) {
+                        Ok(_) => Answer::Error("a call, read as it was being written".into()),
+                        Err(why) => {
+                            assert!(why.contains("mailbox"), "{why}");
+                            undecodable += 1;
+                            Answer::Error(why)
+                        }
+                    };
+                    coordinator.reply(seq, &answer.encode()).unwrap();
+                    (answered, served) = (seq, served + 1);
+                }
+                Waited::TimedOut => {}
+                Waited::Closed => panic!("the scribbler never writes CLOSED"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let writes = scribbler.join().unwrap();
+        assert!(
+            served >= 100 && undecodable > 0,
+            "{served} served, {writes} writes"
+        );
+        assert_eq!(
+            (coordinator.request_capacity(), coordinator.reply_capacity()),
+            (256, 1024),
+            "the coordinator's areas are its own, whatever the header now says"
+        );
+
+        // The scribbling over, a call posted properly is answered as ever.
+        let seq = answered.wrapping_add(1);
+        worker.post(seq, &Call::encode_next_task()).unwrap();
+        let mut out = Vec::new();
+        let waited = coordinator
+            .wait_request(answered, Duration::from_secs(5), &mut out)
+            .unwrap();
+        assert_eq!(waited, Waited::Ready(seq));
+        assert_eq!(Call::decode(&out), Ok(Call::NextTask));
+        let answer = Answer::Error("fine".into());
+        coordinator.reply(seq, &answer.clone().encode()).unwrap();
+        assert_eq!(
+            worker
+                .wait_reply(seq, Duration::from_secs(5), &mut out)
+                .unwrap(),
+            Waited::Ready(())
+        );
+        assert_eq!(Answer::decode(&out), Ok(answer));
+    }
 }
