@@ -623,12 +623,15 @@ mod tests {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(7);
                 let mut writes = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    // Words anywhere but `CLOSED` (a worker that closes its own mailbox only
-                    // ends it: `waits_end_at_their_timeout_or_when_closed`), runs of bytes over
-                    // both areas, and the coordinator's doorbell.
+                    // Any word of the header but `CLOSED` (a worker that closes its own
+                    // mailbox only ends it: `waits_end_at_their_timeout_or_when_closed`), runs
+                    // of bytes over both areas, and the coordinator's doorbell. Words are
+                    // written as atomics and the areas as bytes, as each side accesses them;
+                    // this thread stands in for the worker's process, so its writes race with
+                    // the coordinator's copies as that process's would.
                     match rng.random_range(0..4) {
                         0 => {
-                            let at = rng.random_range(0..len / 4) * 4;
+                            let at = rng.random_range(0..HEADER / 4) * 4;
                             if at != CLOSED {
                                 worker.word(at).store(rng.random(), Ordering::Relaxed);
                             }
