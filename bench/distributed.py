@@ -141,7 +141,8 @@ def cpu_model():
     vectors = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
                else "SSE2" if "sse2" in flags else platform.machine())
     guest = ", virtual machine" if "hypervisor" in flags else ""
-    return (f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model "
+    name = fields.get("model name") or platform.processor() or "unknown"
+    return (f"{name} (family {fields.get('cpu family', '?')} model "
             f"{fields.get('model', '?')}, {vectors}{guest})")
 
 

@@ -608,8 +608,9 @@ mod tests {
     /// any time: the coordinator's words and the header included, while the coordinator reads.
     /// Its side must still only copy out what fits the request area it made (by the capacities
     /// it keeps, not the header's), hand every copy to the decoder (which names what is wrong),
-    /// answer within its own area, and serve again once calls are posted properly.
+    /// answer each, and serve again once calls are posted properly.
     #[test]
+    #[cfg_attr(miri, ignore)]
     fn a_worker_scribbling_over_the_whole_file_cannot_break_the_coordinators_side() {
         use rand::{RngExt, SeedableRng};
         use std::sync::atomic::AtomicBool;
@@ -626,9 +627,10 @@ mod tests {
                     // Any word of the header but `CLOSED` (a worker that closes its own
                     // mailbox only ends it: `waits_end_at_their_timeout_or_when_closed`), runs
                     // of bytes over both areas, and the coordinator's doorbell. Words are
-                    // written as atomics and the areas as bytes, as each side accesses them;
-                    // this thread stands in for the worker's process, so its writes race with
-                    // the coordinator's copies as that process's would.
+                    // written as atomics and the areas as bytes, as each side accesses them.
+                    // This thread stands in for the worker's process: its byte writes race with
+                    // the coordinator's copies as that process's would, which within one
+                    // process is formally a data race (hence no Miri run).
                     match rng.random_range(0..4) {
                         0 => {
                             let at = rng.random_range(0..HEADER / 4) * 4;
