@@ -146,9 +146,13 @@ pub struct Cli {
     /// Threads per local worker [default: cores / workers, at least 2 on a machine with 2 cores].
     #[arg(long)]
     pub worker_threads: Option<usize>,
-    /// Steps between checkpoints (0: only at epoch ends).
-    #[arg(long, default_value_t = 200)]
+    /// Steps between checkpoints (0: none by step count).
+    #[arg(long, default_value_t = 0)]
     pub checkpoint_every: u64,
+    /// Seconds of training between checkpoints (0: none by the clock). With --checkpoint-every
+    /// too, whichever comes first; epoch ends always checkpoint.
+    #[arg(long, default_value_t = 30.0)]
+    pub checkpoint_seconds: f64,
     /// Seconds without a heartbeat before a worker is declared lost.
     #[arg(long, default_value_t = 3.0)]
     pub worker_timeout: f64,
@@ -321,6 +325,7 @@ impl Cli {
             worker_threads: self.worker_threads,
             out: self.out,
             checkpoint_every: self.checkpoint_every,
+            checkpoint_seconds: self.checkpoint_seconds,
             worker_timeout_secs: self.worker_timeout,
             no_worker_timeout_secs: self.no_worker_timeout,
             resume: self.resume,
@@ -395,6 +400,18 @@ mod tests {
         refused(&["--epochs", "0"], &["--epochs"]);
         refused(&["--lr=-1"], &["learning rate"]);
         refused(&["--clip-norm", "0"], &["--clip-norm"]);
+        refused(
+            &["--checkpoint-seconds=-1"],
+            &["--checkpoint-seconds", "-1"],
+        );
+        refused(
+            &["--checkpoint-seconds", "NaN"],
+            &["--checkpoint-seconds", "NaN"],
+        );
+        refused(
+            &["--checkpoint-seconds", "1e300"],
+            &["--checkpoint-seconds", "1e300"],
+        );
         refused(
             &["--likelihood", "gaussian", "--gaussian-variance=-1"],
             &["variance"],

@@ -216,6 +216,10 @@ pub fn to_toml(config: &TrainConfig) -> String {
         "checkpoint-every",
         Value::Integer(config.checkpoint_every as i64),
     );
+    set(
+        "checkpoint-seconds",
+        Value::Float(config.checkpoint_seconds),
+    );
     set("worker-timeout", Value::Float(config.worker_timeout_secs));
     set(
         "no-worker-timeout",

@@ -254,6 +254,7 @@ pub fn prepare(config: TrainConfig) -> Result<Prepared> {
         worker_timeout: config.worker_timeout(),
         no_worker_timeout: config.no_worker_timeout(),
         checkpoint_every: config.checkpoint_every,
+        checkpoint_interval: config.checkpoint_interval(),
         param_len: engine.layout().len(),
         verify_fraction: config.verify,
         // Never sent: workers cannot tell which nodes are verified.

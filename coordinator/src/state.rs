@@ -71,8 +71,11 @@ pub struct StateConfig {
     pub worker_timeout: Duration,
     /// With no worker at all for this long during training, the run stops.
     pub no_worker_timeout: Duration,
-    /// Ask for a checkpoint every this many steps (0: only at epoch ends).
+    /// Ask for a checkpoint every this many steps (0: not by step count).
     pub checkpoint_every: u64,
+    /// Ask for a checkpoint after the first step that ends this long after the last checkpoint
+    /// (or the first step's start); `None`: not by the clock. Epoch ends always checkpoint.
+    pub checkpoint_interval: Option<Duration>,
     pub param_len: usize,
     /// Fraction of tree nodes computed twice and compared bit for bit (`--verify`).
     pub verify_fraction: f64,
@@ -369,6 +372,9 @@ pub struct StateMachine {
     /// Names (as the workers gave them) of quarantined workers, with the reason.
     quarantined: BTreeMap<String, String>,
     no_workers_since: Option<Instant>,
+    /// When the last checkpoint was asked for (or the first step started): the clock of
+    /// [`StateConfig::checkpoint_interval`].
+    last_checkpoint: Option<Instant>,
     outputs: Vec<Output>,
 }
 
@@ -416,6 +422,7 @@ impl StateMachine {
             strikes: HashMap::new(),
             quarantined: BTreeMap::new(),
             no_workers_since: None,
+            last_checkpoint: None,
             outputs: Vec::new(),
         }
     }
@@ -1179,6 +1186,7 @@ impl StateMachine {
     }
 
     fn start_step(&mut self, now: Instant) {
+        self.last_checkpoint.get_or_insert(now);
         let plan = &self.config.plan;
         let epoch = self.position.epoch;
         if self.epoch_orders.as_ref().map(|(e, _)| *e) != Some(epoch) {
@@ -1392,17 +1400,23 @@ impl StateMachine {
             // The driver evaluates these parameters and checkpoints them.
             self.held_for_snapshot = true;
             // The driver checkpoints after the evaluation, so a resumed run never skips one.
+            self.last_checkpoint = Some(now);
             self.outputs.push(Output::EpochEnded {
                 epoch,
                 totals: self.totals,
             });
         } else {
-            if self.config.checkpoint_every > 0
+            let by_steps = self.config.checkpoint_every > 0
                 && self
                     .position
                     .global_step
-                    .is_multiple_of(self.config.checkpoint_every)
-            {
+                    .is_multiple_of(self.config.checkpoint_every);
+            let by_clock = self.config.checkpoint_interval.is_some_and(|interval| {
+                self.last_checkpoint
+                    .is_some_and(|last| now.saturating_duration_since(last) >= interval)
+            });
+            if by_steps || by_clock {
+                self.last_checkpoint = Some(now);
                 self.held_for_snapshot = true;
                 self.outputs.push(Output::CheckpointDue);
             }

@@ -25,6 +25,7 @@ fn config(min_workers: usize) -> StateConfig {
         worker_timeout: Duration::from_secs(3),
         no_worker_timeout: Duration::from_secs(10),
         checkpoint_every: 5,
+        checkpoint_interval: None,
         param_len: PARAMS,
         verify_fraction: 0.0,
         verify_secret: 0,
@@ -163,6 +164,47 @@ fn any_number_of_workers_gives_the_same_bits() {
     let mut workers = vec![sm.register("solo".into(), now)];
     run(&mut sm, &mut workers, &mut now, |_, _, _, _| {});
     assert_ne!(bits(sm.params()), reference);
+}
+
+/// `--checkpoint-seconds`: a checkpoint is asked for after the first step that ends the interval
+/// after the last one (the first step's start at first), and an epoch's end, which checkpoints
+/// anyway, starts the interval again.
+#[test]
+fn checkpoints_by_the_clock_follow_the_interval_and_epoch_ends_restart_it() {
+    let cfg = StateConfig {
+        checkpoint_every: 0,
+        checkpoint_interval: Some(Duration::from_secs(10)),
+        ..config(1)
+    };
+    let steps_per_epoch = cfg.plan.steps_per_epoch() as u64;
+    assert_eq!(steps_per_epoch, 13);
+    let mut sm = machine_with(cfg);
+    let mut now = Instant::now();
+    let w = sm.register("solo".into(), now);
+    let (mut due, mut epoch_ends) = (Vec::new(), Vec::new());
+    while *sm.phase() != Phase::Finished {
+        if *sm.phase() == Phase::Evaluating {
+            sm.finish_evaluation(now);
+        }
+        let TaskDecision::Task(task) = sm.next_task(w, now) else {
+            continue;
+        };
+        // Every step takes 4 s.
+        now += Duration::from_secs(4);
+        let results = compute(&task, sm.params());
+        submit(&mut sm, w, task.global_step, results, 4.0, now);
+        for output in sm.drain_outputs() {
+            match output {
+                Output::CheckpointDue => due.push(sm.position().global_step),
+                Output::EpochEnded { .. } => epoch_ends.push(sm.position().global_step),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(epoch_ends, vec![13, 26]);
+    // 12 s after the start, then every third step; the epoch's end at 52 s restarts the clock, so
+    // the next is at 64 s (step 16), not 60 s (step 15).
+    assert_eq!(due, vec![3, 6, 9, 12, 16, 19, 22, 25]);
 }
 
 #[test]
