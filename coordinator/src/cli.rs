@@ -412,6 +412,20 @@ mod tests {
             &["--checkpoint-seconds", "1e300"],
             &["--checkpoint-seconds", "1e300"],
         );
+        // Seconds beyond `Duration`'s range are refused, not a panic when the run starts.
+        refused(
+            &["--worker-timeout", "1e300"],
+            &["--worker-timeout", "1e300"],
+        );
+        refused(
+            &["--no-worker-timeout", "inf"],
+            &["--no-worker-timeout", "inf"],
+        );
+        refused(
+            &["--worker-timeout", "0"],
+            &["--worker-timeout", "positive"],
+        );
+        refused(&["--idle-timeout", "1e30"], &["--idle-timeout", "1e30"]);
         refused(
             &["--likelihood", "gaussian", "--gaussian-variance=-1"],
             &["variance"],

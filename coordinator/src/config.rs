@@ -175,8 +175,16 @@ impl TrainConfig {
                 self.batch, self.shards
             ));
         }
-        if !(self.worker_timeout_secs > 0.0 && self.no_worker_timeout_secs > 0.0) {
-            return bad("timeouts must be positive".into());
+        for (flag, seconds) in [
+            ("--worker-timeout", self.worker_timeout_secs),
+            ("--no-worker-timeout", self.no_worker_timeout_secs),
+        ] {
+            // Beyond `Duration`'s range the conversion would panic.
+            if !(seconds > 0.0 && Duration::try_from_secs_f64(seconds).is_ok()) {
+                return bad(format!(
+                    "{flag} must be a positive number of seconds below 2^64; got {seconds:?}"
+                ));
+            }
         }
         if Duration::try_from_secs_f64(self.checkpoint_seconds).is_err() {
             return bad(format!(
@@ -217,9 +225,11 @@ impl TrainConfig {
                 self.workers, self.max_workers
             ));
         }
-        if !(self.idle_timeout_secs.is_finite() && self.idle_timeout_secs >= 1.0) {
+        if !(self.idle_timeout_secs >= 1.0
+            && Duration::try_from_secs_f64(self.idle_timeout_secs).is_ok())
+        {
             return bad(format!(
-                "--idle-timeout must be at least 1 second, got {}",
+                "--idle-timeout must be at least 1 second and below 2^64, got {:?}",
                 self.idle_timeout_secs
             ));
         }

@@ -85,8 +85,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             args.shards
         );
     }
-    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
-        bail!("--seconds must be a positive number, got {}", args.seconds);
+    if !(args.seconds > 0.0 && Duration::try_from_secs_f64(args.seconds).is_ok()) {
+        bail!(
+            "--seconds must be a positive number below 2^64, got {:?}",
+            args.seconds
+        );
     }
     let config = ModelConfig {
         input_dim: args.input,

@@ -190,7 +190,8 @@ async fn main() -> std::process::ExitCode {
         threads: threads.max(1),
         idle_threads: cli.idle_threads,
         name,
-        retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
+        // Longer than `Duration` holds (or infinite) is for ever; NaN or negative, not at all.
+        retry_for: Duration::try_from_secs_f64(cli.retry_for.max(0.0)).unwrap_or(Duration::MAX),
         protocol_version: cli.protocol_version.unwrap_or(proto::PROTOCOL_VERSION),
         #[cfg(debug_assertions)]
         fault: cli.inject_fault,
