@@ -117,7 +117,8 @@ def coord(a, model, workers, steps, batch=128):
         cmd = [os.path.join(a.bin_dir, "coordinator"), "--workers", str(workers), "--local",
                "--hidden", hidden, "--latent", str(latent), "--batch", str(batch),
                "--data", f"synthetic:{steps * batch + holdout}", "--holdout", str(holdout),
-               "--epochs", "1", "--iw-samples", "0", "--checkpoint-every", "0", "--out", tmp] + a.extra
+               "--epochs", "1", "--iw-samples", "0", "--checkpoint-every", "0",
+               "--checkpoint-seconds", "0", "--out", tmp] + a.extra
         wait_for_quiet(a)
         rc, out, cpu_coord, cpu_workers = run(cmd)
         if rc != 0:

@@ -149,8 +149,8 @@ pub struct Cli {
     /// Steps between checkpoints (0: none by step count).
     #[arg(long, default_value_t = 0)]
     pub checkpoint_every: u64,
-    /// Seconds of training between checkpoints (0: none by the clock). With --checkpoint-every
-    /// too, whichever comes first; epoch ends always checkpoint.
+    /// Seconds since the last checkpoint before the next (0: none by the clock). With
+    /// --checkpoint-every too, whichever comes first; epoch ends always checkpoint.
     #[arg(long, default_value_t = 30.0)]
     pub checkpoint_seconds: f64,
     /// Seconds without a heartbeat before a worker is declared lost.

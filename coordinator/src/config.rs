@@ -67,7 +67,7 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Steps between checkpoints (0: none by step count).
     pub checkpoint_every: u64,
-    /// Seconds of training between checkpoints (0: none by the clock).
+    /// Seconds since the last checkpoint before the next (0: none by the clock).
     #[serde(default = "default_checkpoint_seconds")]
     pub checkpoint_seconds: f64,
     pub worker_timeout_secs: f64,
@@ -109,7 +109,11 @@ pub struct TrainConfig {
 /// The default time between checkpoints. A checkpoint of the default model costs the steps beside
 /// it 10-20 ms on a 2-vCPU Xeon or Zen 5 (docs/scaling.md §33, §34): every 200 steps, the default
 /// before this one, that was 2-3% of training; every 30 s it is under 0.1%, and a crash of the
-/// coordinator loses at most 30 s of training.
+/// coordinator loses about 30 s of training (plus a step and the write).
+/// The longest any seconds flag may be (about 31 years): far below where `Duration` conversion or
+/// `Instant` arithmetic overflows (2^63 s), which would panic.
+const MAX_SECONDS: f64 = 1e9;
+
 fn default_checkpoint_seconds() -> f64 {
     30.0
 }
@@ -180,16 +184,19 @@ impl TrainConfig {
             ("--no-worker-timeout", self.no_worker_timeout_secs),
         ] {
             // Beyond `Duration`'s range the conversion would panic.
-            if !(seconds > 0.0 && Duration::try_from_secs_f64(seconds).is_ok()) {
+            if !(seconds > 0.0 && seconds <= MAX_SECONDS) {
                 return bad(format!(
-                    "{flag} must be a positive number of seconds below 2^64; got {seconds:?}"
+                    "{flag} must be a positive number of seconds, at most {MAX_SECONDS:e}; got \
+                     {seconds:?}"
                 ));
             }
         }
-        if Duration::try_from_secs_f64(self.checkpoint_seconds).is_err() {
+        if !(self.checkpoint_seconds == 0.0
+            || (1e-3..=MAX_SECONDS).contains(&self.checkpoint_seconds))
+        {
             return bad(format!(
-                "--checkpoint-seconds must be 0 (no checkpoints by the clock) or a number of \
-                 seconds below 2^64; got {:?}",
+                "--checkpoint-seconds must be 0 (no checkpoints by the clock) or from 0.001 to \
+                 {MAX_SECONDS:e} seconds; got {:?}",
                 self.checkpoint_seconds
             ));
         }
@@ -225,11 +232,9 @@ impl TrainConfig {
                 self.workers, self.max_workers
             ));
         }
-        if !(self.idle_timeout_secs >= 1.0
-            && Duration::try_from_secs_f64(self.idle_timeout_secs).is_ok())
-        {
+        if !(1.0..=MAX_SECONDS).contains(&self.idle_timeout_secs) {
             return bad(format!(
-                "--idle-timeout must be at least 1 second and below 2^64, got {:?}",
+                "--idle-timeout must be from 1 to {MAX_SECONDS:e} seconds, got {:?}",
                 self.idle_timeout_secs
             ));
         }

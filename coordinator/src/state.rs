@@ -1123,6 +1123,8 @@ impl StateMachine {
         if self.phase != Phase::Evaluating {
             return;
         }
+        // The epoch's checkpoint is written after the evaluation: the clock starts again there.
+        self.last_checkpoint = Some(now);
         self.totals = EpochTotals::default();
         if self.position.epoch >= self.config.epochs {
             self.phase = Phase::Finished;

@@ -182,9 +182,16 @@ fn checkpoints_by_the_clock_follow_the_interval_and_epoch_ends_restart_it() {
     let mut now = Instant::now();
     let w = sm.register("solo".into(), now);
     let (mut due, mut epoch_ends) = (Vec::new(), Vec::new());
-    while *sm.phase() != Phase::Finished {
-        if *sm.phase() == Phase::Evaluating {
-            sm.finish_evaluation(now);
+    // Bounded: a machine that stopped handing out tasks fails the test instead of hanging it.
+    for _ in 0..1_000 {
+        match sm.phase() {
+            Phase::Finished => break,
+            // Every evaluation takes 6 s.
+            Phase::Evaluating => {
+                now += Duration::from_secs(6);
+                sm.finish_evaluation(now);
+            }
+            _ => {}
         }
         let TaskDecision::Task(task) = sm.next_task(w, now) else {
             continue;
@@ -201,9 +208,11 @@ fn checkpoints_by_the_clock_follow_the_interval_and_epoch_ends_restart_it() {
             }
         }
     }
+    assert_eq!(*sm.phase(), Phase::Finished);
     assert_eq!(epoch_ends, vec![13, 26]);
-    // 12 s after the start, then every third step; the epoch's end at 52 s restarts the clock, so
-    // the next is at 64 s (step 16), not 60 s (step 15).
+    // 12 s after the start, then every third step. The first epoch's evaluation ends at 58 s and
+    // restarts the clock, so the next is at 70 s (step 16), not 62 s (step 14, the clock left at
+    // the epoch's end) or 60 s (step 15 without the evaluation, the clock never restarted).
     assert_eq!(due, vec![3, 6, 9, 12, 16, 19, 22, 25]);
 }
 
