@@ -106,14 +106,14 @@ pub struct TrainConfig {
     pub verify: f64,
 }
 
-/// The default time between checkpoints. A checkpoint of the default model costs the steps beside
-/// it 10-20 ms on a 2-vCPU Xeon or Zen 5 (docs/scaling.md §33, §34): every 200 steps, the default
-/// before this one, that was 2-3% of training; every 30 s it is under 0.1%, and a crash of the
-/// coordinator loses about 30 s of training (plus a step and the write).
 /// The longest any seconds flag may be (about 31 years): far below where `Duration` conversion or
 /// `Instant` arithmetic overflows (2^63 s), which would panic.
 const MAX_SECONDS: f64 = 1e9;
 
+/// The default time between checkpoints. A checkpoint of the default model costs the steps beside
+/// it 10-20 ms on a 2-vCPU Xeon or Zen 5 (docs/scaling.md §33, §34): every 200 steps, the default
+/// before this one, that was 2-3% of training; every 30 s it is under 0.1%, and a crash of the
+/// coordinator loses about 30 s of training (plus a step and the write).
 fn default_checkpoint_seconds() -> f64 {
     30.0
 }
