@@ -40,6 +40,8 @@ use std::arch::x86_64::{
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
+use super::gemm_layout::{Layout, layout};
+
 /// `matrixmultiply`'s block of the inner dimension for f32 (`archparam::S_KC`).
 const KC: usize = 256;
 /// Columns of a tile's vector side: two `zmm` registers.
@@ -62,41 +64,25 @@ pub(super) fn sgemm(
     c: &mut ArrayViewMut2<f32>,
 ) -> bool {
     let ((m, k), n) = (a.dim(), b.ncols());
-    // Checked here, not only by `linalg::gemm`: this is reachable from safe code
-    // (`Float::product_fast_path`), and the kernels trust these shapes.
-    assert_eq!((b.nrows(), c.dim()), (k, (m, n)), "product shapes");
-    if m == 0 || n == 0 || k == 0 || !std::arch::is_x86_feature_detected!("avx512f") {
+    let Some(layout) = layout(a, b, c, NR) else {
+        return false;
+    };
+    if !std::arch::is_x86_feature_detected!("avx512f") {
         return false;
     }
-    // A stride matters only along an axis longer than one (ndarray may give a length-1 axis
-    // stride 0).
-    let unit = |len: usize, stride: isize| len == 1 || stride == 1;
-    let leading = |len: usize, stride: isize, min: usize| match len {
-        1 => Some(min),
-        _ => usize::try_from(stride).ok().filter(|&ld| ld >= min),
-    };
-    let (Some(lda), true) = (leading(m, a.strides()[0], k), unit(k, a.strides()[1])) else {
-        return false;
-    };
-    let (Some(ldc), true) = (leading(m, c.strides()[0], n), unit(n, c.strides()[1])) else {
-        return false;
-    };
-    // The gathers and scatters of `a_times_w_t` reach 31 rows ahead with `i32` offsets.
-    let fits = |ld: usize| ld.checked_mul(NR).is_some_and(|v| v <= i32::MAX as usize);
-    let [rsb, csb] = [b.strides()[0], b.strides()[1]];
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    if let (true, Some(ldw), true) = (unit(k, rsb), leading(n, csb, k), fits(lda) && fits(ldc)) {
-        // b = W^T with W: [n, k] in rows of stride ldw, e.g. a layer's weight in `x W^T`.
-        // SAFETY: AVX-512F is present; the views hold every element the kernel reads and writes.
-        unsafe { a_times_w_t(m, k, n, a, lda, b, ldw, c, ldc, accumulate) };
-        true
-    } else if let (true, Some(ldb)) = (unit(n, csb), leading(k, rsb, n)) {
+    match layout {
+        Layout::ATimesWT { lda, ldw, ldc } => {
+            // SAFETY: AVX-512F is present; the views hold every element the kernel reads and
+            // writes (checked by `layout`).
+            unsafe { a_times_w_t(m, k, n, a, lda, b, ldw, c, ldc, accumulate) }
+        }
         // SAFETY: as above.
-        unsafe { a_times_b(m, k, n, a, lda, b, ldb, c, ldc, accumulate) };
-        true
-    } else {
-        false
+        Layout::ATimesB { lda, ldb, ldc } => unsafe {
+            a_times_b(m, k, n, a, lda, b, ldb, c, ldc, accumulate)
+        },
     }
+    true
 }
 
 /// Lane mask of the first `len` of 16 lanes, for `len` in `0..=16` and beyond (all lanes).

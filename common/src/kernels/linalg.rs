@@ -6,10 +6,10 @@
 //! so a rayon pool of 1, 2 or 8 threads produces the same bits (tested in `tests/determinism.rs`).
 //!
 //! Each piece is one single-threaded call: to `ndarray::linalg::general_mat_mul`, i.e. the
-//! `matrixmultiply` crate, or on AVX-512 CPUs to kernels of our own (below). Measured on this
-//! project's machine (2 cores, AMD EPYC family 26, i.e. Zen 5 *with* AVX-512, unlike the Zen 3 of
-//! docs/design.md §4), f32, the five large products of a 784-400-20 VAE step at batch 128
-//! (~400 MFLOP), quiet machine:
+//! `matrixmultiply` crate, or on AVX-512 and AVX2 CPUs to kernels of our own (below). Measured on
+//! this project's machine (2 cores, AMD EPYC family 26, i.e. Zen 5 *with* AVX-512, unlike the
+//! Zen 3 of docs/design.md §4), f32, the five large products of a 784-400-20 VAE step at batch
+//! 128 (~400 MFLOP), quiet machine:
 //!
 //! | kernel                                             | 1 thread | 2 threads |
 //! |----------------------------------------------------|----------|-----------|
@@ -27,9 +27,9 @@
 //! `matrixmultiply` needs its default `avx512` feature, which ndarray turns off: `common` depends
 //! on it directly to turn it back on.
 //!
-//! On AVX-512 CPUs the engine's f32 pieces (`alpha` 1, `beta` 0 or 1, rows contiguous) go to
-//! kernels of our own instead (`gemm_avx512.rs`), which read the weights in place rather than
-//! re-packing them for every piece, and give `matrixmultiply`'s bits exactly.
+//! On AVX-512 CPUs, and on CPUs with AVX2 and FMA, the engine's f32 pieces (`alpha` 1, `beta` 0
+//! or 1, rows contiguous) go to kernels of our own instead (`gemm_avx512.rs`, `gemm_avx2.rs`),
+//! which do not re-pack the weights for every piece, and give `matrixmultiply`'s bits exactly.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
@@ -106,8 +106,8 @@ pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: 
     }
 }
 
-/// One piece: the type's own kernel where it has one for this case (f32 on AVX-512, `alpha` 1,
-/// `beta` 0 or 1: the engine's products), else `matrixmultiply`. Both give the same bits.
+/// One piece: the type's own kernel where it has one for this case (f32 on AVX-512 or AVX2, `alpha`
+/// 1, `beta` 0 or 1: the engine's products), else `matrixmultiply`. Both give the same bits.
 fn product<T: Float>(
     alpha: T,
     a: &ArrayView2<T>,
@@ -217,7 +217,7 @@ mod tests {
         }
     }
 
-    /// Through the split and the dispatch to AVX-512 kernels where the CPU has them: the engine's
+    /// Through the split and the dispatch to our kernels where the CPU has them: the engine's
     /// products give `matrixmultiply`'s bits, as one call.
     #[test]
     fn split_products_give_matrixmultiplys_bits() {

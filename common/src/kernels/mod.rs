@@ -10,7 +10,11 @@ mod awake;
 mod copy;
 mod elementwise;
 #[cfg(target_arch = "x86_64")]
+mod gemm_avx2;
+#[cfg(target_arch = "x86_64")]
 mod gemm_avx512;
+#[cfg(target_arch = "x86_64")]
+mod gemm_layout;
 mod linalg;
 mod scalar;
 mod tree_gemm;

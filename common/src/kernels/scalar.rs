@@ -40,7 +40,7 @@ pub trait Float:
 
     /// `c = a b` (or `c += a b` when `accumulate`) by a kernel of this type's own, with the same
     /// bits as `matrixmultiply`; `false`, touching nothing, where there is none (f64, CPUs
-    /// without AVX-512, other layouts). See `kernels/gemm_avx512.rs`.
+    /// without AVX2 and FMA, other layouts). See `kernels/gemm_avx512.rs` and `gemm_avx2.rs`.
     fn product_fast_path(
         _a: &ArrayView2<Self>,
         _b: &ArrayView2<Self>,
@@ -95,6 +95,7 @@ impl Float for f32 {
         c: &mut ArrayViewMut2<f32>,
     ) -> bool {
         super::gemm_avx512::sgemm(a, b, accumulate, c)
+            || super::gemm_avx2::sgemm(a, b, accumulate, c)
     }
 
     #[inline]

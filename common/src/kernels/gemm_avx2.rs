@@ -1,0 +1,427 @@
+//! The engine's large f32 products on CPUs with AVX2 and FMA but not AVX-512, written with
+//! intrinsics, giving `matrixmultiply`'s bits exactly: `gemm_avx512.rs`'s two kernels at half the
+//! vector width.
+//!
+//! Why: `matrixmultiply` re-packs the whole weight matrix for every piece of a product (see
+//! `gemm_avx512.rs`), and its AVX2 micro-kernel is 8 x 8: eight accumulators, nine loads per
+//! eight multiply-adds. These kernels read the weights in place and run 6 x 16 tiles (twelve
+//! accumulators, two vector loads and six broadcasts per twelve multiply-adds), which fit the
+//! sixteen `ymm` registers. Measured in docs/scaling.md §35.
+//!
+//! Bits: as in `gemm_avx512.rs`, every output element gets `matrixmultiply`'s operations in its
+//! order: the inner dimension cut into blocks of [`KC`] from the start, each block's sum from zero
+//! with one fused multiply-add per step in order, later blocks' sums added to the first's (or the
+//! first added to `c` when accumulating). `matrixmultiply`'s AVX2 kernel (`kernel_target_fma`)
+//! does the same. The tests compare the bits with `matrixmultiply` on this CPU.
+//!
+//! Unsafe: the `#[target_feature]` functions are called only after `is_x86_feature_detected!`
+//! found AVX2 and FMA. Pointers are formed from views whose shapes and strides
+//! [`super::gemm_layout::layout`] checked, and every access is inside the view: vector loads of
+//! `b` or `W` rows only for whole 16-column strips, masked loads and stores (masked-off lanes are
+//! not accessed), masked gathers and scalar stores elsewhere; gather offsets fit in `i32`
+//! (checked).
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::{
+    __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cmpgt_epi32,
+    _mm256_fmadd_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_mask_i32gather_ps, _mm256_maskload_ps,
+    _mm256_maskstore_ps, _mm256_mullo_epi32, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi32,
+    _mm256_setzero_ps, _mm256_store_ps, _mm256_storeu_ps,
+};
+
+use ndarray::{ArrayView2, ArrayViewMut2};
+
+use super::gemm_layout::{Layout, layout};
+
+/// `matrixmultiply`'s block of the inner dimension for f32 (`archparam::S_KC`).
+const KC: usize = 256;
+/// Columns of a tile's vector side: two `ymm` registers.
+const NR: usize = 16;
+/// Rows of a tile's broadcast side: 12 accumulators, two vectors, one broadcast (15 registers).
+const MR: usize = 6;
+
+/// Inner dimensions below this go to `matrixmultiply` in the `x W^T` layout (see [`sgemm`]).
+const SHORT_K: usize = 64;
+
+/// A 32-byte-aligned block of floats for packed operands and tiles.
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+struct Line([f32; 8]);
+
+/// `c = a b` (or `c += a b` when `accumulate`) for f32 views, with `matrixmultiply`'s bits.
+/// Returns `false`, touching nothing, when this CPU lacks AVX2 or FMA or the layout is not one
+/// these kernels take: `a` and `c` with contiguous rows, `b` with contiguous rows or columns.
+pub(super) fn sgemm(
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    accumulate: bool,
+    c: &mut ArrayViewMut2<f32>,
+) -> bool {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    let Some(layout) = layout(a, b, c, NR) else {
+        return false;
+    };
+    use std::arch::is_x86_feature_detected as has;
+    if !(has!("avx2") && has!("fma")) {
+        return false;
+    }
+    let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    match layout {
+        // Each tile's 96 results are stored one at a time; over a short inner dimension (the
+        // decoder's first layer, `k` = the latent size) that costs more than packing `w` does.
+        Layout::ATimesWT { .. } if k < SHORT_K => return false,
+        Layout::ATimesWT { lda, ldw, ldc } => {
+            // SAFETY: AVX2 and FMA are present; the views hold every element the kernel reads
+            // and writes (checked by `layout`).
+            unsafe { a_times_w_t(m, k, n, a, lda, b, ldw, c, ldc, accumulate) }
+        }
+        // SAFETY: as above.
+        Layout::ATimesB { lda, ldb, ldc } => unsafe {
+            a_times_b(m, k, n, a, lda, b, ldb, c, ldc, accumulate)
+        },
+    }
+    true
+}
+
+/// Lane mask of the first `len` of 8 lanes (all lanes for `len >= 8`): lanes with the high bit
+/// set are read and written by `maskload` and `maskstore`, and gathered.
+#[target_feature(enable = "avx2")]
+fn mask(len: usize) -> __m256i {
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(len.min(8) as i32), lane)
+}
+
+/// The masks of a 16-wide strip of which the first `width` lanes are real.
+#[target_feature(enable = "avx2")]
+fn strip_masks(width: usize) -> [__m256i; 2] {
+    [mask(width), mask(width.saturating_sub(8))]
+}
+
+/// Offsets `0, ld, 2 ld, ..` of the 16 lanes of a strip, in units of `f32`.
+#[target_feature(enable = "avx2")]
+fn lane_offsets(ld: usize) -> [__m256i; 2] {
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let low = _mm256_mullo_epi32(lane, _mm256_set1_epi32(ld as i32));
+    [
+        low,
+        _mm256_add_epi32(low, _mm256_set1_epi32((8 * ld) as i32)),
+    ]
+}
+
+/// The sums of one block of the inner dimension for `R` broadcast rows x 16 vector columns:
+/// `acc[r] = sum_p left[r * ldl + p] * right[p * ldr ..][..16]`, `p` in `0..kc` in order, from
+/// zero, one fused multiply-add per step. `right` holds 16 readable values per row (padded with
+/// zeros where the strip is partial).
+#[inline(always)]
+unsafe fn block_sums<const R: usize>(
+    kc: usize,
+    left: *const f32,
+    ldl: usize,
+    right: *const f32,
+    ldr: usize,
+) -> [[__m256; 2]; R] {
+    // SAFETY (caller): AVX2 and FMA are present.
+    let mut acc = [[unsafe { _mm256_setzero_ps() }; 2]; R];
+    for p in 0..kc {
+        // SAFETY (caller): rows `0..R` of `left` hold `kc` values; `right` holds `kc` rows of 16
+        // values.
+        unsafe {
+            let r0 = _mm256_loadu_ps(right.add(p * ldr));
+            let r1 = _mm256_loadu_ps(right.add(p * ldr + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let l = _mm256_set1_ps(*left.add(r * ldl + p));
+                acc[0] = _mm256_fmadd_ps(l, r0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(l, r1, acc[1]);
+            }
+        }
+    }
+    acc
+}
+
+/// Calls `$body` with `$r` a constant equal to `$rows` (1..=MR), so each tile height gets its own
+/// unrolled kernel.
+macro_rules! with_rows {
+    ($rows:expr, $r:ident => $body:expr) => {
+        match $rows {
+            1 => {
+                const $r: usize = 1;
+                $body
+            }
+            2 => {
+                const $r: usize = 2;
+                $body
+            }
+            3 => {
+                const $r: usize = 3;
+                $body
+            }
+            4 => {
+                const $r: usize = 4;
+                $body
+            }
+            5 => {
+                const $r: usize = 5;
+                $body
+            }
+            _ => {
+                const $r: usize = MR;
+                $body
+            }
+        }
+    };
+}
+
+/// `c (+)= a b`, `b: [k, n]` with rows of stride `ldb`: `a`'s values broadcast (rows in place)
+/// against 16-column strips of `b`'s rows (in place when whole, else packed with masked loads).
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn a_times_b(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut packed = vec![Line([0.0; 8]); 2 * KC];
+    let packed: *mut f32 = packed.as_mut_ptr().cast();
+    for j0 in (0..n).step_by(NR) {
+        let width = (n - j0).min(NR);
+        let masks = strip_masks(width);
+        for k0 in (0..k).step_by(KC) {
+            let kc = (k - k0).min(KC);
+            // SAFETY: rows k0..k0 + kc of b hold columns j0..j0 + width; the pack holds 16 x KC.
+            let (right, ldr) = unsafe {
+                let strip = b.add(k0 * ldb + j0);
+                for p in 0..kc {
+                    let row = strip.add(p * ldb);
+                    for (v, &mask) in masks.iter().enumerate() {
+                        // `wrapping_add`: past a short last row it points beyond `b`, and
+                        // the mask (then empty) keeps it from being read.
+                        let part = if width == NR {
+                            _mm256_loadu_ps(row.add(8 * v))
+                        } else {
+                            _mm256_maskload_ps(row.wrapping_add(8 * v), mask)
+                        };
+                        _mm256_store_ps(packed.add(p * NR + 8 * v), part);
+                    }
+                }
+                (packed.cast_const(), NR)
+            };
+            let add = accumulate || k0 > 0;
+            for i0 in (0..m).step_by(MR) {
+                let rows = (m - i0).min(MR);
+                // SAFETY: rows i0..i0 + rows of a hold columns k0..k0 + kc; of c, the strip.
+                unsafe {
+                    let left = a.add(i0 * lda + k0);
+                    let out = c.add(i0 * ldc + j0);
+                    with_rows!(rows, R => {
+                        let acc = block_sums::<R>(kc, left, lda, right, ldr);
+                        for (r, acc) in acc.iter().enumerate() {
+                            let row = out.add(r * ldc);
+                            for (v, (&sum, &mask)) in acc.iter().zip(&masks).enumerate() {
+                                // `wrapping_add`: as for the pack above.
+                                let at = row.wrapping_add(8 * v);
+                                if width == NR {
+                                    let sum = if add {
+                                        _mm256_add_ps(_mm256_loadu_ps(at), sum)
+                                    } else {
+                                        sum
+                                    };
+                                    _mm256_storeu_ps(at, sum);
+                                } else {
+                                    let sum = if add {
+                                        _mm256_add_ps(_mm256_maskload_ps(at, mask), sum)
+                                    } else {
+                                        sum
+                                    };
+                                    _mm256_maskstore_ps(at, mask, sum);
+                                }
+                            }
+                        }
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// `c (+)= a w^T`, `w: [n, k]` with rows of stride `ldw`, computed as `c^T = w a^T`: weights
+/// broadcast in place against 16-row strips of `a`, packed transposed (`[k][16]`), once per strip.
+/// A tile's sums are kept in an aligned scratch tile across blocks and stored into `c` once, one
+/// value at a time (AVX2 has no scatter).
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn a_times_w_t(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    lda: usize,
+    w: *const f32,
+    ldw: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut packed = vec![Line([0.0; 8]); 2 * k];
+    let packed: *mut f32 = packed.as_mut_ptr().cast();
+    let mut tile = [Line([0.0; 8]); 2 * MR];
+    let tile: *mut f32 = tile.as_mut_ptr().cast();
+    let a_lanes = lane_offsets(lda);
+    let c_lanes = lane_offsets(ldc);
+    for i0 in (0..m).step_by(NR) {
+        let height = (m - i0).min(NR);
+        let masks = strip_masks(height);
+        // SAFETY: rows i0..i0 + height of a hold k values (masked-off lanes are not read); the
+        // pack holds k x 16.
+        unsafe {
+            let strip = a.add(i0 * lda);
+            for p in 0..k {
+                for v in 0..2 {
+                    let g = _mm256_mask_i32gather_ps::<4>(
+                        _mm256_setzero_ps(),
+                        strip.add(p),
+                        a_lanes[v],
+                        _mm256_castsi256_ps(masks[v]),
+                    );
+                    _mm256_store_ps(packed.add(p * NR + 8 * v), g);
+                }
+            }
+        }
+        for j0 in (0..n).step_by(MR) {
+            let rows = (n - j0).min(MR);
+            // SAFETY: column j0 + r < n of rows i0..i0 + height of c; rows j0..j0 + rows of w.
+            unsafe {
+                let out = c.add(i0 * ldc + j0);
+                with_rows!(rows, R => {
+                    for k0 in (0..k).step_by(KC) {
+                        let kc = (k - k0).min(KC);
+                        let left = w.add(j0 * ldw + k0);
+                        let acc = block_sums::<R>(kc, left, ldw, packed.add(k0 * NR), NR);
+                        for (r, acc) in acc.iter().enumerate() {
+                            for (v, &sum) in acc.iter().enumerate() {
+                                let at = tile.add(r * NR + 8 * v);
+                                let sum = if k0 > 0 {
+                                    _mm256_add_ps(_mm256_load_ps(at), sum)
+                                } else if accumulate {
+                                    let old = _mm256_mask_i32gather_ps::<4>(
+                                        _mm256_setzero_ps(),
+                                        out.add(r),
+                                        c_lanes[v],
+                                        _mm256_castsi256_ps(masks[v]),
+                                    );
+                                    _mm256_add_ps(old, sum)
+                                } else {
+                                    sum
+                                };
+                                _mm256_store_ps(at, sum);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        for lane in 0..height {
+                            *out.add(lane * ldc + r) = *tile.add(r * NR + lane);
+                        }
+                    }
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, s};
+
+    fn filled(rows: usize, cols: usize, salt: u64) -> Array2<f32> {
+        let mut state = salt.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        Array2::from_shape_fn((rows, cols), |_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+    }
+
+    fn bits(c: &Array2<f32>) -> Vec<u32> {
+        c.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Every shape class (whole and partial tiles and strips, one block or several with a short
+    /// last one, one row, one column), both layouts of `b`, overwrite and accumulate, views cut
+    /// out of wider arrays: the same bits as `matrixmultiply`, which on such a CPU runs its own
+    /// AVX2 kernel.
+    #[test]
+    fn same_bits_as_matrixmultiply() {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma")) {
+            eprintln!("skipped: this CPU lacks AVX2 or FMA");
+            return;
+        }
+        let shapes = [
+            (128, 784, 400),
+            (32, 400, 784),
+            (37, 531, 77),
+            (13, 300, 45),
+            (1, 257, 1),
+            (33, 1, 17),
+            (6, 256, 16),
+            (15, 513, 11),
+            // Two whole blocks; tile heights 2-5 on both sides; partial strips 9-15.
+            (2, 512, 20),
+            (3, 40, 3),
+            (4, 270, 4),
+            (5, 100, 5),
+            (20, 513, 26),
+            (29, 300, 31),
+        ];
+        for (salt, &(m, k, n)) in shapes.iter().enumerate() {
+            let salt = salt as u64;
+            // Cut from wider arrays, so row strides exceed row lengths.
+            let a_full = filled(m, k + 3, salt);
+            let a = a_full.slice(s![.., 1..k + 1]);
+            let w_full = filled(n, k + 5, salt + 100);
+            let b_rows_full = filled(k, n + 7, salt + 200);
+            let cases = [
+                ("a w^T", w_full.slice(s![.., 2..k + 2]).reversed_axes()),
+                ("a b", b_rows_full.slice(s![.., 3..n + 3])),
+            ];
+            for (name, b) in cases {
+                for accumulate in [false, true] {
+                    let start = if accumulate {
+                        filled(m, n, salt + 300)
+                    } else {
+                        Array2::from_elem((m, n), f32::NAN)
+                    };
+                    let mut want = start.clone();
+                    let beta = if accumulate { 1.0 } else { 0.0 };
+                    ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, &mut want);
+                    let mut got = start.clone();
+                    let taken = sgemm(&a, &b, accumulate, &mut got.view_mut());
+                    // (With `k` = 1 both cases have the `x W^T` layout.)
+                    let w_t = matches!(
+                        layout(&a, &b, &got.view_mut(), NR),
+                        Some(Layout::ATimesWT { .. })
+                    );
+                    let expected = !w_t || k >= SHORT_K;
+                    assert_eq!(taken, expected, "{name} {m}x{k}x{n} taken");
+                    if !taken {
+                        assert_eq!(bits(&got), bits(&start), "{name} {m}x{k}x{n} left alone");
+                        continue;
+                    }
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{name} {m}x{k}x{n} acc {accumulate}"
+                    );
+                }
+            }
+        }
+    }
+}
