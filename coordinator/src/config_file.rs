@@ -289,6 +289,11 @@ mod tests {
     fn a_written_config_reads_back_into_the_same_settings() {
         let configs = [
             TrainConfig::default(),
+            // Checkpoints by the clock off.
+            TrainConfig {
+                checkpoint_seconds: 0.0,
+                ..TrainConfig::default()
+            },
             TrainConfig {
                 data: "idx:a.gz,b.gz".parse().unwrap(),
                 holdout: Some(500),
@@ -313,6 +318,8 @@ mod tests {
                 idle_timeout_secs: 12.5,
                 metrics_addr: Some("127.0.0.1:9464".into()),
                 verify: 0.25,
+                checkpoint_every: 50,
+                checkpoint_seconds: 0.25,
                 ..TrainConfig::default()
             },
         ];
