@@ -2,24 +2,31 @@
 //! intrinsics, giving `matrixmultiply`'s bits exactly: `gemm_avx512.rs`'s two kernels at half the
 //! vector width.
 //!
-//! Why: `matrixmultiply` re-packs the whole weight matrix for every piece of a product (see
-//! `gemm_avx512.rs`), and its AVX2 micro-kernel is 8 x 8: eight accumulators, nine loads per
-//! eight multiply-adds. These kernels read the weights in place and run 6 x 16 tiles (twelve
-//! accumulators, two vector loads and six broadcasts per twelve multiply-adds), which fit the
-//! sixteen `ymm` registers. Measured in docs/scaling.md §35.
+//! Why: `matrixmultiply` packs both operands for every piece of a product (see
+//! `gemm_avx512.rs`), and its AVX2 micro-kernel is 8 x 8: eight accumulators, just enough to hide
+//! the multiply-add's latency. These kernels run 6 x 16 tiles (twelve accumulators, two vector
+//! loads and six broadcasts per twelve multiply-adds, in the sixteen `ymm` registers). `x W^T`
+//! reads `W` in place and packs only a 16-row strip of `x`; `delta W` packs `W` 16 columns by 256
+//! rows at a time (16 KiB, used by every tile of the strip), which measured faster on Zen 3 than
+//! reading it in place, and never packs `delta`. Measured in docs/scaling.md §35: 6-12% faster
+//! than `matrixmultiply` per product at 128 rows, 5-9% a training step.
 //!
 //! Bits: as in `gemm_avx512.rs`, every output element gets `matrixmultiply`'s operations in its
 //! order: the inner dimension cut into blocks of [`KC`] from the start, each block's sum from zero
 //! with one fused multiply-add per step in order, later blocks' sums added to the first's (or the
 //! first added to `c` when accumulating). `matrixmultiply`'s AVX2 kernel (`kernel_target_fma`)
-//! does the same. The tests compare the bits with `matrixmultiply` on this CPU.
+//! does the same, and stores a first block's sum as `1 * sum + 0`, which turns a sum of -0.0 into
+//! +0.0: so do we. (Where `c` is -0.0 and a later block's sum or an accumulated one is -0.0 too,
+//! `matrixmultiply` gives -0.0 in whole tiles and +0.0 in partial ones; we give -0.0. A sum from
+//! +0.0 is -0.0 only when every product underflows. And where two NaNs meet, which survives may
+//! differ; any NaN stays a NaN.) The tests compare the bits with `matrixmultiply` on this CPU.
 //!
 //! Unsafe: the `#[target_feature]` functions are called only after `is_x86_feature_detected!`
 //! found AVX2 and FMA. Pointers are formed from views whose shapes and strides
-//! [`super::gemm_layout::layout`] checked, and every access is inside the view: vector loads of
-//! `b` or `W` rows only for whole 16-column strips, masked loads and stores (masked-off lanes are
-//! not accessed), masked gathers and scalar stores elsewhere; gather offsets fit in `i32`
-//! (checked).
+//! [`super::gemm_layout::layout`] checked, and every access is inside the view: vector loads and
+//! stores of `b` and `c` rows only for whole 16-column strips, masked loads and stores (masked-off
+//! lanes are not accessed) for partial ones, masked gathers of `x` and `c` and scalar stores of
+//! `c` in `x W^T`; gather offsets fit in `i32` (checked).
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
@@ -49,9 +56,21 @@ const SHORT_K: usize = 64;
 struct Line([f32; 8]);
 
 /// `c = a b` (or `c += a b` when `accumulate`) for f32 views, with `matrixmultiply`'s bits.
-/// Returns `false`, touching nothing, when this CPU lacks AVX2 or FMA or the layout is not one
-/// these kernels take: `a` and `c` with contiguous rows, `b` with contiguous rows or columns.
+/// Returns `false`, touching nothing, when this CPU lacks AVX2 or FMA, has AVX-512F (its own
+/// kernels, `gemm_avx512.rs`, take what they can and `matrixmultiply` the rest, as before these
+/// existed), or the layout is not one these kernels take: `a` and `c` with contiguous rows, `b`
+/// with contiguous rows or columns.
 pub(super) fn sgemm(
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    accumulate: bool,
+    c: &mut ArrayViewMut2<f32>,
+) -> bool {
+    !std::arch::is_x86_feature_detected!("avx512f") && sgemm_on_any_avx2(a, b, accumulate, c)
+}
+
+/// [`sgemm`], on AVX-512 CPUs too (the tests compare these kernels' bits there as well).
+fn sgemm_on_any_avx2(
     a: &ArrayView2<f32>,
     b: &ArrayView2<f32>,
     accumulate: bool,
@@ -172,7 +191,7 @@ macro_rules! with_rows {
 }
 
 /// `c (+)= a b`, `b: [k, n]` with rows of stride `ldb`: `a`'s values broadcast (rows in place)
-/// against 16-column strips of `b`'s rows (in place when whole, else packed with masked loads).
+/// against 16-column strips of `b`'s rows, packed a block at a time (masked where partial).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn a_times_b(
@@ -226,19 +245,17 @@ unsafe fn a_times_b(
                             for (v, (&sum, &mask)) in acc.iter().zip(&masks).enumerate() {
                                 // `wrapping_add`: as for the pack above.
                                 let at = row.wrapping_add(8 * v);
+                                // Overwriting: `sum + 0` as `matrixmultiply` (-0.0 to +0.0).
+                                let sum = match (add, width == NR) {
+                                    (false, _) => _mm256_add_ps(sum, _mm256_setzero_ps()),
+                                    (true, true) => _mm256_add_ps(_mm256_loadu_ps(at), sum),
+                                    (true, false) => {
+                                        _mm256_add_ps(_mm256_maskload_ps(at, mask), sum)
+                                    }
+                                };
                                 if width == NR {
-                                    let sum = if add {
-                                        _mm256_add_ps(_mm256_loadu_ps(at), sum)
-                                    } else {
-                                        sum
-                                    };
                                     _mm256_storeu_ps(at, sum);
                                 } else {
-                                    let sum = if add {
-                                        _mm256_add_ps(_mm256_maskload_ps(at, mask), sum)
-                                    } else {
-                                        sum
-                                    };
                                     _mm256_maskstore_ps(at, mask, sum);
                                 }
                             }
@@ -317,7 +334,8 @@ unsafe fn a_times_w_t(
                                     );
                                     _mm256_add_ps(old, sum)
                                 } else {
-                                    sum
+                                    // `sum + 0` as `matrixmultiply` (-0.0 to +0.0).
+                                    _mm256_add_ps(sum, _mm256_setzero_ps())
                                 };
                                 _mm256_store_ps(at, sum);
                             }
@@ -355,8 +373,9 @@ mod tests {
 
     /// Every shape class (whole and partial tiles and strips, one block or several with a short
     /// last one, one row, one column), both layouts of `b`, overwrite and accumulate, views cut
-    /// out of wider arrays: the same bits as `matrixmultiply`, which on such a CPU runs its own
-    /// AVX2 kernel.
+    /// out of wider arrays (`c`'s margins must stay untouched): the same bits as
+    /// `matrixmultiply`, whose kernel on these CPUs sums in the same order (its AVX2 kernel, or
+    /// on AVX-512 CPUs its AVX-512 one).
     #[test]
     fn same_bits_as_matrixmultiply() {
         use std::arch::is_x86_feature_detected as has;
@@ -373,7 +392,9 @@ mod tests {
             (33, 1, 17),
             (6, 256, 16),
             (15, 513, 11),
-            // Two whole blocks; tile heights 2-5 on both sides; partial strips 9-15.
+            // Strips of exactly one vector; two whole blocks; tile heights 2-5 on both sides;
+            // partial strips 9-15.
+            (8, 300, 8),
             (2, 512, 20),
             (3, 40, 3),
             (4, 270, 4),
@@ -394,33 +415,55 @@ mod tests {
             ];
             for (name, b) in cases {
                 for accumulate in [false, true] {
-                    let start = if accumulate {
-                        filled(m, n, salt + 300)
-                    } else {
-                        Array2::from_elem((m, n), f32::NAN)
-                    };
+                    let case = format!("{name} {m}x{k}x{n} acc {accumulate}");
+                    // `c` inside NaN margins: 2 columns left, 4 right.
+                    let mut start = Array2::from_elem((m, n + 6), f32::NAN);
+                    if accumulate {
+                        start
+                            .slice_mut(s![.., 2..n + 2])
+                            .assign(&filled(m, n, salt + 300));
+                    }
                     let mut want = start.clone();
                     let beta = if accumulate { 1.0 } else { 0.0 };
-                    ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, &mut want);
+                    let mut want_c = want.slice_mut(s![.., 2..n + 2]);
+                    ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, &mut want_c);
                     let mut got = start.clone();
-                    let taken = sgemm(&a, &b, accumulate, &mut got.view_mut());
+                    let mut c = got.slice_mut(s![.., 2..n + 2]);
                     // (With `k` = 1 both cases have the `x W^T` layout.)
-                    let w_t = matches!(
-                        layout(&a, &b, &got.view_mut(), NR),
-                        Some(Layout::ATimesWT { .. })
-                    );
-                    let expected = !w_t || k >= SHORT_K;
-                    assert_eq!(taken, expected, "{name} {m}x{k}x{n} taken");
-                    if !taken {
-                        assert_eq!(bits(&got), bits(&start), "{name} {m}x{k}x{n} left alone");
-                        continue;
+                    let w_t = matches!(layout(&a, &b, &c, NR), Some(Layout::ATimesWT { .. }));
+                    let taken = sgemm_on_any_avx2(&a, &b, accumulate, &mut c);
+                    assert_eq!(taken, !w_t || k >= SHORT_K, "{case}: taken");
+                    if taken {
+                        assert_eq!(bits(&got), bits(&want), "{case}");
+                    } else {
+                        assert_eq!(bits(&got), bits(&start), "{case}: left alone");
                     }
-                    assert_eq!(
-                        bits(&got),
-                        bits(&want),
-                        "{name} {m}x{k}x{n} acc {accumulate}"
-                    );
                 }
+            }
+        }
+    }
+
+    /// Products that all underflow: each block's sum is -0.0, which `matrixmultiply`'s AVX2
+    /// kernel stores as +0.0 when it overwrites (its AVX-512 kernel keeps -0.0, so this runs only
+    /// where `matrixmultiply` runs its AVX2 kernel).
+    #[test]
+    fn a_sum_of_minus_zero_is_stored_as_matrixmultiply_stores_it() {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma")) || has!("avx512f") {
+            eprintln!("skipped: matrixmultiply does not run its AVX2 kernel on this CPU");
+            return;
+        }
+        for (m, k, n) in [(16, 300, 16), (13, 70, 11)] {
+            let a = Array2::from_elem((m, k), 1e-30f32);
+            let w = Array2::from_elem((n, k), -1e-30f32);
+            let b_rows = w.t().as_standard_layout().into_owned();
+            for b in [w.t(), b_rows.view()] {
+                let mut want = Array2::from_elem((m, n), f32::NAN);
+                ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut want);
+                let mut got = Array2::from_elem((m, n), f32::NAN);
+                assert!(sgemm_on_any_avx2(&a.view(), &b, false, &mut got.view_mut()));
+                assert_eq!(bits(&got), bits(&want), "{m}x{k}x{n}");
+                assert!(got.iter().all(|v| v.to_bits() == 0), "+0.0 everywhere");
             }
         }
     }

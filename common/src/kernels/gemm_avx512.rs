@@ -17,18 +17,17 @@
 //! per step, in order; the first block's sum is the result (or is added to `c` when
 //! accumulating), each later block's sum is added to it. The order of elements' work is free;
 //! each element's is not. So on these CPUs the engine computes the bits `matrixmultiply`'s
-//! AVX-512 kernel computed before (and other CPUs still run `matrixmultiply`); the tests compare
-//! the bits with `matrixmultiply` on whole and partial tiles and strips, one block and several,
-//! both layouts, overwrite and accumulate. (NaN payloads aside: where two NaNs meet, which one
-//! survives may differ; any NaN stays a NaN.)
+//! AVX-512 kernel computed before (AVX2 CPUs run `gemm_avx2.rs`, others `matrixmultiply`); the
+//! tests compare the bits with `matrixmultiply` on whole and partial tiles and strips, one block
+//! and several, both layouts, overwrite and accumulate. (NaN payloads aside: where two NaNs meet,
+//! which one survives may differ; any NaN stays a NaN.)
 //!
 //! Unsafe: the `#[target_feature]` functions are called only after
 //! `is_x86_feature_detected!("avx512f")`. Pointers are formed from views whose shapes and strides
-//! [`sgemm`] checked (shapes that agree, non-negative strides, unit stride where read
-//! contiguously), and every access is
-//! inside the view: vector loads of `W` rows only for full 32-column panels, masked loads,
-//! gathers and scatters elsewhere (masked-off lanes are not accessed); gather and scatter
-//! offsets fit in `i32` (checked).
+//! [`super::gemm_layout::layout`] checked (shapes that agree, non-negative strides, unit stride
+//! where read contiguously), and every access is inside the view: vector loads of `W` rows only
+//! for full 32-column panels, masked loads, gathers and scatters elsewhere (masked-off lanes are
+//! not accessed); gather and scatter offsets fit in `i32` (checked).
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{

@@ -58,3 +58,60 @@ pub(super) fn layout(
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    #[test]
+    fn layouts_are_told_apart_and_others_declined() {
+        let a = Array2::<f32>::zeros((4, 6));
+        let w = Array2::<f32>::zeros((5, 6));
+        let b = Array2::<f32>::zeros((6, 5));
+        let mut c = Array2::<f32>::zeros((4, 5));
+        assert_eq!(
+            layout(&a.view(), &w.t(), &c.view_mut(), 16),
+            Some(Layout::ATimesWT {
+                lda: 6,
+                ldw: 6,
+                ldc: 5
+            })
+        );
+        assert_eq!(
+            layout(&a.view(), &b.view(), &c.view_mut(), 16),
+            Some(Layout::ATimesB {
+                lda: 6,
+                ldb: 5,
+                ldc: 5
+            })
+        );
+        // `a` by columns, `c` by columns, `b` with neither unit stride: none.
+        let a_t = Array2::<f32>::zeros((6, 4));
+        assert_eq!(layout(&a_t.t(), &b.view(), &c.view_mut(), 16), None);
+        let mut c_t = Array2::<f32>::zeros((5, 4));
+        assert_eq!(
+            layout(&a.view(), &b.view(), &c_t.view_mut().reversed_axes(), 16),
+            None
+        );
+        let b_wide = Array2::<f32>::zeros((6, 10));
+        let strided = b_wide.slice(ndarray::s![.., ..;2]);
+        assert_eq!(layout(&a.view(), &strided, &c.view_mut(), 16), None);
+        // Empty products: none.
+        let (a0, b0, mut c0) = (
+            Array2::<f32>::zeros((4, 0)),
+            Array2::<f32>::zeros((0, 5)),
+            Array2::<f32>::zeros((4, 5)),
+        );
+        assert_eq!(layout(&a0.view(), &b0.view(), &c0.view_mut(), 16), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "product shapes")]
+    fn shapes_that_disagree_panic() {
+        let a = Array2::<f32>::zeros((4, 6));
+        let b = Array2::<f32>::zeros((7, 5));
+        let mut c = Array2::<f32>::zeros((4, 5));
+        layout(&a.view(), &b.view(), &c.view_mut(), 16);
+    }
+}
