@@ -18,8 +18,8 @@
 //! does the same, and stores a first block's sum as `1 * sum + 0`, which turns a sum of -0.0 into
 //! +0.0: so do we. (Where `c` is -0.0 and a later block's sum or an accumulated one is -0.0 too,
 //! `matrixmultiply` gives -0.0 in whole tiles and +0.0 in partial ones; we give -0.0. A sum from
-//! +0.0 is -0.0 only when every product underflows. And where two NaNs meet, which survives may
-//! differ; any NaN stays a NaN.) The tests compare the bits with `matrixmultiply` on this CPU.
+//! +0.0 is -0.0 only when its nonzero products all underflow. And where two NaNs meet, which
+//! survives may differ; any NaN stays a NaN.) The tests compare the bits with `matrixmultiply` on this CPU.
 //!
 //! Unsafe: the `#[target_feature]` functions are called only after `is_x86_feature_detected!`
 //! found AVX2 and FMA. Pointers are formed from views whose shapes and strides
@@ -87,7 +87,8 @@ fn sgemm_on_any_avx2(
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     match layout {
         // Each tile's 96 results are stored one at a time; over a short inner dimension (the
-        // decoder's first layer, `k` = the latent size) that costs more than packing `w` does.
+        // decoder's first layer, `k` = the latent size) those stores outweigh the tile's sums,
+        // and `matrixmultiply` is faster (docs/scaling.md §35).
         Layout::ATimesWT { .. } if k < SHORT_K => return false,
         Layout::ATimesWT { lda, ldw, ldc } => {
             // SAFETY: AVX2 and FMA are present; the views hold every element the kernel reads
