@@ -39,10 +39,8 @@ use std::arch::x86_64::{
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::gemm_layout::{Layout, layout};
+use super::gemm_layout::{KC, Layout, layout};
 
-/// `matrixmultiply`'s block of the inner dimension for f32 (`archparam::S_KC`).
-const KC: usize = 256;
 /// Columns of a tile's vector side: two `zmm` registers.
 const NR: usize = 32;
 /// Rows of a tile's broadcast side: 24 accumulators, two vectors, one broadcast.
@@ -352,22 +350,9 @@ unsafe fn a_times_w_t(
 
 #[cfg(test)]
 mod tests {
+    use super::super::gemm_layout::test_arrays::{bits, filled};
     use super::*;
     use ndarray::{Array2, s};
-
-    fn filled(rows: usize, cols: usize, salt: u64) -> Array2<f32> {
-        let mut state = salt.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        Array2::from_shape_fn((rows, cols), |_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-    }
-
-    fn bits(c: &Array2<f32>) -> Vec<u32> {
-        c.iter().map(|v| v.to_bits()).collect()
-    }
 
     /// `matrixmultiply`'s result, the reference these kernels must reproduce bit for bit.
     fn reference(

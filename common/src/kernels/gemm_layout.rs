@@ -3,6 +3,10 @@
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
+/// `matrixmultiply`'s block of the inner dimension for f32 (`archparam::S_KC`): both kernels cut
+/// every sum at these boundaries, so it decides their bits.
+pub(super) const KC: usize = 256;
+
 /// A product `c (+)= a b` in a layout the kernels take, with its dimensions and leading strides
 /// (in `f32`s): `a: [m, k]` and `c: [m, n]` with contiguous rows of strides `lda` and `ldc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +60,27 @@ pub(super) fn layout(
         Some(Layout::ATimesB { lda, ldb, ldc })
     } else {
         None
+    }
+}
+
+/// Inputs and bit patterns for both kernels' tests.
+#[cfg(test)]
+pub(super) mod test_arrays {
+    use ndarray::Array2;
+
+    /// A `rows x cols` array of values in [-0.5, 0.5) from a xorshift seeded by `salt`.
+    pub(in super::super) fn filled(rows: usize, cols: usize, salt: u64) -> Array2<f32> {
+        let mut state = salt.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        Array2::from_shape_fn((rows, cols), |_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+    }
+
+    pub(in super::super) fn bits(c: &Array2<f32>) -> Vec<u32> {
+        c.iter().map(|v| v.to_bits()).collect()
     }
 }
 
