@@ -146,6 +146,9 @@ pub fn tree_weight_grad<T: Float>(
         in_dim,
         in_stride,
     };
+    // The portable tiles read the input's strips packed; packed here once, not by every task.
+    let packed =
+        (!avx512_tiles_run::<T>()).then(|| pack_strips::<T, PORTABLE_NR>(input, rows, shape));
     let rows_per_task = rows_per_task::<T>(program);
     out.par_chunks_mut(rows_per_task * in_dim)
         .enumerate()
@@ -154,11 +157,42 @@ pub fn tree_weight_grad<T: Float>(
                 program,
                 delta,
                 input,
+                packed_strips: packed.as_deref(),
                 shape,
                 first_row: task * rows_per_task,
             };
             block(operands, out);
         });
+}
+
+/// Columns of the portable tile.
+const PORTABLE_NR: usize = 16;
+
+/// Whether [`block`] runs the AVX-512 tiles (which read the input's strips where they are).
+fn avx512_tiles_run<T: Float>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        T::as_f32_slice(&[]).is_some() && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The input's first `rows` rows cut into column strips of `NR`, each strip's rows one after
+/// another (`NR` values a row, a partial last strip padded with zeros), as [`block_tiles`] reads
+/// them. Packed once per product: when every task copied the strips it read, a 784-wide input was
+/// copied once per 32 output rows, and the weight gradient of a 400 x 784 layer took 25-40% longer
+/// on one thread of a Zen 3 (docs/scaling.md §36).
+fn pack_strips<T: Float, const NR: usize>(input: &[T], rows: usize, shape: Shape) -> Vec<T> {
+    let strip_len = rows * NR;
+    let mut packed = vec![T::zero(); shape.in_dim.div_ceil(NR) * strip_len];
+    for r in 0..rows {
+        let row = &input[r * shape.in_stride..][..shape.in_dim];
+        for (s, values) in row.chunks(NR).enumerate() {
+            copy_short::<T, NR>(&mut packed[s * strip_len + r * NR..][..NR], values);
+        }
+    }
+    packed
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -188,6 +222,7 @@ fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
             program: b.program,
             delta,
             input,
+            packed_strips: None,
             shape: b.shape,
             first_row: b.first_row,
         };
@@ -201,13 +236,15 @@ fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
     );
 }
 
-/// One parallel task's operands: the node's program, the layer's delta and input rows, their
-/// shape, and the block's first output row.
+/// One parallel task's operands: the node's program, the layer's delta and input rows (and
+/// perhaps the input already cut into strips, [`pack_strips`]), their shape, and the block's
+/// first output row.
 #[derive(Clone, Copy)]
 struct Block<'a, T> {
     program: &'a TreeProgram,
     delta: &'a [T],
     input: &'a [T],
+    packed_strips: Option<&'a [T]>,
     shape: Shape,
     first_row: usize,
 }
@@ -276,6 +313,7 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE
         program,
         delta,
         input,
+        packed_strips,
         shape,
         first_row,
     } = b;
@@ -295,14 +333,24 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE
             copy_short::<T, MR>(packed, &delta[at..at + mr]);
         }
     }
-    // The copy buffer for strips: every strip, or only a partial last one.
-    let copied = !STRIPS_IN_PLACE || shape.in_dim % NR != 0;
+    // The copy buffer for strips: every strip, or only a partial last one, or none when they
+    // come packed.
+    if let Some(packed) = packed_strips {
+        debug_assert_eq!(
+            packed.len(),
+            shape.in_dim.div_ceil(NR) * n * NR,
+            "strips of NR"
+        );
+    }
+    let copied = packed_strips.is_none() && (!STRIPS_IN_PLACE || shape.in_dim % NR != 0);
     let mut x = vec![T::zero(); if copied { n * NR } else { 0 }];
     // Column strips outside: a strip of every row of the input stays in L1 while the block's
     // output rows walk over it.
-    for i in (0..shape.in_dim).step_by(NR) {
+    for (s, i) in (0..shape.in_dim).step_by(NR).enumerate() {
         let nr = NR.min(shape.in_dim - i);
-        let (strip, stride) = if nr == NR && STRIPS_IN_PLACE {
+        let (strip, stride) = if let Some(packed) = packed_strips {
+            (&packed[s * n * NR..][..n * NR], NR)
+        } else if nr == NR && STRIPS_IN_PLACE {
             (&input[i..], shape.in_stride)
         } else {
             for (r, packed) in x.chunks_exact_mut(NR).enumerate() {
@@ -404,6 +452,7 @@ mod tests {
             program,
             delta,
             input,
+            packed_strips: None,
             shape: Shape {
                 out_dim,
                 in_dim,
@@ -482,6 +531,17 @@ mod tests {
             portable.fill(f32::NAN);
             portable_block::<f32, 1, 1>(b, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 1 x 1 tiles");
+            // With the strips packed once for all tasks, as the dispatch does without AVX-512.
+            let packed = pack_strips::<f32, 16>(&input, n, b.shape);
+            let mut b = b;
+            b.packed_strips = Some(&packed);
+            portable.fill(f32::NAN);
+            portable_block::<f32, 4, 16>(b, &mut portable);
+            assert_eq!(
+                bits(&portable),
+                bits(&want),
+                "{shards} shards, packed strips"
+            );
         }
     }
 
@@ -567,6 +627,15 @@ mod tests {
             out.fill(f32::NAN);
             portable_block::<f32, 4, 16>(b, &mut out);
             assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, portable");
+            let packed = pack_strips::<f32, 16>(&padded, 23, b.shape);
+            b.packed_strips = Some(&packed);
+            out.fill(f32::NAN);
+            portable_block::<f32, 4, 16>(b, &mut out);
+            assert_eq!(
+                bits(&out),
+                bits(&want),
+                "{out_dim} x {in_dim}, packed strips"
+            );
         }
     }
 
