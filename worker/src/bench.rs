@@ -19,6 +19,7 @@ use common::optim::OptimizerConfig;
 use common::train::{Engine, GradientSum, ReductionTree, ShardBatch};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
+use crate::bench_products::{PRODUCT_REPS, time_products};
 use crate::compute::IdleThreads;
 
 /// `println!` that ends the report quietly when stdout is closed (`worker bench | head -1`)
@@ -72,6 +73,10 @@ pub struct BenchArgs {
     /// What the pool's idle threads do between a step's parallel sections, as for `worker`.
     #[arg(long, value_enum, default_value_t = IdleThreads::Spin)]
     pub idle_threads: IdleThreads,
+    /// Also time each of the step's products on its own, the engine's kernels against one
+    /// `matrixmultiply` call (compare kernels with `--threads 1`).
+    #[arg(long)]
+    pub products: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -230,6 +235,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         step_ms - accounted,
         100.0 * (step_ms - accounted) / step_ms
     );
+    if args.products {
+        let times = pool.install(|| {
+            args.idle_threads
+                .run(|| time_products(engine.vae(), &params, per_shard, args.samples, args.shards))
+        });
+        say!(
+            "  products (each alone, fastest of {PRODUCT_REPS}; ours on {} thread(s), \
+             matrixmultiply one call on one):",
+            args.threads
+        );
+        say!(
+            "    {:<40} {:>16} {:>9} {:>15} {:>7}",
+            "product",
+            "m x k x n",
+            "ours ms",
+            "matrixmult. ms",
+            "mm/ours"
+        );
+        for t in &times {
+            let [m, k, n] = t.shape;
+            say!(
+                "    {:<40} {:>16} {:>9.3} {:>15.3} {:>6.2}x",
+                t.name,
+                format!("{m} x {k} x {n}"),
+                ms(t.ours),
+                ms(t.matrixmultiply),
+                t.matrixmultiply.as_secs_f64() / t.ours.as_secs_f64()
+            );
+        }
+    }
     Ok(())
 }
 

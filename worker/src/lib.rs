@@ -3,6 +3,7 @@
 //! `worker bench` times full training steps on this machine.
 
 pub mod bench;
+pub mod bench_products;
 pub mod client;
 pub mod compute;
 pub mod cpu_time;

@@ -39,6 +39,65 @@ fn bench_prints_a_throughput_line() {
 }
 
 #[test]
+fn bench_products_times_every_product_of_the_step() {
+    let out = worker()
+        .args([
+            "bench",
+            "--batch",
+            "32",
+            "--threads",
+            "1",
+            "--seconds",
+            "0.1",
+        ])
+        .args([
+            "--hidden",
+            "32",
+            "--latent",
+            "4",
+            "--shards",
+            "4",
+            "--products",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    // Each layer's forward product and weight gradient, and `delta W` for every layer but the
+    // first (fed by the data), each with two times (printed in ms to three places, so a tiny
+    // product may read 0.000).
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(": x W^T") || l.contains(": delta"))
+        .collect();
+    let names = ["fc1", "fc21", "fc22", "fc3", "fc4"];
+    for name in names {
+        let products = rows
+            .iter()
+            .filter(|r| r.trim_start().starts_with(&format!("{name}:")));
+        let want = if name == "fc1" { 2 } else { 3 };
+        assert_eq!(products.count(), want, "{name} in {stdout}");
+    }
+    assert!(
+        rows.iter().any(|r| r.contains("delta^T x, 4 shards")),
+        "{stdout}"
+    );
+    for row in &rows {
+        let times: Vec<f64> = row
+            .split_whitespace()
+            .rev()
+            .skip(1)
+            .take(2)
+            .map(|t| t.parse().unwrap_or_else(|_| panic!("no times in {row:?}")))
+            .collect();
+        assert!(times.iter().all(|t| *t >= 0.0), "{row}");
+    }
+    let largest = rows.iter().find(|r| r.contains("fc4: x W^T")).unwrap();
+    assert!(!largest.contains(" 0.000 "), "{largest}");
+    assert_eq!(rows.len(), 14, "{stdout}");
+}
+
+#[test]
 fn health_follows_the_status_file() {
     let dir = tempfile::tempdir().unwrap();
     let status = dir.path().join("status");
