@@ -10,16 +10,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use common::kernels::{TreeProgram, gemm, tree_weight_grad};
+use common::kernels::{gemm, tree_weight_grad};
 use common::model::{
-    KeyedRng, LayerRole, Likelihood, ModelConfig, ParamLayout, Vae, Workspace, domain, fill_eps,
-    model_name, parse_hidden,
+    KeyedRng, Likelihood, ModelConfig, Vae, Workspace, domain, fill_eps, model_name, parse_hidden,
 };
 use common::optim::OptimizerConfig;
 use common::train::{Engine, GradientSum, ReductionTree, ShardBatch};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
-use crate::bench_products::{PRODUCT_REPS, time_products};
+use crate::bench_products::{PRODUCT_REPS, StepLayer, step_layers, time_products, widest};
 use crate::compute::IdleThreads;
 
 /// `println!` that ends the report quietly when stdout is closed (`worker bench | head -1`)
@@ -368,18 +367,8 @@ fn gemm_times(
     k: usize,
     shards: usize,
 ) -> (Duration, Duration) {
-    let layout: &ParamLayout = vae.layout();
-    // Rows each layer sees per shard: the encoder one per example, the decoder K.
-    let rows_of = |role: LayerRole| match role {
-        LayerRole::EncoderHidden(_) | LayerRole::Mu | LayerRole::LogVar => per_shard,
-        LayerRole::DecoderHidden(_) | LayerRole::DecoderOut => per_shard * k,
-    };
-    let widest = layout
-        .layers()
-        .iter()
-        .map(|l| shards * rows_of(l.role) * l.in_dim.max(l.out_dim))
-        .max()
-        .unwrap_or(0);
+    let layers = step_layers(vae.layout(), per_shard, k, shards);
+    let widest = widest(&layers);
     let input = vec![0.5f32; widest];
     let mut output = vec![0.0f32; widest];
     let mut dweight = vec![0.0f32; params.len()];
@@ -388,23 +377,19 @@ fn gemm_times(
         ArrayView2::from_shape((l.out_dim, l.in_dim), &params[l.weight.clone()]).expect("weight")
     };
     let forward = fastest(|| {
-        for l in layout.layers() {
-            let rows = shards * rows_of(l.role);
+        for &StepLayer { layer: l, rows, .. } in &layers {
             let a = ArrayView2::from_shape((rows, l.in_dim), &input[..rows * l.in_dim]);
             let c = ArrayViewMut2::from_shape((rows, l.out_dim), &mut output[..rows * l.out_dim]);
             gemm(1.0, a.expect("a"), w(l).t(), 0.0, c.expect("c"));
         }
     });
-    let no_encoder_hidden = layout.encoder_hidden().next().is_none();
     let mut d_in = vec![0.0f32; widest];
     let backward = fastest(|| {
-        for l in layout.layers() {
-            let rows = rows_of(l.role);
+        for step_layer in &layers {
+            let l = step_layer.layer;
             // dW = sum over shards s of delta_s^T input_s, along the tree, in one pass (the
             // engine's fused kernel)
-            let program = TreeProgram::new(tree.root(), |leaf| {
-                leaf.lo as usize * rows..leaf.hi as usize * rows
-            });
+            let program = step_layer.program(&tree);
             tree_weight_grad(
                 &program,
                 &input,
@@ -415,10 +400,8 @@ fn gemm_times(
                 &mut dweight[l.weight.clone()],
             );
             // d_in = delta W on all rows, except for layers fed by the data
-            let fed_by_data = matches!(l.role, LayerRole::EncoderHidden(0))
-                || (no_encoder_hidden && matches!(l.role, LayerRole::Mu | LayerRole::LogVar));
-            if !fed_by_data {
-                let all = shards * rows;
+            if !step_layer.fed_by_data {
+                let all = step_layer.rows;
                 let delta = ArrayView2::from_shape((all, l.out_dim), &input[..all * l.out_dim])
                     .expect("delta");
                 let c = ArrayViewMut2::from_shape((all, l.in_dim), &mut d_in[..all * l.in_dim])

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use common::kernels::{TreeProgram, gemm, tree_weight_grad};
-use common::model::{LayerRole, Vae};
+use common::model::{LayerRole, LinearLayout, ParamLayout, Vae};
 use common::train::ReductionTree;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -29,13 +29,74 @@ pub struct ProductTime {
     pub shape: [usize; 3],
     /// The engine's kernel, fastest of [`PRODUCT_REPS`].
     pub ours: Duration,
-    /// One `matrixmultiply` call of the same product (one shard's, for a weight gradient).
+    /// One `matrixmultiply` call of the same product. For a weight gradient that is one sum over
+    /// all rows, without the shards' partial sums, which favours it when there are several.
     pub matrixmultiply: Duration,
+}
+
+/// One layer of a step as its products see it.
+pub(crate) struct StepLayer<'a> {
+    pub layer: &'a LinearLayout,
+    /// Rows per shard: one per example in the encoder, one per sample in the decoder.
+    pub per_shard: usize,
+    /// Rows over all shards.
+    pub rows: usize,
+    /// Whether the layer's input is the data, so that the step needs no `delta W` for it.
+    pub fed_by_data: bool,
+}
+
+impl StepLayer<'_> {
+    /// The program of the layer's weight gradient over `tree`'s leaves.
+    pub(crate) fn program(&self, tree: &ReductionTree) -> TreeProgram {
+        let per = self.per_shard;
+        TreeProgram::new(tree.root(), |leaf| {
+            leaf.lo as usize * per..leaf.hi as usize * per
+        })
+    }
+}
+
+/// The layers of a step of `shards` shards of `per_shard` examples with `k` samples each.
+pub(crate) fn step_layers(
+    layout: &ParamLayout,
+    per_shard: usize,
+    k: usize,
+    shards: usize,
+) -> Vec<StepLayer<'_>> {
+    let no_encoder_hidden = layout.encoder_hidden().next().is_none();
+    layout
+        .layers()
+        .iter()
+        .map(|layer| {
+            let per = match layer.role {
+                LayerRole::EncoderHidden(_) | LayerRole::Mu | LayerRole::LogVar => per_shard,
+                LayerRole::DecoderHidden(_) | LayerRole::DecoderOut => per_shard * k,
+            };
+            let fed_by_data = matches!(layer.role, LayerRole::EncoderHidden(0))
+                || (no_encoder_hidden && matches!(layer.role, LayerRole::Mu | LayerRole::LogVar));
+            StepLayer {
+                layer,
+                per_shard: per,
+                rows: shards * per,
+                fed_by_data,
+            }
+        })
+        .collect()
+}
+
+/// The most values any layer's input or output holds over all rows.
+pub(crate) fn widest(layers: &[StepLayer<'_>]) -> usize {
+    layers
+        .iter()
+        .map(|l| l.rows * l.layer.in_dim.max(l.layer.out_dim))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Times each layer's three products (forward `x W^T`, the weight gradient `delta^T x` summed
 /// over `shards` shards along the reduction tree, and `delta W` for layers not fed by the data)
-/// for `shards` shards of `per_shard` examples with `k` samples, on the current rayon pool.
+/// for `shards` shards of `per_shard` examples with `k` samples, on the current rayon pool. (The
+/// engine adds the log-variance layer's `delta W` into the mean layer's, `beta` 1; here every
+/// product overwrites its output, `beta` 0.)
 pub fn time_products(
     vae: &Vae,
     params: &[f32],
@@ -44,16 +105,8 @@ pub fn time_products(
     shards: usize,
 ) -> Vec<ProductTime> {
     let layout = vae.layout();
-    let rows_of = |role: LayerRole| match role {
-        LayerRole::EncoderHidden(_) | LayerRole::Mu | LayerRole::LogVar => per_shard,
-        LayerRole::DecoderHidden(_) | LayerRole::DecoderOut => per_shard * k,
-    };
-    let widest = layout
-        .layers()
-        .iter()
-        .map(|l| shards * rows_of(l.role) * l.in_dim.max(l.out_dim))
-        .max()
-        .unwrap_or(0);
+    let layers = step_layers(layout, per_shard, k, shards);
+    let widest = widest(&layers);
     // Values of both signs and many exponents, none subnormal (which would time the FPU's
     // slow path, not the kernel).
     let values = |salt: usize| -> Vec<f32> {
@@ -66,11 +119,10 @@ pub fn time_products(
     let len = widest.max(largest_weight.unwrap_or(0));
     // Separate outputs, so that the two ways' calls can alternate.
     let (mut out, mut reference) = (vec![0.0f32; len], vec![0.0f32; len]);
-    let no_encoder_hidden = layout.encoder_hidden().next().is_none();
     let tree = ReductionTree::new(shards);
     let mut times = Vec::new();
-    for l in layout.layers() {
-        let (per, all) = (rows_of(l.role), shards * rows_of(l.role));
+    for step_layer in &layers {
+        let (l, all) = (step_layer.layer, step_layer.rows);
         let (i, o) = (l.in_dim, l.out_dim);
         let w = ArrayView2::from_shape((o, i), &params[l.weight.clone()]).expect("weight");
         let x = ArrayView2::from_shape((all, i), &input[..all * i]).expect("input");
@@ -94,9 +146,7 @@ pub fn time_products(
             matrixmultiply,
         });
 
-        let program = TreeProgram::new(tree.root(), |leaf| {
-            leaf.lo as usize * per..leaf.hi as usize * per
-        });
+        let program = step_layer.program(&tree);
         let (ours, matrixmultiply) = fastest_each(
             || tree_weight_grad(&program, &delta, o, &input, i, i, &mut out[..o * i]),
             || {
@@ -115,9 +165,7 @@ pub fn time_products(
             matrixmultiply,
         });
 
-        let fed_by_data = matches!(l.role, LayerRole::EncoderHidden(0))
-            || (no_encoder_hidden && matches!(l.role, LayerRole::Mu | LayerRole::LogVar));
-        if !fed_by_data {
+        if !step_layer.fed_by_data {
             let (ours, matrixmultiply) = fastest_each(
                 || {
                     let c = ArrayViewMut2::from_shape((all, i), &mut out[..all * i]).expect("c");

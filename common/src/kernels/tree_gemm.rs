@@ -103,10 +103,7 @@ fn rows_per_task<T: Float>(program: &TreeProgram) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         use super::tree_tile_avx512::{PAIR_MR, pairs};
-        if T::as_f32_slice(&[]).is_some()
-            && pairs(program)
-            && std::arch::is_x86_feature_detected!("avx512f")
-        {
+        if avx512_tiles_run::<T>() && pairs(program) {
             return 5 * PAIR_MR;
         }
     }
@@ -157,7 +154,10 @@ pub fn tree_weight_grad<T: Float>(
                 program,
                 delta,
                 input,
-                packed_strips: packed.as_deref(),
+                packed_strips: packed.as_deref().map(|values| PackedStrips {
+                    values,
+                    width: PORTABLE_NR,
+                }),
                 shape,
                 first_row: task * rows_per_task,
             };
@@ -168,7 +168,15 @@ pub fn tree_weight_grad<T: Float>(
 /// Columns of the portable tile.
 const PORTABLE_NR: usize = 16;
 
+/// The input cut into column strips of `width` values a row by [`pack_strips`].
+#[derive(Clone, Copy)]
+struct PackedStrips<'a, T> {
+    values: &'a [T],
+    width: usize,
+}
+
 /// Whether [`block`] runs the AVX-512 tiles (which read the input's strips where they are).
+/// Only f32 on a CPU with AVX-512F: the same test as `tree_tile_avx512::with_avx512`'s.
 fn avx512_tiles_run<T: Float>() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -222,6 +230,7 @@ fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
             program: b.program,
             delta,
             input,
+            // The AVX-512 tiles are 32 columns wide and read the strips where they are.
             packed_strips: None,
             shape: b.shape,
             first_row: b.first_row,
@@ -232,7 +241,7 @@ fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
     }
     with_widest_vectors(
         #[inline(always)]
-        || portable_block::<T, 4, 16>(b, out),
+        || portable_block::<T, 4, PORTABLE_NR>(b, out),
     );
 }
 
@@ -244,7 +253,7 @@ struct Block<'a, T> {
     program: &'a TreeProgram,
     delta: &'a [T],
     input: &'a [T],
-    packed_strips: Option<&'a [T]>,
+    packed_strips: Option<PackedStrips<'a, T>>,
     shape: Shape,
     first_row: usize,
 }
@@ -296,13 +305,14 @@ fn portable_block<T: Float, const MR: usize, const NR: usize>(b: Block<'_, T>, o
 
 /// The block in `MR x NR` tiles, each summed by `tile(delta panel, input strip, strip's row
 /// stride)`. The block's delta columns are first copied into panels of `MR` output rows, row after
-/// row. The input's column strips are copied into rows of `NR` values, so the tiles read memory in
-/// order, or with `STRIPS_IN_PLACE` read where they are (rows `in_stride` apart; only a partial
-/// last strip is copied): copying them again for every block of output rows was 6% of a step
-/// under the AVX-512 tiles. Edge tiles compute all `MR x NR` lanes: the delta panels are
-/// zero-padded, a partial strip's spare input lanes hold whatever the copy buffer held (zeros, or
-/// an earlier strip's values), and only the real lanes are written out (no lane's value depends
-/// on another's).
+/// row. The input's column strips come packed for every block ([`pack_strips`], rows of `NR`
+/// values), or are copied into such rows here, so the tiles read memory in order, or with
+/// `STRIPS_IN_PLACE` are read where they are (rows `in_stride` apart; only a partial last strip is
+/// copied): copying them again for every block of output rows was 6% of a step under the AVX-512
+/// tiles, and 25-40% of a gradient under the portable ones on one thread (docs/scaling.md §36).
+/// Edge tiles compute all `MR x NR` lanes: the delta panels are zero-padded, a partial strip's
+/// spare input lanes hold zeros or whatever the copy buffer held (an earlier strip's values), and
+/// only the real lanes are written out (no lane's value depends on another's).
 #[inline(always)]
 fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE: bool>(
     b: Block<'_, T>,
@@ -336,10 +346,11 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE
     // The copy buffer for strips: every strip, or only a partial last one, or none when they
     // come packed.
     if let Some(packed) = packed_strips {
-        debug_assert_eq!(
-            packed.len(),
+        assert_eq!(packed.width, NR, "strips packed for the tiles' width");
+        assert_eq!(
+            packed.values.len(),
             shape.in_dim.div_ceil(NR) * n * NR,
-            "strips of NR"
+            "every strip"
         );
     }
     let copied = packed_strips.is_none() && (!STRIPS_IN_PLACE || shape.in_dim % NR != 0);
@@ -349,7 +360,7 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE
     for (s, i) in (0..shape.in_dim).step_by(NR).enumerate() {
         let nr = NR.min(shape.in_dim - i);
         let (strip, stride) = if let Some(packed) = packed_strips {
-            (&packed[s * n * NR..][..n * NR], NR)
+            (&packed.values[s * n * NR..][..n * NR], NR)
         } else if nr == NR && STRIPS_IN_PLACE {
             (&input[i..], shape.in_stride)
         } else {
@@ -532,11 +543,14 @@ mod tests {
             portable_block::<f32, 1, 1>(b, &mut portable);
             assert_eq!(bits(&portable), bits(&want), "{shards} shards, 1 x 1 tiles");
             // With the strips packed once for all tasks, as the dispatch does without AVX-512.
-            let packed = pack_strips::<f32, 16>(&input, n, b.shape);
+            let packed = pack_strips::<f32, PORTABLE_NR>(&input, n, b.shape);
             let mut b = b;
-            b.packed_strips = Some(&packed);
+            b.packed_strips = Some(PackedStrips {
+                values: &packed,
+                width: PORTABLE_NR,
+            });
             portable.fill(f32::NAN);
-            portable_block::<f32, 4, 16>(b, &mut portable);
+            portable_block::<f32, 4, PORTABLE_NR>(b, &mut portable);
             assert_eq!(
                 bits(&portable),
                 bits(&want),
@@ -627,10 +641,13 @@ mod tests {
             out.fill(f32::NAN);
             portable_block::<f32, 4, 16>(b, &mut out);
             assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, portable");
-            let packed = pack_strips::<f32, 16>(&padded, 23, b.shape);
-            b.packed_strips = Some(&packed);
+            let packed = pack_strips::<f32, PORTABLE_NR>(&padded, 23, b.shape);
+            b.packed_strips = Some(PackedStrips {
+                values: &packed,
+                width: PORTABLE_NR,
+            });
             out.fill(f32::NAN);
-            portable_block::<f32, 4, 16>(b, &mut out);
+            portable_block::<f32, 4, PORTABLE_NR>(b, &mut out);
             assert_eq!(
                 bits(&out),
                 bits(&want),
