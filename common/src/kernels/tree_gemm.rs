@@ -189,8 +189,8 @@ fn avx512_tiles_run<T: Float>() -> bool {
 /// The input's first `rows` rows cut into column strips of `NR`, each strip's rows one after
 /// another (`NR` values a row, a partial last strip padded with zeros), as [`block_tiles`] reads
 /// them. Packed once per product: when every task copied the strips it read, a 784-wide input was
-/// copied once per 32 output rows, and the weight gradient of a 400 x 784 layer took 25-40% longer
-/// on one thread of a Zen 3 (docs/scaling.md §36).
+/// copied once per 32 output rows, and a 400 x 784 weight gradient took 1.3-1.5 times as long on
+/// one thread of a Zen 3 (docs/scaling.md §36).
 fn pack_strips<T: Float, const NR: usize>(input: &[T], rows: usize, shape: Shape) -> Vec<T> {
     let strip_len = rows * NR;
     let mut packed = vec![T::zero(); shape.in_dim.div_ceil(NR) * strip_len];
@@ -309,7 +309,7 @@ fn portable_block<T: Float, const MR: usize, const NR: usize>(b: Block<'_, T>, o
 /// values), or are copied into such rows here, so the tiles read memory in order, or with
 /// `STRIPS_IN_PLACE` are read where they are (rows `in_stride` apart; only a partial last strip is
 /// copied): copying them again for every block of output rows was 6% of a step under the AVX-512
-/// tiles, and 25-40% of a gradient under the portable ones on one thread (docs/scaling.md §36).
+/// tiles, and a fifth to a third of a gradient under the portable ones (docs/scaling.md §36).
 /// Edge tiles compute all `MR x NR` lanes: the delta panels are zero-padded, a partial strip's
 /// spare input lanes hold zeros or whatever the copy buffer held (an earlier strip's values), and
 /// only the real lanes are written out (no lane's value depends on another's).
@@ -343,8 +343,6 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE
             copy_short::<T, MR>(packed, &delta[at..at + mr]);
         }
     }
-    // The copy buffer for strips: every strip, or only a partial last one, or none when they
-    // come packed.
     if let Some(packed) = packed_strips {
         assert_eq!(packed.width, NR, "strips packed for the tiles' width");
         assert_eq!(
@@ -353,6 +351,8 @@ fn block_tiles<T: Float, const MR: usize, const NR: usize, const STRIPS_IN_PLACE
             "every strip"
         );
     }
+    // The copy buffer for strips: every strip, or only a partial last one, or none when they
+    // come packed.
     let copied = packed_strips.is_none() && (!STRIPS_IN_PLACE || shape.in_dim % NR != 0);
     let mut x = vec![T::zero(); if copied { n * NR } else { 0 }];
     // Column strips outside: a strip of every row of the input stays in L1 while the block's
@@ -639,7 +639,7 @@ mod tests {
             let mut b = whole_block(&program, &delta, &padded, out_dim, in_dim);
             b.shape.in_stride = stride;
             out.fill(f32::NAN);
-            portable_block::<f32, 4, 16>(b, &mut out);
+            portable_block::<f32, 4, PORTABLE_NR>(b, &mut out);
             assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, portable");
             let packed = pack_strips::<f32, PORTABLE_NR>(&padded, 23, b.shape);
             b.packed_strips = Some(PackedStrips {
