@@ -154,8 +154,8 @@ pub fn tree_weight_grad<T: Float>(
                 program,
                 delta,
                 input,
-                packed_strips: packed.as_deref().map(|values| PackedStrips {
-                    values,
+                packed_strips: packed.as_deref().map(|rows| PackedStrips {
+                    values: rows.as_flattened(),
                     width: PORTABLE_NR,
                 }),
                 shape,
@@ -190,16 +190,20 @@ fn avx512_tiles_run<T: Float>() -> bool {
 /// another (`NR` values a row, a partial last strip padded with zeros), as [`block_tiles`] reads
 /// them. Packed once per product: when every task copied the strips it read, a 784-wide input was
 /// copied once per 32 output rows, and a 400 x 784 weight gradient took 1.3-1.5 times as long on
-/// one thread of a Zen 3 (docs/scaling.md §36).
-fn pack_strips<T: Float, const NR: usize>(input: &[T], rows: usize, shape: Shape) -> Vec<T> {
-    let strip_len = rows * NR;
-    let mut packed = vec![T::zero(); shape.in_dim.div_ceil(NR) * strip_len];
-    for r in 0..rows {
-        let row = &input[r * shape.in_stride..][..shape.in_dim];
-        for (s, values) in row.chunks(NR).enumerate() {
-            copy_short::<T, NR>(&mut packed[s * strip_len + r * NR..][..NR], values);
-        }
-    }
+/// one thread of a Zen 3 (docs/scaling.md §36). Strip by strip, in parallel: row by row, writing
+/// into every strip in turn, took twice as long (docs/scaling.md §37).
+fn pack_strips<T: Float, const NR: usize>(input: &[T], rows: usize, shape: Shape) -> Vec<[T; NR]> {
+    let mut packed = vec![[T::zero(); NR]; shape.in_dim.div_ceil(NR) * rows];
+    packed
+        .par_chunks_mut(rows.max(1)) // (no rows: no strips, and no chunks)
+        .enumerate()
+        .for_each(|(strip, packed)| {
+            let (from, width) = (strip * NR, NR.min(shape.in_dim - strip * NR));
+            for (row, packed) in packed.iter_mut().enumerate() {
+                let from = row * shape.in_stride + from;
+                copy_short::<T, NR>(packed, &input[from..from + width]);
+            }
+        });
     packed
 }
 
@@ -546,7 +550,7 @@ mod tests {
             let packed = pack_strips::<f32, PORTABLE_NR>(&input, n, b.shape);
             let mut b = b;
             b.packed_strips = Some(PackedStrips {
-                values: &packed,
+                values: packed.as_flattened(),
                 width: PORTABLE_NR,
             });
             portable.fill(f32::NAN);
@@ -643,7 +647,7 @@ mod tests {
             assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, portable");
             let packed = pack_strips::<f32, PORTABLE_NR>(&padded, 23, b.shape);
             b.packed_strips = Some(PackedStrips {
-                values: &packed,
+                values: packed.as_flattened(),
                 width: PORTABLE_NR,
             });
             out.fill(f32::NAN);
