@@ -32,8 +32,9 @@
 use std::arch::x86_64::{
     __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cmpgt_epi32,
     _mm256_fmadd_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_mask_i32gather_ps, _mm256_maskload_ps,
-    _mm256_maskstore_ps, _mm256_mullo_epi32, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi32,
-    _mm256_setzero_ps, _mm256_store_ps, _mm256_storeu_ps,
+    _mm256_maskstore_ps, _mm256_mullo_epi32, _mm256_permute2f128_ps, _mm256_set1_epi32,
+    _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_store_ps,
+    _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
 };
 
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -266,6 +267,105 @@ unsafe fn a_times_b(
     }
 }
 
+/// `packed[p * 16 + lane] = strip[lane * lda + p]` for `p` in `columns` and the lanes `masks`
+/// select (zero in the others), one gather a column and half.
+///
+/// # Safety
+/// AVX2 is present; the selected lanes' rows of `strip` hold the columns; `packed` holds 16
+/// values for each column.
+#[target_feature(enable = "avx2")]
+unsafe fn gather_columns(
+    strip: *const f32,
+    columns: std::ops::Range<usize>,
+    lanes: [__m256i; 2],
+    masks: [__m256i; 2],
+    packed: *mut f32,
+) {
+    for p in columns {
+        for v in 0..2 {
+            // SAFETY (caller): as documented.
+            unsafe {
+                let g = _mm256_mask_i32gather_ps::<4>(
+                    _mm256_setzero_ps(),
+                    strip.add(p),
+                    lanes[v],
+                    _mm256_castsi256_ps(masks[v]),
+                );
+                _mm256_store_ps(packed.add(p * NR + 8 * v), g);
+            }
+        }
+    }
+}
+
+/// [`gather_columns`] of all `k` columns of a whole 16-row strip, 8 x 8 blocks at a time loaded
+/// by rows and transposed in registers (the last `k % 8` columns gathered): gathers of 8 lanes
+/// run at a fraction of the rate of row loads and shuffles on Zen 3 (docs/scaling.md §37).
+///
+/// # Safety
+/// AVX2 is present; the 16 rows of `strip`, `lda` apart, hold `k` values; `packed` holds `k` x 16
+/// values, 32-byte aligned.
+#[target_feature(enable = "avx2")]
+unsafe fn pack_transposed(
+    strip: *const f32,
+    lda: usize,
+    k: usize,
+    lanes: [__m256i; 2],
+    packed: *mut f32,
+) {
+    let whole = k - k % 8;
+    for p in (0..whole).step_by(8) {
+        for half in 0..2 {
+            // SAFETY (caller): rows 8 half..8 half + 8 hold columns p..p + 8; the pack holds
+            // rows p..p + 8 of 16 values.
+            unsafe {
+                let row = |r: usize| _mm256_loadu_ps(strip.add((8 * half + r) * lda + p));
+                let columns = transpose8(std::array::from_fn(row));
+                for (j, column) in columns.into_iter().enumerate() {
+                    _mm256_store_ps(packed.add((p + j) * NR + 8 * half), column);
+                }
+            }
+        }
+    }
+    let all = [_mm256_set1_epi32(-1); 2];
+    // SAFETY (caller): as above, for the last columns.
+    unsafe { gather_columns(strip, whole..k, lanes, all, packed) };
+}
+
+/// The 8 x 8 transpose of rows `r`: lane `i` of the result's `j` is lane `j` of `r[i]`.
+#[target_feature(enable = "avx2")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+        _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+    ]
+}
+
 /// `c (+)= a w^T`, `w: [n, k]` with rows of stride `ldw`, computed as `c^T = w a^T`: weights
 /// broadcast in place against 16-row strips of `a`, packed transposed (`[k][16]`), once per strip.
 /// A tile's sums are kept in an aligned scratch tile across blocks and stored into `c` once, one
@@ -297,16 +397,10 @@ unsafe fn a_times_w_t(
         // pack holds k x 16.
         unsafe {
             let strip = a.add(i0 * lda);
-            for p in 0..k {
-                for v in 0..2 {
-                    let g = _mm256_mask_i32gather_ps::<4>(
-                        _mm256_setzero_ps(),
-                        strip.add(p),
-                        a_lanes[v],
-                        _mm256_castsi256_ps(masks[v]),
-                    );
-                    _mm256_store_ps(packed.add(p * NR + 8 * v), g);
-                }
+            if height == NR {
+                pack_transposed(strip, lda, k, a_lanes, packed);
+            } else {
+                gather_columns(strip, 0..k, a_lanes, masks, packed);
             }
         }
         for j0 in (0..n).step_by(MR) {
