@@ -25,12 +25,14 @@
 //! found AVX2 and FMA. Pointers are formed from views whose shapes and strides
 //! [`super::gemm_layout::layout`] checked, and every access is inside the view: vector loads and
 //! stores of `b` and `c` rows only for whole 16-column strips, masked loads and stores (masked-off
-//! lanes are not accessed) for partial ones, masked gathers of `x` and `c` and scalar stores of
-//! `c` in `x W^T`; gather offsets fit in `i32` (checked).
+//! lanes are not accessed) for partial ones; in `x W^T`, loads of 8 values from whole strips' rows
+//! of `x`, masked gathers of `x` and `c` elsewhere, and stores of `c` as six values of a row of a
+//! whole tile or one value; gather offsets fit in `i32` (checked).
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cmpgt_epi32,
+    __m256, __m256i, _mm_castps_pd, _mm_store_sd, _mm_storeu_ps, _mm256_add_epi32, _mm256_add_ps,
+    _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cmpgt_epi32, _mm256_extractf128_ps,
     _mm256_fmadd_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_mask_i32gather_ps, _mm256_maskload_ps,
     _mm256_maskstore_ps, _mm256_mullo_epi32, _mm256_permute2f128_ps, _mm256_set1_epi32,
     _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_store_ps,
@@ -85,9 +87,10 @@ fn sgemm_on_any_avx2(
     }
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     match layout {
-        // Each tile's 96 results are stored one at a time; over a short inner dimension (the
-        // decoder's first layer, `k` = the latent size) those stores outweigh the tile's sums,
-        // and `matrixmultiply` is faster (docs/scaling.md §35).
+        // Each tile's 96 results are stored transposed (AVX2 has no scatter); over a short inner
+        // dimension (the decoder's first layer, `k` = the latent size) that outweighs the tile's
+        // sums, and `matrixmultiply` is faster (docs/scaling.md §35; still 0.84-0.92 of its speed
+        // at `k` = 20 with whole tiles stored by rows, §37).
         Layout::ATimesWT { .. } if k < SHORT_K => return false,
         Layout::ATimesWT { lda, ldw, ldc } => {
             // SAFETY: AVX2 and FMA are present; the views hold every element the kernel reads
@@ -331,6 +334,37 @@ unsafe fn pack_transposed(
     unsafe { gather_columns(strip, whole..k, lanes, all, packed) };
 }
 
+/// Stores a whole tile's sums (`MR` rows of 16 lanes, `tile[r * 16 + lane]`) into `c` transposed:
+/// lane `lane`'s `MR` values to `c[lane * ldc..][..MR]`, six values in two stores a row instead of
+/// one store each (docs/scaling.md §37).
+///
+/// # Safety
+/// AVX2 is present; `tile` holds `MR` x 16 values, 32-byte aligned; rows `0..16` of `c`, `ldc`
+/// apart, hold `MR` values each.
+#[target_feature(enable = "avx2")]
+unsafe fn store_whole_tile(tile: *const f32, c: *mut f32, ldc: usize) {
+    const _: () = assert!(MR == 6, "rows stored as four values and two");
+    for half in 0..2 {
+        // SAFETY (caller): as documented.
+        unsafe {
+            let row = |r: usize| {
+                if r < MR {
+                    _mm256_load_ps(tile.add(r * NR + 8 * half))
+                } else {
+                    _mm256_setzero_ps()
+                }
+            };
+            let lanes = transpose8(std::array::from_fn(row));
+            for (l, values) in lanes.into_iter().enumerate() {
+                let at = c.add((8 * half + l) * ldc);
+                _mm_storeu_ps(at, _mm256_castps256_ps128(values));
+                let high = _mm256_extractf128_ps::<1>(values);
+                _mm_store_sd(at.add(4).cast(), _mm_castps_pd(high));
+            }
+        }
+    }
+}
+
 /// The 8 x 8 transpose of rows `r`: lane `i` of the result's `j` is lane `j` of `r[i]`.
 #[target_feature(enable = "avx2")]
 fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
@@ -368,7 +402,8 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 
 /// `c (+)= a w^T`, `w: [n, k]` with rows of stride `ldw`, computed as `c^T = w a^T`: weights
 /// broadcast in place against 16-row strips of `a`, packed transposed (`[k][16]`), once per strip.
-/// A tile's sums are kept in an aligned scratch tile across blocks and stored into `c` once, one
+/// A tile's sums are kept in an aligned scratch tile across blocks and stored into `c` once:
+/// whole tiles transposed in registers, a row of `c` at a time ([`store_whole_tile`]), others one
 /// value at a time (AVX2 has no scatter).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -434,9 +469,13 @@ unsafe fn a_times_w_t(
                             }
                         }
                     }
-                    for r in 0..R {
-                        for lane in 0..height {
-                            *out.add(lane * ldc + r) = *tile.add(r * NR + lane);
+                    if R == MR && height == NR {
+                        store_whole_tile(tile, out, ldc);
+                    } else {
+                        for r in 0..R {
+                            for lane in 0..height {
+                                *out.add(lane * ldc + r) = *tile.add(r * NR + lane);
+                            }
                         }
                     }
                 })
