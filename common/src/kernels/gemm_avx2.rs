@@ -31,12 +31,13 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m256i, _mm_castps_pd, _mm_store_sd, _mm_storeu_ps, _mm256_add_epi32, _mm256_add_ps,
-    _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cmpgt_epi32, _mm256_extractf128_ps,
-    _mm256_fmadd_ps, _mm256_load_ps, _mm256_loadu_ps, _mm256_mask_i32gather_ps, _mm256_maskload_ps,
-    _mm256_maskstore_ps, _mm256_mullo_epi32, _mm256_permute2f128_ps, _mm256_set1_epi32,
-    _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_store_ps,
-    _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    __m256, __m256i, _mm_castps_si128, _mm_storel_epi64, _mm_storeu_ps, _mm256_add_epi32,
+    _mm256_add_ps, _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cmpgt_epi32,
+    _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_load_ps, _mm256_loadu_ps,
+    _mm256_mask_i32gather_ps, _mm256_maskload_ps, _mm256_maskstore_ps, _mm256_mullo_epi32,
+    _mm256_permute2f128_ps, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi32,
+    _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_store_ps, _mm256_storeu_ps, _mm256_unpackhi_ps,
+    _mm256_unpacklo_ps,
 };
 
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -271,11 +272,12 @@ unsafe fn a_times_b(
 }
 
 /// `packed[p * 16 + lane] = strip[lane * lda + p]` for `p` in `columns` and the lanes `masks`
-/// select (zero in the others), one gather a column and half.
+/// select (zero in the others), two 8-lane gathers a column; `lanes` are the rows' offsets,
+/// `lane_offsets(lda)`.
 ///
 /// # Safety
 /// AVX2 is present; the selected lanes' rows of `strip` hold the columns; `packed` holds 16
-/// values for each column.
+/// values for each column, 32-byte aligned.
 #[target_feature(enable = "avx2")]
 unsafe fn gather_columns(
     strip: *const f32,
@@ -308,18 +310,12 @@ unsafe fn gather_columns(
 /// AVX2 is present; the 16 rows of `strip`, `lda` apart, hold `k` values; `packed` holds `k` x 16
 /// values, 32-byte aligned.
 #[target_feature(enable = "avx2")]
-unsafe fn pack_transposed(
-    strip: *const f32,
-    lda: usize,
-    k: usize,
-    lanes: [__m256i; 2],
-    packed: *mut f32,
-) {
+unsafe fn pack_transposed(strip: *const f32, lda: usize, k: usize, packed: *mut f32) {
     let whole = k - k % 8;
     for p in (0..whole).step_by(8) {
         for half in 0..2 {
             // SAFETY (caller): rows 8 half..8 half + 8 hold columns p..p + 8; the pack holds
-            // rows p..p + 8 of 16 values.
+            // rows p..p + 8 of 16 values, stored at multiples of 8 values from its aligned start.
             unsafe {
                 let row = |r: usize| _mm256_loadu_ps(strip.add((8 * half + r) * lda + p));
                 let columns = transpose8(std::array::from_fn(row));
@@ -329,7 +325,7 @@ unsafe fn pack_transposed(
             }
         }
     }
-    let all = [_mm256_set1_epi32(-1); 2];
+    let (lanes, all) = (lane_offsets(lda), strip_masks(NR));
     // SAFETY (caller): as above, for the last columns.
     unsafe { gather_columns(strip, whole..k, lanes, all, packed) };
 }
@@ -359,7 +355,7 @@ unsafe fn store_whole_tile(tile: *const f32, c: *mut f32, ldc: usize) {
                 let at = c.add((8 * half + l) * ldc);
                 _mm_storeu_ps(at, _mm256_castps256_ps128(values));
                 let high = _mm256_extractf128_ps::<1>(values);
-                _mm_store_sd(at.add(4).cast(), _mm_castps_pd(high));
+                _mm_storel_epi64(at.add(4).cast(), _mm_castps_si128(high));
             }
         }
     }
@@ -433,7 +429,7 @@ unsafe fn a_times_w_t(
         unsafe {
             let strip = a.add(i0 * lda);
             if height == NR {
-                pack_transposed(strip, lda, k, a_lanes, packed);
+                pack_transposed(strip, lda, k, packed);
             } else {
                 gather_columns(strip, 0..k, a_lanes, masks, packed);
             }
@@ -511,6 +507,10 @@ mod tests {
             (33, 1, 17),
             (6, 256, 16),
             (15, 513, 11),
+            // Whole strips whose last column tile is whole too (the next tile cannot overwrite
+            // a store past its six columns).
+            (32, 67, 12),
+            (16, 64, 6),
             // Strips of exactly one vector; two whole blocks; tile heights 2-5 on both sides;
             // partial strips 9-15.
             (8, 300, 8),

@@ -154,8 +154,8 @@ pub fn tree_weight_grad<T: Float>(
                 program,
                 delta,
                 input,
-                packed_strips: packed.as_deref().map(|rows| PackedStrips {
-                    values: rows.as_flattened(),
+                packed_strips: packed.as_deref().map(|strips| PackedStrips {
+                    values: strips.as_flattened(),
                     width: PORTABLE_NR,
                 }),
                 shape,
@@ -194,14 +194,15 @@ fn avx512_tiles_run<T: Float>() -> bool {
 /// into every strip in turn, took twice as long (docs/scaling.md §37).
 fn pack_strips<T: Float, const NR: usize>(input: &[T], rows: usize, shape: Shape) -> Vec<[T; NR]> {
     let mut packed = vec![[T::zero(); NR]; shape.in_dim.div_ceil(NR) * rows];
+    // (Chunks must not be empty; with no rows the vector is, and there are none.)
     packed
-        .par_chunks_mut(rows.max(1)) // (no rows: no strips, and no chunks)
+        .par_chunks_mut(rows.max(1))
         .enumerate()
-        .for_each(|(strip, packed)| {
-            let (from, width) = (strip * NR, NR.min(shape.in_dim - strip * NR));
-            for (row, packed) in packed.iter_mut().enumerate() {
-                let from = row * shape.in_stride + from;
-                copy_short::<T, NR>(packed, &input[from..from + width]);
+        .for_each(|(strip, strip_rows)| {
+            let (first, width) = (strip * NR, NR.min(shape.in_dim - strip * NR));
+            for (row, dst) in strip_rows.iter_mut().enumerate() {
+                let at = row * shape.in_stride + first;
+                copy_short::<T, NR>(dst, &input[at..at + width]);
             }
         });
     packed
