@@ -299,7 +299,7 @@ fn avx512_tiles<const R: usize>(b: Block<'_, f32>, out: &mut [f32]) -> Option<()
 /// closure left out of line ran the AVX2 path's tile as baseline code calling `fmaf` per element.
 #[inline(always)]
 fn portable_block<T: Float, const MR: usize, const NR: usize>(b: Block<'_, T>, out: &mut [T]) {
-    let mut stack = vec![[[T::zero(); NR]; MR]; b.program.waiting];
+    let mut stack = vec![Waiting([[T::zero(); NR]; MR]); b.program.waiting];
     block_tiles::<T, MR, NR, false>(
         b,
         out,
@@ -400,6 +400,14 @@ fn copy_short<T: Float, const N: usize>(dst: &mut [T], src: &[T]) {
     }
 }
 
+/// A tile's sum waiting on [`tile_sum`]'s stack, aligned to a cache line: a `vec!` of plain
+/// arrays is only as aligned as the allocator makes it (16 bytes), and a 32-byte store or load of
+/// a push or a pop could straddle two lines. 2-5% of a 16-leaf gradient on one thread of a Zen 3,
+/// not measurable in a whole step (docs/scaling.md §37).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Waiting<T, const MR: usize, const NR: usize>([[T; NR]; MR]);
+
 /// Runs the program for one tile: row `r`'s delta values are `d[r * MR..][..MR]`, its input
 /// values `x[r * NR..][..NR]`. The running sum stays in registers; only sums waiting for their
 /// right neighbour go to `stack`.
@@ -408,14 +416,14 @@ fn tile_sum<T: Float, const MR: usize, const NR: usize>(
     program: &TreeProgram,
     d: &[T],
     x: &[T],
-    stack: &mut [[[T; NR]; MR]],
+    stack: &mut [Waiting<T, MR, NR>],
 ) -> [[T; NR]; MR] {
     let mut top = 0;
     let mut acc = [[T::zero(); NR]; MR];
     for (k, step) in program.steps.iter().enumerate() {
         if k > 0 {
             // The previous leaf's sum waits for its right neighbour.
-            stack[top] = acc;
+            stack[top].0 = acc;
             top += 1;
         }
         acc = [[T::zero(); NR]; MR];
@@ -434,7 +442,7 @@ fn tile_sum<T: Float, const MR: usize, const NR: usize>(
         }
         for _ in 0..step.adds {
             top -= 1;
-            let left = &stack[top];
+            let left = &stack[top].0;
             for (right, left) in acc.iter_mut().zip(left) {
                 for (r, &l) in right.iter_mut().zip(left) {
                     *r = l + *r;
