@@ -402,8 +402,8 @@ fn copy_short<T: Float, const N: usize>(dst: &mut [T], src: &[T]) {
 
 /// A tile's sum waiting on [`tile_sum`]'s stack, aligned to a cache line: a `vec!` of plain
 /// arrays is only as aligned as the allocator makes it (16 bytes), and a 32-byte store or load of
-/// a push or a pop could straddle two lines. 2-5% of a 16-leaf gradient on one thread of a Zen 3,
-/// not measurable in a whole step (docs/scaling.md §37).
+/// a push or a pop could straddle two lines. On one thread of a Zen 3, 16-leaf gradients gained
+/// 1-2% (400 x 784) and 4-11% (784 x 400); a whole step, nothing measurable (docs/scaling.md §37).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Waiting<T, const MR: usize, const NR: usize>([[T; NR]; MR]);
