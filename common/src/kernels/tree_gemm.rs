@@ -401,9 +401,10 @@ fn copy_short<T: Float, const N: usize>(dst: &mut [T], src: &[T]) {
 }
 
 /// A tile's sum waiting on [`tile_sum`]'s stack, aligned to a cache line: a `vec!` of plain
-/// arrays is only as aligned as the allocator makes it (16 bytes), and a 32-byte store or load of
-/// a push or a pop could straddle two lines. On one thread of a Zen 3, 16-leaf gradients gained
-/// 1-2% (400 x 784) and 4-11% (784 x 400); a whole step, nothing measurable (docs/scaling.md §37).
+/// arrays is only as aligned as the allocator makes it (16 bytes with glibc), so a push's or a
+/// pop's vector stores and loads could straddle two lines. On one thread of a Zen 3, 16-leaf
+/// gradients gained 1-2% in two of three runs (400 x 784) and 5-12% (784 x 400); a whole step,
+/// nothing beyond the noise (docs/scaling.md §37).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Waiting<T, const MR: usize, const NR: usize>([[T; NR]; MR]);
