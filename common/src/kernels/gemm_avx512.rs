@@ -26,15 +26,16 @@
 //! `is_x86_feature_detected!("avx512f")`. Pointers are formed from views whose shapes and strides
 //! [`super::gemm_layout::layout`] checked (shapes that agree, non-negative strides, unit stride
 //! where read contiguously), and every access is inside the view: vector loads of `W` rows only
-//! for full 32-column panels, masked loads, gathers and scatters elsewhere (masked-off lanes are
-//! not accessed); gather and scatter offsets fit in `i32` (checked).
+//! for full 32-column panels, masked loads and stores of rows elsewhere (masked-off lanes are
+//! not accessed), and gathers of `c` when accumulating; gather offsets fit in `i32` (checked).
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
     __m512, __m512i, __mmask16, _mm512_add_epi32, _mm512_add_ps, _mm512_fmadd_ps, _mm512_load_ps,
-    _mm512_loadu_ps, _mm512_mask_i32gather_ps, _mm512_mask_i32scatter_ps, _mm512_mask_storeu_ps,
-    _mm512_maskz_loadu_ps, _mm512_mullo_epi32, _mm512_set1_epi32, _mm512_set1_ps,
-    _mm512_setr_epi32, _mm512_setzero_ps, _mm512_store_ps,
+    _mm512_loadu_ps, _mm512_mask_i32gather_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+    _mm512_mullo_epi32, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps,
+    _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_store_ps, _mm512_unpackhi_ps,
+    _mm512_unpacklo_ps,
 };
 
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -46,14 +47,18 @@ const NR: usize = 32;
 /// Rows of a tile's broadcast side: 24 accumulators, two vectors, one broadcast.
 const MR: usize = 12;
 
+/// Inner dimensions below this go to `matrixmultiply` in the `x W^T` layout (see [`sgemm`]).
+const SHORT_K: usize = 64;
+
 /// A 64-byte-aligned block of floats for packed operands and tiles.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct Line([f32; 16]);
 
 /// `c = a b` (or `c += a b` when `accumulate`) for f32 views, with `matrixmultiply`'s bits.
-/// Returns `false`, touching nothing, when this CPU lacks AVX-512F or the layout is not one these
-/// kernels take: `a` and `c` with contiguous rows, `b` with contiguous rows or columns.
+/// Returns `false`, touching nothing, when this CPU lacks AVX-512F, the layout is not one these
+/// kernels take (`a` and `c` with contiguous rows, `b` with contiguous rows or columns), or it is
+/// an `x W^T` with an inner dimension below [`SHORT_K`].
 pub(super) fn sgemm(
     a: &ArrayView2<f32>,
     b: &ArrayView2<f32>,
@@ -69,6 +74,10 @@ pub(super) fn sgemm(
     }
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     match layout {
+        // Over a short inner dimension (the decoder's first layer, `k` = the latent size) storing
+        // each tile's results outweighs its sums, and `matrixmultiply` is faster: 0.014 against
+        // 0.019 ms at `k` = 20 (docs/scaling.md §38).
+        Layout::ATimesWT { .. } if k < SHORT_K => return false,
         Layout::ATimesWT { lda, ldw, ldc } => {
             // SAFETY: AVX-512F is present; the views hold every element the kernel reads and
             // writes (checked by `layout`).
@@ -264,9 +273,124 @@ unsafe fn a_times_b(
     }
 }
 
+/// The 16 x 16 transpose of rows `r`: lane `i` of the result's `j` is lane `j` of `r[i]`.
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // Pairs of rows interleaved, then quads: `u[4 q + j]` holds column `j` (and `j + 4`, `j + 8`,
+    // `j + 12` in its other 128-bit lanes) of rows `4 q..4 q + 4`.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (q, j) = (i / 4, i % 4);
+        let (a, b) = (t[4 * q + j / 2], t[4 * q + j / 2 + 2]);
+        if j % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    // Then 128-bit lanes: `v[j]` (`v[j + 4]`) holds columns `j`, `j + 8` (`j + 4`, `j + 12`) of
+    // rows 0..8, `v[8 + ..]` the same of rows 8..16.
+    let v: [__m512; 16] = std::array::from_fn(|i| {
+        let (half, j) = (i / 8, i % 4);
+        let (a, b) = (u[8 * half + j], u[8 * half + 4 + j]);
+        if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(a, b)
+        }
+    });
+    std::array::from_fn(|j| {
+        let (a, b) = (v[j % 8], v[8 + j % 8]);
+        if j < 8 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(a, b)
+        }
+    })
+}
+
+/// Packs the first `height` rows of a strip of `a` transposed: `packed[p * 32 + lane] =
+/// strip[lane * lda + p]` for `p` in `0..k` (zero for lanes from `height` on), 16 x 16 blocks
+/// loaded by rows (masked past `k`) and transposed in registers: 16-lane gathers took longer
+/// (docs/scaling.md §38).
+///
+/// # Safety
+/// AVX-512F is present; the `height` (at most 32) rows of `strip`, `lda` apart, hold `k` values;
+/// `packed` holds `k` x 32 values, 64-byte aligned.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_transposed(
+    strip: *const f32,
+    lda: usize,
+    k: usize,
+    height: usize,
+    packed: *mut f32,
+) {
+    for half in 0..2 {
+        let rows = height.saturating_sub(16 * half).min(16);
+        for p in (0..k).step_by(16) {
+            let width = (k - p).min(16);
+            // SAFETY (caller): rows 16 half..16 half + rows hold columns p..p + width (masked-off
+            // lanes are not read); the pack holds rows p..p + width of 32 values, stored at
+            // multiples of 16 values from its aligned start.
+            unsafe {
+                let row = |r: usize| {
+                    if r < rows {
+                        _mm512_maskz_loadu_ps(mask(width), strip.add((16 * half + r) * lda + p))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                };
+                let columns = transpose16(std::array::from_fn(row));
+                for (j, column) in columns.into_iter().enumerate().take(width) {
+                    _mm512_store_ps(packed.add((p + j) * NR + 16 * half), column);
+                }
+            }
+        }
+    }
+}
+
+/// Stores a tile's sums (`R` rows of 32 lanes, `tile[r * 32 + lane]`) into `c` transposed: lane
+/// `lane < height`'s `R` values to `c[lane * ldc..][..R]`, one masked store a row of `c` instead
+/// of a 16-lane scatter per row of the tile (docs/scaling.md §38).
+///
+/// # Safety
+/// AVX-512F is present; `tile` holds `R` x 32 values, 64-byte aligned; rows `0..height` of `c`,
+/// `ldc` apart, hold `R` values each.
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile<const R: usize>(tile: *const f32, height: usize, c: *mut f32, ldc: usize) {
+    for half in 0..2 {
+        let lanes = height.saturating_sub(16 * half).min(16);
+        if lanes == 0 {
+            break;
+        }
+        // SAFETY (caller): as documented.
+        unsafe {
+            let row = |r: usize| {
+                if r < R {
+                    _mm512_load_ps(tile.add(r * NR + 16 * half))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            };
+            let values = transpose16(std::array::from_fn(row));
+            for (l, values) in values.into_iter().enumerate().take(lanes) {
+                _mm512_mask_storeu_ps(c.add((16 * half + l) * ldc), mask(R), values);
+            }
+        }
+    }
+}
+
 /// `c (+)= a w^T`, `w: [n, k]` with rows of stride `ldw`, computed as `c^T = w a^T`: weights
 /// broadcast in place against 32-row strips of `a`, packed transposed (`[k][32]`), once per strip.
-/// A tile's sums are kept in an aligned scratch tile across blocks and scattered into `c` once.
+/// A tile's sums are kept in an aligned scratch tile across blocks and stored into `c` once,
+/// transposed in registers.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn a_times_w_t(
@@ -285,27 +409,12 @@ unsafe fn a_times_w_t(
     let packed: *mut f32 = packed.as_mut_ptr().cast();
     let mut tile = [Line([0.0; 16]); 2 * MR];
     let tile: *mut f32 = tile.as_mut_ptr().cast();
-    let a_lanes = lane_offsets(lda);
     let c_lanes = lane_offsets(ldc);
     for i0 in (0..m).step_by(NR) {
         let height = (m - i0).min(NR);
         let masks = strip_masks(height);
-        // SAFETY: rows i0..i0 + height of a hold k values (masked-off lanes are not read); the
-        // pack holds k x 32.
-        unsafe {
-            let strip = a.add(i0 * lda);
-            for p in 0..k {
-                for v in 0..2 {
-                    let g = _mm512_mask_i32gather_ps::<4>(
-                        _mm512_setzero_ps(),
-                        masks[v],
-                        a_lanes[v],
-                        strip.add(p),
-                    );
-                    _mm512_store_ps(packed.add(p * NR + 16 * v), g);
-                }
-            }
-        }
+        // SAFETY: rows i0..i0 + height of a hold k values; the pack holds k x 32.
+        unsafe { pack_transposed(a.add(i0 * lda), lda, k, height, packed) };
         for j0 in (0..n).step_by(MR) {
             let rows = (n - j0).min(MR);
             // SAFETY: column j0 + r < n of rows i0..i0 + height of c; rows j0..j0 + rows of w.
@@ -336,12 +445,7 @@ unsafe fn a_times_w_t(
                             }
                         }
                     }
-                    for r in 0..R {
-                        for v in 0..2 {
-                            let sum = _mm512_load_ps(tile.add(r * NR + 16 * v));
-                            _mm512_mask_i32scatter_ps::<4>(out.add(r), masks[v], c_lanes[v], sum);
-                        }
-                    }
+                    store_tile::<R>(tile, height, out, ldc);
                 })
             }
         }
@@ -354,21 +458,10 @@ mod tests {
     use super::*;
     use ndarray::{Array2, s};
 
-    /// `matrixmultiply`'s result, the reference these kernels must reproduce bit for bit.
-    fn reference(
-        a: &ArrayView2<f32>,
-        b: &ArrayView2<f32>,
-        beta: f32,
-        c: &Array2<f32>,
-    ) -> Array2<f32> {
-        let mut want = c.clone();
-        ndarray::linalg::general_mat_mul(1.0, a, b, beta, &mut want);
-        want
-    }
-
     /// Every shape class (whole and partial tiles and strips, one block or several with a short
     /// last one, one row, one column), both layouts of `b`, overwrite and accumulate, views cut
-    /// out of wider arrays: the same bits as `matrixmultiply`.
+    /// out of wider arrays, `c` inside NaN margins: the same bits as `matrixmultiply`, and `c`
+    /// left alone where a short `x W^T` is declined.
     #[test]
     fn same_bits_as_matrixmultiply() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
@@ -386,11 +479,14 @@ mod tests {
             (31, 513, 11),
             // Two whole blocks; tile heights 2, 3, 6, 10 on both sides; partial strips 17-31.
             (2, 512, 20),
-            (3, 40, 3),
+            (3, 70, 3),
             (6, 270, 6),
             (10, 100, 10),
             (20, 513, 26),
             (29, 300, 31),
+            // Whole tiles of 12 in whole strips with k % 16 = 4; a strip of exactly 16 rows.
+            (64, 100, 12),
+            (16, 70, 24),
         ];
         for (salt, &(m, k, n)) in shapes.iter().enumerate() {
             let salt = salt as u64;
@@ -405,22 +501,29 @@ mod tests {
             ];
             for (name, b) in cases {
                 for accumulate in [false, true] {
-                    let start = if accumulate {
-                        filled(m, n, salt + 300)
-                    } else {
-                        Array2::from_elem((m, n), f32::NAN)
-                    };
-                    let want = reference(&a, &b, if accumulate { 1.0 } else { 0.0 }, &start);
+                    let case = format!("{name} {m}x{k}x{n} acc {accumulate}");
+                    // `c` inside NaN margins: 2 columns left, 4 right.
+                    let mut start = Array2::from_elem((m, n + 6), f32::NAN);
+                    if accumulate {
+                        start
+                            .slice_mut(s![.., 2..n + 2])
+                            .assign(&filled(m, n, salt + 300));
+                    }
+                    let mut want = start.clone();
+                    let beta = if accumulate { 1.0 } else { 0.0 };
+                    let mut want_c = want.slice_mut(s![.., 2..n + 2]);
+                    ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, &mut want_c);
                     let mut got = start.clone();
-                    assert!(
-                        sgemm(&a, &b, accumulate, &mut got.view_mut()),
-                        "{name} {m}x{k}x{n} taken"
-                    );
-                    assert_eq!(
-                        bits(&got),
-                        bits(&want),
-                        "{name} {m}x{k}x{n} acc {accumulate}"
-                    );
+                    let mut c = got.slice_mut(s![.., 2..n + 2]);
+                    // (With `k` = 1 both cases have the `x W^T` layout.)
+                    let w_t = matches!(layout(&a, &b, &c, NR), Some(Layout::ATimesWT { .. }));
+                    let taken = sgemm(&a, &b, accumulate, &mut c);
+                    assert_eq!(taken, !w_t || k >= SHORT_K, "{case}: taken");
+                    if taken {
+                        assert_eq!(bits(&got), bits(&want), "{case}");
+                    } else {
+                        assert_eq!(bits(&got), bits(&start), "{case}: left alone");
+                    }
                 }
             }
         }
