@@ -7,7 +7,8 @@
 //! packing is most of the work. These kernels read the weights where they are: `x W^T` (the
 //! forward products) is computed as its transpose `W x^T`, broadcasting weights in place against
 //! vectors of a packed `x^T` (32 rows of activations, not 400 x 784 weights); `delta W` (the
-//! backward products) broadcasts `delta` against vectors of `W`'s rows in place. On the Intel
+//! backward products) broadcasts `delta` in place against vectors of `W`'s rows, packed a strip of
+//! 32 columns by 256 rows at a time, which every tile of the strip reads. On the Intel
 //! Xeon of docs/scaling.md §22, one thread, the three large products of a step at 128 rows ran
 //! 20-35% faster than `matrixmultiply`'s AVX-512 kernel, at 32 rows 30-60% faster.
 //!
@@ -25,9 +26,9 @@
 //! Unsafe: the `#[target_feature]` functions are called only after
 //! `is_x86_feature_detected!("avx512f")`. Pointers are formed from views whose shapes and strides
 //! [`super::gemm_layout::layout`] checked (shapes that agree, non-negative strides, unit stride
-//! where read contiguously), and every access is inside the view: vector loads of `W` rows only
-//! for full 32-column panels, masked loads and stores of rows elsewhere (masked-off lanes are
-//! not accessed), and gathers of `c` when accumulating; gather offsets fit in `i32` (checked).
+//! where read contiguously), and every access is inside the view: scalar loads of broadcast
+//! values, masked loads and stores of rows (masked-off lanes are not accessed), and, in `x W^T`
+//! when accumulating, masked gathers of `c`; gather offsets fit in `i32` (checked).
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
@@ -205,7 +206,9 @@ macro_rules! with_rows {
 }
 
 /// `c (+)= a b`, `b: [k, n]` with rows of stride `ldb`: `a`'s values broadcast (rows in place)
-/// against 32-column strips of `b`'s rows (in place when whole, else packed with masked loads).
+/// against 32-column strips of `b`'s rows, packed 256 rows at a time (32 KiB, read by every tile
+/// of the strip): 0.99-1.03x `matrixmultiply`'s time for the 784-400 layer's `delta W` where
+/// reading whole strips in place took 0.89-0.92x (docs/scaling.md §38).
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn a_times_b(
@@ -230,19 +233,15 @@ unsafe fn a_times_b(
             // SAFETY: rows k0..k0 + kc of b hold columns j0..j0 + width; the pack holds 32 x KC.
             let (right, ldr) = unsafe {
                 let strip = b.add(k0 * ldb + j0);
-                if width == NR {
-                    (strip, ldb)
-                } else {
-                    for p in 0..kc {
-                        let row = strip.add(p * ldb);
-                        _mm512_store_ps(packed.add(p * NR), _mm512_maskz_loadu_ps(low, row));
-                        // `wrapping_add`: past a short last row it points beyond `b`,
-                        // and the mask (then empty) keeps it from being read.
-                        let rest = _mm512_maskz_loadu_ps(high, row.wrapping_add(16));
-                        _mm512_store_ps(packed.add(p * NR + 16), rest);
-                    }
-                    (packed.cast_const(), NR)
+                for p in 0..kc {
+                    let row = strip.add(p * ldb);
+                    _mm512_store_ps(packed.add(p * NR), _mm512_maskz_loadu_ps(low, row));
+                    // `wrapping_add`: past a short last row it points beyond `b`, and the mask
+                    // (then empty) keeps it from being read.
+                    let rest = _mm512_maskz_loadu_ps(high, row.wrapping_add(16));
+                    _mm512_store_ps(packed.add(p * NR + 16), rest);
                 }
+                (packed.cast_const(), NR)
             };
             let add = accumulate || k0 > 0;
             for i0 in (0..m).step_by(MR) {
