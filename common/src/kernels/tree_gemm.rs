@@ -143,9 +143,16 @@ pub fn tree_weight_grad<T: Float>(
         in_dim,
         in_stride,
     };
-    // The portable tiles read the input's strips packed; packed here once, not by every task.
-    let packed =
-        (!avx512_tiles_run::<T>()).then(|| pack_strips::<T, PORTABLE_NR>(input, rows, shape));
+    // The tiles read the input's strips packed, at their width; packed here once, not by every
+    // task. (The AVX-512 tiles read them in place until docs/scaling.md §38: packed, the engine
+    // with 16 shards gained 2.7%.)
+    let (packed, width) = if avx512_tiles_run::<T>() {
+        let packed = pack_strips::<T, AVX512_NR>(input, rows, shape);
+        (packed.into_flattened(), AVX512_NR)
+    } else {
+        let packed = pack_strips::<T, PORTABLE_NR>(input, rows, shape);
+        (packed.into_flattened(), PORTABLE_NR)
+    };
     let rows_per_task = rows_per_task::<T>(program);
     out.par_chunks_mut(rows_per_task * in_dim)
         .enumerate()
@@ -154,9 +161,9 @@ pub fn tree_weight_grad<T: Float>(
                 program,
                 delta,
                 input,
-                packed_strips: packed.as_deref().map(|strips| PackedStrips {
-                    values: strips.as_flattened(),
-                    width: PORTABLE_NR,
+                packed_strips: Some(PackedStrips {
+                    values: &packed,
+                    width,
                 }),
                 shape,
                 first_row: task * rows_per_task,
@@ -168,6 +175,10 @@ pub fn tree_weight_grad<T: Float>(
 /// Columns of the portable tile.
 const PORTABLE_NR: usize = 16;
 
+/// Columns of the AVX-512 tiles (`tree_tile_avx512::NR`; [`block_tiles`] checks that the strips'
+/// width is its tiles').
+const AVX512_NR: usize = 32;
+
 /// The input cut into column strips of `width` values a row by [`pack_strips`].
 #[derive(Clone, Copy)]
 struct PackedStrips<'a, T> {
@@ -175,7 +186,7 @@ struct PackedStrips<'a, T> {
     width: usize,
 }
 
-/// Whether [`block`] runs the AVX-512 tiles (which read the input's strips where they are).
+/// Whether [`block`] runs the AVX-512 tiles (which read strips [`AVX512_NR`] columns wide).
 /// Only f32 on a CPU with AVX-512F: the same test as `tree_tile_avx512::with_avx512`'s.
 fn avx512_tiles_run<T: Float>() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -235,8 +246,13 @@ fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
             program: b.program,
             delta,
             input,
-            // The AVX-512 tiles are 32 columns wide and read the strips where they are.
-            packed_strips: None,
+            // Strips packed for the tiles, or (only where none were, as in tests) read in place.
+            packed_strips: b.packed_strips.and_then(|p| {
+                Some(PackedStrips {
+                    values: T::as_f32_slice(p.values)?,
+                    width: p.width,
+                })
+            }),
             shape: b.shape,
             first_row: b.first_row,
         };
@@ -263,7 +279,7 @@ struct Block<'a, T> {
     first_row: usize,
 }
 
-/// The block in AVX-512 tiles (`tree_tile_avx512`), input strips read in place; `None` (nothing
+/// The block in AVX-512 tiles (`tree_tile_avx512`), strips packed or in place; `None` (nothing
 /// written) when this CPU lacks AVX-512F.
 #[cfg(target_arch = "x86_64")]
 fn avx512_block(b: Block<'_, f32>, out: &mut [f32]) -> Option<()> {
@@ -628,8 +644,8 @@ mod tests {
     }
 
     /// Input rows farther apart than their width (padding that must never be read: NaN), through
-    /// the dispatch (the AVX-512 tiles read strips in place, rows `in_stride` apart) and the
-    /// portable tiles.
+    /// the dispatch (which packs the strips), the AVX-512 tiles reading the strips in place (rows
+    /// `in_stride` apart) and the portable tiles.
     #[test]
     fn input_rows_with_padding_between_them_give_the_same_bits() {
         let node = Node { lo: 0, hi: 5 };
@@ -652,6 +668,13 @@ mod tests {
             assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, dispatched");
             let mut b = whole_block(&program, &delta, &padded, out_dim, in_dim);
             b.shape.in_stride = stride;
+            #[cfg(target_arch = "x86_64")]
+            {
+                out.fill(f32::NAN);
+                if avx512_block(b, &mut out).is_some() {
+                    assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, in place");
+                }
+            }
             out.fill(f32::NAN);
             portable_block::<f32, 4, PORTABLE_NR>(b, &mut out);
             assert_eq!(bits(&out), bits(&want), "{out_dim} x {in_dim}, portable");
