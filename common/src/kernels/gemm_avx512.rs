@@ -4,13 +4,14 @@
 //! Why: `matrixmultiply` packs both operands into its own layout on every call, and the engine
 //! calls it once per piece of a product (`linalg::gemm` splits them across threads), so every
 //! piece re-packs the whole weight matrix. With 32 rows a worker (4 workers, batch 128) that
-//! packing is most of the work. These kernels read the weights where they are: `x W^T` (the
-//! forward products) is computed as its transpose `W x^T`, broadcasting weights in place against
-//! vectors of a packed `x^T` (32 rows of activations, not 400 x 784 weights); `delta W` (the
-//! backward products) broadcasts `delta` in place against vectors of `W`'s rows, packed a strip of
-//! 32 columns by 256 rows at a time, which every tile of the strip reads. On the Intel
-//! Xeon of docs/scaling.md §22, one thread, the three large products of a step at 128 rows ran
-//! 20-35% faster than `matrixmultiply`'s AVX-512 kernel, at 32 rows 30-60% faster.
+//! packing is most of the work. `x W^T` (the forward products) is computed as its transpose
+//! `W x^T`, broadcasting weights in place against vectors of a packed `x^T` (32 rows of
+//! activations, not 400 x 784 weights); `delta W` (the backward products) broadcasts `delta` in
+//! place against vectors of `W`'s rows, packed 32 columns by 256 rows at a time (a strip every
+//! tile of it reads, once per piece), which measured faster than reading them in place. On the
+//! Intel Xeon of docs/scaling.md §22, one thread, the three large products of a step at 128 rows
+//! ran 20-35% faster than `matrixmultiply`'s AVX-512 kernel, at 32 rows 30-60% faster; on the one
+//! of §38, at 128 rows, 0.99-1.13x its speed.
 //!
 //! Bits: every output element gets `matrixmultiply`'s operations in its order (see
 //! `archparam::S_KC` and `gemm_loop` in that crate): the inner dimension is cut into blocks of
@@ -77,7 +78,8 @@ pub(super) fn sgemm(
     match layout {
         // Over a short inner dimension (the decoder's first layer, `k` = the latent size) storing
         // each tile's results outweighs its sums, and `matrixmultiply` is faster: 0.014 against
-        // 0.019 ms at `k` = 20 (docs/scaling.md §38).
+        // 0.019 ms at `k` = 20 with tiles stored by rows (0.025 with scatters; §38 of
+        // docs/scaling.md).
         Layout::ATimesWT { .. } if k < SHORT_K => return false,
         Layout::ATimesWT { lda, ldw, ldc } => {
             // SAFETY: AVX-512F is present; the views hold every element the kernel reads and
@@ -207,8 +209,8 @@ macro_rules! with_rows {
 
 /// `c (+)= a b`, `b: [k, n]` with rows of stride `ldb`: `a`'s values broadcast (rows in place)
 /// against 32-column strips of `b`'s rows, packed 256 rows at a time (32 KiB, read by every tile
-/// of the strip): 0.99-1.03x `matrixmultiply`'s time for the 784-400 layer's `delta W` where
-/// reading whole strips in place took 0.89-0.92x (docs/scaling.md §38).
+/// of the strip): the 784-400 layer's `delta W` ran at 0.99-1.03x `matrixmultiply`'s speed so,
+/// where reading whole strips in place ran at 0.89-0.92x (docs/scaling.md §38).
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn a_times_b(
@@ -316,9 +318,10 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 }
 
 /// Packs the first `height` rows of a strip of `a` transposed: `packed[p * 32 + lane] =
-/// strip[lane * lda + p]` for `p` in `0..k` (zero for lanes from `height` on), 16 x 16 blocks
-/// loaded by rows (masked past `k`) and transposed in registers: 16-lane gathers took longer
-/// (docs/scaling.md §38).
+/// strip[lane * lda + p]` for `p` in `0..k`, 16 x 16 blocks loaded by rows (masked past `k`) and
+/// transposed in registers: two 16-lane gathers a column took longer (docs/scaling.md §38).
+/// Lanes from `height` on are never loaded: zero in the first 16, left as they were in the
+/// second 16 when `height` is 16 or less (then read only under an empty mask).
 ///
 /// # Safety
 /// AVX-512F is present; the `height` (at most 32) rows of `strip`, `lda` apart, hold `k` values;
@@ -333,15 +336,19 @@ unsafe fn pack_transposed(
 ) {
     for half in 0..2 {
         let rows = height.saturating_sub(16 * half).min(16);
+        if rows == 0 {
+            break;
+        }
         for p in (0..k).step_by(16) {
             let width = (k - p).min(16);
+            let within_k = mask(width);
             // SAFETY (caller): rows 16 half..16 half + rows hold columns p..p + width (masked-off
             // lanes are not read); the pack holds rows p..p + width of 32 values, stored at
             // multiples of 16 values from its aligned start.
             unsafe {
                 let row = |r: usize| {
                     if r < rows {
-                        _mm512_maskz_loadu_ps(mask(width), strip.add((16 * half + r) * lda + p))
+                        _mm512_maskz_loadu_ps(within_k, strip.add((16 * half + r) * lda + p))
                     } else {
                         _mm512_setzero_ps()
                     }
@@ -364,6 +371,7 @@ unsafe fn pack_transposed(
 /// `ldc` apart, hold `R` values each.
 #[target_feature(enable = "avx512f")]
 unsafe fn store_tile<const R: usize>(tile: *const f32, height: usize, c: *mut f32, ldc: usize) {
+    const { assert!(R <= 16, "a tile row per lane of one 16 x 16 transpose") };
     for half in 0..2 {
         let lanes = height.saturating_sub(16 * half).min(16);
         if lanes == 0 {
@@ -478,6 +486,7 @@ mod tests {
             (31, 513, 11),
             // Two whole blocks; tile heights 2, 3, 6, 10 on both sides; partial strips 17-31.
             (2, 512, 20),
+            (3, 40, 3),
             (3, 70, 3),
             (6, 270, 6),
             (10, 100, 10),
@@ -486,6 +495,9 @@ mod tests {
             // Whole tiles of 12 in whole strips with k % 16 = 4; a strip of exactly 16 rows.
             (64, 100, 12),
             (16, 70, 24),
+            // A strip of 17 rows at `k` = `SHORT_K`; `a b` with a short `k`.
+            (17, 64, 13),
+            (5, 7, 40),
         ];
         for (salt, &(m, k, n)) in shapes.iter().enumerate() {
             let salt = salt as u64;

@@ -12,8 +12,8 @@ pub(super) const KC: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Layout {
     /// `b = W^T` with `W: [n, k]` in contiguous rows of stride `ldw` (a layer's weight in
-    /// `x W^T`), and `lda`, `ldc` times the kernel's strip width within `i32` (its gathers and
-    /// scatters reach that many rows ahead with `i32` offsets).
+    /// `x W^T`), and `lda`, `ldc` times the kernel's strip width within `i32` (its gathers reach
+    /// that many rows ahead with `i32` offsets).
     ATimesWT { lda: usize, ldw: usize, ldc: usize },
     /// `b: [k, n]` in contiguous rows of stride `ldb`.
     ATimesB { lda: usize, ldb: usize, ldc: usize },
