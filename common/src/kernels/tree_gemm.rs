@@ -175,9 +175,10 @@ pub fn tree_weight_grad<T: Float>(
 /// Columns of the portable tile.
 const PORTABLE_NR: usize = 16;
 
-/// Columns of the AVX-512 tiles (`tree_tile_avx512::NR`; [`block_tiles`] checks that the strips'
-/// width is its tiles').
+/// Columns of the AVX-512 tiles (`tree_tile_avx512::NR`).
 const AVX512_NR: usize = 32;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(AVX512_NR == super::tree_tile_avx512::NR);
 
 /// The input cut into column strips of `width` values a row by [`pack_strips`].
 #[derive(Clone, Copy)]
@@ -260,6 +261,11 @@ fn block<T: Float>(b: Block<'_, T>, out: &mut [T]) {
             return;
         }
     }
+    // (Strips packed for the AVX-512 tiles are 32 wide; these tiles are 16, and pack their own.)
+    let b = Block {
+        packed_strips: b.packed_strips.filter(|p| p.width == PORTABLE_NR),
+        ..b
+    };
     with_widest_vectors(
         #[inline(always)]
         || portable_block::<T, 4, PORTABLE_NR>(b, out),
@@ -326,11 +332,12 @@ fn portable_block<T: Float, const MR: usize, const NR: usize>(b: Block<'_, T>, o
 
 /// The block in `MR x NR` tiles, each summed by `tile(delta panel, input strip, strip's row
 /// stride)`. The block's delta columns are first copied into panels of `MR` output rows, row after
-/// row. The input's column strips come packed for every block ([`pack_strips`], rows of `NR`
-/// values), or are copied into such rows here, so the tiles read memory in order, or with
-/// `STRIPS_IN_PLACE` are read where they are (rows `in_stride` apart; only a partial last strip is
-/// copied): copying them again for every block of output rows was 6% of a step under the AVX-512
-/// tiles, and a fifth to a third of a gradient under the portable ones (docs/scaling.md §36).
+/// row. The input's column strips come packed once per product and shared by every block
+/// ([`pack_strips`], rows of `NR` values), so the tiles read memory in order. Given none (tests
+/// only), they are copied into such rows here, or with `STRIPS_IN_PLACE` read where they are
+/// (rows `in_stride` apart; only a partial last strip is copied): copying them again for every
+/// block of output rows was 6% of a step under the AVX-512 tiles, and a fifth to a third of a
+/// gradient under the portable ones (docs/scaling.md §36).
 /// Edge tiles compute all `MR x NR` lanes: the delta panels are zero-padded, a partial strip's
 /// spare input lanes hold zeros or whatever the copy buffer held (an earlier strip's values), and
 /// only the real lanes are written out (no lane's value depends on another's).
@@ -591,7 +598,8 @@ mod tests {
 
     /// The AVX-512 tiles against the portable ones, directly (not through the dispatch), over
     /// shapes with partial panels and strips on both sides: both tile heights (pairs fused in the
-    /// paired tiles' height, and not in the other) on trees with and without pairs of leaves.
+    /// paired tiles' height, and not in the other) on trees with and without pairs of leaves,
+    /// strips read in place and packed.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_tiles_give_the_portable_tiles_bits() {
@@ -639,6 +647,26 @@ mod tests {
                     bits(&want),
                     "{node:?} {out_dim} x {in_dim}, 6 rows"
                 );
+                // With the strips packed once, 32 wide, as the dispatch gives them.
+                let packed = pack_strips::<f32, AVX512_NR>(&input, 29, b.shape);
+                let mut b = b;
+                b.packed_strips = Some(PackedStrips {
+                    values: packed.as_flattened(),
+                    width: AVX512_NR,
+                });
+                for rows in [None, Some(MR), Some(PAIR_MR)] {
+                    got.fill(f32::NAN);
+                    match rows {
+                        None => avx512_block(b, &mut got),
+                        Some(MR) => avx512_tiles::<MR>(b, &mut got),
+                        Some(_) => avx512_tiles::<PAIR_MR>(b, &mut got),
+                    };
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{node:?} {out_dim} x {in_dim}, {rows:?} rows, packed strips"
+                    );
+                }
             }
         }
     }

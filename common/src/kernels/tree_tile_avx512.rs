@@ -9,13 +9,13 @@
 //! 39% of a training step (`worker bench`, Zen 5). Wider tiles in portable Rust are not
 //! vectorised by LLVM (it emitted 128 scalar FMAs for an 8 x 16 tile, docs/scaling.md §13), so
 //! this one spells out its vector operations. Per row of the node it loads two vectors of input
-//! (from the strips `tree_gemm` packs once per product; re-packing them for every block of
-//! output rows was 6% of a step, and reading them in place 2.7% slower for the engine with 16
-//! shards on an Intel Xeon, docs/scaling.md §38) and broadcasts eight delta values for sixteen
-//! FMAs (six for twelve in the paired tiles). Measured on a Zen 5 EPYC (`worker bench`,
-//! interleaved, 5 of 5 pairs each): 8 x 16 +10% over 4 x 16, 8 x 32 +12% over 8 x 16, 8 x 48 no
-//! better than 8 x 32, strips read in place +8% over strips copied for every block
-//! (docs/scaling.md §15).
+//! (from the strips `tree_gemm` packs once per product: re-packing them for every block of
+//! output rows was 6% of a step on a Zen 5, docs/scaling.md §15; packed once, the engine with 16
+//! shards ran 1.027x as fast as reading them in place on an Intel Xeon, §38) and broadcasts eight
+//! delta values for sixteen FMAs (six for twelve in the paired tiles). Measured on a Zen 5 EPYC
+//! (`worker bench`, interleaved, 5 of 5 pairs each): 8 x 16 +10% over 4 x 16, 8 x 32 +12% over
+//! 8 x 16, 8 x 48 no better than 8 x 32, strips read in place +8% over strips copied for every
+//! block (docs/scaling.md §15).
 //!
 //! Bits: each output element gets exactly the portable tile's operations in the same order: per
 //! leaf `acc = fma(delta, input, acc)` over the leaf's rows from zero, then for each waiting sum
