@@ -482,9 +482,9 @@ unsafe fn a_times_w_t(
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm_layout::test_arrays::{bits, filled};
+    use super::super::gemm_layout::test_arrays::{assert_same_bits_as_matrixmultiply, bits};
     use super::*;
-    use ndarray::{Array2, s};
+    use ndarray::Array2;
 
     /// Every shape class (whole and partial tiles and strips, one block or several with a short
     /// last one, one row, one column), both layouts of `b`, overwrite and accumulate, views cut
@@ -521,45 +521,7 @@ mod tests {
             (20, 513, 26),
             (29, 300, 31),
         ];
-        for (salt, &(m, k, n)) in shapes.iter().enumerate() {
-            let salt = salt as u64;
-            // Cut from wider arrays, so row strides exceed row lengths.
-            let a_full = filled(m, k + 3, salt);
-            let a = a_full.slice(s![.., 1..k + 1]);
-            let w_full = filled(n, k + 5, salt + 100);
-            let b_rows_full = filled(k, n + 7, salt + 200);
-            let cases = [
-                ("a w^T", w_full.slice(s![.., 2..k + 2]).reversed_axes()),
-                ("a b", b_rows_full.slice(s![.., 3..n + 3])),
-            ];
-            for (name, b) in cases {
-                for accumulate in [false, true] {
-                    let case = format!("{name} {m}x{k}x{n} acc {accumulate}");
-                    // `c` inside NaN margins: 2 columns left, 4 right.
-                    let mut start = Array2::from_elem((m, n + 6), f32::NAN);
-                    if accumulate {
-                        start
-                            .slice_mut(s![.., 2..n + 2])
-                            .assign(&filled(m, n, salt + 300));
-                    }
-                    let mut want = start.clone();
-                    let beta = if accumulate { 1.0 } else { 0.0 };
-                    let mut want_c = want.slice_mut(s![.., 2..n + 2]);
-                    ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, &mut want_c);
-                    let mut got = start.clone();
-                    let mut c = got.slice_mut(s![.., 2..n + 2]);
-                    // (With `k` = 1 both cases have the `x W^T` layout.)
-                    let w_t = matches!(layout(&a, &b, &c, NR), Some(Layout::ATimesWT { .. }));
-                    let taken = sgemm_on_any_avx2(&a, &b, accumulate, &mut c);
-                    assert_eq!(taken, !w_t || k >= SHORT_K, "{case}: taken");
-                    if taken {
-                        assert_eq!(bits(&got), bits(&want), "{case}");
-                    } else {
-                        assert_eq!(bits(&got), bits(&start), "{case}: left alone");
-                    }
-                }
-            }
-        }
+        assert_same_bits_as_matrixmultiply(sgemm_on_any_avx2, NR, SHORT_K, &shapes);
     }
 
     /// Products that all underflow: each block's sum is -0.0, which `matrixmultiply`'s AVX2

@@ -66,7 +66,9 @@ pub(super) fn layout(
 /// Inputs and bit patterns for both kernels' tests.
 #[cfg(test)]
 pub(super) mod test_arrays {
-    use ndarray::Array2;
+    use ndarray::{Array2, ArrayView2, ArrayViewMut2, s};
+
+    use super::{Layout, layout};
 
     /// A `rows x cols` array of values in [-0.5, 0.5) from a xorshift seeded by `salt`.
     pub(in super::super) fn filled(rows: usize, cols: usize, salt: u64) -> Array2<f32> {
@@ -81,6 +83,60 @@ pub(super) mod test_arrays {
 
     pub(in super::super) fn bits(c: &Array2<f32>) -> Vec<u32> {
         c.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// A kernel's `sgemm`: `c = a b` (or `c += a b`), `false` (touching nothing) where declined.
+    pub(in super::super) type Sgemm =
+        fn(&ArrayView2<f32>, &ArrayView2<f32>, bool, &mut ArrayViewMut2<f32>) -> bool;
+
+    /// Checks `sgemm` against `matrixmultiply` over `shapes` (`(m, k, n)`): both layouts of `b`,
+    /// views cut out of wider arrays (row strides exceed row lengths), overwrite and accumulate,
+    /// `c` inside NaN margins. The same bits where it takes the product, `c` left alone where it
+    /// declines; it must take all but an `x W^T` with `k` below `short_k` (`nr`: its tiles' width).
+    pub(in super::super) fn assert_same_bits_as_matrixmultiply(
+        sgemm: Sgemm,
+        nr: usize,
+        short_k: usize,
+        shapes: &[(usize, usize, usize)],
+    ) {
+        for (salt, &(m, k, n)) in shapes.iter().enumerate() {
+            let salt = salt as u64;
+            let a_full = filled(m, k + 3, salt);
+            let a = a_full.slice(s![.., 1..k + 1]);
+            let w_full = filled(n, k + 5, salt + 100);
+            let b_rows_full = filled(k, n + 7, salt + 200);
+            let cases = [
+                ("a w^T", w_full.slice(s![.., 2..k + 2]).reversed_axes()),
+                ("a b", b_rows_full.slice(s![.., 3..n + 3])),
+            ];
+            for (name, b) in cases {
+                for accumulate in [false, true] {
+                    let case = format!("{name} {m}x{k}x{n} acc {accumulate}");
+                    // `c` inside NaN margins: 2 columns left, 4 right.
+                    let mut start = Array2::from_elem((m, n + 6), f32::NAN);
+                    if accumulate {
+                        start
+                            .slice_mut(s![.., 2..n + 2])
+                            .assign(&filled(m, n, salt + 300));
+                    }
+                    let mut want = start.clone();
+                    let beta = if accumulate { 1.0 } else { 0.0 };
+                    let mut want_c = want.slice_mut(s![.., 2..n + 2]);
+                    ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, &mut want_c);
+                    let mut got = start.clone();
+                    let mut c = got.slice_mut(s![.., 2..n + 2]);
+                    // (With `k` = 1 both cases have the `x W^T` layout.)
+                    let w_t = matches!(layout(&a, &b, &c, nr), Some(Layout::ATimesWT { .. }));
+                    let taken = sgemm(&a, &b, accumulate, &mut c);
+                    assert_eq!(taken, !w_t || k >= short_k, "{case}: taken");
+                    if taken {
+                        assert_eq!(bits(&got), bits(&want), "{case}");
+                    } else {
+                        assert_eq!(bits(&got), bits(&start), "{case}: left alone");
+                    }
+                }
+            }
+        }
     }
 }
 
