@@ -3,7 +3,7 @@
 checks the model against the local runs (W = 1..4), and prints its predictions for W = 1..256.
 
     cargo build --release
-    python3 bench/scaling_constants.py --json bench/scaling.json   # measure (~10 min), predict
+    python3 bench/scaling_constants.py --json bench/scaling.json   # measure (~25 min), predict
     python3 bench/scaling_constants.py --from bench/scaling.json   # predict again, no runs
     python3 bench/scaling_constants.py --from F --rebench --json F # benches again (noisy machine)
     python3 bench/scaling_constants.py -- --transport tcp          # extra coordinator flags
@@ -23,6 +23,7 @@ MODELS = {"tiny": ("1", 1), "default": ("400", 20), "wide": ("1024", 64), "large
 LINKS = {"10GbE": (1.1e9, 50e-6), "100GbE": (11e9, 20e-6)}  # assumed effective bytes/s, RTT
 WS = [1, 4, 16, 64, 256]
 CHUNK = 256 * 1024  # bytes per pipelined chunk in the tree designs
+LOOPBACK_BYTES = 4 * 652_824  # the default model's parameters: one task's or one result's tensor
 
 
 def run(cmd, timeout=900):
@@ -110,29 +111,80 @@ def bench(a, model, batch, shards, threads):
     return r
 
 
-def coord(a, model, workers, steps, batch=128):
+def coord(a, model, workers, steps, batch=128, epochs=2):
+    """A run of `epochs` epochs of `steps` steps. Its per-step figures are the means of the epochs
+    after the first: the first also carries one-time costs (connecting, registering, every shard's
+    rows sent to the workers), which at 120 steps over TCP added about 1.4 ms to each of its steps
+    (docs/scaling.md section 40) and are no part of a step's cost."""
     hidden, latent = MODELS[model]
     holdout = 256
     with tempfile.TemporaryDirectory(prefix="vae-scaling-") as tmp:
         cmd = [os.path.join(a.bin_dir, "coordinator"), "--workers", str(workers), "--local",
                "--hidden", hidden, "--latent", str(latent), "--batch", str(batch),
                "--data", f"synthetic:{steps * batch + holdout}", "--holdout", str(holdout),
-               "--epochs", "1", "--iw-samples", "0", "--checkpoint-every", "0",
+               "--epochs", str(epochs), "--iw-samples", "0", "--checkpoint-every", "0",
                "--checkpoint-seconds", "0", "--out", tmp] + a.extra
         wait_for_quiet(a)
         rc, out, cpu_coord, cpu_workers = run(cmd)
         if rc != 0:
             sys.exit(f"failed: {' '.join(cmd)}\n{out[-3000:]}")
         lines = [json.loads(l) for l in open(os.path.join(tmp, "metrics.jsonl")) if l.strip()]
-        n = sum(l["examples"] for l in lines) / batch
-        t = {k: sum(l[k] for l in lines) / n for k in lines[0] if k.endswith("_s") and k != "samples_per_s"}
+        def means(lines):
+            n = sum(l["examples"] for l in lines) / batch
+            return {k.replace("_s", "_ms"): sum(l[k] for l in lines) / n * 1e3
+                    for k in lines[0] if k.endswith("_s") and k != "samples_per_s"}
+        steady, first = means(lines[1:] or lines), means(lines[:1])
         params = param_count(os.path.join(tmp, "model.safetensors"))
     shown = " ".join(cmd[1:]).replace(tmp, "DIR")
-    r = {"cmd": shown, "model": model, "workers": workers, "batch": batch, "steps": n,
-         "params": params, "cpu_coordinator_s": cpu_coord, "cpu_workers_s": cpu_workers, **{k.replace("_s", "_ms"): v * 1e3 for k, v in t.items()}, **stamp()}
-    print(f"  W={workers} {model:<7} P={params:>9,}: step {r['step_ms']:.2f} = compute "
-          f"{r['compute_ms']:.2f} + comm {r['communicate_ms']:.2f} + update {r['update_ms']:.2f} ms", flush=True)
+    r = {"cmd": shown, "model": model, "workers": workers, "batch": batch, "steps": steps,
+         "epochs": epochs, "params": params, "cpu_coordinator_s": cpu_coord, "cpu_workers_s": cpu_workers,
+         **steady, "first_epoch": first, **stamp()}
+    print(f"  W={workers} {model:<7} P={params:>9,} x {epochs} epochs: step {r['step_ms']:.2f} = compute "
+          f"{r['compute_ms']:.2f} + comm {r['communicate_ms']:.2f} + update {r['update_ms']:.2f} ms "
+          f"(first epoch: comm {first['communicate_ms']:.2f})", flush=True)
     return r
+
+
+def loopback_socket(payload, rounds=200):
+    """The floor under our TCP path on this host: the median round trip of `payload` bytes each
+    way through a plain TCP socket (TCP_NODELAY) between two processes, in seconds."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port, data = srv.getsockname()[1], b"\0" * payload
+
+    def receive(conn, into):
+        got = 0
+        while got < payload:
+            k = conn.recv_into(memoryview(into)[got:])
+            if k == 0:
+                return False
+            got += k
+        return True
+
+    child = os.fork()
+    if child == 0:  # the echoing peer
+        try:
+            conn, _ = srv.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            into = bytearray(payload)
+            while receive(conn, into):
+                conn.sendall(data)
+        finally:
+            os._exit(0)
+    srv.close()
+    times = []
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        into = bytearray(payload)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            s.sendall(data)
+            receive(s, into)
+            times.append(time.perf_counter() - t)
+    os.waitpid(child, 0)
+    return statistics.median(times)
 
 
 def fit(xs, ys):
@@ -153,15 +205,23 @@ def measure(a):
     print("compute per example (worker bench; Adam timed alone and subtracted)")
     for model, batch, shards, threads in BENCHES:
         m["bench"][f"{model}/{batch}/{shards}/{threads}"] = bench(a, model, batch, shards, threads)
-    print("coordinator runs (per-step means from metrics.jsonl; CPU seconds from /proc)")
+    print("a plain TCP socket between two processes on this host (median round trip)")
+    wait_for_quiet(a)
+    m["loopback"] = {"small_bytes": 8, "small_rt_s": loopback_socket(8),
+                     "large_bytes": LOOPBACK_BYTES, "large_rt_s": loopback_socket(LOOPBACK_BYTES), **stamp()}
+    for size in ("small", "large"):
+        print(f"  {m['loopback'][size + '_bytes']:>9,} bytes each way: {m['loopback'][size + '_rt_s'] * 1e3:.3f} ms")
+    print("coordinator runs (per-step means from metrics.jsonl after the first epoch; CPU seconds from /proc)")
     n, h = a.steps, a.steps // 2
-    plan = [("tiny", w, n, 128) for w in (1, 2, 3, 4)] + [("default", w, n, 128) for w in (1, 2, 3, 4)]
-    plan += [("tiny", 1, 2 * n, 128), ("tiny", 4, 2 * n, 128)]
-    plan += [("default", 1, 2 * n, 128), ("default", 4, 2 * n, 128), ("wide", 1, h, 128)]
-    plan += [("large", w, h, 128) for w in (1, 2, 4)] + [("large", 1, n, 128), ("large", 4, n, 128)]
-    plan += [("large", 1, 24, 1024), ("large", 4, 24, 1024)]
-    for model, w, steps, batch in plan:
-        m["runs"].append(coord(a, model, w, steps, batch))
+    # Each (model, W) measured twice differs by one epoch of the same data: the difference of
+    # their CPU seconds is that epoch's, without the run's one-time costs.
+    plan = [("tiny", w, n, 128, 2) for w in (1, 2, 3, 4)] + [("default", w, n, 128, 2) for w in (1, 2, 3, 4)]
+    plan += [("tiny", 1, n, 128, 3), ("tiny", 4, n, 128, 3)]
+    plan += [("default", 1, n, 128, 3), ("default", 4, n, 128, 3), ("wide", 1, h, 128, 2)]
+    plan += [("large", w, h, 128, 2) for w in (1, 2, 4)] + [("large", 1, h, 128, 3), ("large", 4, h, 128, 3)]
+    plan += [("large", 1, 24, 1024, 2), ("large", 4, 24, 1024, 2)]
+    for model, w, steps, batch, epochs in plan:
+        m["runs"].append(coord(a, model, w, steps, batch, epochs))
     return m
 
 
@@ -169,7 +229,7 @@ def constants(m):
     runs = m["runs"]
     def get(model, w, b=128, longest=False):
         rs = sorted((r for r in runs if r["model"] == model and r["workers"] == w and r["batch"] == b),
-                    key=lambda r: r["steps"])
+                    key=lambda r: (r.get("epochs", 1), r["steps"]))
         return rs[-1] if longest else rs[0]
     c = {"params": {k: get(k, 1)["params"] for k in MODELS}}
     # (1) per-step overhead: the tiny model moves ~19 KB a step, so its communication is overhead
@@ -180,11 +240,13 @@ def constants(m):
     w1 = [get(k, 1) for k in MODELS]
     c["path_a_s"], b = fit([8 * r["params"] for r in w1], [r["communicate_ms"] / 1e3 for r in w1])
     c["path_bytes_per_s"] = 1 / b
-    # (3) coordinator CPU per step and per extra worker: CPU of a run of 2N steps minus one of N steps
+    # (3) coordinator CPU per step and per extra worker: CPU of a run one epoch longer minus the other's
     for model in ("tiny", "default", "large"):
         for w in (1, 4):
             lo, hi = get(model, w), get(model, w, longest=True)
-            dn = hi["steps"] - lo["steps"]
+            # (Files measured before runs had epochs: one run of 2N steps, one of N.)
+            dn = ((hi["epochs"] - lo["epochs"]) * hi["steps"] if "epochs" in hi
+                  else hi["steps"] - lo["steps"])
             c[f"coord_cpu_step_s_{model}_w{w}"] = (hi["cpu_coordinator_s"] - lo["cpu_coordinator_s"]) / dn
             c[f"worker_cpu_step_s_{model}_w{w}"] = (hi["cpu_workers_s"] - lo["cpu_workers_s"]) / dn / w
         c[f"coord_cpu_per_worker_s_{model}"] = (c[f"coord_cpu_step_s_{model}_w4"] - c[f"coord_cpu_step_s_{model}_w1"]) / 3
@@ -200,6 +262,10 @@ def constants(m):
     c["adam_per_param_s_bench"] = m["bench"]["large/1024/16/2"]["adam_s"] / c["params"]["large"]
     c["adam_per_param_s"] = c["update_w1_per_param_s_large"]
     c["reduce_per_param_s"] = c["reduce_per_param_s_large"]
+    lb = m.get("loopback")
+    if lb:  # two transfers a round trip
+        c["loopback_latency_s"] = lb["small_rt_s"]
+        c["loopback_bytes_per_s"] = 2 * (lb["large_bytes"] - lb["small_bytes"]) / (lb["large_rt_s"] - lb["small_rt_s"])
     return c
 
 
@@ -274,6 +340,9 @@ def report(m, c):
         print(f"update per parameter at W=1 ({k}): {ns(c[f'update_w1_per_param_s_{k}'])}; "
               f"tree sum per parameter per extra worker: {ns(c[f'reduce_per_param_s_{k}'])}")
     print(f"Adam per parameter, worker bench (large model, 2 threads): {ns(c['adam_per_param_s_bench'])}")
+    if "loopback_bytes_per_s" in c:
+        print(f"plain TCP socket on this host: round trip {ms(c['loopback_latency_s'])}, "
+              f"{c['loopback_bytes_per_s'] / 1e9:.3f} GB/s (two 4P-byte transfers of the default model)")
     print(f"parameters: {c['params']}")
     print("\n## compute (worker bench; gradient = step - Adam)")
     for k, r in m["bench"].items():
@@ -287,7 +356,7 @@ def report(m, c):
         p, w, b = r["params"], r["workers"], r["batch"]
         bench_c = compute_s(m, r["model"], b / w) if r["model"] in ("default", "large") else float("nan")
         upd = p * (c["adam_per_param_s"] + c["reduce_per_param_s"] * (w - 1))
-        print(f"| {r['model']} b={b} | {w} | {r['steps']:.0f} | {r['step_ms']:.2f} | {r['compute_ms']:.2f} | "
+        print(f"| {r['model']} b={b} | {w} | {r['steps']:.0f} x {r.get('epochs', 1)} | {r['step_ms']:.2f} | {r['compute_ms']:.2f} | "
               f"{bench_c * 1e3:.2f} | {r['communicate_ms']:.2f} | {comm_star_local(c, p, w) * 1e3:.2f} | "
               f"{r['update_ms']:.2f} | {upd * 1e3:.2f} |")
     for model, batch, shards, weak in [("default", 128, 16, False), ("large", 1024, 16, False),
