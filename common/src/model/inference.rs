@@ -65,6 +65,12 @@ fn linear(params: &[f32], layer: &LinearLayout, input: ArrayView2<f32>, relu: bo
         .expect("layout ranges hold [out, in] weights");
     let bias = &params[layer.bias.clone()];
     let mut out = input.dot(&w.t()); // [n, out]
+    if !out.is_standard_layout() {
+        // `dot` returns column-major when both operands' row strides are 1, as they are when
+        // the input or the weight has one column (a model with a hidden layer or latent of 1);
+        // callers read rows as slices.
+        out = out.as_standard_layout().into_owned();
+    }
     for mut row in out.axis_iter_mut(Axis(0)) {
         for (o, &b) in row.iter_mut().zip(bias) {
             let v = *o + b;
@@ -178,6 +184,30 @@ mod tests {
         for (a, b) in ours.mu.iter().zip(mu).chain(ours.logvar.iter().zip(logvar)) {
             assert!((a - b).abs() <= 1e-5 + 1e-5 * b.abs(), "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn outputs_are_row_major_for_layers_of_one_unit() {
+        // A 784-1-1 model: every layer's input or weight has one column.
+        let config = ModelConfig {
+            input_dim: 6,
+            hidden: vec![1],
+            latent: 1,
+            ..ModelConfig::default()
+        };
+        let params = crate::model::init_params(&ParamLayout::new(&config), 5);
+        let z = prior_latents(2, 4, 1);
+        let images = mean_image(&config, &params, z.view()).unwrap();
+        assert!(images.is_standard_layout());
+        assert!(
+            images
+                .rows()
+                .into_iter()
+                .all(|row| row.to_slice().is_some())
+        );
+        let x = Array2::from_elem((3, 6), 0.5f32);
+        let posterior = encode(&config, &params, x.view()).unwrap();
+        assert!(posterior.mu.is_standard_layout() && posterior.logvar.is_standard_layout());
     }
 
     #[test]
