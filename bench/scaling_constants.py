@@ -3,7 +3,7 @@
 checks the model against the local runs (W = 1..4), and prints its predictions for W = 1..256.
 
     cargo build --release
-    python3 bench/scaling_constants.py --json bench/scaling.json   # measure (~25 min), predict
+    python3 bench/scaling_constants.py --json bench/scaling.json   # measure (~15 min), predict
     python3 bench/scaling_constants.py --from bench/scaling.json   # predict again, no runs
     python3 bench/scaling_constants.py --from F --rebench --json F # benches again (noisy machine)
     python3 bench/scaling_constants.py -- --transport tcp          # extra coordinator flags
@@ -114,8 +114,8 @@ def bench(a, model, batch, shards, threads):
 def coord(a, model, workers, steps, batch=128, epochs=2):
     """A run of `epochs` epochs of `steps` steps. Its per-step figures are the means of the epochs
     after the first: the first also carries one-time costs (connecting, registering, every shard's
-    rows sent to the workers), which at 120 steps over TCP added about 1.4 ms to each of its steps
-    (docs/scaling.md section 40) and are no part of a step's cost."""
+    rows sent to the workers; in one traced 120-step run over TCP, 1.4 ms a step: docs/scaling.md
+    section 40), which are no part of a step's cost."""
     hidden, latent = MODELS[model]
     holdout = 256
     with tempfile.TemporaryDirectory(prefix="vae-scaling-") as tmp:
@@ -245,8 +245,11 @@ def constants(m):
         for w in (1, 4):
             lo, hi = get(model, w), get(model, w, longest=True)
             # (Files measured before runs had epochs: one run of 2N steps, one of N.)
-            dn = ((hi["epochs"] - lo["epochs"]) * hi["steps"] if "epochs" in hi
-                  else hi["steps"] - lo["steps"])
+            if "epochs" in hi:
+                assert hi["steps"] == lo["steps"] and hi["epochs"] > lo["epochs"], (lo["cmd"], hi["cmd"])
+                dn = (hi["epochs"] - lo["epochs"]) * hi["steps"]
+            else:
+                dn = hi["steps"] - lo["steps"]
             c[f"coord_cpu_step_s_{model}_w{w}"] = (hi["cpu_coordinator_s"] - lo["cpu_coordinator_s"]) / dn
             c[f"worker_cpu_step_s_{model}_w{w}"] = (hi["cpu_workers_s"] - lo["cpu_workers_s"]) / dn / w
         c[f"coord_cpu_per_worker_s_{model}"] = (c[f"coord_cpu_step_s_{model}_w4"] - c[f"coord_cpu_step_s_{model}_w1"]) / 3
@@ -348,7 +351,7 @@ def report(m, c):
     for k, r in m["bench"].items():
         print(f"  {r['cmd']:<88} {r['grad_s'] * 1e3:8.3f} ms {r['per_example_s'] * 1e6:8.2f} us/example")
     print("\n## check: local runs (loopback) against the model; ms per step")
-    print("| run | W | steps | step | compute | bench compute | comm | comm model | update | update model |")
+    print("| run | W | steps x epochs | step | compute | bench compute | comm | comm model | update | update model |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in m["runs"]:
         if r["model"] in ("tiny", "wide"):
@@ -403,7 +406,7 @@ def main():
     p.add_argument("--from", dest="source", help="predict from saved measurements; run nothing")
     p.add_argument("--rebench", action="store_true",
                    help="with --from: run the worker benches again, keep the faster of each")
-    p.add_argument("--steps", type=int, default=120, help="steps per coordinator run (large: half)")
+    p.add_argument("--steps", type=int, default=120, help="steps per epoch of each coordinator run (large: half)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per worker bench")
     p.add_argument("--bench-repeats", type=int, default=2, help="runs of each bench; the fastest counts")
     p.add_argument("--commit", help="label of the binaries' source [default: this repository's HEAD]")
