@@ -188,7 +188,8 @@ mod tests {
 
     #[test]
     fn outputs_are_row_major_for_layers_of_one_unit() {
-        // A 784-1-1 model: every layer's input or weight has one column.
+        // One hidden unit and one latent (as in 784-1-1): every layer's input or weight has one
+        // column.
         let config = ModelConfig {
             input_dim: 6,
             hidden: vec![1],
