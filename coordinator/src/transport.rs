@@ -11,6 +11,7 @@ use common::train::Magnitude;
 use proto::mailbox::Mailbox;
 use proto::messages::{Attach, SharedMemoryOffer, TensorRef};
 use proto::shared_memory::SharedDir;
+use proto::tensor::TensorPool;
 
 use crate::error::{Error, Result};
 
@@ -18,7 +19,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default)]
 struct Published {
     step: Option<u64>,
-    /// Encoded on first use by an inline worker, then shared by every inline task of the step.
+    /// Made by the update when no worker is attached (Adam writes the values there as it steps
+    /// them), else encoded on first use by an inline worker; shared by every inline task of the
+    /// step.
     inline: Option<Bytes>,
     /// Written by the update thread when any worker is attached.
     shared: Option<TensorRef>,
@@ -35,6 +38,8 @@ pub struct Transport {
     attached: Mutex<HashSet<u64>>,
     published: Mutex<Published>,
     buffers: Mutex<Vec<Vec<f32>>>,
+    /// Buffers the update writes inline parameters into, lent to the tasks' replies.
+    inline_buffers: TensorPool,
     /// Set at the first shard that could not be written (warned about once).
     shard_files_refused: AtomicBool,
     /// Set at the first step whose parameters could not be written (warned about once).
@@ -49,6 +54,7 @@ impl Transport {
             attached: Mutex::new(HashSet::new()),
             published: Mutex::new(Published::default()),
             buffers: Mutex::new(Vec::new()),
+            inline_buffers: TensorPool::default(),
             shard_files_refused: AtomicBool::new(false),
             params_inline_warned: AtomicBool::new(false),
         }
@@ -200,9 +206,12 @@ impl Transport {
     /// whether it made them. When any worker is attached, `update` gets the values of a
     /// parameter file in shared memory and writes the parameters there as it makes them (one
     /// pass over memory fewer than copying them afterwards); co-located tasks of `step` then
-    /// read that file. Otherwise, or when no file can be taken (warned once: a full /dev/shm,
-    /// workers holding every file), `update` gets `None` and the parameters go inline, encoded
-    /// on demand. Called off the async runtime. A failed update publishes nothing.
+    /// read that file. When no worker is attached, `update` writes them into a buffer that
+    /// becomes the inline bytes of every task of `step`, with no copy (encoding them from the
+    /// parameters in the async thread's `params_for` took 1.3% of a TCP run's samples on an
+    /// Emerald Rapids Xeon, docs/scaling.md §41). When no file can be taken (warned once: a full
+    /// /dev/shm, workers holding every file), `update` gets `None` and the parameters go inline,
+    /// encoded on demand. Called off the async runtime. A failed update publishes nothing.
     pub fn publish_while<R>(
         &self,
         step: u64,
@@ -219,6 +228,7 @@ impl Transport {
             made = ok;
             ok
         };
+        let mut inline = None;
         let shared = match &self.shared_dir {
             Some(dir) if self.any_attached() => match dir.write_params_with(step, len, &mut run) {
                 Ok(written) => written,
@@ -237,14 +247,18 @@ impl Transport {
                 }
             },
             _ => {
-                run(None);
+                let mut values = self.inline_buffers.take();
+                values.resize(len, 0.0);
+                if run(Some(&mut values)) {
+                    inline = Some(self.inline_buffers.lend(values));
+                }
                 None
             }
         };
         if made {
             *lock(&self.published) = Published {
                 step: Some(step),
-                inline: None,
+                inline,
                 shared,
             };
         }
@@ -329,16 +343,49 @@ mod tests {
         let want: Vec<f32> = (0..300).map(|i| i as f32 * 0.25 - 7.0).collect();
         let inline = TensorRef::Inline(proto::tensor::encode_f32(&want));
 
-        // No shared memory: the update gets no file; the parameters go inline.
+        // No shared memory: the update writes into a buffer that every task of the step sends
+        // inline as it is (not the parameters `params_for` is given); the buffer is reused once
+        // the step's replies are gone.
         let tcp = Transport::new(None);
         let mut calls = 0;
-        let r = tcp.publish_while(3, want.len(), |file| {
+        let mut written = std::ptr::null();
+        let r = tcp.publish_while(3, want.len(), |buffer| {
             calls += 1;
-            assert!(file.is_none());
+            let buffer = buffer.expect("a buffer for the inline parameters");
+            buffer.copy_from_slice(&want);
+            written = buffer.as_ptr();
             ("made", true)
         });
         assert_eq!((r, calls), ("made", 1));
-        assert_eq!(tcp.params_for(1, 3, &want), inline);
+        let sent = tcp.params_for(1, 3, &[0.0; 300]);
+        assert_eq!(sent, inline);
+        assert_eq!(tcp.params_for(2, 3, &[]), inline, "every task of the step");
+        let TensorRef::Inline(bytes) = &sent else {
+            unreachable!()
+        };
+        assert_eq!(bytes.as_ptr(), written.cast::<u8>(), "sent without a copy");
+        drop(sent);
+        tcp.publish_while(4, want.len(), |buffer| {
+            assert_ne!(
+                buffer.unwrap().as_ptr(),
+                written,
+                "step 3's is still published"
+            );
+            ((), true)
+        });
+        tcp.publish_while(5, want.len(), |buffer| {
+            assert_eq!(buffer.unwrap().as_ptr(), written, "step 3's, given back");
+            ((), true)
+        });
+        // A failed update publishes nothing: step 5's parameters are still sent.
+        tcp.publish_while(6, want.len(), |buffer| {
+            buffer.unwrap().fill(f32::NAN);
+            ((), false)
+        });
+        let TensorRef::Inline(bytes) = tcp.params_for(1, 5, &want) else {
+            panic!("inline")
+        };
+        assert_eq!(bytes.as_ptr(), written.cast::<u8>());
 
         let base = tempfile::tempdir().unwrap();
         let dir = SharedDir::create(base.path(), "t", b"probe").unwrap();

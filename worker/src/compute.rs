@@ -10,6 +10,7 @@ use common::train::{Engine, GradientSum, Node, ReductionTree, ShardBatch};
 use ndarray::Array2;
 use proto::messages::{NodeResult, RunSpec, ShardWork, Task, TensorRef};
 use proto::shared_memory::{ParamsLease, SharedClient};
+use proto::tensor::TensorPool;
 use rayon::prelude::*;
 
 use crate::cpu_time::ComputeClock;
@@ -64,6 +65,8 @@ impl IdleThreads {
 pub struct StepBuffers {
     params: Vec<f32>,
     sums: Vec<GradientSum>,
+    /// Gradients sent inline are lent to their messages from here, and come back once sent.
+    inline: TensorPool,
 }
 
 /// A task's results and the CPU time its computation took.
@@ -181,6 +184,7 @@ pub async fn run_task(
     };
     tracing::trace!("step {}: parameters and rows ready", task.step);
     let mut sums = std::mem::take(&mut buffers.sums);
+    let inline = buffers.inline.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx = Arc::clone(ctx);
     let pool_shared = shared.cloned();
@@ -243,8 +247,13 @@ pub async fn run_task(
                 Some((refs, stats)) => stats.map(|stats| (Some(refs), stats)),
                 None => {
                     sums.resize_with(nodes.len(), || GradientSum::zeros(0));
-                    sums.iter_mut()
-                        .for_each(|s| s.grad.resize(params.values().len(), 0.0));
+                    for s in &mut sums {
+                        if s.grad.is_empty() {
+                            // The last step's was lent to its message (and may be back).
+                            s.grad = inline.take();
+                        }
+                        s.grad.resize(params.values().len(), 0.0);
+                    }
                     compute(sums.iter_mut().map(|s| &mut s.grad[..]).collect())
                         .map(|stats| (None, stats))
                 }
@@ -274,8 +283,10 @@ pub async fn run_task(
             if short {
                 sums[0].grad.pop();
             }
-            sums.iter()
-                .map(|s| proto::convert::inline_tensor(&s.grad))
+            // Lent, not copied: encoding them was 0.34 ms of a 14 ms TCP step on a Zen 3
+            // (docs/scaling.md §40).
+            sums.iter_mut()
+                .map(|s| TensorRef::Inline(buffers.inline.lend(std::mem::take(&mut s.grad))))
                 .collect()
         }
     };
