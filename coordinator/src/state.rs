@@ -1492,8 +1492,9 @@ impl UpdateJob {
     /// CPU-heavy and pure: runs on whatever thread calls it (rayon inside for long vectors).
     /// With a `mirror` as long as the parameters, the new parameters are also written there when
     /// the outcome is `Ok`, within the optimizer's pass where it can (Adam, with or without
-    /// clipping): the coordinator's parameter file for the workers on its host, one pass over
-    /// memory fewer than copying them afterwards.
+    /// clipping): the coordinator's parameter file for the workers on its host, or the buffer
+    /// sent inline when none is attached; one pass over memory fewer than copying them
+    /// afterwards.
     pub fn run(self, mut mirror: Option<&mut [f32]>) -> UpdateDone {
         let UpdateJob {
             global_step,

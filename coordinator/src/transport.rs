@@ -11,7 +11,7 @@ use common::train::Magnitude;
 use proto::mailbox::Mailbox;
 use proto::messages::{Attach, SharedMemoryOffer, TensorRef};
 use proto::shared_memory::SharedDir;
-use proto::tensor::TensorPool;
+use proto::tensor_pool::{POOL_KEEPS, TensorPool};
 
 use crate::error::{Error, Result};
 
@@ -19,17 +19,12 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default)]
 struct Published {
     step: Option<u64>,
-    /// Made by the update when no worker is attached (Adam writes the values there as it steps
-    /// them), else encoded on first use by an inline worker; shared by every inline task of the
-    /// step.
+    /// Written by the update when no worker is attached, else encoded on first use by an inline
+    /// worker; shared by every inline task of the step.
     inline: Option<Bytes>,
     /// Written by the update thread when any worker is attached.
     shared: Option<TensorRef>,
 }
-
-/// Gradient buffers kept for reuse: a few steps' worth of results for a handful of workers.
-/// Reusing them spares a multi-megabyte allocation, its page faults and its zeroing per result.
-const POOLED_BUFFERS: usize = 16;
 
 /// The coordinator's end of the data plane.
 #[derive(Debug)]
@@ -37,7 +32,8 @@ pub struct Transport {
     shared_dir: Option<SharedDir>,
     attached: Mutex<HashSet<u64>>,
     published: Mutex<Published>,
-    buffers: Mutex<Vec<Vec<f32>>>,
+    /// Buffers that received gradients are read into, given back once summed.
+    gradient_buffers: TensorPool,
     /// Buffers the update writes inline parameters into, lent to the tasks' replies.
     inline_buffers: TensorPool,
     /// Set at the first shard that could not be written (warned about once).
@@ -53,7 +49,7 @@ impl Transport {
             shared_dir,
             attached: Mutex::new(HashSet::new()),
             published: Mutex::new(Published::default()),
-            buffers: Mutex::new(Vec::new()),
+            gradient_buffers: TensorPool::default(),
             inline_buffers: TensorPool::default(),
             shard_files_refused: AtomicBool::new(false),
             params_inline_warned: AtomicBool::new(false),
@@ -62,16 +58,13 @@ impl Transport {
 
     /// A buffer to read a gradient into (a recycled one when there is one).
     pub fn buffer(&self) -> Vec<f32> {
-        lock(&self.buffers).pop().unwrap_or_default()
+        self.gradient_buffers.take()
     }
 
     /// Gives gradient buffers back once their values were summed.
     pub fn recycle(&self, spent: impl IntoIterator<Item = Vec<f32>>) {
-        let mut pool = lock(&self.buffers);
         for buffer in spent {
-            if pool.len() < POOLED_BUFFERS {
-                pool.push(buffer);
-            }
+            self.gradient_buffers.give_back(buffer);
         }
     }
 
@@ -176,9 +169,9 @@ impl Transport {
     /// Resident buffers for `workers` gradients of `param_len` values (up to the pool's size), so
     /// that the first step's results are not copied into fresh pages. Blocking.
     pub fn reserve_gradient_buffers(&self, param_len: usize, workers: usize) {
-        let mut pool = lock(&self.buffers);
-        while pool.len() < workers.min(POOLED_BUFFERS) {
-            pool.push(common::memory::resident_zeros(param_len));
+        for _ in self.gradient_buffers.len()..workers.min(POOL_KEEPS) {
+            self.gradient_buffers
+                .give_back(common::memory::resident_zeros(param_len));
         }
     }
 
@@ -365,27 +358,32 @@ mod tests {
         };
         assert_eq!(bytes.as_ptr(), written.cast::<u8>(), "sent without a copy");
         drop(sent);
-        tcp.publish_while(4, want.len(), |buffer| {
-            assert_ne!(
-                buffer.unwrap().as_ptr(),
-                written,
-                "step 3's is still published"
-            );
-            ((), true)
-        });
-        tcp.publish_while(5, want.len(), |buffer| {
-            assert_eq!(buffer.unwrap().as_ptr(), written, "step 3's, given back");
-            ((), true)
-        });
-        // A failed update publishes nothing: step 5's parameters are still sent.
+        // The next steps write other buffers while step 3's is published or still being sent.
+        let still_sending = tcp.params_for(1, 3, &[]);
+        let (four, five) = (vec![4.0; 300], vec![5.0; 300]);
+        for (step, values) in [(4, &four), (5, &five)] {
+            tcp.publish_while(step, want.len(), |buffer| {
+                let buffer = buffer.unwrap();
+                assert_ne!(buffer.as_ptr(), written, "step {step}: step 3's is in use");
+                buffer.copy_from_slice(values);
+                ((), true)
+            });
+        }
+        assert_eq!(still_sending, inline, "a reply being sent keeps its values");
+        drop(still_sending);
+        // Once sent, step 3's buffer is reused; a failed update publishes nothing.
         tcp.publish_while(6, want.len(), |buffer| {
-            buffer.unwrap().fill(f32::NAN);
+            let buffer = buffer.unwrap();
+            assert_eq!(buffer.as_ptr(), written, "step 3's, given back");
+            buffer.fill(f32::NAN);
             ((), false)
         });
-        let TensorRef::Inline(bytes) = tcp.params_for(1, 5, &want) else {
-            panic!("inline")
-        };
-        assert_eq!(bytes.as_ptr(), written.cast::<u8>());
+        let five_sent = TensorRef::Inline(proto::tensor::encode_f32(&five));
+        assert_eq!(
+            tcp.params_for(1, 5, &[]),
+            five_sent,
+            "step 5's are still sent"
+        );
 
         let base = tempfile::tempdir().unwrap();
         let dir = SharedDir::create(base.path(), "t", b"probe").unwrap();

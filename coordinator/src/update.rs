@@ -22,7 +22,8 @@ use crate::state::UpdateJob;
 pub fn apply(shared: &Shared, job: UpdateJob, started: Instant) {
     tracing::trace!("step {}: update thread runs", job.global_step);
     let (step, len) = (job.global_step, job.param_len());
-    // The new parameters go straight into the workers' parameter file as Adam makes them.
+    // The new parameters go straight into the workers' parameter file as Adam makes them, or
+    // into the bytes that tasks carry inline when no worker is attached.
     let mut done = shared.transport().publish_while(step + 1, len, |file| {
         let done = job.run(file);
         let made = done.outcome.is_ok();

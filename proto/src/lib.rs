@@ -3,8 +3,9 @@
 //! [`messages`], and all conversion between the two in [`convert`]. Nothing outside this crate
 //! reads a prost message field by field; handlers are decode, one call, encode.
 //!
-//! Tensors cross either inline ([`tensor`]: raw little-endian f32 at memcpy speed) or, between
-//! processes on one host, through a shared-memory directory ([`shared_memory`]).
+//! Tensors cross either inline ([`tensor`]: raw little-endian f32 at memcpy speed, sent from
+//! buffers lent by a [`tensor_pool`] without a copy) or, between processes on one host, through a
+//! shared-memory directory ([`shared_memory`]).
 //!
 //! ```
 //! use proto::messages::{ShardWork, NodeWork};
@@ -26,9 +27,16 @@ pub mod mailbox;
 pub mod messages;
 pub mod shared_memory;
 pub mod tensor;
+pub mod tensor_pool;
 pub mod tls;
 
 pub use convert::WireError;
+
+/// A mutex's guard, whether or not a thread panicked holding it (every value kept under these
+/// locks is whole between statements).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Bumped on any incompatible change to `trainer.proto` or to what its fields mean, including
 /// the bits of a gradient: 4 when the engine's weight gradients moved to the fused kernel

@@ -45,6 +45,7 @@ use common::train::Magnitude;
 pub(crate) use mapping::SharedMap;
 use mapping::{FrozenMap, Lease, LockedMap, ReadMap, WriteMap};
 
+use crate::lock;
 use crate::mailbox::Mailbox;
 use crate::messages::{SharedMemoryOffer, TensorRef};
 
@@ -620,10 +621,6 @@ fn outside(offset: u64, len: u64, cause: Option<io::Error>) -> io::Error {
             cause.map_or(String::new(), |c| format!(" ({c})"))
         ),
     )
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Files mapped into memory: the workspace's only `unsafe` access to memory other processes

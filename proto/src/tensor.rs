@@ -1,7 +1,5 @@
 //! Tensors on the wire: raw little-endian f32 bytes, converted at memcpy speed.
 
-use std::sync::{Arc, Mutex, Weak};
-
 use bytes::Bytes;
 use common::train::Magnitude;
 
@@ -12,62 +10,6 @@ compile_error!("the wire format is little-endian f32: add a byte swap for big-en
 /// `values` as little-endian bytes.
 pub fn encode_f32(values: &[f32]) -> Bytes {
     Bytes::copy_from_slice(bytemuck::cast_slice(values))
-}
-
-/// Buffers of values lent to messages as their [`Bytes`] without a copy, and given back here when
-/// the last message holding them is dropped (once sent), so that a stream of tensors reuses a few
-/// buffers. [`encode_f32`] would copy each 2.6 MB tensor of the default model into fresh bytes:
-/// a worker's gradient on the TCP path, and the parameters the coordinator sends inline.
-#[derive(Debug, Clone, Default)]
-pub struct TensorPool(Arc<Mutex<Vec<Vec<f32>>>>);
-
-/// Buffers a pool keeps; any given back beyond them are freed. A worker lends one or two a step,
-/// the coordinator one, and each comes back within the step that sent it.
-const POOL_KEEPS: usize = 4;
-
-impl TensorPool {
-    /// A buffer given back earlier (its length and values are whatever its last lender left), or
-    /// an empty one.
-    pub fn take(&self) -> Vec<f32> {
-        lock(&self.0).pop().unwrap_or_default()
-    }
-
-    /// `values` as the little-endian bytes [`encode_f32`] makes, in their own memory; the buffer
-    /// comes back to this pool when the last clone of the bytes is dropped (after the pool itself,
-    /// it is freed).
-    pub fn lend(&self, values: Vec<f32>) -> Bytes {
-        Bytes::from_owner(Lent {
-            values,
-            pool: Arc::downgrade(&self.0),
-        })
-    }
-}
-
-/// A lent buffer: the owner of the [`Bytes`] that [`TensorPool::lend`] makes.
-struct Lent {
-    values: Vec<f32>,
-    pool: Weak<Mutex<Vec<Vec<f32>>>>,
-}
-
-impl AsRef<[u8]> for Lent {
-    fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.values)
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        if let Some(pool) = self.pool.upgrade() {
-            let mut pool = lock(&pool);
-            if pool.len() < POOL_KEEPS {
-                pool.push(std::mem::take(&mut self.values));
-            }
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Little-endian bytes as f32 values, or `None` if the length is not a multiple of 4.
@@ -127,44 +69,6 @@ mod tests {
         let mut into = vec![9.0; 100];
         decode_f32_into(&shifted[1..], &mut into);
         assert_eq!(bits(&into), bits(&values));
-    }
-
-    /// Lent bytes are `encode_f32`'s, in the values' own memory, which comes back to the pool
-    /// when the last clone is dropped; a full pool, or none, frees it instead.
-    #[test]
-    fn lent_tensors_are_encoded_without_a_copy_and_come_back() {
-        let values: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).cos()).collect();
-        let pool = TensorPool::default();
-        assert!(pool.take().is_empty(), "a new pool has no buffers");
-        let encoded = encode_f32(&values);
-        let memory = values.as_ptr();
-        let bytes = pool.lend(values);
-        assert_eq!(bytes, encoded);
-        assert_eq!(bytes.as_ptr(), memory.cast::<u8>(), "no copy");
-        let clone = bytes.slice(4..);
-        drop(bytes);
-        assert!(pool.take().is_empty(), "a clone still holds the buffer");
-        drop(clone);
-        let back = pool.take();
-        assert_eq!(
-            (back.as_ptr(), back.len()),
-            (memory, 1000),
-            "the same buffer, as lent"
-        );
-
-        let lent: Vec<Bytes> = (0..POOL_KEEPS + 2)
-            .map(|_| pool.lend(vec![1.0; 8]))
-            .collect();
-        drop(lent);
-        let kept = std::iter::from_fn(|| Some(pool.take()).filter(|b| !b.is_empty())).count();
-        assert_eq!(
-            kept, POOL_KEEPS,
-            "a pool keeps at most {POOL_KEEPS} buffers"
-        );
-
-        let orphan = pool.lend(vec![2.0; 8]);
-        drop(pool);
-        assert_eq!(orphan, encode_f32(&[2.0; 8]), "bytes outlive their pool");
     }
 
     /// The measuring decode gives the same values, and the magnitude of all of them: across

@@ -10,7 +10,7 @@ use common::train::{Engine, GradientSum, Node, ReductionTree, ShardBatch};
 use ndarray::Array2;
 use proto::messages::{NodeResult, RunSpec, ShardWork, Task, TensorRef};
 use proto::shared_memory::{ParamsLease, SharedClient};
-use proto::tensor::TensorPool;
+use proto::tensor_pool::TensorPool;
 use rayon::prelude::*;
 
 use crate::cpu_time::ComputeClock;
@@ -66,7 +66,7 @@ pub struct StepBuffers {
     params: Vec<f32>,
     sums: Vec<GradientSum>,
     /// Gradients sent inline are lent to their messages from here, and come back once sent.
-    inline: TensorPool,
+    lent_gradients: TensorPool,
 }
 
 /// A task's results and the CPU time its computation took.
@@ -184,7 +184,7 @@ pub async fn run_task(
     };
     tracing::trace!("step {}: parameters and rows ready", task.step);
     let mut sums = std::mem::take(&mut buffers.sums);
-    let inline = buffers.inline.clone();
+    let lent_gradients = buffers.lent_gradients.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx = Arc::clone(ctx);
     let pool_shared = shared.cloned();
@@ -250,7 +250,7 @@ pub async fn run_task(
                     for s in &mut sums {
                         if s.grad.is_empty() {
                             // The last step's was lent to its message (and may be back).
-                            s.grad = inline.take();
+                            s.grad = lent_gradients.take();
                         }
                         s.grad.resize(params.values().len(), 0.0);
                     }
@@ -286,7 +286,9 @@ pub async fn run_task(
             // Lent, not copied: encoding them was 0.34 ms of a 14 ms TCP step on a Zen 3
             // (docs/scaling.md §40).
             sums.iter_mut()
-                .map(|s| TensorRef::Inline(buffers.inline.lend(std::mem::take(&mut s.grad))))
+                .map(|s| {
+                    TensorRef::Inline(buffers.lent_gradients.lend(std::mem::take(&mut s.grad)))
+                })
                 .collect()
         }
     };

@@ -273,7 +273,7 @@ impl OptimizerConfig {
     ///
     /// With a `mirror` (as long as `params`), the new parameters are also written there: by Adam
     /// from the registers it stores them from, saving the pass over memory that copying them
-    /// afterwards takes (the coordinator's parameter file in shared memory).
+    /// afterwards takes (the coordinator's parameter file in shared memory, or its inline bytes).
     pub fn step_scaled_from(
         &self,
         params: &mut [f32],
