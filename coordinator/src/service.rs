@@ -371,7 +371,7 @@ impl Shared {
         let mut results = Vec::with_capacity(submission.results.len());
         for r in submission.results {
             self.metrics.gradient_received(&r.grad);
-            let mut grad = self.transport.buffer();
+            let mut grad = self.transport.gradient_buffer();
             let magnitude = match self
                 .transport
                 .resolve_gradient(worker.0, &r.grad, &mut grad)

@@ -57,7 +57,7 @@ impl Transport {
     }
 
     /// A buffer to read a gradient into (a recycled one when there is one).
-    pub fn buffer(&self) -> Vec<f32> {
+    pub fn gradient_buffer(&self) -> Vec<f32> {
         self.gradient_buffers.take()
     }
 
@@ -244,6 +244,8 @@ impl Transport {
                 values.resize(len, 0.0);
                 if run(Some(&mut values)) {
                     inline = Some(self.inline_buffers.lend(values));
+                } else {
+                    self.inline_buffers.give_back(values);
                 }
                 None
             }
@@ -384,6 +386,11 @@ mod tests {
             five_sent,
             "step 5's are still sent"
         );
+        tcp.publish_while(7, want.len(), |buffer| {
+            let failed = "the failed update's buffer, given back";
+            assert_eq!(buffer.unwrap().as_ptr(), written, "{failed}");
+            ((), true)
+        });
 
         let base = tempfile::tempdir().unwrap();
         let dir = SharedDir::create(base.path(), "t", b"probe").unwrap();
@@ -458,7 +465,7 @@ mod tests {
         tcp.prepare_parameter_files(100);
         tcp.reserve_gradient_buffers(100, 2);
         assert_eq!(
-            tcp.buffer().len(),
+            tcp.gradient_buffer().len(),
             100,
             "a resident buffer of the parameters' length"
         );

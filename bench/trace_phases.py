@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Where a step goes: the median time between consecutive trace events of the same run.
+
+    RUST_LOG=worker=trace,coordinator=trace VAE_LOG_FORMAT=json \\
+        coordinator --workers 1 --local --epochs 1 --iw-samples 0 > run.log 2>&1
+    python3 bench/trace_phases.py run.log                 # steps 100-400
+    python3 bench/trace_phases.py run.log --steps 130 235
+
+The coordinator and its workers log `step N: <event>` messages at trace level (JSON lines with
+`VAE_LOG_FORMAT=json`). This sorts every such event of the steps asked for by time, and prints,
+in order of first appearance, the median gap between each pair of consecutive events that occurs
+in at least a third of the steps, then the median time between one `task received` and the next
+(a step). Gaps are between events whatever their process, so the phases of a 1-worker run read
+as one timeline; with several workers, the pairs interleave and mean less. docs/scaling.md §31
+onwards report these medians. Standard library only.
+"""
+import argparse, collections, datetime, json, re, statistics
+
+STEP_EVENT = re.compile(r"step (\d+): (.*)")
+
+
+def timestamp(text):
+    """Seconds since the epoch of an RFC 3339 UTC time, to the microsecond or finer."""
+    main, _, frac = text.rstrip("Z").partition(".")
+    whole = datetime.datetime.fromisoformat(main).replace(tzinfo=datetime.timezone.utc)
+    return whole.timestamp() + float("0." + (frac or "0"))
+
+
+def events(path):
+    """(time, step, event) of every `step N: event` trace message in the log, sorted by time."""
+    found = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            message = entry.get("fields", {}).get("message") or entry.get("message") or ""
+            m = STEP_EVENT.match(message)
+            if m and "timestamp" in entry:
+                found.append((timestamp(entry["timestamp"]), int(m.group(1)), m.group(2)))
+    return sorted(found)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("log", help="the run's output, JSON lines")
+    p.add_argument("--steps", nargs=2, type=int, default=(100, 400), metavar=("FIRST", "LAST"),
+                   help="the steps whose events count [default: 100 400]")
+    a = p.parse_args()
+    first, last = a.steps
+    trace = events(a.log)
+    # Numbers in an event (a worker's id, a step) are not part of its name.
+    name = lambda event: re.sub(r"\d+", "N", event)[:50]
+    gaps, order = collections.defaultdict(list), {}
+    for (t0, step, e0), (t1, _, e1) in zip(trace, trace[1:]):
+        if first <= step <= last:
+            pair = (name(e0), name(e1))
+            gaps[pair].append((t1 - t0) * 1e3)
+            order.setdefault(pair, len(order))
+    if not gaps:
+        raise SystemExit(f"{a.log}: no `step N: ...` trace events in steps {first}-{last} "
+                         "(run with RUST_LOG=worker=trace,coordinator=trace VAE_LOG_FORMAT=json)")
+    print(f"{'median ms':>10} {'count':>6}  from -> to")
+    for pair in sorted(gaps, key=order.get):
+        if len(gaps[pair]) >= (last - first) // 3:
+            print(f"{statistics.median(gaps[pair]):10.3f} {len(gaps[pair]):6d}  {pair[0]} -> {pair[1]}")
+    starts = [t for t, step, e in trace if e.startswith("task received") and first <= step <= last]
+    if len(starts) > 2:
+        step = statistics.median(b - a for a, b in zip(starts, starts[1:]))
+        print(f"{step * 1e3:10.3f} {len(starts) - 1:6d}  step (task received -> next task received)")
+
+
+if __name__ == "__main__":
+    main()
