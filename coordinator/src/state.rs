@@ -1551,10 +1551,6 @@ impl UpdateJob {
             };
             spent.extend(sum.into_inputs());
             stepped.map_err(|e| format!("optimizer: {e}"))?;
-            // The paths that could not write it as they stepped.
-            if let Some(mirror) = mirror.take() {
-                common::kernels::copy_values(mirror, &params);
-            }
             Ok(stats)
         })();
         UpdateDone {
