@@ -11,8 +11,10 @@ The coordinator and its workers log `step N: <event>` messages at trace level (J
 in order of first appearance, the median gap between each pair of consecutive events that occurs
 in at least a third of the steps, then the median time between one `task received` and the next
 (a step). Gaps are between events whatever their process, so the phases of a 1-worker run read
-as one timeline; with several workers, the pairs interleave and mean less. docs/scaling.md §31
-onwards report these medians. Standard library only.
+as one timeline. With several workers, each worker's events (which carry its id) and the
+coordinator's events about its results are read as that worker's timeline, together with the
+events every worker shares (the update); the medians are over all workers' timelines, and each
+worker's step follows. docs/scaling.md §31 onwards report these medians. Standard library only.
 """
 import argparse, collections, datetime, json, re, statistics
 
@@ -27,7 +29,8 @@ def timestamp(text):
 
 
 def events(path):
-    """(time, step, event) of every `step N: event` trace message in the log, sorted by time."""
+    """(time, step, event, worker) of every `step N: event` trace message in the log, sorted by
+    time; `worker` is the id the event names (a field, or its span's), else None."""
     found = []
     with open(path) as f:
         for line in f:
@@ -41,8 +44,9 @@ def events(path):
             message = entry.get("fields", {}).get("message") or entry.get("message") or ""
             m = STEP_EVENT.match(message)
             if m and "timestamp" in entry:
-                found.append((timestamp(entry["timestamp"]), int(m.group(1)), m.group(2)))
-    return sorted(found)
+                worker = entry.get("worker") or (entry.get("span") or {}).get("worker")
+                found.append((timestamp(entry["timestamp"]), int(m.group(1)), m.group(2), worker))
+    return sorted(found, key=lambda e: e[:3])
 
 
 def main():
@@ -55,23 +59,36 @@ def main():
     trace = events(a.log)
     # Numbers in an event (a worker's id, a step) are not part of its name.
     name = lambda event: re.sub(r"\d+", "N", event)[:50]
+    workers = sorted({w for _, _, _, w in trace if w is not None})
+    # One timeline per worker: its own events and those that name no worker (the update's).
+    timelines = {w: [e[:3] for e in trace if e[3] in (w, None)] for w in workers}
+    if len(workers) <= 1:
+        timelines = {workers[0] if workers else None: [e[:3] for e in trace]}
     gaps, order = collections.defaultdict(list), {}
-    for (t0, step, e0), (t1, _, e1) in zip(trace, trace[1:]):
-        if first <= step <= last:
-            pair = (name(e0), name(e1))
-            gaps[pair].append((t1 - t0) * 1e3)
-            order.setdefault(pair, len(order))
+    for timeline in timelines.values():
+        for (t0, step, e0), (t1, _, e1) in zip(timeline, timeline[1:]):
+            if first <= step <= last:
+                pair = (name(e0), name(e1))
+                gaps[pair].append((t1 - t0) * 1e3)
+                order.setdefault(pair, len(order))
     if not gaps:
         raise SystemExit(f"{a.log}: no `step N: ...` trace events in steps {first}-{last} "
                          "(run with RUST_LOG=worker=trace,coordinator=trace VAE_LOG_FORMAT=json)")
+    if len(timelines) > 1:
+        print(f"{len(timelines)} workers; phases over all their timelines")
     print(f"{'median ms':>10} {'count':>6}  from -> to")
     for pair in sorted(gaps, key=order.get):
-        if len(gaps[pair]) >= (last - first) // 3:
+        if len(gaps[pair]) >= len(timelines) * (last - first) // 3:
             print(f"{statistics.median(gaps[pair]):10.3f} {len(gaps[pair]):6d}  {pair[0]} -> {pair[1]}")
-    starts = [t for t, step, e in trace if e.startswith("task received") and first <= step <= last]
-    if len(starts) > 2:
-        step = statistics.median(b - a for a, b in zip(starts, starts[1:]))
-        print(f"{step * 1e3:10.3f} {len(starts) - 1:6d}  step (task received -> next task received)")
+    for worker, timeline in timelines.items():
+        starts = [t for t, step, e in timeline
+                  if e.startswith("task received") and first <= step <= last]
+        if len(starts) > 2:
+            step = statistics.median(b - a for a, b in zip(starts, starts[1:]))
+            label = "step (task received -> next task received)"
+            if len(timelines) > 1:
+                label += f", worker {worker}"
+            print(f"{step * 1e3:10.3f} {len(starts) - 1:6d}  {label}")
 
 
 if __name__ == "__main__":

@@ -366,7 +366,7 @@ impl Shared {
         submission: Submission,
         take_update: bool,
     ) -> (SubmitOutcome, Option<TakenUpdate>) {
-        tracing::trace!("step {}: result arrives", submission.step);
+        tracing::trace!(%worker, "step {}: result arrives", submission.step);
         let compute_seconds = submission.compute_seconds;
         let mut results = Vec::with_capacity(submission.results.len());
         for r in submission.results {
@@ -398,7 +398,7 @@ impl Shared {
                 magnitude,
             ));
         }
-        tracing::trace!("step {}: result read", submission.step);
+        tracing::trace!(%worker, "step {}: result read", submission.step);
         let (outcome, update) = {
             let mut state = self.state();
             let outcome = state.submit(

@@ -16,6 +16,7 @@ use proto::shared_memory::SharedClient;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tracing::Instrument;
 
 use crate::compute::{self, Fault, IdleThreads, RunContext, StepBuffers};
 use crate::error::{Error, Result};
@@ -117,6 +118,9 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
             done_tx,
             config.status_file.clone(),
         ));
+        // Trace events of the loop carry the worker's id, so that a run's trace with several
+        // workers can be read worker by worker (`bench/trace_phases.py`).
+        let span = tracing::trace_span!("session", worker = %format_args!("{worker_id:x}"));
         let outcome = work_loop(
             &mut client,
             &ctx,
@@ -131,6 +135,7 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
                 read_ahead: config.read_ahead,
             },
         )
+        .instrument(span)
         .await;
         heartbeat.abort();
         match outcome {
