@@ -11,10 +11,12 @@ The coordinator and its workers log `step N: <event>` messages at trace level (J
 in order of first appearance, the median gap between each pair of consecutive events that occurs
 in at least a third of the steps, then the median time between one `task received` and the next
 (a step). Gaps are between events whatever their process, so the phases of a 1-worker run read
-as one timeline. With several workers, each worker's events (which carry its id) and the
-coordinator's events about its results are read as that worker's timeline, together with the
-events every worker shares (the update); the medians are over all workers' timelines, and each
-worker's step follows. docs/scaling.md §31 onwards report these medians. Standard library only.
+as one timeline. With several workers, each worker's events (which carry its id when tracing is
+on for the worker, as `RUST_LOG=worker=trace` does) and the coordinator's events about its
+results are read as that worker's timeline, together with the events that name no worker (the
+update's, among others) in the steps where that worker has events of its own; the medians are
+over all workers' timelines, and each worker's step follows. docs/scaling.md §31 onwards report
+these medians. Standard library only.
 """
 import argparse, collections, datetime, json, re, statistics
 
@@ -60,8 +62,13 @@ def main():
     # Numbers in an event (a worker's id, a step) are not part of its name.
     name = lambda event: re.sub(r"\d+", "N", event)[:50]
     workers = sorted({w for _, _, _, w in trace if w is not None})
-    # One timeline per worker: its own events and those that name no worker (the update's).
-    timelines = {w: [e[:3] for e in trace if e[3] in (w, None)] for w in workers}
+    # One timeline per worker: its own events, and those that name no worker (the update's) in
+    # the steps it has events in (a worker that registers again gets a new id mid-run).
+    steps_of = {w: {step for _, step, _, v in trace if v == w} for w in workers}
+    timelines = {
+        w: [e[:3] for e in trace if e[3] == w or (e[3] is None and e[1] in steps_of[w])]
+        for w in workers
+    }
     if len(workers) <= 1:
         timelines = {workers[0] if workers else None: [e[:3] for e in trace]}
     gaps, order = collections.defaultdict(list), {}
@@ -78,7 +85,7 @@ def main():
         print(f"{len(timelines)} workers; phases over all their timelines")
     print(f"{'median ms':>10} {'count':>6}  from -> to")
     for pair in sorted(gaps, key=order.get):
-        if len(gaps[pair]) >= len(timelines) * (last - first) // 3:
+        if len(gaps[pair]) >= (last - first) // 3:
             print(f"{statistics.median(gaps[pair]):10.3f} {len(gaps[pair]):6d}  {pair[0]} -> {pair[1]}")
     for worker, timeline in timelines.items():
         starts = [t for t, step, e in timeline
