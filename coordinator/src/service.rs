@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::data::Dataset;
-use common::train::{GradientSum, ShardPlan};
+use common::train::ShardPlan;
 use proto::messages::{
     Attach, Liveness, Registered, Registration, RunSpec, ShardChunk, ShardPixels, Submission, Task,
     TaskReply, Verdict,
@@ -371,12 +371,8 @@ impl Shared {
         let mut results = Vec::with_capacity(submission.results.len());
         for r in submission.results {
             self.metrics.gradient_received(&r.grad);
-            let mut grad = self.transport.gradient_buffer();
-            let magnitude = match self
-                .transport
-                .resolve_gradient(worker.0, &r.grad, &mut grad)
-            {
-                Ok(magnitude) => magnitude,
+            let (grad, magnitude) = match self.transport.resolve_gradient(worker.0, &r.grad) {
+                Ok(resolved) => resolved,
                 Err(e) => {
                     let mut state = self.state();
                     let name = state.worker_name(worker).unwrap_or("unknown").to_string();
@@ -389,14 +385,7 @@ impl Shared {
                     return (SubmitOutcome::Rejected(e.to_string()), None);
                 }
             };
-            results.push(NodeResult::measured(
-                r.node,
-                GradientSum {
-                    grad,
-                    stats: r.stats,
-                },
-                magnitude,
-            ));
+            results.push(NodeResult::arrived(r.node, grad, r.stats, magnitude));
         }
         tracing::trace!(%worker, "step {}: result read", submission.step);
         let (outcome, update) = {

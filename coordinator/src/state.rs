@@ -13,13 +13,15 @@
 //! changes the bits, so a lost worker's nodes simply move to a survivor.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::model::BatchStats;
 use common::optim::{Clipped, Moments, OptimizerConfig, OptimizerState, fill_measuring_norm};
 use common::train::{
-    BlockwiseSum, GradientSum, MAX_ABS_GRADIENT_PER_EXAMPLE, Magnitude, Node, ReductionTree,
-    ShardPlan, check_measured,
+    BlockwiseSum, GradientSum, GradientValues, MAX_ABS_GRADIENT_PER_EXAMPLE, Magnitude, Node,
+    ReceivedGradient, ReductionTree, ShardPlan, SharedGradient, SharedValues, check_measured,
+    check_shared,
 };
 
 use crate::assignment::tree_blocks;
@@ -245,7 +247,7 @@ struct StepState {
     in_flight: BTreeMap<WorkerId, Vec<Node>>,
     /// Nodes whose worker was lost when no other worker was alive.
     orphans: Vec<Node>,
-    received: HashMap<Node, GradientSum>,
+    received: HashMap<Node, ReceivedGradient>,
     /// Per node, the workers whose result for it was rejected.
     rejections: HashMap<Node, BTreeSet<WorkerId>>,
     /// Rejected results whose node no other worker has computed yet: (node, worker).
@@ -270,22 +272,29 @@ struct StepState {
 }
 
 impl StepState {
-    /// What is wrong with `sum` as node `node`'s result, if anything: its gradient's length,
-    /// finiteness and magnitude (`magnitude`, measured as it was copied in), its example count,
-    /// and its ELBO statistics.
+    /// The examples node `node` sums this step.
+    fn examples_of(&self, node: Node) -> usize {
+        (node.lo..node.hi)
+            .map(|s| self.examples[s as usize].len())
+            .sum()
+    }
+
+    /// The largest magnitude an honest gradient of node `node` can have this step.
+    fn gradient_bound(&self, node: Node) -> f32 {
+        MAX_ABS_GRADIENT_PER_EXAMPLE * self.examples_of(node).max(1) as f32
+    }
+
+    /// What is wrong with node `node`'s result, if anything: its gradient (`check_gradient`,
+    /// given the bound on its values, checks its length, finiteness and magnitude), its example
+    /// count (in `s`), and its ELBO statistics.
     fn result_problem(
         &self,
         node: Node,
-        sum: &GradientSum,
-        magnitude: Magnitude,
-        param_len: usize,
+        s: &BatchStats,
+        check_gradient: impl FnOnce(f32) -> Result<(), String>,
     ) -> Option<String> {
-        let expected_examples: usize = (node.lo..node.hi)
-            .map(|s| self.examples[s as usize].len())
-            .sum();
-        let bound = MAX_ABS_GRADIENT_PER_EXAMPLE * expected_examples.max(1) as f32;
-        let s = &sum.stats;
-        check_measured(&sum.grad, magnitude, param_len, bound)
+        let expected_examples = self.examples_of(node);
+        check_gradient(self.gradient_bound(node))
             .err()
             .or_else(|| {
                 (s.examples != expected_examples as u64).then(|| {
@@ -307,24 +316,41 @@ impl StepState {
     }
 }
 
-/// A node's result as a worker returned it: its sums, and its gradient's [`Magnitude`], measured
-/// as the values were copied in from the worker, so the check needs no second pass over them.
+/// A result's gradient as it arrived: copied out of a message, or left where a co-located
+/// worker wrote it in shared memory (read there until the step's update is done, only through
+/// copies measured as they are made: [`SharedValues`]).
+#[derive(Debug)]
+pub enum ArrivedGradient {
+    Owned(Vec<f32>),
+    Shared(Arc<dyn SharedValues>),
+}
+
+/// A node's result as a worker returned it: its gradient, its sums, and its gradient's
+/// [`Magnitude`], measured as the values were copied in from the worker (or where they are), so
+/// the check needs no second pass over them.
 #[derive(Debug)]
 pub struct NodeResult {
     node: Node,
-    sum: GradientSum,
+    grad: ArrivedGradient,
+    stats: BatchStats,
     magnitude: Magnitude,
 }
 
 impl NodeResult {
-    /// A result whose gradient's magnitude was measured as it was copied
-    /// ([`Magnitude::copy_measuring`]); `magnitude` must be that of `sum.grad`. Crate-private:
-    /// a magnitude from anywhere else (a default of zero, say) would let a gradient skip the
-    /// check, so outside callers measure with [`NodeResult::new`].
-    pub(crate) fn measured(node: Node, sum: GradientSum, magnitude: Magnitude) -> Self {
+    /// A result whose gradient's magnitude was measured as it arrived
+    /// ([`Magnitude::copy_measuring`], or where it is); `magnitude` must be that of `grad`.
+    /// Crate-private: a magnitude from anywhere else (a default of zero, say) would let a
+    /// gradient skip the check, so outside callers measure with [`NodeResult::new`].
+    pub(crate) fn arrived(
+        node: Node,
+        grad: ArrivedGradient,
+        stats: BatchStats,
+        magnitude: Magnitude,
+    ) -> Self {
         NodeResult {
             node,
-            sum,
+            grad,
+            stats,
             magnitude,
         }
     }
@@ -332,7 +358,13 @@ impl NodeResult {
     /// A result measured now (one more pass over its gradient).
     pub fn new(node: Node, sum: GradientSum) -> Self {
         let magnitude = Magnitude::of(&sum.grad);
-        NodeResult::measured(node, sum, magnitude)
+        NodeResult::arrived(node, ArrivedGradient::Owned(sum.grad), sum.stats, magnitude)
+    }
+
+    /// A result whose gradient a worker left in shared memory, measured now where it is.
+    pub fn shared(node: Node, values: Arc<dyn SharedValues>, stats: BatchStats) -> Self {
+        let (_, magnitude) = values.to_vec();
+        NodeResult::arrived(node, ArrivedGradient::Shared(values), stats, magnitude)
     }
 }
 
@@ -610,8 +642,9 @@ impl StateMachine {
         let mut to_settle = Vec::new();
         for NodeResult {
             node,
-            sum,
-            magnitude,
+            mut grad,
+            stats,
+            mut magnitude,
         } in results
         {
             let in_flight = step.in_flight.entry(worker).or_default();
@@ -632,14 +665,41 @@ impl StateMachine {
                 continue;
             };
             in_flight.remove(pos);
-            let problem = step.result_problem(node, &sum, magnitude, expected_len);
+            // A copy to verify is compared bit for bit with others: it is copied out (and
+            // measured again as it is).
+            if let ArrivedGradient::Shared(values) = &grad
+                && step.verifying.contains_key(&node)
+            {
+                let (values, copied) = values.to_vec();
+                (grad, magnitude) = (ArrivedGradient::Owned(values), copied);
+            }
+            let problem = step.result_problem(node, &stats, |bound| match &grad {
+                ArrivedGradient::Owned(values) => {
+                    check_measured(values, magnitude, expected_len, bound)
+                }
+                ArrivedGradient::Shared(values) => {
+                    check_shared(&**values, magnitude, expected_len, bound)
+                }
+            });
             match problem {
                 None => {
                     if let Some(since) = step.handed_out.get(&(worker, node)) {
                         step.slowest_node =
                             step.slowest_node.max(now.saturating_duration_since(*since));
                     }
+                    let values = match grad {
+                        ArrivedGradient::Owned(values) => GradientValues::Owned(values),
+                        ArrivedGradient::Shared(values) => GradientValues::Shared(SharedGradient {
+                            values,
+                            max_abs: step.gradient_bound(node),
+                            writer: worker.0,
+                        }),
+                    };
                     if let Some(copies) = step.verifying.get_mut(&node) {
+                        let GradientValues::Owned(grad) = values else {
+                            unreachable!("a copy to verify is copied out above")
+                        };
+                        let sum = GradientSum { grad, stats };
                         if copies.has_from(worker) {
                             ignored.push(format!(
                                 "shards {}..{}: a second copy from the same worker",
@@ -651,7 +711,8 @@ impl StateMachine {
                         }
                         continue;
                     }
-                    step.received.insert(node, sum);
+                    step.received
+                        .insert(node, ReceivedGradient { values, stats });
                     accepted.push(node);
                 }
                 Some(reason) => {
@@ -719,7 +780,9 @@ impl StateMachine {
             return;
         }
         let magnitude = Magnitude::of(&sum.grad);
-        let problem = step.result_problem(node, &sum, magnitude, self.config.param_len);
+        let problem = step.result_problem(node, &sum.stats, |bound| {
+            check_measured(&sum.grad, magnitude, self.config.param_len, bound)
+        });
         if let Some(problem) = problem {
             self.fail(format!(
                 "training diverged: the coordinator's own computation of shards {}..{} at step \
@@ -734,7 +797,7 @@ impl StateMachine {
             copies.add(Source::Coordinator, sum);
             self.settle(node);
         } else {
-            step.received.insert(node, sum);
+            step.received.insert(node, sum.into());
             self.node_accepted(node, Source::Coordinator);
         }
         self.try_complete_step();
@@ -762,7 +825,7 @@ impl StateMachine {
             }
             Decision::Accept { sum, wrong } => {
                 step.verifying.remove(&node);
-                step.received.insert(node, sum);
+                step.received.insert(node, sum.into());
                 self.outputs.push(Output::NodeVerified {
                     step: global_step,
                     node,
@@ -1366,6 +1429,17 @@ impl StateMachine {
         self.params = done.params;
         self.opt_state = done.opt_state;
         self.clip_buffer = done.clip_buffer;
+        for writer in done.rewritten {
+            self.quarantine(
+                WorkerId(writer),
+                format!(
+                    "its gradient for step {} changed in shared memory after it was accepted \
+                     (values beyond the bound the update checks them against again; they were \
+                     used as zeros)",
+                    step.global_step
+                ),
+            );
+        }
         // The run failed while the update ran (a node the coordinator could not compute, say):
         // the parameters are back for its checkpoint, and nothing moves on.
         if matches!(self.phase, Phase::Failed(_)) {
@@ -1459,7 +1533,7 @@ fn node_work(step: &StepState, node: Node) -> NodeWork {
 #[derive(Debug)]
 pub struct UpdateJob {
     pub global_step: u64,
-    received: HashMap<Node, GradientSum>,
+    received: HashMap<Node, ReceivedGradient>,
     tree: ReductionTree,
     optimizer: OptimizerConfig,
     clip_norm: Option<f64>,
@@ -1479,6 +1553,9 @@ pub struct UpdateDone {
     pub outcome: Result<BatchStats, String>,
     /// The gradient buffers the update consumed, for reuse.
     pub spent: Vec<Vec<f32>>,
+    /// Workers whose gradient, read where they wrote it, failed its second check as the update
+    /// read it: rewritten after it was accepted (those values were used as zeros).
+    pub rewritten: Vec<u64>,
     /// The clipped update's buffer, for the next step's.
     pub clip_buffer: Vec<f32>,
 }
@@ -1507,6 +1584,7 @@ impl UpdateJob {
             mut clip_buffer,
         } = self;
         let mut spent = Vec::new();
+        let mut rewritten = Vec::new();
         let outcome = (|| {
             if let Some(mirror) = &mirror
                 && mirror.len() != params.len()
@@ -1549,6 +1627,7 @@ impl UpdateJob {
                     )
                 }
             };
+            rewritten = sum.rewritten();
             spent.extend(sum.into_inputs());
             stepped.map_err(|e| format!("optimizer: {e}"))?;
             Ok(stats)
@@ -1559,6 +1638,7 @@ impl UpdateJob {
             opt_state,
             outcome,
             spent,
+            rewritten,
             clip_buffer,
         }
     }

@@ -14,6 +14,7 @@ use proto::shared_memory::SharedDir;
 use proto::tensor_pool::{POOL_KEEPS, TensorPool};
 
 use crate::error::{Error, Result};
+use crate::state::ArrivedGradient;
 
 /// The parameters of one step, in each form a worker may need them.
 #[derive(Debug, Default)]
@@ -283,16 +284,21 @@ impl Transport {
         )
     }
 
-    /// The values a worker's result refers to, into `out`, with their magnitude measured as
-    /// they were copied (so that checking them needs no second pass).
+    /// The values a worker's result refers to, with their magnitude: copied out of a message
+    /// (measured as they are copied, so that checking them needs no second pass), or left where
+    /// a co-located worker wrote them (measured there; the update reads them in place,
+    /// docs/design.md §5).
     pub fn resolve_gradient(
         &self,
         worker: u64,
         grad: &TensorRef,
-        out: &mut Vec<f32>,
-    ) -> Result<Magnitude> {
+    ) -> Result<(ArrivedGradient, Magnitude)> {
         match grad {
-            TensorRef::Inline(bytes) => Ok(proto::tensor::decode_f32_measuring(bytes, out)),
+            TensorRef::Inline(bytes) => {
+                let mut out = self.gradient_buffer();
+                let magnitude = proto::tensor::decode_f32_measuring(bytes, &mut out);
+                Ok((ArrivedGradient::Owned(out), magnitude))
+            }
             TensorRef::Shared { offset, len } => {
                 let dir = self
                     .shared_dir
@@ -303,12 +309,13 @@ impl Transport {
                             "worker {worker:x} referred to shared memory it is not attached to"
                         ))
                     })?;
-                dir.read_gradient(worker, *offset, *len, out).map_err(|e| {
+                let (values, magnitude) = dir.map_gradient(worker, *offset, *len).map_err(|e| {
                     Error::BadRequest(format!(
                         "cannot read worker {worker:x}'s gradient from {}: {e}",
                         dir.path().display()
                     ))
-                })
+                })?;
+                Ok((ArrivedGradient::Shared(Arc::new(values)), magnitude))
             }
             TensorRef::ParameterFile { .. } => Err(Error::BadRequest(format!(
                 "worker {worker:x} named a parameter file as its gradient"

@@ -3,10 +3,12 @@
 //! does, so every scenario can be compared bit for bit with an undisturbed single-worker run.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::optim::{OptimizerConfig, clip_grad_norm};
-use common::train::{GradientSum, Node, ReductionTree, ShardPlan};
+use common::train::{GradientSum, Magnitude, Node, ReductionTree, ShardPlan, SharedValues};
 use coordinator::state::{
     EpochTotals, HeartbeatAnswer, NodeResult, Output, Phase, Position, ShardWork, StateConfig,
     StateMachine, SubmitOutcome, Task, TaskDecision, WorkerId,
@@ -1301,4 +1303,148 @@ fn updates_are_held_for_the_driver_while_it_needs_the_parameters() {
     assert!(!sm.update_in_flight());
     let job = sm.take_update().expect("the driver still can");
     run_taken(&mut sm, job, now);
+}
+
+/// Gradient values left "in a worker's shared memory": read only through measured copies. From
+/// copy `rewrite.0 + 1` on, value 0 reads as `rewrite.1` (the worker rewrote it after it was
+/// accepted).
+#[derive(Debug)]
+struct InWorkerMemory {
+    values: Vec<f32>,
+    rewrite: Option<(usize, f32)>,
+    copies: AtomicUsize,
+}
+
+impl SharedValues for InWorkerMemory {
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    fn copy_measuring(&self, start: usize, out: &mut [f32]) -> Magnitude {
+        let copies = self.copies.fetch_add(1, Ordering::SeqCst) + 1;
+        let magnitude = Magnitude::copy_measuring(out, &self.values[start..start + out.len()]);
+        match self.rewrite {
+            Some((after, bad)) if copies > after && start == 0 && !out.is_empty() => {
+                out[0] = bad;
+                Magnitude::of(out)
+            }
+            _ => magnitude,
+        }
+    }
+}
+
+/// Runs to the end with every result left in its worker's memory (`rewrite(worker, step)` says
+/// whether and how that worker rewrites it), serving the coordinator's own computations.
+fn run_shared(
+    sm: &mut StateMachine,
+    workers: &[WorkerId],
+    now: Instant,
+    rewrite: impl Fn(WorkerId, u64) -> Option<(usize, f32)>,
+) -> Vec<Output> {
+    let mut outputs = Vec::new();
+    for _ in 0..10_000 {
+        match sm.phase() {
+            Phase::Finished | Phase::Failed(_) => break,
+            Phase::Evaluating => sm.finish_evaluation(now),
+            _ => {}
+        }
+        for &w in workers {
+            if let TaskDecision::Task(task) = sm.next_task(w, now) {
+                let results = compute(&task, sm.params())
+                    .into_iter()
+                    .map(|(node, sum)| {
+                        let values = InWorkerMemory {
+                            values: sum.grad,
+                            rewrite: rewrite(w, task.global_step),
+                            copies: AtomicUsize::new(0),
+                        };
+                        NodeResult::shared(node, Arc::new(values), sum.stats)
+                    })
+                    .collect();
+                sm.submit(w, task.global_step, results, 0.01, now);
+                sm.apply_ready_update(now);
+            }
+            serve_compute_requests(sm, &mut outputs, now);
+        }
+    }
+    outputs.extend(sm.drain_outputs());
+    outputs
+}
+
+/// Results read where their workers wrote them (a co-located worker's shared memory) give the
+/// same bits as copied ones, with and without verification (whose copies are copied out).
+#[test]
+fn results_read_where_workers_wrote_them_give_the_same_bits() {
+    let reference = reference_params();
+    for verify in [false, true] {
+        let mut sm = if verify {
+            verified_machine(3)
+        } else {
+            machine(3)
+        };
+        let now = Instant::now();
+        let workers: Vec<WorkerId> = (0..3).map(|i| sm.register(format!("w{i}"), now)).collect();
+        let outputs = run_shared(&mut sm, &workers, now, |_, _| None);
+        assert_eq!(*sm.phase(), Phase::Finished, "verify {verify}");
+        assert_eq!(bits(sm.params()), reference, "verify {verify}");
+        assert!(
+            !outputs
+                .iter()
+                .any(|o| matches!(o, Output::WorkerQuarantined { .. })),
+            "verify {verify}"
+        );
+    }
+}
+
+/// A worker that rewrites its accepted gradient in shared memory while the update reads it: the
+/// values that fail the update's second check are used as zeros (never as they are: the
+/// parameters stay finite), the worker is quarantined, and the run goes on without it. A value
+/// rewritten before the result is checked is rejected there, as any other.
+#[test]
+fn a_worker_that_rewrites_its_accepted_gradient_is_quarantined() {
+    let reference = reference_params();
+    for bad in [f32::NAN, 1e30] {
+        let mut sm = machine(2);
+        let now = Instant::now();
+        let workers = vec![
+            sm.register("honest (10.0.0.1:1)".into(), now),
+            sm.register("rewriter (10.0.0.2:1)".into(), now),
+        ];
+        // Rewritten after the first copy (the check on arrival), at step 3.
+        let outputs = run_shared(&mut sm, &workers, now, |w, step| {
+            (w == workers[1] && step == 3).then_some((1, bad))
+        });
+        assert_eq!(*sm.phase(), Phase::Finished, "{bad}");
+        assert!(sm.params().iter().all(|p| p.is_finite()), "{bad}");
+        assert_ne!(bits(sm.params()), reference, "{bad}: that step used zeros");
+        let quarantined: Vec<&Output> = outputs
+            .iter()
+            .filter(|o| matches!(o, Output::WorkerQuarantined { .. }))
+            .collect();
+        assert!(
+            matches!(quarantined[..], [Output::WorkerQuarantined { worker, reason, .. }]
+                if *worker == workers[1] && reason.contains("step 3")
+                    && reason.contains("shared memory")),
+            "{bad}: {quarantined:?}"
+        );
+        assert!(sm.quarantine_reason("rewriter").is_some());
+    }
+
+    // Rewritten before the check on arrival: rejected and recomputed, the bits unchanged.
+    let mut sm = machine(2);
+    let now = Instant::now();
+    let workers = vec![
+        sm.register("honest".into(), now),
+        sm.register("early".into(), now),
+    ];
+    let outputs = run_shared(&mut sm, &workers, now, |w, step| {
+        (w == workers[1] && step == 3).then_some((0, f32::NAN))
+    });
+    assert_eq!(*sm.phase(), Phase::Finished);
+    assert_eq!(bits(sm.params()), reference);
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, Output::ResultRejected { step: 3, .. }))
+    );
 }

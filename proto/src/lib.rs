@@ -47,8 +47,11 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// pixels (a new field; a release-4 worker would read such a chunk as malformed). 6 when a task's
 /// parameters may be a locked parameter file read in place (`TensorRef::ParameterFile`) instead
 /// of the one `params.f32` copied out. (A task's next-step hint, `Task::next_examples`, did not
-/// change it: a release-6 worker ignores the field and a newer one does without it.)
-pub const PROTOCOL_VERSION: u32 = 6;
+/// change it: a release-6 worker ignores the field and a newer one does without it.) 7 when the
+/// coordinator reads an accepted gradient in a worker's shared memory until the step's update is
+/// done, so a worker's later task in the same step must write after it, not over it (a release-6
+/// worker starts every task at byte 0 of its gradient file).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest gRPC message either side accepts. tonic's default is 4 MiB; the default model's
 /// parameters are 2.6 MB and a `--hidden 2048,2048` model is ~60 MB, so parameters and gradients

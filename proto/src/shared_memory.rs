@@ -6,12 +6,14 @@
 //!
 //! Files are mapped into memory (`mmap`), so a transfer is at most one `memcpy` into or out of
 //! the mapping (the page cache's per-page `pread`/`pwrite` path measured ~10x slower here). A
-//! worker computes its gradients in place in its own file ([`SharedClient::fill_gradients`]);
-//! every value read from memory another process still writes is copied out before it is used: no
-//! reference into such memory ever reaches the rest of the program, except a parameter file's,
-//! borrowed only under a lock its writer respects (below), and shard files, never written again
-//! once in place, which are read where they are. The data plane's only `unsafe` memory access is
-//! the [`mapping`] module; its invariants are stated there. What keeps the exchange correct:
+//! worker computes its gradients in place in its own file ([`SharedClient::fill_gradients`]),
+//! and the coordinator reads them there ([`SharedDir::map_gradient`]). No reference into memory
+//! another process still writes ever reaches the rest of the program: a gradient's values are
+//! only measured and copied out, each copy measured as it is made ([`MappedValues`], which
+//! implements `common::train::SharedValues`); a parameter file's are borrowed only under a lock
+//! its writer respects (below); shard files, never written again once in place, are read where
+//! they are. The data plane's only `unsafe` memory access is the [`mapping`] module; its
+//! invariants are stated there. What keeps the exchange correct:
 //! - Parameters go into one of [`PARAM_SLOTS`] parameter files, in turn, each with a header
 //!   naming the step they are for. A worker computes from the file where it is, holding a shared
 //!   `flock` on it from before it checks the header until its gradients are done; the coordinator
@@ -19,8 +21,15 @@
 //!   still holds (a straggler). So no parameter is rewritten while a worker reads it, a worker
 //!   that finds another step in the header knows its task is stale, and a worker that holds a file
 //!   forever only costs the coordinator that file (all of them held: parameters go inline).
-//! - A worker writes its gradient file, then sends `SubmitResult` and waits for the reply; the
-//!   coordinator copies the values out before replying. So no gradient is read while it is written.
+//! - A worker writes its gradient regions, then sends `SubmitResult`. The coordinator measures
+//!   them where they are (a result with a non-finite or huge value is rejected then), keeps them
+//!   mapped, and the step's update reads them through copies checked again as they are made. A
+//!   worker's later tasks in the same step write after the step's earlier regions, and a new
+//!   step's start again at byte 0: its tasks exist only once the last step's update, the last
+//!   reader, is done. So an honest worker never rewrites a gradient the coordinator may still
+//!   read; one that does changes only what a checked copy reads: values that fail the second
+//!   check are used as zeros and the worker is quarantined (`common::train::SharedGradient`).
+//!   Under `--verify` the copies compared bit for bit are copied out once, on arrival.
 //! - Which file to read is never taken from a peer: the coordinator reads the gradient file named
 //!   after the worker id it issued, a worker one of the [`PARAM_SLOTS`] parameter files of its
 //!   offer's directory (a task names the slot, never a path); a region outside the file is an
@@ -42,6 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::train::Magnitude;
+pub use mapping::MappedValues;
 pub(crate) use mapping::SharedMap;
 use mapping::{FrozenMap, Lease, LockedMap, ReadMap, WriteMap};
 
@@ -234,15 +244,16 @@ impl SharedDir {
         Err(failure)
     }
 
-    /// Reads `len` values at byte `offset` of `worker`'s gradient file into `out`, with their
-    /// magnitude measured as they were copied.
-    pub fn read_gradient(
+    /// The `len` values at byte `offset` of `worker`'s gradient file, left where they are (kept
+    /// mapped while they live, even after [`SharedDir::forget`]), and their magnitude, measured
+    /// without copying them. They are only ever copied out, and measured again as they are
+    /// (`common::train::SharedValues`): the worker could rewrite them at any moment.
+    pub fn map_gradient(
         &self,
         worker: u64,
         offset: u64,
         len: u64,
-        out: &mut Vec<f32>,
-    ) -> io::Result<Magnitude> {
+    ) -> io::Result<(MappedValues, Magnitude)> {
         let map = match lock(&self.gradients).entry(worker) {
             std::collections::hash_map::Entry::Occupied(e) => Arc::clone(e.get()),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -250,7 +261,9 @@ impl SharedDir {
                 Arc::clone(e.insert(Arc::new(Mutex::new(ReadMap::new(file)))))
             }
         };
-        read_region(&mut lock(&map), offset, len, out)
+        let values = map_region(&mut lock(&map), offset, len)?;
+        let magnitude = values.measure();
+        Ok((values, magnitude))
     }
 
     /// Makes sure `shard`'s file holds its examples (`values`, written only the first time),
@@ -355,7 +368,18 @@ pub struct SharedClient {
     worker: u64,
     /// The parameter files, each mapped the first time a task names it.
     params: Mutex<Vec<Option<std::sync::Arc<LockedMap>>>>,
-    gradients: Mutex<WriteMap>,
+    gradients: Mutex<GradientFile>,
+}
+
+/// A worker's gradient file and where its next region starts: after the step's earlier regions,
+/// which the coordinator may still read until the step's update is done (it reads them where they
+/// are, `SharedDir::map_gradient`), or at byte 0 for a new step, whose tasks exist only once the
+/// last step's update has made their parameters.
+#[derive(Debug)]
+struct GradientFile {
+    map: WriteMap,
+    step: u64,
+    next: u64,
 }
 
 /// A task's parameters where the coordinator wrote them, locked against rewriting until this is
@@ -385,7 +409,11 @@ impl SharedClient {
             dir: offer.dir.clone(),
             worker,
             params: Mutex::new((0..PARAM_SLOTS).map(|_| None).collect()),
-            gradients: Mutex::new(WriteMap::new(gradients)),
+            gradients: Mutex::new(GradientFile {
+                map: WriteMap::new(gradients),
+                step: 0,
+                next: 0,
+            }),
         };
         Ok((client, probe))
     }
@@ -464,17 +492,26 @@ impl SharedClient {
     /// Lends this worker's gradient file to `fill` as consecutive regions of `lens[i]` values
     /// (the file grown first when it is too short), so that gradients are computed where the
     /// coordinator reads them instead of being copied there; the regions' references, in order,
-    /// and what `fill` returned. The regions hold whatever an earlier step left: `fill` must
-    /// write every value it reports. The file's lock is held while `fill` runs (one task at a
-    /// time: the worker awaits each to the end), so `fill` must not call this again.
+    /// and what `fill` returned. The regions follow every region this worker filled earlier in
+    /// `step` (the coordinator reads accepted results in place until the step's update is done),
+    /// and start again at byte 0 with a new step. They hold whatever an earlier step left:
+    /// `fill` must write every value it reports. The file's lock is held while `fill` runs (one
+    /// task at a time: the worker awaits each to the end), so `fill` must not call this again.
     pub fn fill_gradients<R>(
         &self,
+        step: u64,
         lens: &[usize],
         fill: impl FnOnce(Vec<&mut [f32]>) -> R,
     ) -> io::Result<(Vec<TensorRef>, R)> {
         let total: u64 = lens.iter().map(|&len| 4 * len as u64).sum();
+        let mut file = lock(&self.gradients);
+        if file.step != step {
+            file.step = step;
+            file.next = 0;
+        }
+        let start = file.next;
         let mut refs = Vec::with_capacity(lens.len());
-        let mut offset = 0u64;
+        let mut offset = start;
         for &len in lens {
             refs.push(TensorRef::Shared {
                 offset,
@@ -486,8 +523,9 @@ impl SharedClient {
             let empty = lens.iter().map(|_| &mut [][..]).collect();
             return Ok((refs, fill(empty)));
         }
-        let mut file = lock(&self.gradients);
-        let mut rest: &mut [f32] = bytemuck::cast_slice_mut(file.region(0, total)?);
+        // Taken before `fill` runs: a region it fails to fill is not reused within the step.
+        file.next = start + total;
+        let mut rest: &mut [f32] = bytemuck::cast_slice_mut(file.map.region(start, total)?);
         let mut regions = Vec::with_capacity(lens.len());
         for &len in lens {
             let (region, after) = std::mem::take(&mut rest).split_at_mut(len);
@@ -587,30 +625,16 @@ fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
         .open(path)
 }
 
-/// `len` f32 values at byte `offset` of a mapped file, copied into `out` (resized; its allocation
-/// is reused) and measured as they are copied.
-fn read_region(
-    map: &mut ReadMap,
-    offset: u64,
-    len: u64,
-    out: &mut Vec<f32>,
-) -> io::Result<Magnitude> {
-    let bytes = len
-        .checked_mul(4)
-        .filter(|_| offset.is_multiple_of(4))
+/// `len` f32 values at byte `offset` of a mapped file, left where they are.
+fn map_region(map: &mut ReadMap, offset: u64, len: u64) -> io::Result<MappedValues> {
+    // A region outside the file is an error here, before anything is allocated for it: a
+    // peer's `len` could otherwise ask for terabytes.
+    let values = usize::try_from(len)
+        .ok()
+        .filter(|_| offset.is_multiple_of(4) && len.checked_mul(4).is_some())
         .ok_or_else(|| outside(offset, len, None))?;
-    // The region must lie inside the file before the buffer grows to it: a peer's `len` could
-    // otherwise ask for terabytes.
-    map.ensure(offset, bytes)
-        .map_err(|e| outside(offset, len, Some(e)))?;
-    out.resize(len as usize, 0.0);
-    map.read_measuring(offset, &mut out[..]).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            outside(offset, bytes / 4, Some(e))
-        } else {
-            e
-        }
-    })
+    map.values(offset, values)
+        .map_err(|e| outside(offset, len, Some(e)))
 }
 
 fn outside(offset: u64, len: u64, cause: Option<io::Error>) -> io::Error {
@@ -633,16 +657,20 @@ fn outside(offset: u64, len: u64, cause: Option<io::Error>) -> io::Error {
 /// on the first store into a page tmpfs cannot back.
 ///
 /// Invariants that make the mappings sound in this process:
-/// - A mapping never outlives its file handle, and is replaced (never resized in place) when the
-///   file grows; every access is bounds-checked against the mapping's length.
+/// - A mapping is replaced (never resized in place) when the file grows; every access is
+///   bounds-checked against the mapping's length. A read mapping may outlive its `ReadMap` (the
+///   [`MappedValues`] made from it share it, across a remap and after `SharedDir::forget`): a
+///   mapping keeps the file's pages itself, whether or not the file is still open or named.
 /// - A mapped file is never shrunk: files only grow (zeros written past the end), so no access
 ///   within a mapping can touch pages past the end of the file (which would raise SIGBUS). The
 ///   directory is private (0700) and its files 0600, so only processes of the same user, which
 ///   could equally kill the coordinator, could truncate them.
-/// - A read mapping's bytes are only copied out (`copy_from_slice`, or the loop of
+/// - A read mapping's bytes are only measured and copied out, within this module's passes
+///   ([`MappedValues::measure`], and `SharedValues::copy_measuring`, the loop of
 ///   `common::kernels`' measuring copy, which reads each value once), never lent out as
-///   references, so a concurrent writer in another process can change what a copy reads (a
-///   result the protocol then ignores or rejects) but not break this process's aliasing rules.
+///   references beyond them, so a concurrent writer in another process can change what a pass
+///   reads (a result the protocol then rejects, or values the update's checked copy then zeroes)
+///   but not break this process's aliasing rules.
 /// - A frozen mapping is of a file that is complete before any process can open it (written
 ///   under a temporary name, then renamed) and never written again (a shard file): its bytes may
 ///   be lent out as `&[u8]`, borrowed from the `FrozenMap`, as nothing changes them. Unlike a
@@ -677,7 +705,7 @@ mod mapping {
 
     use std::sync::atomic::AtomicU32;
 
-    use common::train::Magnitude;
+    use common::train::{Magnitude, SharedValues};
     use memmap2::{Mmap, MmapMut, MmapOptions, MmapRaw};
     use rayon::prelude::*;
     use rustix::fs::{FlockOperation, flock};
@@ -696,11 +724,13 @@ mod mapping {
         }
     }
 
-    /// A file this process reads through a read-only mapping, remapped when it has grown.
+    /// A file this process reads through a read-only mapping, remapped when it has grown. The
+    /// mapping is shared with the [`MappedValues`] made from it, which keep it mapped after a
+    /// remap or after the reader lets the file go.
     #[derive(Debug)]
     pub struct ReadMap {
         file: File,
-        map: Option<Mmap>,
+        map: Option<Arc<Mmap>>,
     }
 
     impl ReadMap {
@@ -722,33 +752,71 @@ mod mapping {
                         format!("the file has {size} bytes"),
                     ));
                 }
-                // SAFETY: see the module's invariants (file kept open, never shrunk, copies only).
-                self.map = Some(unsafe { MmapOptions::new().len(size as usize).map(&self.file)? });
+                // SAFETY: see the module's invariants (never shrunk, copies only).
+                let map = unsafe { MmapOptions::new().len(size as usize).map(&self.file)? };
+                self.map = Some(Arc::new(map));
             }
             Ok(())
         }
 
-        /// Copies the `out.len()` f32 values at byte `offset` (a multiple of 4) into `out` and
-        /// measures them as they are copied ([`Magnitude::copy_measuring`]), in pieces on the
-        /// current rayon pool like [`copy`]; `UnexpectedEof` when the file is shorter.
-        pub fn read_measuring(&mut self, offset: u64, out: &mut [f32]) -> io::Result<Magnitude> {
+        /// The `len` f32 values at byte `offset` (a multiple of 4, checked by callers), kept
+        /// mapped while they live; `UnexpectedEof` when the file is shorter.
+        pub fn values(&mut self, offset: u64, len: usize) -> io::Result<MappedValues> {
+            let bytes = (len as u64)
+                .checked_mul(4)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            self.ensure(offset, bytes)?;
+            Ok(MappedValues {
+                map: Arc::clone(self.map.as_ref().expect("mapped above")),
+                start: offset as usize,
+                len,
+            })
+        }
+    }
+
+    /// f32 values in a read mapping, which they keep mapped (after a remap of the file, or after
+    /// its reader lets it go). Another process may write them at any moment, so they are never
+    /// lent out: only measured and copied out, each value read once per pass.
+    #[derive(Debug)]
+    pub struct MappedValues {
+        map: Arc<Mmap>,
+        /// Byte offset of the first value: a multiple of 4, inside the mapping with all `len`.
+        start: usize,
+        len: usize,
+    }
+
+    impl MappedValues {
+        /// Values `from..from + len`, borrowed only within this module's passes.
+        fn slice(&self, from: usize, len: usize) -> &[f32] {
+            assert!(
+                from <= self.len && len <= self.len - from,
+                "values {from}..{} of {}",
+                from + len,
+                self.len
+            );
+            let start = self.start + 4 * from;
+            // The mapping starts on a page and `start` is a multiple of 4.
+            bytemuck::cast_slice(&self.map[start..start + 4 * len])
+        }
+
+        /// The values' largest magnitude, measured without copying them, in pieces on the
+        /// current rayon pool (a result is measured on arrival, on the step's critical path).
+        pub fn measure(&self) -> Magnitude {
             const PIECE: usize = 64 << 10;
-            let bytes = std::mem::size_of_val(out);
-            self.ensure(offset, bytes as u64)?;
-            let map = self.map.as_ref().expect("mapped above");
-            let src = &map[offset as usize..offset as usize + bytes];
-            // The mapping starts on a page and `offset` is a multiple of 4 (checked by callers).
-            let src: &[f32] = bytemuck::try_cast_slice(src).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("values at byte {offset} are not aligned: {e}"),
-                )
-            })?;
-            Ok(out
-                .par_chunks_mut(PIECE)
-                .zip(src.par_chunks(PIECE))
-                .map(|(out, src)| Magnitude::copy_measuring(out, src))
-                .reduce(Magnitude::default, Magnitude::max))
+            self.slice(0, self.len)
+                .par_chunks(PIECE)
+                .map(Magnitude::of)
+                .reduce(Magnitude::default, Magnitude::max)
+        }
+    }
+
+    impl SharedValues for MappedValues {
+        fn len(&self) -> usize {
+            self.len
+        }
+
+        fn copy_measuring(&self, start: usize, out: &mut [f32]) -> Magnitude {
+            Magnitude::copy_measuring(out, self.slice(start, out.len()))
         }
     }
 
@@ -1018,19 +1086,32 @@ fn remove_stale(base: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use common::train::SharedValues;
+
     use super::*;
 
-    /// Copies gradients one after another into the worker's file; their references, in order.
-    fn write_gradients(client: &SharedClient, grads: &[&[f32]]) -> Vec<TensorRef> {
+    /// Copies gradients for `step` one after another into the worker's file; their references,
+    /// in order.
+    fn write_gradients(client: &SharedClient, step: u64, grads: &[&[f32]]) -> Vec<TensorRef> {
         let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
         let (refs, ()) = client
-            .fill_gradients(&lens, |regions| {
+            .fill_gradients(step, &lens, |regions| {
                 for (region, grad) in regions.into_iter().zip(grads) {
                     region.copy_from_slice(grad);
                 }
             })
             .unwrap();
         refs
+    }
+
+    /// What the coordinator reads for `worker`'s gradient `r`: its values copied out, and the
+    /// magnitude measured where they are.
+    fn read_back(dir: &SharedDir, worker: u64, r: &TensorRef) -> (Vec<f32>, Magnitude) {
+        let TensorRef::Shared { offset, len } = *r else {
+            panic!("a shared reference, not {r:?}")
+        };
+        let (values, magnitude) = dir.map_gradient(worker, offset, len).unwrap();
+        (values.to_vec().0, magnitude)
     }
 
     fn values(n: usize, salt: f32) -> Vec<f32> {
@@ -1054,25 +1135,19 @@ mod tests {
         let lease = client.lease_params(slot, 1, len).unwrap().unwrap();
         assert_eq!(bits(lease.values()), bits(&params));
         drop(lease);
-        let mut got = Vec::new();
 
         let (a, b) = (values(300, 1.0), values(300, 2.0));
-        let refs = write_gradients(&client, &[&a, &b]);
+        let refs = write_gradients(&client, 1, &[&a, &b]);
         for (r, want) in refs.iter().zip([&a, &b]) {
-            let TensorRef::Shared { offset, len } = *r else {
-                panic!()
-            };
-            dir.read_gradient(42, offset, len, &mut got).unwrap();
-            assert_eq!(&got, want);
+            assert_eq!(&read_back(&dir, 42, r).0, want);
         }
-        // Regions outside the file, and other workers' files, are errors.
-        assert!(dir.read_gradient(42, 0, 10_000, &mut got).is_err());
-        // A region claiming 2^40 values is refused before any buffer grows to it.
-        got.clear();
-        assert!(dir.read_gradient(42, 0, 1 << 40, &mut got).is_err());
-        assert!(got.capacity() < 1 << 20, "nothing allocated for it");
-        assert!(dir.read_gradient(42, 2, 1, &mut got).is_err());
-        assert!(dir.read_gradient(43, 0, 1, &mut got).is_err());
+        // Regions outside the file (one claiming 2^40 values, or 2^62 bytes), unaligned ones,
+        // and other workers' files are errors.
+        for (offset, len) in [(0, 10_000), (0, 1 << 40), (0, 1 << 62), (2, 1)] {
+            let err = dir.map_gradient(42, offset, len).unwrap_err();
+            assert!(err.to_string().contains("outside the file"), "{err}");
+        }
+        assert!(dir.map_gradient(43, 0, 1).is_err());
         let path = dir.path().to_path_buf();
         drop(client);
         drop(dir);
@@ -1096,7 +1171,6 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let dir = SharedDir::create(base.path(), "g", b"p").unwrap();
         let (client, _) = SharedClient::open(&dir.offer(), 7).unwrap();
-        let mut got = Vec::new();
         let mut slots = Vec::new();
         for (step, (n, salt)) in [(100, 0.0), (100, 1.0), (5000, 2.0), (10, 3.0), (7, 4.0)]
             .into_iter()
@@ -1114,13 +1188,9 @@ mod tests {
             assert!(err.to_string().contains("the task says"), "{err}");
             drop(lease);
             let grads = [values(n, salt + 0.5), values(n, salt + 0.7)];
-            let refs = write_gradients(&client, &[&grads[0], &grads[1]]);
+            let refs = write_gradients(&client, step, &[&grads[0], &grads[1]]);
             for (r, want) in refs.iter().zip(&grads) {
-                let TensorRef::Shared { offset, len } = *r else {
-                    panic!()
-                };
-                dir.read_gradient(7, offset, len, &mut got).unwrap();
-                assert_eq!(&got, want);
+                assert_eq!(&read_back(&dir, 7, r).0, want);
             }
         }
         // With no worker holding one, the files are used in turn.
@@ -1280,11 +1350,13 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let dir = SharedDir::create(base.path(), "f", b"p").unwrap();
         let (client, _) = SharedClient::open(&dir.offer(), 9).unwrap();
-        let mut got = Vec::new();
         // The file grows, then smaller steps reuse its start; no nodes lends nothing.
-        for (lens, salt) in [(vec![700, 300], 1.0), (vec![50, 0, 20], 2.0), (vec![], 3.0)] {
+        for (step, (lens, salt)) in [(vec![700, 300], 1.0), (vec![50, 0, 20], 2.0), (vec![], 3.0)]
+            .into_iter()
+            .enumerate()
+        {
             let (refs, wrote) = client
-                .fill_gradients(&lens, |regions| {
+                .fill_gradients(step as u64, &lens, |regions| {
                     let lens: Vec<usize> = regions.iter().map(|r| r.len()).collect();
                     for (i, region) in regions.into_iter().enumerate() {
                         region.copy_from_slice(&values(region.len(), salt + i as f32));
@@ -1294,41 +1366,78 @@ mod tests {
                 .unwrap();
             assert_eq!(wrote, lens, "each region has the length asked for");
             assert_eq!(refs.len(), lens.len());
+            let mut end = 0;
             for (i, r) in refs.iter().enumerate() {
-                let TensorRef::Shared { offset, len } = *r else {
-                    panic!()
-                };
-                let magnitude = dir.read_gradient(9, offset, len, &mut got).unwrap();
+                let (got, magnitude) = read_back(&dir, 9, r);
                 assert_eq!(
                     got,
                     values(lens[i], salt + i as f32),
                     "{lens:?}, region {i}"
                 );
                 assert_eq!(magnitude, Magnitude::of(&got), "{lens:?}, region {i}");
+                let TensorRef::Shared { offset, len } = *r else {
+                    panic!()
+                };
+                assert_eq!(offset, end, "a new step's regions start at byte 0, in turn");
+                end += 4 * len;
             }
         }
     }
 
-    /// The magnitude measured as a gradient is read is that of every value read, across the
-    /// parallel pieces of a long read: an outlier in the last, partial piece is seen.
+    /// The coordinator reads accepted gradients where they are until the step's update is done:
+    /// a worker's later task in the same step writes after them, never over them; the values
+    /// stay mapped when the file grows (and is mapped again) and after the worker is forgotten
+    /// (its file removed).
     #[test]
-    fn a_gradient_read_measures_every_value_it_copies() {
+    fn gradients_read_in_place_outlive_later_tasks_a_remap_and_the_worker() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SharedDir::create(base.path(), "i", b"p").unwrap();
+        let (client, _) = SharedClient::open(&dir.offer(), 9).unwrap();
+        let first = values(1000, 1.0);
+        let r = write_gradients(&client, 5, &[&first])[0].clone();
+        let TensorRef::Shared { offset, len } = r else {
+            panic!()
+        };
+        let (kept, magnitude) = dir.map_gradient(9, offset, len).unwrap();
+        assert_eq!(magnitude, Magnitude::of(&first));
+        // The same step again, longer (the file grows and the coordinator maps it again).
+        let second = values(300_000, 2.0);
+        let r2 = write_gradients(&client, 5, &[&second])[0].clone();
+        assert_eq!(read_back(&dir, 9, &r2).0, second);
+        assert!(
+            matches!(r2, TensorRef::Shared { offset: 4000, .. }),
+            "{r2:?}"
+        );
+        assert_eq!(kept.to_vec().0, first, "not overwritten, still mapped");
+        // A block copied out, measured as it is copied.
+        let mut block = vec![0.0; 10];
+        let m = kept.copy_measuring(990, &mut block);
+        assert_eq!(block, first[990..]);
+        assert_eq!(m, Magnitude::of(&first[990..]));
+        dir.forget(9);
+        assert_eq!(kept.to_vec().0, first, "mapped after the file is gone");
+        // The next step starts over at byte 0 (the worker's own mapping of its file).
+        let r3 = write_gradients(&client, 6, &[&values(10, 3.0)])[0].clone();
+        assert!(matches!(r3, TensorRef::Shared { offset: 0, .. }), "{r3:?}");
+    }
+
+    /// The magnitude measured where a gradient is, on arrival, is that of every value, across
+    /// the parallel pieces of a long one: an outlier in the last, partial piece is seen.
+    #[test]
+    fn a_gradient_measured_in_place_is_measured_to_its_last_value() {
         let base = tempfile::tempdir().unwrap();
         let dir = SharedDir::create(base.path(), "m", b"p").unwrap();
         let (client, _) = SharedClient::open(&dir.offer(), 9).unwrap();
         let n = 2 * 65536 + 5;
-        let mut got = Vec::new();
-        for (at, outlier) in [(n - 1, -1e30f32), (n - 3, f32::NAN), (65536, f32::INFINITY)] {
+        let outliers = [(n - 1, -1e30f32), (n - 3, f32::NAN), (65536, f32::INFINITY)];
+        for (step, (at, outlier)) in outliers.into_iter().enumerate() {
             let (refs, ()) = client
-                .fill_gradients(&[n], |mut regions| {
+                .fill_gradients(step as u64, &[n], |mut regions| {
                     regions[0].copy_from_slice(&values(n, 1.0));
                     regions[0][at] = outlier;
                 })
                 .unwrap();
-            let TensorRef::Shared { offset, len } = refs[0] else {
-                panic!("a shared reference")
-            };
-            let magnitude = dir.read_gradient(9, offset, len, &mut got).unwrap();
+            let (got, magnitude) = read_back(&dir, 9, &refs[0]);
             assert_eq!(got[at].to_bits(), outlier.to_bits(), "at {at}");
             assert_eq!(magnitude, Magnitude::of(&got), "at {at}, {outlier}");
             assert!(

@@ -190,6 +190,7 @@ pub async fn run_task(
     let pool_shared = shared.cloned();
     let tree = *tree;
     let epoch = task.epoch;
+    let step = task.step;
     // A fault due now is applied to the first node's gradient where it is computed.
     let due = fault.filter(|f| f.corrupts_step(task.step));
     if due.is_some() && !nodes.is_empty() {
@@ -235,7 +236,7 @@ pub async fn run_task(
             let lens = vec![params.values().len(); nodes.len()];
             let in_place = pool_shared.as_ref().and_then(|shared| {
                 shared
-                    .fill_gradients(&lens, compute)
+                    .fill_gradients(step, &lens, compute)
                     .inspect_err(|e| {
                         tracing::warn!(
                             "cannot write gradients to shared memory ({e}); sending inline"

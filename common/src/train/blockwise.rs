@@ -9,12 +9,18 @@
 //! Bits: every value gets the tree's additions with the same operands in the same order as
 //! [`ReductionTree::evaluate_root`] gives it (`left + right` at each node), so the sum is the
 //! same whatever the blocks; the tests compare the two.
+//!
+//! A gradient left in a co-located worker's shared memory ([`GradientValues::Shared`]) is read
+//! here, block by block, through a checked copy ([`SharedGradient::copy_checked`]): its values
+//! are never borrowed, and a block rewritten since it was accepted is summed as zeros and its
+//! writer reported ([`BlockwiseSum::rewritten`]).
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Mutex;
 
-use super::gradient::GradientSum;
 use super::reduce::{Node, ReductionTree, TreeSum};
+use super::shared_values::{GradientValues, ReceivedGradient, SharedGradient};
 use crate::model::BatchStats;
 use crate::optim::GradientBlocks;
 use crate::{Error, Result};
@@ -22,10 +28,12 @@ use crate::{Error, Result};
 /// The received gradients (in no particular order) and the tree's additions that sum them.
 #[derive(Debug)]
 pub struct BlockwiseSum {
-    inputs: Vec<Vec<f32>>,
+    inputs: Vec<GradientValues>,
     /// Postfix: `Input(k)` pushes input `k`, `Add` replaces the top two (left, right) with
     /// `left + right`.
     program: Vec<Op>,
+    /// The writers of shared inputs whose values failed their second check.
+    rewritten: Mutex<Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,22 +79,23 @@ impl BlockwiseSum {
     /// gradient has `len` values; the statistics summed along the tree as it sums them.
     pub fn new(
         tree: &ReductionTree,
-        received: HashMap<Node, GradientSum>,
+        received: HashMap<Node, impl Into<ReceivedGradient>>,
         len: usize,
     ) -> Result<(Self, BatchStats)> {
         let mut inputs = Vec::with_capacity(received.len());
         let mut pending = HashMap::with_capacity(received.len());
         for (node, sum) in received {
-            if sum.grad.len() != len {
+            let sum = sum.into();
+            if sum.values.len() != len {
                 return Err(Error::Tensor(format!(
                     "result for shards {}..{} has {} values, the model has {len} parameters",
                     node.lo,
                     node.hi,
-                    sum.grad.len()
+                    sum.values.len()
                 )));
             }
             let program = vec![Op::Input(inputs.len())];
-            inputs.push(sum.grad);
+            inputs.push(sum.values);
             pending.insert(
                 node,
                 Pending {
@@ -100,17 +109,25 @@ impl BlockwiseSum {
             BlockwiseSum {
                 inputs,
                 program: root.program,
+                rewritten: Mutex::new(Vec::new()),
             },
             root.stats,
         ))
     }
 
     /// The sum itself when one received gradient covers every shard (nothing to add).
-    pub fn single(&self) -> Option<&[f32]> {
+    fn single(&self) -> Option<&GradientValues> {
         match self.program[..] {
             [Op::Input(k)] => Some(&self.inputs[k]),
             _ => None,
         }
+    }
+
+    /// A shared input's values `range`, copied out and checked.
+    fn read_shared(&self, shared: &SharedGradient, range: Range<usize>) -> Vec<f32> {
+        let mut values = vec![0.0; range.len()];
+        shared.copy_checked(range.start, &mut values, &self.rewritten);
+        values
     }
 
     /// Writes the sum's values `range` into `out` (`range.len()` values).
@@ -120,11 +137,23 @@ impl BlockwiseSum {
             out.len(),
             "one output value per value of the range"
         );
+        match self.single() {
+            Some(GradientValues::Owned(values)) => return out.copy_from_slice(&values[range]),
+            Some(GradientValues::Shared(shared)) => {
+                return shared.copy_checked(range.start, out, &self.rewritten);
+            }
+            None => {}
+        }
         let mut stack: Vec<Operand<'_>> = Vec::new();
         let last = self.program.len() - 1;
         for (i, op) in self.program.iter().enumerate() {
             match *op {
-                Op::Input(k) => stack.push(Operand::Input(&self.inputs[k][range.clone()])),
+                Op::Input(k) => stack.push(match &self.inputs[k] {
+                    GradientValues::Owned(values) => Operand::Input(&values[range.clone()]),
+                    GradientValues::Shared(shared) => {
+                        Operand::Sum(self.read_shared(shared, range.clone()))
+                    }
+                }),
                 Op::Add => {
                     let right = stack.pop().expect("an addition has a right operand");
                     let left = stack.pop().expect("an addition has a left operand");
@@ -148,21 +177,33 @@ impl BlockwiseSum {
                 }
             }
         }
-        if let [Op::Input(_)] = self.program[..] {
-            out.copy_from_slice(stack[0].values());
-        }
     }
 
-    /// The received gradients' buffers, for reuse.
+    /// The workers whose shared values failed their second check as they were read (rewritten
+    /// after they were accepted): those values were summed as zeros.
+    pub fn rewritten(&self) -> Vec<u64> {
+        self.rewritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The received gradients' owned buffers, for reuse (shared values are let go).
     pub fn into_inputs(self) -> Vec<Vec<f32>> {
         self.inputs
+            .into_iter()
+            .filter_map(|values| match values {
+                GradientValues::Owned(values) => Some(values),
+                GradientValues::Shared(_) => None,
+            })
+            .collect()
     }
 }
 
-/// The optimizer reads the sum block by block; a single received gradient where it is.
+/// The optimizer reads the sum block by block; a single owned gradient where it is.
 impl GradientBlocks for BlockwiseSum {
     fn block<'a>(&'a self, range: Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
-        if let Some(whole) = self.single() {
+        if let Some(GradientValues::Owned(whole)) = self.single() {
             return &whole[range];
         }
         if scratch.len() < range.len() {
@@ -191,7 +232,10 @@ fn add_in_place(sum: &mut [f32], right: &[f32]) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::train::{GradientSum, Magnitude, SharedValues};
 
     /// Values of magnitudes far apart, so that another order of additions changes bits.
     fn gradient(len: usize, salt: usize) -> Vec<f32> {
@@ -268,6 +312,145 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Values "in another process's memory": a vector read only through copies, which can be
+    /// told to rewrite a range of itself after a number of copies (a worker breaking the
+    /// protocol).
+    #[derive(Debug)]
+    struct Elsewhere {
+        values: Mutex<Vec<f32>>,
+        rewrite: Option<(usize, Range<usize>, f32)>,
+        copies: Mutex<usize>,
+    }
+
+    impl Elsewhere {
+        fn new(values: Vec<f32>) -> Self {
+            Elsewhere {
+                values: Mutex::new(values),
+                rewrite: None,
+                copies: Mutex::new(0),
+            }
+        }
+    }
+
+    impl SharedValues for Elsewhere {
+        fn len(&self) -> usize {
+            self.values.lock().unwrap().len()
+        }
+
+        fn copy_measuring(&self, start: usize, out: &mut [f32]) -> Magnitude {
+            let mut copies = self.copies.lock().unwrap();
+            *copies += 1;
+            let mut values = self.values.lock().unwrap();
+            if let Some((after, range, value)) = &self.rewrite
+                && *copies > *after
+            {
+                values[range.clone()].fill(*value);
+            }
+            Magnitude::copy_measuring(out, &values[start..start + out.len()])
+        }
+    }
+
+    /// `received` with every other node's gradient left "in shared memory".
+    fn partly_shared(received: &HashMap<Node, GradientSum>) -> HashMap<Node, ReceivedGradient> {
+        let mut nodes: Vec<_> = received.keys().copied().collect();
+        nodes.sort_by_key(|n| n.lo);
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(k, node)| {
+                let sum = received[node].clone();
+                let values = if k % 2 == 0 {
+                    GradientValues::Shared(SharedGradient {
+                        values: Arc::new(Elsewhere::new(sum.grad)),
+                        max_abs: 1e6,
+                        writer: k as u64,
+                    })
+                } else {
+                    GradientValues::Owned(sum.grad)
+                };
+                let received = ReceivedGradient {
+                    values,
+                    stats: sum.stats,
+                };
+                (*node, received)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gradients_read_where_they_are_give_the_same_bits() {
+        let len = 1000;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for shards in [3, 16] {
+            let tree = ReductionTree::new(shards);
+            for received in received_sets(&tree, len) {
+                let want = tree.evaluate_root(received.clone()).unwrap();
+                let (sum, stats) = BlockwiseSum::new(&tree, partly_shared(&received), len).unwrap();
+                assert_eq!(stats, want.stats);
+                for block in [7, len] {
+                    let (mut got, mut read) = (vec![f32::NAN; len], Vec::new());
+                    let mut scratch = Vec::new();
+                    for start in (0..len).step_by(block) {
+                        let range = start..(start + block).min(len);
+                        sum.sum_into(range.clone(), &mut got[range.clone()]);
+                        read.extend_from_slice(sum.block(range, &mut scratch));
+                    }
+                    assert_eq!(bits(&got), bits(&want.grad), "{shards} shards, summed into");
+                    assert_eq!(bits(&read), bits(&want.grad), "{shards} shards, as blocks");
+                }
+                assert!(sum.rewritten().is_empty());
+                // Only the owned buffers come back for reuse.
+                assert_eq!(sum.into_inputs().len(), received.len() / 2);
+            }
+        }
+    }
+
+    /// A worker that rewrites its accepted gradient while the update reads it: the blocks that
+    /// fail the second check are summed as zeros (never the values that failed), and the
+    /// worker is named; the other blocks are untouched.
+    #[test]
+    fn values_rewritten_after_acceptance_are_summed_as_zeros_and_reported() {
+        let (len, block) = (1000, 100);
+        let tree = ReductionTree::new(4);
+        let received = received_sets(&tree, len).remove(1);
+        let (left, right) = tree.root().children().unwrap();
+        for bad in [f32::NAN, 1e30] {
+            let mut inputs: HashMap<Node, ReceivedGradient> = HashMap::new();
+            for (node, sum) in received.clone() {
+                let values = if node == left {
+                    let mut values = Elsewhere::new(sum.grad);
+                    // Rewritten after the first three copies (blocks 0-2), in block 5.
+                    values.rewrite = Some((3, 520..530, bad));
+                    GradientValues::Shared(SharedGradient {
+                        values: Arc::new(values),
+                        max_abs: 1e6,
+                        writer: 7,
+                    })
+                } else {
+                    GradientValues::Owned(sum.grad)
+                };
+                let stats = sum.stats;
+                inputs.insert(node, ReceivedGradient { values, stats });
+            }
+            let (sum, _) = BlockwiseSum::new(&tree, inputs, len).unwrap();
+            let mut got = vec![f32::NAN; len];
+            for start in (0..len).step_by(block) {
+                sum.sum_into(start..start + block, &mut got[start..start + block]);
+            }
+            let honest = &received[&left].grad;
+            let other = &received[&right].grad;
+            for (i, g) in got.iter().enumerate() {
+                let want = if (500..600).contains(&i) {
+                    0.0 + other[i]
+                } else {
+                    honest[i] + other[i]
+                };
+                assert_eq!(g.to_bits(), want.to_bits(), "value {i}, rewritten to {bad}");
+            }
+            assert_eq!(sum.rewritten(), vec![7]);
         }
     }
 

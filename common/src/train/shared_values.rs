@@ -1,0 +1,135 @@
+//! A received gradient's values: owned, or left where a co-located worker wrote them in shared
+//! memory and read there by the step's update (docs/design.md §5).
+//!
+//! Why: copying each co-located worker's gradient out on arrival wrote 2.6 MB per worker per step
+//! on the step's critical path; left in place, it is read once to be checked and once by the
+//! update (docs/scaling.md §42, §43).
+//!
+//! What keeps it safe: such values live in memory another process may write at any time, so they
+//! are never lent out as a slice. They are only copied out, and measured as they are copied
+//! ([`SharedValues::copy_measuring`]), so what is checked is what is used. A result's values are
+//! checked when it arrives (and rejected there like any other); the update checks each block
+//! again as it copies it. A block that fails then was rewritten after the result was accepted,
+//! which no honest worker does: it is used as zeros and its writer named
+//! ([`SharedGradient::copy_checked`]), so such a worker can change the step by no more than an
+//! accepted result could, and is quarantined.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use super::gradient::{GradientSum, Magnitude, check_gradient};
+use crate::model::BatchStats;
+
+/// Values in memory another process may still write. Never lent out as a slice: only copied.
+pub trait SharedValues: fmt::Debug + Send + Sync {
+    /// How many values.
+    fn len(&self) -> usize;
+
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies values `start..start + out.len()` into `out` and measures the copy as it is made
+    /// (what is measured is what was stored, whatever the other process does meanwhile).
+    ///
+    /// # Panics
+    /// If the range is outside the values.
+    fn copy_measuring(&self, start: usize, out: &mut [f32]) -> Magnitude;
+
+    /// Every value, copied out and measured.
+    fn to_vec(&self) -> (Vec<f32>, Magnitude) {
+        let mut out = vec![0.0; self.len()];
+        let magnitude = self.copy_measuring(0, &mut out);
+        (out, magnitude)
+    }
+}
+
+/// Checks values read where another process wrote them, given their magnitude measured on
+/// arrival: the same verdicts and messages as [`super::check_measured`], the values copied out
+/// only to say which value failed.
+pub fn check_shared(
+    values: &dyn SharedValues,
+    magnitude: Magnitude,
+    expected_len: usize,
+    max_abs: f32,
+) -> Result<(), String> {
+    if values.len() != expected_len {
+        return Err(format!(
+            "gradient has {} values, the model has {expected_len} parameters",
+            values.len()
+        ));
+    }
+    if magnitude.is_within(max_abs) {
+        return Ok(());
+    }
+    let (copy, _) = values.to_vec();
+    check_gradient(&copy, expected_len, max_abs)?;
+    Err("gradient values changed while they were read (the worker rewrote them)".into())
+}
+
+/// A received gradient's values.
+#[derive(Debug)]
+pub enum GradientValues {
+    Owned(Vec<f32>),
+    /// Where a co-located worker wrote them, already checked once.
+    Shared(SharedGradient),
+}
+
+impl GradientValues {
+    pub fn len(&self) -> usize {
+        match self {
+            GradientValues::Owned(values) => values.len(),
+            GradientValues::Shared(shared) => shared.values.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Values left where a worker wrote them, with what their second check needs.
+#[derive(Debug, Clone)]
+pub struct SharedGradient {
+    pub values: Arc<dyn SharedValues>,
+    /// The bound every value met when the result was accepted, checked again as it is copied.
+    pub max_abs: f32,
+    /// The worker whose memory holds them (its id), named if they fail the second check.
+    pub writer: u64,
+}
+
+impl SharedGradient {
+    /// Copies values `start..start + out.len()` into `out`, checked against `max_abs` as they
+    /// are copied. Values that fail (rewritten since they were accepted) are stored as zeros,
+    /// and the writer is added to `rewritten`.
+    pub fn copy_checked(&self, start: usize, out: &mut [f32], rewritten: &Mutex<Vec<u64>>) {
+        if !self
+            .values
+            .copy_measuring(start, out)
+            .is_within(self.max_abs)
+        {
+            out.fill(0.0);
+            let mut writers = rewritten.lock().unwrap_or_else(|e| e.into_inner());
+            if !writers.contains(&self.writer) {
+                writers.push(self.writer);
+            }
+        }
+    }
+}
+
+/// A received node's gradient and statistics, as the step's update sums them.
+#[derive(Debug)]
+pub struct ReceivedGradient {
+    pub values: GradientValues,
+    pub stats: BatchStats,
+}
+
+impl From<GradientSum> for ReceivedGradient {
+    fn from(sum: GradientSum) -> Self {
+        ReceivedGradient {
+            values: GradientValues::Owned(sum.grad),
+            stats: sum.stats,
+        }
+    }
+}
