@@ -514,7 +514,8 @@ pub async fn serve(
         run_spec,
         Arc::clone(&sessions),
         config.max_workers,
-        crate::transport::Transport::new(shared_dir(&config)),
+        crate::transport::Transport::new(shared_dir(&config))
+            .copying_gradients(config.verify > 0.0),
         prometheus.clone(),
     );
     ready_before_training(&shared, engine.layout().len(), config.workers, config.local).await;

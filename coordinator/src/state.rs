@@ -361,7 +361,7 @@ impl NodeResult {
         NodeResult::arrived(node, ArrivedGradient::Owned(sum.grad), sum.stats, magnitude)
     }
 
-    /// A result whose gradient a worker left in shared memory, measured now where it is.
+    /// A result whose gradient a worker left in shared memory, measured now (by copying it out).
     pub fn shared(node: Node, values: Arc<dyn SharedValues>, stats: BatchStats) -> Self {
         let (_, magnitude) = values.to_vec();
         NodeResult::arrived(node, ArrivedGradient::Shared(values), stats, magnitude)
@@ -631,6 +631,7 @@ impl StateMachine {
         }
         let name = self.workers[&worker].name.clone();
         let expected_len = self.config.param_len;
+        let verify = self.config.verify_fraction > 0.0;
         let Some(step) = self.step.as_mut().filter(|s| s.global_step == global_step) else {
             return SubmitOutcome::Ignored(format!(
                 "step {global_step} is not the step in progress: result ignored"
@@ -665,10 +666,12 @@ impl StateMachine {
                 continue;
             };
             in_flight.remove(pos);
-            // A copy to verify is compared bit for bit with others: it is copied out (and
-            // measured again as it is).
+            // Under `--verify` a result is copied out (and measured again as it is): a copy to
+            // verify is compared bit for bit, and any result left in place could be rewritten
+            // after that comparison would have passed it. (The transport copies them already;
+            // this keeps the rule for any caller.)
             if let ArrivedGradient::Shared(values) = &grad
-                && step.verifying.contains_key(&node)
+                && verify
             {
                 let (values, copied) = values.to_vec();
                 (grad, magnitude) = (ArrivedGradient::Owned(values), copied);

@@ -41,6 +41,10 @@ pub struct Transport {
     shard_files_refused: AtomicBool,
     /// Set at the first step whose parameters could not be written (warned about once).
     params_inline_warned: AtomicBool,
+    /// Whether a co-located worker's gradient is copied out on arrival instead of read where it
+    /// is (`--verify`: a rewrite after arrival could otherwise escape the verification of the
+    /// copy compared).
+    copy_gradients: bool,
 }
 
 impl Transport {
@@ -54,6 +58,15 @@ impl Transport {
             inline_buffers: TensorPool::default(),
             shard_files_refused: AtomicBool::new(false),
             params_inline_warned: AtomicBool::new(false),
+            copy_gradients: false,
+        }
+    }
+
+    /// With `copy`, co-located workers' gradients are copied out on arrival (`--verify`).
+    pub fn copying_gradients(self, copy: bool) -> Self {
+        Transport {
+            copy_gradients: copy,
+            ..self
         }
     }
 
@@ -287,7 +300,7 @@ impl Transport {
     /// The values a worker's result refers to, with their magnitude: copied out of a message
     /// (measured as they are copied, so that checking them needs no second pass), or left where
     /// a co-located worker wrote them (measured there; the update reads them in place,
-    /// docs/design.md §5).
+    /// docs/design.md §5), or copied out of there under `--verify`.
     pub fn resolve_gradient(
         &self,
         worker: u64,
@@ -309,12 +322,18 @@ impl Transport {
                             "worker {worker:x} referred to shared memory it is not attached to"
                         ))
                     })?;
-                let (values, magnitude) = dir.map_gradient(worker, *offset, *len).map_err(|e| {
+                let values = dir.map_gradient(worker, *offset, *len).map_err(|e| {
                     Error::BadRequest(format!(
                         "cannot read worker {worker:x}'s gradient from {}: {e}",
                         dir.path().display()
                     ))
                 })?;
+                if self.copy_gradients {
+                    let mut out = self.gradient_buffer();
+                    let magnitude = values.copy_out(&mut out);
+                    return Ok((ArrivedGradient::Owned(out), magnitude));
+                }
+                let magnitude = values.measure();
                 Ok((ArrivedGradient::Shared(Arc::new(values)), magnitude))
             }
             TensorRef::ParameterFile { .. } => Err(Error::BadRequest(format!(

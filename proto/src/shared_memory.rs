@@ -28,8 +28,10 @@
 //!   step's start again at byte 0: its tasks exist only once the last step's update, the last
 //!   reader, is done. So an honest worker never rewrites a gradient the coordinator may still
 //!   read; one that does changes only what a checked copy reads: values that fail the second
-//!   check are used as zeros and the worker is quarantined (`common::train::SharedGradient`).
-//!   Under `--verify` the copies compared bit for bit are copied out once, on arrival.
+//!   check are used as zeros and the worker is quarantined (`common::train::SharedGradient`);
+//!   values rewritten within the bound pass unnoticed, as the same values submitted would have.
+//!   Under `--verify` every result is copied out on arrival (a rewrite could otherwise escape
+//!   the verification of the copy compared).
 //! - Which file to read is never taken from a peer: the coordinator reads the gradient file named
 //!   after the worker id it issued, a worker one of the [`PARAM_SLOTS`] parameter files of its
 //!   offer's directory (a task names the slot, never a path); a region outside the file is an
@@ -50,7 +52,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use common::train::Magnitude;
 pub use mapping::MappedValues;
 pub(crate) use mapping::SharedMap;
 use mapping::{FrozenMap, Lease, LockedMap, ReadMap, WriteMap};
@@ -81,8 +82,8 @@ pub struct SharedDir {
     probe: Vec<u8>,
     params: Mutex<ParamFiles>,
     /// Each attached worker's gradient file, mapped on first use. Locked one by one, so that
-    /// several workers' gradients are copied out at once (the table's lock is held only to find
-    /// a file).
+    /// several workers' gradients are mapped at once (the table's lock is held only to find a
+    /// file).
     gradients: Mutex<HashMap<u64, Arc<Mutex<ReadMap>>>>,
     /// The shard files (locked while one is written, so each is written once).
     shards: Mutex<ShardFiles>,
@@ -245,15 +246,11 @@ impl SharedDir {
     }
 
     /// The `len` values at byte `offset` of `worker`'s gradient file, left where they are (kept
-    /// mapped while they live, even after [`SharedDir::forget`]), and their magnitude, measured
-    /// without copying them. They are only ever copied out, and measured again as they are
-    /// (`common::train::SharedValues`): the worker could rewrite them at any moment.
-    pub fn map_gradient(
-        &self,
-        worker: u64,
-        offset: u64,
-        len: u64,
-    ) -> io::Result<(MappedValues, Magnitude)> {
+    /// mapped while they live, even after [`SharedDir::forget`]). They are only ever measured
+    /// ([`MappedValues::measure`]) or copied out, measured as they are copied
+    /// ([`MappedValues::copy_out`], `common::train::SharedValues`): the worker could rewrite
+    /// them at any moment.
+    pub fn map_gradient(&self, worker: u64, offset: u64, len: u64) -> io::Result<MappedValues> {
         let map = match lock(&self.gradients).entry(worker) {
             std::collections::hash_map::Entry::Occupied(e) => Arc::clone(e.get()),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -261,9 +258,7 @@ impl SharedDir {
                 Arc::clone(e.insert(Arc::new(Mutex::new(ReadMap::new(file)))))
             }
         };
-        let values = map_region(&mut lock(&map), offset, len)?;
-        let magnitude = values.measure();
-        Ok((values, magnitude))
+        map_region(&mut lock(&map), offset, len)
     }
 
     /// Makes sure `shard`'s file holds its examples (`values`, written only the first time),
@@ -505,7 +500,9 @@ impl SharedClient {
     ) -> io::Result<(Vec<TensorRef>, R)> {
         let total: u64 = lens.iter().map(|&len| 4 * len as u64).sum();
         let mut file = lock(&self.gradients);
-        if file.step != step {
+        // Only a later step starts again (a task of an earlier one, which cannot come after a
+        // later one's, would write after the regions too).
+        if step > file.step {
             file.step = step;
             file.next = 0;
         }
@@ -629,9 +626,15 @@ fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
 fn map_region(map: &mut ReadMap, offset: u64, len: u64) -> io::Result<MappedValues> {
     // A region outside the file is an error here, before anything is allocated for it: a
     // peer's `len` could otherwise ask for terabytes.
+    if !offset.is_multiple_of(4) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("region at byte {offset} is not aligned to its 4-byte values"),
+        ));
+    }
     let values = usize::try_from(len)
         .ok()
-        .filter(|_| offset.is_multiple_of(4) && len.checked_mul(4).is_some())
+        .filter(|_| len.checked_mul(4).is_some())
         .ok_or_else(|| outside(offset, len, None))?;
     map.values(offset, values)
         .map_err(|e| outside(offset, len, Some(e)))
@@ -774,6 +777,9 @@ mod mapping {
         }
     }
 
+    /// Values per piece of a parallel pass over mapped values.
+    const PIECE: usize = 64 << 10;
+
     /// f32 values in a read mapping, which they keep mapped (after a remap of the file, or after
     /// its reader lets it go). Another process may write them at any moment, so they are never
     /// lent out: only measured and copied out, each value read once per pass.
@@ -802,10 +808,19 @@ mod mapping {
         /// The values' largest magnitude, measured without copying them, in pieces on the
         /// current rayon pool (a result is measured on arrival, on the step's critical path).
         pub fn measure(&self) -> Magnitude {
-            const PIECE: usize = 64 << 10;
             self.slice(0, self.len)
                 .par_chunks(PIECE)
                 .map(Magnitude::of)
+                .reduce(Magnitude::default, Magnitude::max)
+        }
+
+        /// Every value copied into `out` (resized; its allocation is reused), measured as it is
+        /// copied, in pieces on the current rayon pool.
+        pub fn copy_out(&self, out: &mut Vec<f32>) -> Magnitude {
+            out.resize(self.len, 0.0);
+            out.par_chunks_mut(PIECE)
+                .zip(self.slice(0, self.len).par_chunks(PIECE))
+                .map(|(out, src)| Magnitude::copy_measuring(out, src))
                 .reduce(Magnitude::default, Magnitude::max)
         }
     }
@@ -1086,7 +1101,7 @@ fn remove_stale(base: &Path) {
 
 #[cfg(test)]
 mod tests {
-    use common::train::SharedValues;
+    use common::train::{Magnitude, SharedValues};
 
     use super::*;
 
@@ -1110,8 +1125,8 @@ mod tests {
         let TensorRef::Shared { offset, len } = *r else {
             panic!("a shared reference, not {r:?}")
         };
-        let (values, magnitude) = dir.map_gradient(worker, offset, len).unwrap();
-        (values.to_vec().0, magnitude)
+        let values = dir.map_gradient(worker, offset, len).unwrap();
+        (values.to_vec().0, values.measure())
     }
 
     fn values(n: usize, salt: f32) -> Vec<f32> {
@@ -1143,10 +1158,12 @@ mod tests {
         }
         // Regions outside the file (one claiming 2^40 values, or 2^62 bytes), unaligned ones,
         // and other workers' files are errors.
-        for (offset, len) in [(0, 10_000), (0, 1 << 40), (0, 1 << 62), (2, 1)] {
+        for (offset, len) in [(0, 10_000), (0, 1 << 40), (0, 1 << 62)] {
             let err = dir.map_gradient(42, offset, len).unwrap_err();
             assert!(err.to_string().contains("outside the file"), "{err}");
         }
+        let err = dir.map_gradient(42, 2, 1).unwrap_err();
+        assert!(err.to_string().contains("not aligned"), "{err}");
         assert!(dir.map_gradient(43, 0, 1).is_err());
         let path = dir.path().to_path_buf();
         drop(client);
@@ -1398,8 +1415,8 @@ mod tests {
         let TensorRef::Shared { offset, len } = r else {
             panic!()
         };
-        let (kept, magnitude) = dir.map_gradient(9, offset, len).unwrap();
-        assert_eq!(magnitude, Magnitude::of(&first));
+        let kept = dir.map_gradient(9, offset, len).unwrap();
+        assert_eq!(kept.measure(), Magnitude::of(&first));
         // The same step again, longer (the file grows and the coordinator maps it again).
         let second = values(300_000, 2.0);
         let r2 = write_gradients(&client, 5, &[&second])[0].clone();
@@ -1414,11 +1431,38 @@ mod tests {
         let m = kept.copy_measuring(990, &mut block);
         assert_eq!(block, first[990..]);
         assert_eq!(m, Magnitude::of(&first[990..]));
+        // Copied out whole, as under `--verify`.
+        let mut copy = Vec::new();
+        assert_eq!(kept.copy_out(&mut copy), Magnitude::of(&first));
+        assert_eq!(copy, first);
+        // A task of an earlier step (stale) writes after the regions too; the next step starts
+        // over at byte 0.
+        let r3 = write_gradients(&client, 4, &[&values(10, 3.0)])[0].clone();
+        assert!(
+            matches!(
+                r3,
+                TensorRef::Shared {
+                    offset: 1_204_000,
+                    ..
+                }
+            ),
+            "{r3:?}"
+        );
+        let r4 = write_gradients(&client, 6, &[&values(10, 4.0)])[0].clone();
+        assert!(matches!(r4, TensorRef::Shared { offset: 0, .. }), "{r4:?}");
+        assert_eq!(
+            kept.to_vec().0[10..],
+            first[10..],
+            "what the next step left alone"
+        );
+        // The worker gone (its mapping too), the file removed: still mapped here.
+        drop(client);
         dir.forget(9);
-        assert_eq!(kept.to_vec().0, first, "mapped after the file is gone");
-        // The next step starts over at byte 0 (the worker's own mapping of its file).
-        let r3 = write_gradients(&client, 6, &[&values(10, 3.0)])[0].clone();
-        assert!(matches!(r3, TensorRef::Shared { offset: 0, .. }), "{r3:?}");
+        assert_eq!(
+            kept.to_vec().0[10..],
+            first[10..],
+            "mapped after the file is gone"
+        );
     }
 
     /// The magnitude measured where a gradient is, on arrival, is that of every value, across

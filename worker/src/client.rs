@@ -385,7 +385,7 @@ async fn work_loop(
         });
         let request = || Call::encode_submit_result(&submission);
         // The next step's rows are read while the coordinator checks this result (our compute
-        // threads are idle; its copy runs beside this gather), else once it has answered, while
+        // threads are idle; its check runs beside this gather), else once it has answered, while
         // it applies the step.
         let dim = ctx.engine.config().input_dim;
         let mut gathered = false;

@@ -67,8 +67,8 @@ pub const MAX_ABS_GRADIENT_PER_EXAMPLE: f32 = 1e15;
 /// the bit patterns order like the values, with infinity and then NaN above every finite value,
 /// so one integer maximum answers "all finite and within a bound?" for all three.
 ///
-/// Measured as a peer's gradient is copied in ([`Magnitude::copy_measuring`]), so checking the
-/// values needs no second pass over them, which would read a 2.6 MB gradient from L3 again on the
+/// Measured as a peer's gradient is copied in ([`Magnitude::copy_measuring`]), or where a
+/// co-located worker wrote it (a read, no copy), so checking the values needs no second pass, which would read a 2.6 MB gradient from L3 again on the
 /// coordinator's critical path (docs/scaling.md §17, §20).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Magnitude(u32);

@@ -3,7 +3,9 @@
 //!
 //! Why: copying each co-located worker's gradient out on arrival wrote 2.6 MB per worker per step
 //! on the step's critical path; left in place, it is read once to be checked and once by the
-//! update (docs/scaling.md §42, §43).
+//! update (docs/scaling.md §42, §43). Values rewritten within the bound after the first check
+//! pass the second one unnoticed: the same values submitted in the first place would have
+//! passed too. (Under `--verify` every result is copied out on arrival instead.)
 //!
 //! What keeps it safe: such values live in memory another process may write at any time, so they
 //! are never lent out as a slice. They are only copied out, and measured as they are copied
@@ -131,5 +133,87 @@ impl From<GradientSum> for ReceivedGradient {
             values: GradientValues::Owned(sum.grad),
             stats: sum.stats,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values "elsewhere" whose copies read `later` from the second copy on (a rewrite after the
+    /// first read).
+    #[derive(Debug)]
+    struct Rewritten {
+        first: Vec<f32>,
+        later: Vec<f32>,
+        copies: Mutex<usize>,
+    }
+
+    impl SharedValues for Rewritten {
+        fn len(&self) -> usize {
+            self.first.len()
+        }
+
+        fn copy_measuring(&self, start: usize, out: &mut [f32]) -> Magnitude {
+            let mut copies = self.copies.lock().unwrap();
+            *copies += 1;
+            let values = if *copies == 1 {
+                &self.first
+            } else {
+                &self.later
+            };
+            Magnitude::copy_measuring(out, &values[start..start + out.len()])
+        }
+    }
+
+    fn rewritten(first: Vec<f32>, later: Vec<f32>) -> Rewritten {
+        Rewritten {
+            first,
+            later,
+            copies: Mutex::new(0),
+        }
+    }
+
+    #[test]
+    fn shared_values_are_checked_like_copied_ones() {
+        let honest = vec![1.0, -2.0, 3.0];
+        let same = |v: &[f32]| rewritten(v.to_vec(), v.to_vec());
+        let ok = same(&honest);
+        assert_eq!(check_shared(&ok, Magnitude::of(&honest), 3, 10.0), Ok(()));
+        let e = check_shared(&ok, Magnitude::of(&honest), 4, 10.0).unwrap_err();
+        assert!(e.contains("has 3 values, the model has 4"), "{e}");
+        for (bad, says) in [(f32::NAN, "not finite"), (1e30, "beyond")] {
+            let values = vec![1.0, bad, 3.0];
+            let e = check_shared(&same(&values), Magnitude::of(&values), 3, 10.0).unwrap_err();
+            assert!(e.contains("value 1") && e.contains(says), "{e}");
+        }
+        // Huge when measured, honest when copied out to say which value: rewritten meanwhile.
+        let flip = rewritten(honest.clone(), honest.clone());
+        let e = check_shared(&flip, Magnitude::of(&[1e30]), 3, 10.0).unwrap_err();
+        assert!(e.contains("changed while they were read"), "{e}");
+    }
+
+    #[test]
+    fn a_checked_copy_zeroes_what_fails_and_names_its_writer_once() {
+        let shared = |first: Vec<f32>, later: Vec<f32>| SharedGradient {
+            values: Arc::new(rewritten(first, later)),
+            max_abs: 10.0,
+            writer: 5,
+        };
+        let rewrites = Mutex::new(Vec::new());
+        let honest = shared(vec![1.0, 2.0], vec![1.0, 2.0]);
+        let mut out = [0.0; 2];
+        honest.copy_checked(0, &mut out, &rewrites);
+        assert_eq!(out, [1.0, 2.0]);
+        assert!(rewrites.lock().unwrap().is_empty());
+        // The first copy passes; the second reads a rewrite beyond the bound.
+        let liar = shared(vec![1.0, 2.0], vec![1.0, f32::INFINITY]);
+        liar.copy_checked(0, &mut out, &rewrites);
+        assert_eq!(out, [1.0, 2.0]);
+        liar.copy_checked(0, &mut out, &rewrites);
+        assert_eq!(out, [0.0, 0.0]);
+        liar.copy_checked(1, &mut out[..1], &rewrites);
+        assert_eq!(out, [0.0, 0.0]);
+        assert_eq!(*rewrites.lock().unwrap(), [5]);
     }
 }
