@@ -23,12 +23,13 @@
 //!   forever only costs the coordinator that file (all of them held: parameters go inline).
 //! - A worker writes its gradient regions, then sends `SubmitResult`. The coordinator measures
 //!   them where they are (a result with a non-finite or huge value is rejected then), keeps them
-//!   mapped, and the step's update reads them through copies checked again as they are made. A
-//!   worker's later tasks in the same step write after the step's earlier regions, and a new
-//!   step's start again at byte 0: its tasks exist only once the last step's update, the last
-//!   reader, is done. So an honest worker never rewrites a gradient the coordinator may still
-//!   read; one that does changes only what a checked copy reads: values that fail the second
-//!   check are used as zeros and the worker is quarantined (`common::train::SharedGradient`);
+//!   mapped, and the step's update reads them through copies and additions checked again as
+//!   they are made. A worker's later tasks in the same step write after the step's earlier
+//!   regions, and a new step's start again at byte 0: its tasks exist only once the last step's
+//!   update, the last reader, is done. So an honest worker never rewrites a gradient the
+//!   coordinator may still read; one that does changes only what a checked read reads: values
+//!   that fail the second check are used as zeros and the worker is quarantined
+//!   (`common::train::SharedGradient`);
 //!   values rewritten within the bound pass unnoticed, as the same values submitted would have.
 //!   Under `--verify` every result is copied out on arrival (a rewrite could otherwise escape
 //!   the verification of the copy compared).
@@ -668,11 +669,11 @@ fn outside(offset: u64, len: u64, cause: Option<io::Error>) -> io::Error {
 ///   within a mapping can touch pages past the end of the file (which would raise SIGBUS). The
 ///   directory is private (0700) and its files 0600, so only processes of the same user, which
 ///   could equally kill the coordinator, could truncate them.
-/// - A read mapping's bytes are only measured and copied out, within this module's passes
-///   ([`MappedValues::measure`], and `SharedValues::copy_measuring`, the loop of
-///   `common::kernels`' measuring copy, which reads each value once), never lent out as
-///   references beyond them, so a concurrent writer in another process can change what a pass
-///   reads (a result the protocol then rejects, or values the update's checked copy then zeroes)
+/// - A read mapping's bytes are only measured, copied out and added, within this module's
+///   passes ([`MappedValues::measure`], and `SharedValues::copy_measuring` and `add_measuring`,
+///   the loops of `common::kernels`' measuring copy and addition, which read each value once),
+///   never lent out as references beyond them, so a concurrent writer in another process can change what a pass
+///   reads (a result the protocol then rejects, or values the update's checked read then zeroes)
 ///   but not break this process's aliasing rules.
 /// - A frozen mapping is of a file that is complete before any process can open it (written
 ///   under a temporary name, then renamed) and never written again (a shard file): its bytes may
@@ -832,6 +833,10 @@ mod mapping {
 
         fn copy_measuring(&self, start: usize, out: &mut [f32]) -> Magnitude {
             Magnitude::copy_measuring(out, self.slice(start, out.len()))
+        }
+
+        fn add_measuring(&self, start: usize, acc: &mut [f32]) -> Magnitude {
+            Magnitude::add_measuring(acc, self.slice(start, acc.len()))
         }
     }
 

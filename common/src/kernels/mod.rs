@@ -31,7 +31,7 @@ pub use linalg::{colsum_into, gemm};
 pub use scalar::{Float, exp_nonpositive_f32, ln_1p_unit_f32};
 pub use tree_gemm::{TreeProgram, tree_weight_grad};
 
-pub(crate) use copy::{copy_measuring, fill_measuring, magnitude_bits};
+pub(crate) use copy::{add_measuring, copy_measuring, fill_measuring, magnitude_bits};
 pub(crate) use elementwise::{add_bias_act, for_row_pieces, output_row, sized};
 pub(crate) use linalg::{view, view_mut};
 #[cfg(test)]

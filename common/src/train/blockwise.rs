@@ -11,9 +11,11 @@
 //! same whatever the blocks; the tests compare the two.
 //!
 //! A gradient left in a co-located worker's shared memory ([`GradientValues::Shared`]) is read
-//! here, block by block, through a checked copy ([`SharedGradient::copy_checked`]): its values
-//! are never borrowed, and a block rewritten since it was accepted is summed as zeros and its
-//! writer reported ([`BlockwiseSum::rewritten`]).
+//! here, block by block, only through a checked copy or a checked addition into a partial sum
+//! ([`SharedGradient::copy_checked`], [`SharedGradient::add_checked`]), so it is never borrowed,
+//! each value is read once, and the check is of the value used. A block in which one fails
+//! (rewritten since it was accepted) is summed again with that input as zeros, and its writer is
+//! reported ([`BlockwiseSum::rewritten`]).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -57,19 +59,49 @@ impl TreeSum for Pending {
     }
 }
 
-/// One block's operand during [`BlockwiseSum::sum_into`]: a received gradient's values, or a
-/// partial sum.
+/// One block's operand during [`BlockwiseSum::sum_into`]: a received gradient's values, a
+/// partial sum, a shared input (read only through checked copies and additions; its index), or
+/// zeros (a shared input that failed its check in this block).
 enum Operand<'a> {
     Input(&'a [f32]),
     Sum(Vec<f32>),
+    Shared(usize, &'a SharedGradient),
+    Zeros,
 }
 
 impl Operand<'_> {
-    fn values(&self) -> &[f32] {
+    /// The values, when they can be borrowed.
+    fn values(&self) -> Option<&[f32]> {
         match self {
-            Operand::Input(values) => values,
-            Operand::Sum(values) => values,
+            Operand::Input(values) => Some(values),
+            Operand::Sum(values) => Some(values),
+            Operand::Shared(..) | Operand::Zeros => None,
         }
+    }
+
+    /// Writes the operand's values (from value `start` of the step's gradient) into `dst`;
+    /// `Err(k)` when shared input `k` fails its check.
+    fn load_into(&self, start: usize, dst: &mut [f32]) -> Result<(), usize> {
+        match self {
+            Operand::Shared(k, shared) => {
+                return shared.copy_checked(start, dst).then_some(()).ok_or(*k);
+            }
+            Operand::Zeros => dst.fill(0.0),
+            readable => dst.copy_from_slice(readable.values().expect("borrowable")),
+        }
+        Ok(())
+    }
+
+    /// `acc += operand` elementwise; `Err(k)` when shared input `k` fails its check.
+    fn add_into(&self, start: usize, acc: &mut [f32]) -> Result<(), usize> {
+        match self {
+            Operand::Shared(k, shared) => {
+                return shared.add_checked(start, acc).then_some(()).ok_or(*k);
+            }
+            Operand::Zeros => acc.iter_mut().for_each(|a| *a += 0.0),
+            readable => add_in_place(acc, readable.values().expect("borrowable")),
+        }
+        Ok(())
     }
 }
 
@@ -123,60 +155,87 @@ impl BlockwiseSum {
         }
     }
 
-    /// A shared input's values `range`, copied out and checked.
-    fn read_shared(&self, shared: &SharedGradient, range: Range<usize>) -> Vec<f32> {
-        let mut values = vec![0.0; range.len()];
-        shared.copy_checked(range.start, &mut values, &self.rewritten);
-        values
-    }
-
-    /// Writes the sum's values `range` into `out` (`range.len()` values).
+    /// Writes the sum's values `range` into `out` (`range.len()` values). A shared input that
+    /// fails its check in this block is summed as zeros (the block summed again without it)
+    /// and its writer reported.
     pub fn sum_into(&self, range: Range<usize>, out: &mut [f32]) {
         assert_eq!(
             range.len(),
             out.len(),
             "one output value per value of the range"
         );
-        match self.single() {
-            Some(GradientValues::Owned(values)) => return out.copy_from_slice(&values[range]),
-            Some(GradientValues::Shared(shared)) => {
-                return shared.copy_checked(range.start, out, &self.rewritten);
+        let mut zeros = Vec::new();
+        while let Err(k) = self.try_sum_into(range.clone(), out, &zeros) {
+            zeros.push(k);
+            if let GradientValues::Shared(shared) = &self.inputs[k] {
+                let mut writers = self.rewritten.lock().unwrap_or_else(|e| e.into_inner());
+                if !writers.contains(&shared.writer) {
+                    writers.push(shared.writer);
+                }
             }
-            None => {}
+        }
+    }
+
+    /// [`BlockwiseSum::sum_into`] with inputs `zeros` as zeros; `Err(k)` when shared input `k`
+    /// fails its check (`out` then holds nothing to use).
+    fn try_sum_into(
+        &self,
+        range: Range<usize>,
+        out: &mut [f32],
+        zeros: &[usize],
+    ) -> Result<(), usize> {
+        let start = range.start;
+        let operand = |k: usize| match &self.inputs[k] {
+            _ if zeros.contains(&k) => Operand::Zeros,
+            GradientValues::Owned(values) => Operand::Input(&values[range.clone()]),
+            GradientValues::Shared(shared) => Operand::Shared(k, shared),
+        };
+        if let [Op::Input(k)] = self.program[..] {
+            return operand(k).load_into(start, out);
         }
         let mut stack: Vec<Operand<'_>> = Vec::new();
         let last = self.program.len() - 1;
         for (i, op) in self.program.iter().enumerate() {
             match *op {
-                Op::Input(k) => stack.push(match &self.inputs[k] {
-                    GradientValues::Owned(values) => Operand::Input(&values[range.clone()]),
-                    GradientValues::Shared(shared) => {
-                        Operand::Sum(self.read_shared(shared, range.clone()))
-                    }
-                }),
+                Op::Input(k) => stack.push(operand(k)),
                 Op::Add => {
                     let right = stack.pop().expect("an addition has a right operand");
                     let left = stack.pop().expect("an addition has a left operand");
-                    let right = right.values();
+                    // `left + right` for every value, however each operand is read: a copy of
+                    // `left` then `+= right` adds the same operands once, so the bits are the
+                    // same as `add_to`'s.
                     if i == last {
-                        add_to(out, left.values(), right);
-                    } else {
-                        let sum = match left {
-                            Operand::Sum(mut sum) => {
-                                add_in_place(&mut sum, right);
-                                sum
+                        match (left.values(), right.values()) {
+                            (Some(l), Some(r)) => add_to(out, l, r),
+                            _ => {
+                                left.load_into(start, out)?;
+                                right.add_into(start, out)?;
                             }
-                            Operand::Input(left) => {
-                                let mut sum = vec![0.0; left.len()];
-                                add_to(&mut sum, left, right);
-                                sum
-                            }
-                        };
-                        stack.push(Operand::Sum(sum));
+                        }
+                        continue;
                     }
+                    let sum = match (left, right.values()) {
+                        (Operand::Sum(mut sum), _) => {
+                            right.add_into(start, &mut sum)?;
+                            sum
+                        }
+                        (Operand::Input(l), Some(r)) => {
+                            let mut sum = vec![0.0; l.len()];
+                            add_to(&mut sum, l, r);
+                            sum
+                        }
+                        (left, _) => {
+                            let mut sum = vec![0.0; range.len()];
+                            left.load_into(start, &mut sum)?;
+                            right.add_into(start, &mut sum)?;
+                            sum
+                        }
+                    };
+                    stack.push(Operand::Sum(sum));
                 }
             }
         }
+        Ok(())
     }
 
     /// The workers whose shared values failed their second check as they were read (rewritten
@@ -353,8 +412,11 @@ mod tests {
         }
     }
 
-    /// `received` with every other node's gradient left "in shared memory".
-    fn partly_shared(received: &HashMap<Node, GradientSum>) -> HashMap<Node, ReceivedGradient> {
+    /// `received` with every `every`-th node's gradient (by position) left "in shared memory".
+    fn partly_shared(
+        received: &HashMap<Node, GradientSum>,
+        every: usize,
+    ) -> HashMap<Node, ReceivedGradient> {
         let mut nodes: Vec<_> = received.keys().copied().collect();
         nodes.sort_by_key(|n| n.lo);
         nodes
@@ -362,7 +424,7 @@ mod tests {
             .enumerate()
             .map(|(k, node)| {
                 let sum = received[node].clone();
-                let values = if k % 2 == 0 {
+                let values = if k % every == 0 {
                     GradientValues::Shared(SharedGradient {
                         values: Arc::new(Elsewhere::new(sum.grad)),
                         max_abs: 1e6,
@@ -386,9 +448,13 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for shards in [3, 16] {
             let tree = ReductionTree::new(shards);
-            for received in received_sets(&tree, len) {
+            for (received, every) in received_sets(&tree, len)
+                .into_iter()
+                .flat_map(|received| [1, 2, 3].map(|every| (received.clone(), every)))
+            {
                 let want = tree.evaluate_root(received.clone()).unwrap();
-                let (sum, stats) = BlockwiseSum::new(&tree, partly_shared(&received), len).unwrap();
+                let shared = partly_shared(&received, every);
+                let (sum, stats) = BlockwiseSum::new(&tree, shared, len).unwrap();
                 assert_eq!(stats, want.stats);
                 for block in [7, len] {
                     let (mut got, mut read) = (vec![f32::NAN; len], Vec::new());
@@ -398,31 +464,39 @@ mod tests {
                         sum.sum_into(range.clone(), &mut got[range.clone()]);
                         read.extend_from_slice(sum.block(range, &mut scratch));
                     }
-                    assert_eq!(bits(&got), bits(&want.grad), "{shards} shards, summed into");
-                    assert_eq!(bits(&read), bits(&want.grad), "{shards} shards, as blocks");
+                    let how = format!("{shards} shards, every {every}th shared");
+                    assert_eq!(bits(&got), bits(&want.grad), "{how}, summed into");
+                    assert_eq!(bits(&read), bits(&want.grad), "{how}, as blocks");
                 }
                 assert!(sum.rewritten().is_empty());
                 // Only the owned buffers come back for reuse.
-                assert_eq!(sum.into_inputs().len(), received.len() / 2);
+                let owned = (0..received.len()).filter(|k| k % every != 0).count();
+                assert_eq!(sum.into_inputs().len(), owned);
             }
         }
     }
 
-    /// A worker that rewrites its accepted gradient while the update reads it: the blocks that
-    /// fail the second check are summed as zeros (never the values that failed), and the
-    /// worker is named; the other blocks are untouched.
+    /// A worker that rewrites its accepted gradient while the update reads it: the blocks in
+    /// which its values fail the second check are summed with its values as zeros (never the
+    /// values that failed), whether they were to be copied or added, and the worker is named;
+    /// the other blocks are untouched.
     #[test]
     fn values_rewritten_after_acceptance_are_summed_as_zeros_and_reported() {
         let (len, block) = (1000, 100);
         let tree = ReductionTree::new(4);
         let received = received_sets(&tree, len).remove(1);
         let (left, right) = tree.root().children().unwrap();
-        for bad in [f32::NAN, 1e30] {
+        for (rewriter, bad) in [
+            (left, f32::NAN),
+            (right, 1e30),
+            (left, 1e30),
+            (right, f32::NAN),
+        ] {
             let mut inputs: HashMap<Node, ReceivedGradient> = HashMap::new();
             for (node, sum) in received.clone() {
-                let values = if node == left {
+                let values = if node == rewriter {
                     let mut values = Elsewhere::new(sum.grad);
-                    // Rewritten after the first three copies (blocks 0-2), in block 5.
+                    // Rewritten after the first three reads (blocks 0-2), in block 5.
                     values.rewrite = Some((3, 520..530, bad));
                     GradientValues::Shared(SharedGradient {
                         values: Arc::new(values),
@@ -430,7 +504,13 @@ mod tests {
                         writer: 7,
                     })
                 } else {
-                    GradientValues::Owned(sum.grad)
+                    // The other input shared too, honest, when it is the left one.
+                    let values = Elsewhere::new(sum.grad);
+                    GradientValues::Shared(SharedGradient {
+                        values: Arc::new(values),
+                        max_abs: 1e6,
+                        writer: 8,
+                    })
                 };
                 let stats = sum.stats;
                 inputs.insert(node, ReceivedGradient { values, stats });
@@ -440,15 +520,16 @@ mod tests {
             for start in (0..len).step_by(block) {
                 sum.sum_into(start..start + block, &mut got[start..start + block]);
             }
-            let honest = &received[&left].grad;
-            let other = &received[&right].grad;
+            let (l, r) = (&received[&left].grad, &received[&right].grad);
             for (i, g) in got.iter().enumerate() {
-                let want = if (500..600).contains(&i) {
-                    0.0 + other[i]
-                } else {
-                    honest[i] + other[i]
-                };
-                assert_eq!(g.to_bits(), want.to_bits(), "value {i}, rewritten to {bad}");
+                let zeroed = |node| (500..600).contains(&i) && node == rewriter;
+                let l = if zeroed(left) { 0.0 } else { l[i] };
+                let r = if zeroed(right) { 0.0 } else { r[i] };
+                assert_eq!(
+                    g.to_bits(),
+                    (l + r).to_bits(),
+                    "value {i}, {bad} in {rewriter:?}"
+                );
             }
             assert_eq!(sum.rewritten(), vec![7]);
         }

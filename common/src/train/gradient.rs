@@ -96,6 +96,16 @@ impl Magnitude {
         Magnitude(kernels::fill_measuring(dst, fill))
     }
 
+    /// Adds `src` to `acc` (of the same length) and measures the values added in the same pass,
+    /// each from the register it was added from (`kernels::add_measuring`): what is measured is
+    /// what was added, whatever another process does to `src` meanwhile.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn add_measuring(acc: &mut [f32], src: &[f32]) -> Self {
+        Magnitude(kernels::add_measuring(acc, src))
+    }
+
     /// The larger of two magnitudes (of two parts of the same values).
     pub fn max(self, other: Self) -> Self {
         Ord::max(self, other)

@@ -11,13 +11,13 @@
 //! are never lent out as a slice. They are only copied out, and measured as they are copied
 //! ([`SharedValues::copy_measuring`]), so what is checked is what is used. A result's values are
 //! checked when it arrives (and rejected there like any other); the update checks each block
-//! again as it copies it. A block that fails then was rewritten after the result was accepted,
-//! which no honest worker does: it is used as zeros and its writer named
-//! ([`SharedGradient::copy_checked`]), so such a worker can change the step by no more than an
-//! accepted result could, and is quarantined.
+//! again as it copies or adds it ([`SharedGradient::copy_checked`], [`SharedGradient::add_checked`]).
+//! A block that fails then was rewritten after the result was accepted, which no honest worker
+//! does: it is summed as zeros and its writer named (`BlockwiseSum::rewritten`), so such a worker
+//! can change the step by no more than an accepted result could, and is quarantined.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::gradient::{GradientSum, Magnitude, check_gradient};
 use crate::model::BatchStats;
@@ -38,6 +38,20 @@ pub trait SharedValues: fmt::Debug + Send + Sync {
     /// # Panics
     /// If the range is outside the values.
     fn copy_measuring(&self, start: usize, out: &mut [f32]) -> Magnitude;
+
+    /// Adds values `start..start + acc.len()` to `acc` (`acc[i] += v[i]`) and measures the values
+    /// added, each as it is added. By default through a copy (each value read once).
+    ///
+    /// # Panics
+    /// If the range is outside the values.
+    fn add_measuring(&self, start: usize, acc: &mut [f32]) -> Magnitude {
+        let mut values = vec![0.0; acc.len()];
+        let magnitude = self.copy_measuring(start, &mut values);
+        for (a, v) in acc.iter_mut().zip(&values) {
+            *a += v;
+        }
+        magnitude
+    }
 
     /// Every value, copied out and measured.
     fn to_vec(&self) -> (Vec<f32>, Magnitude) {
@@ -103,20 +117,20 @@ pub struct SharedGradient {
 
 impl SharedGradient {
     /// Copies values `start..start + out.len()` into `out`, checked against `max_abs` as they
-    /// are copied. Values that fail (rewritten since they were accepted) are stored as zeros,
-    /// and the writer is added to `rewritten`.
-    pub fn copy_checked(&self, start: usize, out: &mut [f32], rewritten: &Mutex<Vec<u64>>) {
-        if !self
-            .values
+    /// are copied; `false` when some fail (rewritten since they were accepted: `out` then holds
+    /// them, and must not be used).
+    pub fn copy_checked(&self, start: usize, out: &mut [f32]) -> bool {
+        self.values
             .copy_measuring(start, out)
             .is_within(self.max_abs)
-        {
-            out.fill(0.0);
-            let mut writers = rewritten.lock().unwrap_or_else(|e| e.into_inner());
-            if !writers.contains(&self.writer) {
-                writers.push(self.writer);
-            }
-        }
+    }
+
+    /// Adds values `start..start + acc.len()` to `acc`, checked against `max_abs` as they are
+    /// added; `false` when some fail (`acc` then holds them, and must not be used).
+    pub fn add_checked(&self, start: usize, acc: &mut [f32]) -> bool {
+        self.values
+            .add_measuring(start, acc)
+            .is_within(self.max_abs)
     }
 }
 
@@ -138,6 +152,8 @@ impl From<GradientSum> for ReceivedGradient {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     /// Values "elsewhere" whose copies read `later` from the second copy on (a rewrite after the
@@ -194,26 +210,26 @@ mod tests {
     }
 
     #[test]
-    fn a_checked_copy_zeroes_what_fails_and_names_its_writer_once() {
+    fn a_checked_copy_or_addition_fails_on_what_fails_the_bound() {
         let shared = |first: Vec<f32>, later: Vec<f32>| SharedGradient {
             values: Arc::new(rewritten(first, later)),
             max_abs: 10.0,
             writer: 5,
         };
-        let rewrites = Mutex::new(Vec::new());
         let honest = shared(vec![1.0, 2.0], vec![1.0, 2.0]);
         let mut out = [0.0; 2];
-        honest.copy_checked(0, &mut out, &rewrites);
+        assert!(honest.copy_checked(0, &mut out));
         assert_eq!(out, [1.0, 2.0]);
-        assert!(rewrites.lock().unwrap().is_empty());
-        // The first copy passes; the second reads a rewrite beyond the bound.
+        assert!(honest.add_checked(0, &mut out));
+        assert_eq!(out, [2.0, 4.0]);
+        // The first read passes; later ones read a rewrite beyond the bound.
         let liar = shared(vec![1.0, 2.0], vec![1.0, f32::INFINITY]);
-        liar.copy_checked(0, &mut out, &rewrites);
-        assert_eq!(out, [1.0, 2.0]);
-        liar.copy_checked(0, &mut out, &rewrites);
-        assert_eq!(out, [0.0, 0.0]);
-        liar.copy_checked(1, &mut out[..1], &rewrites);
-        assert_eq!(out, [0.0, 0.0]);
-        assert_eq!(*rewrites.lock().unwrap(), [5]);
+        assert!(liar.copy_checked(0, &mut out));
+        assert!(!liar.copy_checked(0, &mut out));
+        assert!(!liar.add_checked(1, &mut out[..1]));
+        assert!(
+            liar.add_checked(0, &mut out[..1]),
+            "the value not rewritten"
+        );
     }
 }
