@@ -4,16 +4,16 @@
 //! coordinator, each one copy into or out of the page cache instead of a trip through prost,
 //! HTTP/2 and the loopback socket (docs/design.md §5).
 //!
-//! Files are mapped into memory (`mmap`), so a transfer is at most one `memcpy` into or out of
-//! the mapping (the page cache's per-page `pread`/`pwrite` path measured ~10x slower here). A
-//! worker computes its gradients in place in its own file ([`SharedClient::fill_gradients`]),
-//! and the coordinator reads them there ([`SharedDir::map_gradient`]). No reference into memory
-//! another process still writes ever reaches the rest of the program: a gradient's values are
-//! only measured and copied out, each copy measured as it is made ([`MappedValues`], which
-//! implements `common::train::SharedValues`); a parameter file's are borrowed only under a lock
-//! its writer respects (below); shard files, never written again once in place, are read where
-//! they are. The data plane's only `unsafe` memory access is the [`mapping`] module; its
-//! invariants are stated there. What keeps the exchange correct:
+//! Files are mapped into memory (`mmap`), so a transfer is at most one `memcpy` into or out of the
+//! mapping (the page cache's per-page `pread`/`pwrite` path measured ~10x slower here). A worker
+//! computes its gradients in place in its own file ([`SharedClient::fill_gradients`]), and the
+//! coordinator reads them there ([`SharedDir::map_gradient`]). No reference into memory another
+//! process still writes ever reaches the rest of the program: a gradient's values are only
+//! measured, copied out or added into a sum, each measured as it is made ([`MappedValues`], which
+//! implements `common::train::SharedValues`); a parameter file's are borrowed only under a lock its
+//! writer respects (below); shard files, never written again once in place, are read where they
+//! are. The data plane's only `unsafe` memory access is the [`mapping`] module; its invariants are
+//! stated there. What keeps the exchange correct:
 //! - Parameters go into one of [`PARAM_SLOTS`] parameter files, in turn, each with a header
 //!   naming the step they are for. A worker computes from the file where it is, holding a shared
 //!   `flock` on it from before it checks the header until its gradients are done; the coordinator
@@ -669,10 +669,10 @@ fn outside(offset: u64, len: u64, cause: Option<io::Error>) -> io::Error {
 ///   within a mapping can touch pages past the end of the file (which would raise SIGBUS). The
 ///   directory is private (0700) and its files 0600, so only processes of the same user, which
 ///   could equally kill the coordinator, could truncate them.
-/// - A read mapping's bytes are only measured, copied out and added, within this module's
-///   passes ([`MappedValues::measure`], and `SharedValues::copy_measuring` and `add_measuring`,
-///   the loops of `common::kernels`' measuring copy and addition, which read each value once),
-///   never lent out as references beyond them, so a concurrent writer in another process can change what a pass
+/// - A read mapping's bytes are only measured, copied out and added, within this module's passes
+///   ([`MappedValues::measure`], and `SharedValues::copy_measuring` and `add_measuring`, the loops
+///   of `common::kernels`' measuring copy and addition, which read each value once), never lent out
+///   as references beyond them, so a concurrent writer in another process can change what a pass
 ///   reads (a result the protocol then rejects, or values the update's checked read then zeroes)
 ///   but not break this process's aliasing rules.
 /// - A frozen mapping is of a file that is complete before any process can open it (written
@@ -783,7 +783,7 @@ mod mapping {
 
     /// f32 values in a read mapping, which they keep mapped (after a remap of the file, or after
     /// its reader lets it go). Another process may write them at any moment, so they are never
-    /// lent out: only measured and copied out, each value read once per pass.
+    /// lent out: only measured, copied out or added into a sum, each value read once per pass.
     #[derive(Debug)]
     pub struct MappedValues {
         map: Arc<Mmap>,
@@ -1435,6 +1435,12 @@ mod tests {
         let mut block = vec![0.0; 10];
         let m = kept.copy_measuring(990, &mut block);
         assert_eq!(block, first[990..]);
+        assert_eq!(m, Magnitude::of(&first[990..]));
+        // And added into a sum, measured as it is added.
+        let mut sum = vec![1.5; 10];
+        let m = kept.add_measuring(990, &mut sum);
+        let want: Vec<f32> = first[990..].iter().map(|v| 1.5 + v).collect();
+        assert_eq!(sum, want);
         assert_eq!(m, Magnitude::of(&first[990..]));
         // Copied out whole, as under `--verify`.
         let mut copy = Vec::new();

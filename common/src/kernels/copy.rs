@@ -167,8 +167,13 @@ mod tests {
     /// magnitude is the added values' largest.
     #[test]
     fn the_addition_adds_every_value_and_measures_on_every_path() {
-        for len in [0usize, 1, 15, 16, 17, 33, 1000, 2049] {
-            for at in [0, 7, 16, len.saturating_sub(1)] {
+        assert_eq!(
+            add_measuring(&mut [], &[]),
+            0,
+            "nothing added, nothing measured"
+        );
+        for len in [1usize, 15, 16, 17, 33, 1000, 2049] {
+            for at in [0, 7, 15, 16, len - 1] {
                 for big in OUTLIERS {
                     if at >= len {
                         continue;
@@ -186,7 +191,8 @@ mod tests {
                         },
                     ) {
                         assert!(same_bits(&sum, &want), "{path}: len {len}");
-                        assert_eq!(bits, fold_magnitude(&src), "{path}: len {len}, at {at}");
+                        assert_eq!(bits, big.abs().to_bits(), "{path}: len {len}, at {at}");
+                        assert_eq!(bits, fold_magnitude(&src), "{path}");
                     }
                     let mut sum = acc.clone();
                     assert_eq!(add_measuring(&mut sum, &src), big.abs().to_bits());

@@ -13,7 +13,7 @@
 //! A gradient left in a co-located worker's shared memory ([`GradientValues::Shared`]) is read
 //! here, block by block, only through a checked copy or a checked addition into a partial sum
 //! ([`SharedGradient::copy_checked`], [`SharedGradient::add_checked`]), so it is never borrowed,
-//! each value is read once, and the check is of the value used. A block in which one fails
+//! each value is read once per pass, and the check is of the value used. A block in which one fails
 //! (rewritten since it was accepted) is summed again with that input as zeros, and its writer is
 //! reported ([`BlockwiseSum::rewritten`]).
 
@@ -322,6 +322,10 @@ mod tests {
         sets.push(vec![left, right]);
         let (rl, rr) = right.children().expect("a deeper tree");
         sets.push(vec![left, rl, rr]);
+        // A partial sum on the left of a single node.
+        if let Some((ll, lr)) = left.children() {
+            sets.push(vec![ll, lr, right]);
+        }
         sets.push((0..root.hi).map(|s| Node { lo: s, hi: s + 1 }).collect());
         sets.into_iter()
             .map(|nodes| {
@@ -412,10 +416,11 @@ mod tests {
         }
     }
 
-    /// `received` with every `every`-th node's gradient (by position) left "in shared memory".
+    /// `received` with the gradients of the nodes (by position) that `shared` picks left "in
+    /// shared memory".
     fn partly_shared(
         received: &HashMap<Node, GradientSum>,
-        every: usize,
+        shared: impl Fn(usize) -> bool,
     ) -> HashMap<Node, ReceivedGradient> {
         let mut nodes: Vec<_> = received.keys().copied().collect();
         nodes.sort_by_key(|n| n.lo);
@@ -424,7 +429,7 @@ mod tests {
             .enumerate()
             .map(|(k, node)| {
                 let sum = received[node].clone();
-                let values = if k % every == 0 {
+                let values = if shared(k) {
                     GradientValues::Shared(SharedGradient {
                         values: Arc::new(Elsewhere::new(sum.grad)),
                         max_abs: 1e6,
@@ -448,12 +453,15 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for shards in [3, 16] {
             let tree = ReductionTree::new(shards);
-            for (received, every) in received_sets(&tree, len)
+            // Every input shared, the even ones, the odd ones, every third.
+            let patterns = [(1, 0), (2, 0), (2, 1), (3, 0)];
+            for (received, (every, phase)) in received_sets(&tree, len)
                 .into_iter()
-                .flat_map(|received| [1, 2, 3].map(|every| (received.clone(), every)))
+                .flat_map(|received| patterns.map(|pattern| (received.clone(), pattern)))
             {
                 let want = tree.evaluate_root(received.clone()).unwrap();
-                let shared = partly_shared(&received, every);
+                let is_shared = |k: usize| k % every == phase;
+                let shared = partly_shared(&received, is_shared);
                 let (sum, stats) = BlockwiseSum::new(&tree, shared, len).unwrap();
                 assert_eq!(stats, want.stats);
                 for block in [7, len] {
@@ -464,13 +472,13 @@ mod tests {
                         sum.sum_into(range.clone(), &mut got[range.clone()]);
                         read.extend_from_slice(sum.block(range, &mut scratch));
                     }
-                    let how = format!("{shards} shards, every {every}th shared");
+                    let how = format!("{shards} shards, {phase} mod {every} shared");
                     assert_eq!(bits(&got), bits(&want.grad), "{how}, summed into");
                     assert_eq!(bits(&read), bits(&want.grad), "{how}, as blocks");
                 }
                 assert!(sum.rewritten().is_empty());
                 // Only the owned buffers come back for reuse.
-                let owned = (0..received.len()).filter(|k| k % every != 0).count();
+                let owned = (0..received.len()).filter(|&k| !is_shared(k)).count();
                 assert_eq!(sum.into_inputs().len(), owned);
             }
         }
@@ -478,60 +486,63 @@ mod tests {
 
     /// A worker that rewrites its accepted gradient while the update reads it: the blocks in
     /// which its values fail the second check are summed with its values as zeros (never the
-    /// values that failed), whether they were to be copied or added, and the worker is named;
-    /// the other blocks are untouched.
+    /// values that failed), whether they were to be copied (a left operand) or added (a right
+    /// one, into an input or into a partial sum), beside owned or shared inputs; the worker is
+    /// named once however many blocks fail; the other blocks are untouched.
     #[test]
     fn values_rewritten_after_acceptance_are_summed_as_zeros_and_reported() {
         let (len, block) = (1000, 100);
         let tree = ReductionTree::new(4);
-        let received = received_sets(&tree, len).remove(1);
         let (left, right) = tree.root().children().unwrap();
-        for (rewriter, bad) in [
-            (left, f32::NAN),
-            (right, 1e30),
-            (left, 1e30),
-            (right, f32::NAN),
-        ] {
-            let mut inputs: HashMap<Node, ReceivedGradient> = HashMap::new();
-            for (node, sum) in received.clone() {
-                let values = if node == rewriter {
-                    let mut values = Elsewhere::new(sum.grad);
-                    // Rewritten after the first three reads (blocks 0-2), in block 5.
-                    values.rewrite = Some((3, 520..530, bad));
-                    GradientValues::Shared(SharedGradient {
-                        values: Arc::new(values),
-                        max_abs: 1e6,
-                        writer: 7,
-                    })
-                } else {
-                    // The other input shared too, honest, when it is the left one.
-                    let values = Elsewhere::new(sum.grad);
-                    GradientValues::Shared(SharedGradient {
-                        values: Arc::new(values),
-                        max_abs: 1e6,
-                        writer: 8,
-                    })
-                };
-                let stats = sum.stats;
-                inputs.insert(node, ReceivedGradient { values, stats });
-            }
-            let (sum, _) = BlockwiseSum::new(&tree, inputs, len).unwrap();
-            let mut got = vec![f32::NAN; len];
-            for start in (0..len).step_by(block) {
-                sum.sum_into(start..start + block, &mut got[start..start + block]);
-            }
-            let (l, r) = (&received[&left].grad, &received[&right].grad);
-            for (i, g) in got.iter().enumerate() {
-                let zeroed = |node| (500..600).contains(&i) && node == rewriter;
-                let l = if zeroed(left) { 0.0 } else { l[i] };
-                let r = if zeroed(right) { 0.0 } else { r[i] };
-                assert_eq!(
-                    g.to_bits(),
-                    (l + r).to_bits(),
-                    "value {i}, {bad} in {rewriter:?}"
+        let (ll, lr) = left.children().unwrap();
+        let received: HashMap<Node, GradientSum> = received_sets(&tree, len)
+            .into_iter()
+            .find(|set| set.len() == 3 && set.contains_key(&ll))
+            .unwrap();
+        for rewriter in [ll, lr, right] {
+            for (others_shared, bad) in [(true, f32::NAN), (false, 1e30)] {
+                let mut inputs: HashMap<Node, ReceivedGradient> = HashMap::new();
+                for (node, sum) in received.clone() {
+                    let values = if node == rewriter {
+                        let mut values = Elsewhere::new(sum.grad);
+                        // Rewritten after the first three reads (blocks 0-2), in blocks 5 and 6.
+                        values.rewrite = Some((3, 520..630, bad));
+                        GradientValues::Shared(SharedGradient {
+                            values: Arc::new(values),
+                            max_abs: 1e6,
+                            writer: 7,
+                        })
+                    } else if others_shared {
+                        GradientValues::Shared(SharedGradient {
+                            values: Arc::new(Elsewhere::new(sum.grad)),
+                            max_abs: 1e6,
+                            writer: 8,
+                        })
+                    } else {
+                        GradientValues::Owned(sum.grad)
+                    };
+                    let stats = sum.stats;
+                    inputs.insert(node, ReceivedGradient { values, stats });
+                }
+                let (sum, _) = BlockwiseSum::new(&tree, inputs, len).unwrap();
+                let mut got = vec![f32::NAN; len];
+                for start in (0..len).step_by(block) {
+                    sum.sum_into(start..start + block, &mut got[start..start + block]);
+                }
+                // The tree's own sum with the rewriter's values in blocks 5 and 6 as zeros.
+                let mut zeroed = received.clone();
+                zeroed.get_mut(&rewriter).unwrap().grad[500..700].fill(0.0);
+                let want = tree.evaluate_root(zeroed).unwrap().grad;
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let case = format!("{bad} in {rewriter:?}, others shared: {others_shared}");
+                assert_eq!(bits(&got), bits(&want), "{case}");
+                assert_ne!(
+                    bits(&got[500..700]),
+                    bits(&tree.evaluate_root(received.clone()).unwrap().grad[500..700]),
+                    "{case}"
                 );
+                assert_eq!(sum.rewritten(), vec![7], "{case}");
             }
-            assert_eq!(sum.rewritten(), vec![7]);
         }
     }
 

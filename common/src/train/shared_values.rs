@@ -8,13 +8,14 @@
 //! passed too. (Under `--verify` every result is copied out on arrival instead.)
 //!
 //! What keeps it safe: such values live in memory another process may write at any time, so they
-//! are never lent out as a slice. They are only copied out, and measured as they are copied
-//! ([`SharedValues::copy_measuring`]), so what is checked is what is used. A result's values are
-//! checked when it arrives (and rejected there like any other); the update checks each block
-//! again as it copies or adds it ([`SharedGradient::copy_checked`], [`SharedGradient::add_checked`]).
-//! A block that fails then was rewritten after the result was accepted, which no honest worker
-//! does: it is summed as zeros and its writer named (`BlockwiseSum::rewritten`), so such a worker
-//! can change the step by no more than an accepted result could, and is quarantined.
+//! are never lent out as a slice. They are only copied out or added into a sum, and measured as
+//! they are ([`SharedValues::copy_measuring`], [`SharedValues::add_measuring`]), so what is checked
+//! is what is used. A result's values are checked when it arrives (and rejected there like any
+//! other); the update checks each block again as it copies or adds it
+//! ([`SharedGradient::copy_checked`], [`SharedGradient::add_checked`]). A block that fails then was
+//! rewritten after the result was accepted, which no honest worker does: it is summed as zeros and
+//! its writer named (`BlockwiseSum::rewritten`), so such a worker can change the step by no more
+//! than an accepted result could, and is quarantined.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,7 +23,8 @@ use std::sync::Arc;
 use super::gradient::{GradientSum, Magnitude, check_gradient};
 use crate::model::BatchStats;
 
-/// Values in memory another process may still write. Never lent out as a slice: only copied.
+/// Values in memory another process may still write. Never lent out as a slice: only copied
+/// out or added into a sum, measured as they are.
 pub trait SharedValues: fmt::Debug + Send + Sync {
     /// How many values.
     fn len(&self) -> usize;
