@@ -760,12 +760,13 @@ fn serve_compute_requests(sm: &mut StateMachine, outputs: &mut Vec<Output>, now:
     }
 }
 
-/// Runs to the end under verification; `tamper` may change a worker's results before they go.
-fn run_verified(
+/// Runs to the end, each worker's results made by `results(worker, task, parameters)`, and the
+/// coordinator's own computations served as the driver serves them.
+fn run_serving(
     sm: &mut StateMachine,
     workers: &[WorkerId],
     now: Instant,
-    mut tamper: impl FnMut(WorkerId, u64, &mut Vec<(Node, GradientSum)>),
+    mut results: impl FnMut(WorkerId, &Task, &[f32]) -> Vec<NodeResult>,
 ) -> Vec<Output> {
     let mut outputs = Vec::new();
     for _ in 0..10_000 {
@@ -776,14 +777,32 @@ fn run_verified(
         }
         for &w in workers {
             if let TaskDecision::Task(task) = sm.next_task(w, now) {
-                let mut results = compute(&task, sm.params());
-                tamper(w, task.global_step, &mut results);
-                submit(sm, w, task.global_step, results, 0.01, now);
+                let results = results(w, &task, sm.params());
+                sm.submit(w, task.global_step, results, 0.01, now);
+                sm.apply_ready_update(now);
             }
             serve_compute_requests(sm, &mut outputs, now);
         }
     }
+    outputs.extend(sm.drain_outputs());
     outputs
+}
+
+/// Runs to the end under verification; `tamper` may change a worker's results before they go.
+fn run_verified(
+    sm: &mut StateMachine,
+    workers: &[WorkerId],
+    now: Instant,
+    mut tamper: impl FnMut(WorkerId, u64, &mut Vec<(Node, GradientSum)>),
+) -> Vec<Output> {
+    run_serving(sm, workers, now, |w, task, params| {
+        let mut results = compute(task, params);
+        tamper(w, task.global_step, &mut results);
+        results
+            .into_iter()
+            .map(|(node, sum)| NodeResult::new(node, sum))
+            .collect()
+    })
 }
 
 #[test]
@@ -1341,34 +1360,19 @@ fn run_shared(
     now: Instant,
     rewrite: impl Fn(WorkerId, u64) -> Option<(usize, f32)>,
 ) -> Vec<Output> {
-    let mut outputs = Vec::new();
-    for _ in 0..10_000 {
-        match sm.phase() {
-            Phase::Finished | Phase::Failed(_) => break,
-            Phase::Evaluating => sm.finish_evaluation(now),
-            _ => {}
-        }
-        for &w in workers {
-            if let TaskDecision::Task(task) = sm.next_task(w, now) {
-                let results = compute(&task, sm.params())
-                    .into_iter()
-                    .map(|(node, sum)| {
-                        let values = InWorkerMemory {
-                            values: sum.grad,
-                            rewrite: rewrite(w, task.global_step),
-                            copies: AtomicUsize::new(0),
-                        };
-                        NodeResult::shared(node, Arc::new(values), sum.stats)
-                    })
-                    .collect();
-                sm.submit(w, task.global_step, results, 0.01, now);
-                sm.apply_ready_update(now);
-            }
-            serve_compute_requests(sm, &mut outputs, now);
-        }
-    }
-    outputs.extend(sm.drain_outputs());
-    outputs
+    run_serving(sm, workers, now, |w, task, params| {
+        compute(task, params)
+            .into_iter()
+            .map(|(node, sum)| {
+                let values = InWorkerMemory {
+                    values: sum.grad,
+                    rewrite: rewrite(w, task.global_step),
+                    copies: AtomicUsize::new(0),
+                };
+                NodeResult::shared(node, Arc::new(values), sum.stats)
+            })
+            .collect()
+    })
 }
 
 /// Results read where their workers wrote them (a co-located worker's shared memory) give the
