@@ -1437,8 +1437,8 @@ impl StateMachine {
                 WorkerId(writer),
                 format!(
                     "its gradient for step {} changed in shared memory after it was accepted \
-                     (values beyond the bound the update checks them against again; they were \
-                     used as zeros)",
+                     (values not finite or beyond the bound the update checks them against \
+                     again; they were used as zeros)",
                     step.global_step
                 ),
             );

@@ -1,5 +1,7 @@
 //! Workers that send wrong results (issue 10): loud ones are rejected by the numeric checks,
-//! quiet ones caught by verification; either way the run ends with the honest fingerprint.
+//! quiet ones caught by verification; either way the run ends with the honest fingerprint. A
+//! co-located worker that rewrites its results after they were accepted is caught by the update's
+//! second check and quarantined.
 
 mod common;
 
@@ -67,6 +69,41 @@ fn verification_catches_a_one_ulp_error_and_quarantines_the_worker() {
     let (status, err) = finish_worker(quiet, Duration::from_secs(30));
     assert_eq!(status.code(), Some(3), "{err}");
     assert!(err.contains("quarantined"), "{err}");
+}
+
+/// A co-located worker that overwrites its gradients with NaN in shared memory once the
+/// coordinator has accepted them, while the step's update may still read them there: the update's
+/// second check takes those values as zeros, never as they are, and the worker is quarantined.
+/// It does so at every step from step 3 on, so that some step's update reads after the rewrite
+/// (any step where its result is not the last to arrive).
+#[cfg(debug_assertions)]
+#[test]
+fn a_worker_that_rewrites_accepted_gradients_in_shared_memory_is_quarantined() {
+    let (reference, out, c) = reference_and_run(&[]);
+    let honest = worker(&c.addr, &[]);
+    let rewriter = worker(
+        &c.addr,
+        &["--inject-fault", "rewrite@3", "--name", "rewriting-host"],
+    );
+    let (ok, log) = c.finish(Duration::from_secs(240));
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("rewriting-host")
+            && log.contains("quarantined")
+            && log.contains("changed in shared memory after it was accepted"),
+        "{log}"
+    );
+    let heldout = summary(out.path())["heldout_elbo"].as_f64().unwrap();
+    assert!(heldout.is_finite(), "held-out ELBO {heldout}");
+    assert_ne!(
+        fingerprint(&out),
+        reference,
+        "the values the update found rewritten count as zeros"
+    );
+    assert!(finish_worker(honest, Duration::from_secs(30)).0.success());
+    let (status, err) = finish_worker(rewriter, Duration::from_secs(30));
+    assert!(err.contains("overwrote our accepted gradient"), "{err}");
+    assert_eq!(status.code(), Some(3), "{err}");
 }
 
 #[test]

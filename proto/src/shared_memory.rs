@@ -532,6 +532,20 @@ impl SharedClient {
         }
         Ok((refs, fill(regions)))
     }
+
+    /// Writes `value` over the `len` values at byte `offset` of this worker's gradient file,
+    /// against the protocol when the coordinator may still read them: a worker misbehaving on
+    /// purpose, so that tests can check the coordinator's second check (the worker's
+    /// `--inject-fault rewrite@STEP`). One value in every 256 goes first, so that every part of the
+    /// region has changed within microseconds; then the rest.
+    pub fn overwrite_gradients(&self, offset: u64, len: u64, value: f32) -> io::Result<()> {
+        let mut file = lock(&self.gradients);
+        let region: &mut [f32] = bytemuck::try_cast_slice_mut(file.map.region(offset, 4 * len)?)
+            .map_err(|e| io::Error::other(format!("gradient values are not aligned: {e}")))?;
+        region.iter_mut().step_by(256).for_each(|v| *v = value);
+        region.fill(value);
+        Ok(())
+    }
 }
 
 /// A shard's values in its mapped file.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use common::train::ReductionTree;
 use proto::credentials::{Credentials, Token};
 use proto::mailbox::{Answer, Call};
-use proto::messages::{Attach, Liveness, Registered, Registration, Submission, TaskReply, Verdict};
+use proto::messages::{
+    Attach, Liveness, Registered, Registration, Submission, TaskReply, TensorRef, Verdict,
+};
 use proto::pb;
 use proto::pb::trainer_client::TrainerClient;
 use proto::shared_memory::SharedClient;
@@ -378,6 +380,25 @@ async fn work_loop(
             tally.inline += 1;
         }
         tracing::trace!("step {step}: computed");
+        // Where the results were written, if a test fault has them overwritten once accepted.
+        let rewrite = transfer.fault.is_some_and(|f| f.rewrites_step(step));
+        if rewrite && transfer.shared.is_none() {
+            tracing::warn!(
+                "step {step}: no shared memory, so nothing to overwrite (--inject-fault)"
+            );
+        }
+        let to_rewrite: Vec<(u64, u64)> = if rewrite {
+            output
+                .results
+                .iter()
+                .filter_map(|result| match result.grad {
+                    TensorRef::Shared { offset, len } => Some((offset, len)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let submission = pb::SubmitRequest::from(Submission {
             step,
             results: output.results,
@@ -422,6 +443,9 @@ async fn work_loop(
                     cache.gather_ahead(&hint, dim);
                 }
                 let verdict = Verdict::from(reply);
+                if verdict.accepted && !to_rewrite.is_empty() {
+                    rewrite_accepted(transfer.shared, step, &to_rewrite);
+                }
                 if !verdict.accepted {
                     tracing::warn!(
                         "coordinator rejected our result for step {step}: {}",
@@ -432,6 +456,21 @@ async fn work_loop(
                 }
             }
             Err(status) => return Ok(LoopEnd::Reregister(describe(&status))),
+        }
+    }
+}
+
+/// Overwrites this worker's accepted results for `step` with NaN where it wrote them, against the
+/// protocol (`--inject-fault rewrite@STEP`): the coordinator's update may still be reading them.
+fn rewrite_accepted(shared: Option<&Arc<SharedClient>>, step: u64, regions: &[(u64, u64)]) {
+    let Some(shared) = shared else { return };
+    for &(offset, len) in regions {
+        match shared.overwrite_gradients(offset, len, f32::NAN) {
+            Ok(()) => tracing::warn!(
+                "step {step}: overwrote our accepted gradient in shared memory with NaN \
+                 (--inject-fault)"
+            ),
+            Err(e) => tracing::warn!("step {step}: cannot overwrite our gradient: {e}"),
         }
     }
 }

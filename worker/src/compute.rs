@@ -95,10 +95,19 @@ pub enum Fault {
     UlpAtStep(u64),
     /// From this global step on, take the task and never answer (heartbeats go on).
     StallAtStep(u64),
+    /// From this global step on, compute honest gradients, then overwrite each with NaN in shared
+    /// memory once the coordinator has accepted it (while its update may still read it there).
+    RewriteFromStep(u64),
 }
 
 impl Fault {
-    /// Whether this fault corrupts the gradient sent for `step` (a stall is not a corruption).
+    /// Whether results accepted for `step` are to be overwritten where they were written.
+    pub fn rewrites_step(&self, step: u64) -> bool {
+        matches!(self, Fault::RewriteFromStep(from) if step >= *from)
+    }
+
+    /// Whether this fault corrupts the gradient sent for `step` (a stall, or a rewrite after the
+    /// result is accepted, is not a corruption of what is sent).
     fn corrupts_step(&self, step: u64) -> bool {
         matches!(self, Fault::NanAtStep(s) | Fault::ShortAtStep(s) | Fault::HugeAtStep(s)
             | Fault::UlpAtStep(s) if *s == step)
@@ -108,9 +117,10 @@ impl Fault {
 impl std::str::FromStr for Fault {
     type Err = String;
 
-    /// `nan@STEP`, `short@STEP`, `huge@STEP`, `ulp@STEP` or `stall@STEP`.
+    /// `nan@STEP`, `short@STEP`, `huge@STEP`, `ulp@STEP`, `stall@STEP` or `rewrite@STEP`.
     fn from_str(s: &str) -> Result<Self, String> {
-        const FORMS: &str = "use nan@STEP, short@STEP, huge@STEP, ulp@STEP or stall@STEP";
+        const FORMS: &str =
+            "use nan@STEP, short@STEP, huge@STEP, ulp@STEP, stall@STEP or rewrite@STEP";
         let (kind, step) = s
             .split_once('@')
             .ok_or_else(|| format!("fault `{s}`: {FORMS}"))?;
@@ -123,6 +133,7 @@ impl std::str::FromStr for Fault {
             "huge" => Ok(Fault::HugeAtStep(step)),
             "ulp" => Ok(Fault::UlpAtStep(step)),
             "stall" => Ok(Fault::StallAtStep(step)),
+            "rewrite" => Ok(Fault::RewriteFromStep(step)),
             _ => Err(format!("fault `{s}`: {FORMS}")),
         }
     }
@@ -373,7 +384,7 @@ fn inject_fault(due: Option<Fault>, grad: &mut [f32]) -> bool {
         Some(Fault::ShortAtStep(_)) => return true,
         Some(Fault::HugeAtStep(_)) => grad.iter_mut().for_each(|g| *g = 1e22),
         Some(Fault::UlpAtStep(_)) => grad[0] = f32::from_bits(grad[0].to_bits() ^ 1),
-        Some(Fault::StallAtStep(_)) | None => {}
+        Some(Fault::StallAtStep(_) | Fault::RewriteFromStep(_)) | None => {}
     }
     false
 }

@@ -87,7 +87,7 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = ReadAhead::On)]
     read_ahead: ReadAhead,
     /// Test hook (debug builds only): misbehave (`nan@STEP`, `short@STEP`, `huge@STEP`, `ulp@STEP`,
-    /// `stall@STEP`).
+    /// `stall@STEP`, `rewrite@STEP`).
     #[cfg(debug_assertions)]
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
