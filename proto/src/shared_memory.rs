@@ -538,9 +538,13 @@ impl SharedClient {
     /// purpose, so that tests can check the coordinator's second check (the worker's
     /// `--inject-fault rewrite@STEP`). One value in every 256 goes first, so that every part of the
     /// region has changed within microseconds; then the rest.
+    #[doc(hidden)]
     pub fn overwrite_gradients(&self, offset: u64, len: u64, value: f32) -> io::Result<()> {
+        let bytes = len
+            .checked_mul(4)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         let mut file = lock(&self.gradients);
-        let region: &mut [f32] = bytemuck::try_cast_slice_mut(file.map.region(offset, 4 * len)?)
+        let region: &mut [f32] = bytemuck::try_cast_slice_mut(file.map.region(offset, bytes)?)
             .map_err(|e| io::Error::other(format!("gradient values are not aligned: {e}")))?;
         region.iter_mut().step_by(256).for_each(|v| *v = value);
         region.fill(value);

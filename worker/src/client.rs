@@ -439,12 +439,12 @@ async fn work_loop(
         match reply {
             Ok(reply) => {
                 tracing::trace!("step {step}: submitted");
-                if !gathered {
-                    cache.gather_ahead(&hint, dim);
-                }
                 let verdict = Verdict::from(reply);
                 if verdict.accepted && !to_rewrite.is_empty() {
                     rewrite_accepted(transfer.shared, step, &to_rewrite);
+                }
+                if !gathered {
+                    cache.gather_ahead(&hint, dim);
                 }
                 if !verdict.accepted {
                     tracing::warn!(
