@@ -815,11 +815,12 @@ async fn complete_finished(prepared: Prepared) -> Result<Outcome> {
 }
 
 /// Makes, before the first step, what the first steps would otherwise make inside themselves
-/// (docs/scaling.md §24): resident gradient buffers, the optimizer's thread pool, and for `--local`
-/// runs, whose workers surely share this host, the parameter files and every shard's file (which
-/// their first tasks would otherwise have written, in steps 0-3). Training's wall time is the same;
-/// the steps' times then measure training alone. All of it is optional: a failure is logged and
-/// the first steps make what is missing, as without this.
+/// (docs/scaling.md §24): resident buffers for gradients sent inline (none for a `--local` run that
+/// reads them in place), the optimizer's thread pool, and for `--local` runs, whose workers surely
+/// share this host, the parameter files and every shard's file (which their first tasks would
+/// otherwise have written, in steps 0-3). Training's wall time is the same; the steps' times then
+/// measure training alone. All of it is optional: a failure is logged and the first steps make what
+/// is missing, as without this.
 async fn ready_before_training(
     shared: &Arc<Shared>,
     param_len: usize,
@@ -831,7 +832,7 @@ async fn ready_before_training(
     let readied = tokio::task::spawn_blocking(move || {
         shared
             .transport()
-            .reserve_gradient_buffers(param_len, workers);
+            .reserve_gradient_buffers(param_len, workers, local);
         // Starts the pool the optimizer runs on, which would otherwise start in step 0's update.
         rayon::broadcast(|_| ());
         if local {

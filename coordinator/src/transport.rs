@@ -181,8 +181,15 @@ impl Transport {
     }
 
     /// Resident buffers for `workers` gradients of `param_len` values (up to the pool's size), so
-    /// that the first step's results are not copied into fresh pages. Blocking.
-    pub fn reserve_gradient_buffers(&self, param_len: usize, workers: usize) {
+    /// that the first step's results are not copied into fresh pages. Blocking. None when the
+    /// workers are all on this host (`co_located`, `--local`) and their results are read where
+    /// they wrote them (shared memory, no `--verify` copies): the buffers would hold `workers`
+    /// times the model's size for nothing; a worker that falls back to sending its tensors takes
+    /// buffers as its results come.
+    pub fn reserve_gradient_buffers(&self, param_len: usize, workers: usize, co_located: bool) {
+        if co_located && self.shared_dir.is_some() && !self.copy_gradients {
+            return;
+        }
         for _ in self.gradient_buffers.len()..workers.min(POOL_KEEPS) {
             self.gradient_buffers
                 .give_back(common::memory::resident_zeros(param_len));
@@ -489,7 +496,7 @@ mod tests {
         tcp.write_shard_files(shards());
         assert!(!tcp.has_shard_file(0));
         tcp.prepare_parameter_files(100);
-        tcp.reserve_gradient_buffers(100, 2);
+        tcp.reserve_gradient_buffers(100, 2, true);
         assert_eq!(
             tcp.gradient_buffer().len(),
             100,
@@ -498,6 +505,16 @@ mod tests {
 
         let base = tempfile::tempdir().unwrap();
         let transport = Transport::new(Some(SharedDir::create(base.path(), "s", b"p").unwrap()));
+        // Co-located results are read in place: no buffer is held for them, unless they are
+        // copied (`--verify`) or the workers may be elsewhere.
+        transport.reserve_gradient_buffers(100, 2, true);
+        assert_eq!(transport.gradient_buffers.len(), 0);
+        transport.reserve_gradient_buffers(100, 2, false);
+        assert_eq!(transport.gradient_buffers.len(), 2);
+        let dir = SharedDir::create(base.path(), "v", b"p").unwrap();
+        let verifying = Transport::new(Some(dir)).copying_gradients(true);
+        verifying.reserve_gradient_buffers(100, 2, true);
+        assert_eq!(verifying.gradient_buffers.len(), 2);
         transport.write_shard_files(shards());
         assert!((0..3).all(|s| transport.has_shard_file(s)));
         assert!(!transport.has_shard_file(3));
