@@ -11,21 +11,27 @@
 //! §2), divides by the step's example count, steps the optimizer off the async runtime, and hands
 //! the parameters back ([`StateMachine::finish_update`]). Which worker computed what never
 //! changes the bits, so a lost worker's nodes simply move to a survivor.
+//!
+//! `stragglers.rs` backs up nodes held too long; `update_job.rs` is the update itself.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::model::BatchStats;
-use common::optim::{Clipped, Moments, OptimizerConfig, OptimizerState, fill_measuring_norm};
+use common::optim::{Moments, OptimizerConfig, OptimizerState};
 use common::train::{
-    BlockwiseSum, GradientSum, GradientValues, MAX_ABS_GRADIENT_PER_EXAMPLE, Magnitude, Node,
-    ReceivedGradient, ReductionTree, ShardPlan, SharedGradient, SharedValues, check_measured,
-    check_shared,
+    GradientSum, GradientValues, MAX_ABS_GRADIENT_PER_EXAMPLE, Magnitude, Node, ReceivedGradient,
+    ReductionTree, ShardPlan, SharedGradient, SharedValues, check_measured, check_shared,
 };
 
 use crate::assignment::tree_blocks;
 use crate::verification::{self, Copies, Decision, Source};
+
+mod stragglers;
+mod update_job;
+
+pub use update_job::{UpdateDone, UpdateJob};
 
 /// A worker's id within this coordinator's lifetime. Ids carry an incarnation prefix so a worker
 /// left over from a previous coordinator process is never mistaken for a new one.
@@ -46,19 +52,6 @@ const REJECTIONS_BEFORE_COMPUTING_HERE: usize = 2;
 /// A worker with this many rejected results that other workers then computed correctly is
 /// quarantined: removed, and refused if it registers again under the same name.
 const STRIKES_BEFORE_QUARANTINE: u32 = 2;
-
-/// A node held this many times longer than the slowest node of the previous step (and at least
-/// [`STRAGGLER_MIN`]) gets a backup copy on another worker: whichever result arrives first is
-/// used, and both are the same bits. A worker that heartbeats but never finishes cannot stall
-/// the run this way.
-const STRAGGLER_FACTOR: f64 = 10.0;
-const STRAGGLER_MIN: Duration = Duration::from_secs(1);
-/// The limit before any step has completed in this process: the first step includes fetching
-/// shard data, whose time no completed step tells yet.
-const STRAGGLER_FIRST: Duration = Duration::from_secs(30);
-/// A worker whose nodes were finished by backups this many steps in a row is removed; it may
-/// register again.
-const MAX_OVERTAKEN: u32 = 3;
 
 /// Settings of the state machine.
 #[derive(Debug, Clone)]
@@ -952,104 +945,6 @@ impl StateMachine {
         }
     }
 
-    /// Gives every node held longer than the straggler limit a backup copy on another worker.
-    fn back_up_stragglers(&mut self, now: Instant) {
-        if self.phase != Phase::Training {
-            return;
-        }
-        let limit = if self.last_slowest_node.is_zero() {
-            STRAGGLER_FIRST
-        } else {
-            STRAGGLER_MIN.max(self.last_slowest_node.mul_f64(STRAGGLER_FACTOR))
-        };
-        let Some(step) = &self.step else { return };
-        // Per node, who holds it and for how long: nodes handed out count from their hand-out
-        // (or from being queued as a backup), nodes never asked for from the step's start (a
-        // worker that heartbeats but stopped asking for work).
-        let mut holders: BTreeMap<Node, Vec<(WorkerId, Duration)>> = BTreeMap::new();
-        for (&w, nodes) in step.in_flight.iter().chain(&step.queued) {
-            for &n in nodes {
-                let since = step.handed_out.get(&(w, n)).unwrap_or(&step.started);
-                holders
-                    .entry(n)
-                    .or_default()
-                    .push((w, now.saturating_duration_since(*since)));
-            }
-        }
-        // A node is late when everyone holding it has held it past the limit: a backup that
-        // stalls too gets a backup of its own.
-        let late: Vec<(Node, Vec<(WorkerId, Duration)>)> = holders
-            .into_iter()
-            .filter(|(n, held)| {
-                !step.received.contains_key(n) && held.iter().all(|(_, d)| *d > limit)
-            })
-            .collect();
-        for (node, held) in late {
-            let (slow, held_for) = held[0];
-            let mut avoid: BTreeSet<WorkerId> = held.iter().map(|(w, _)| *w).collect();
-            let step = self.step.as_ref().expect("checked above");
-            if step.own_backups.contains(&node) {
-                continue;
-            }
-            avoid.extend(step.rejections.get(&node).into_iter().flatten());
-            if let Some(copies) = step.verifying.get(&node) {
-                if copies.coordinator_asked {
-                    continue;
-                }
-                // A verified node's backup must be a new source.
-                avoid.extend(copies.workers());
-            }
-            let Some(backup) = self.pick_worker_avoiding(&avoid) else {
-                // No other worker: the coordinator computes it.
-                self.step
-                    .as_mut()
-                    .expect("checked above")
-                    .backups
-                    .entry(node)
-                    .or_insert(slow);
-                self.back_up_here(node);
-                continue;
-            };
-            let step = self.step.as_mut().expect("checked above");
-            step.queued.entry(backup).or_default().push(node);
-            step.handed_out.insert((backup, node), now);
-            step.backups.entry(node).or_insert(slow);
-            self.outputs.push(Output::NodeBackedUp {
-                slow,
-                name: self
-                    .workers
-                    .get(&slow)
-                    .map_or_else(String::new, |w| w.name.clone()),
-                node,
-                held_seconds: held_for.as_secs_f64(),
-                backup,
-            });
-        }
-    }
-
-    /// A backed-up node's result arrived: from a backup (`overtaken`) or from the slow worker.
-    fn note_overtaken(&mut self, slow: WorkerId, overtaken: bool) {
-        if !overtaken {
-            self.overtaken.remove(&slow);
-            return;
-        }
-        if let Some(step) = &mut self.step {
-            step.overtaken_now.insert(slow);
-        }
-        let count = self.overtaken.entry(slow).or_insert(0);
-        *count += 1;
-        if *count >= MAX_OVERTAKEN {
-            self.overtaken.remove(&slow);
-            self.remove_worker(
-                slow,
-                format!(
-                    "it held its work while others finished it, {MAX_OVERTAKEN} steps in a row \
-                     (heartbeating but not computing?)"
-                ),
-            );
-        }
-    }
-
     /// Removes a worker (lost, or failing) and moves its unfinished work to the others.
     pub fn remove_worker(&mut self, worker: WorkerId, reason: String) {
         let Some(info) = self.workers.remove(&worker) else {
@@ -1527,122 +1422,5 @@ fn node_work(step: &StepState, node: Node) -> NodeWork {
                 examples: step.examples[s as usize].clone(),
             })
             .collect(),
-    }
-}
-
-/// A completed step's update, detached from the state machine so it can run on other threads
-/// while heartbeats and long polls go on: the tree sum of the received nodes in the fixed order
-/// (docs/design.md §2), division by the step's example count, optional clipping, the optimizer.
-#[derive(Debug)]
-pub struct UpdateJob {
-    pub global_step: u64,
-    received: HashMap<Node, ReceivedGradient>,
-    tree: ReductionTree,
-    optimizer: OptimizerConfig,
-    clip_norm: Option<f64>,
-    params: Vec<f32>,
-    opt_state: OptimizerState,
-    clip_buffer: Vec<f32>,
-}
-
-/// What an [`UpdateJob`] hands back: the parameters and optimizer state (updated unless
-/// `outcome` is an error, in which case they are the step's inputs, untouched), and the step's
-/// statistics.
-#[derive(Debug)]
-pub struct UpdateDone {
-    pub global_step: u64,
-    pub params: Vec<f32>,
-    pub opt_state: OptimizerState,
-    pub outcome: Result<BatchStats, String>,
-    /// The gradient buffers the update consumed, for reuse.
-    pub spent: Vec<Vec<f32>>,
-    /// Workers whose gradient, read where they wrote it, failed its second check as the update
-    /// read it: rewritten after it was accepted (those values were used as zeros).
-    pub rewritten: Vec<u64>,
-    /// The clipped update's buffer, for the next step's.
-    pub clip_buffer: Vec<f32>,
-}
-
-impl UpdateJob {
-    /// How many parameters the update makes.
-    pub fn param_len(&self) -> usize {
-        self.params.len()
-    }
-
-    /// CPU-heavy and pure: runs on whatever thread calls it (rayon inside for long vectors).
-    /// With a `mirror` as long as the parameters, the new parameters are also written there when
-    /// the outcome is `Ok`, within the optimizer's pass where it can (Adam, with or without
-    /// clipping): the coordinator's parameter file for the workers on its host, or the buffer
-    /// sent inline when none is attached; one pass over memory fewer than copying them
-    /// afterwards.
-    pub fn run(self, mut mirror: Option<&mut [f32]>) -> UpdateDone {
-        let UpdateJob {
-            global_step,
-            received,
-            tree,
-            optimizer,
-            clip_norm,
-            mut params,
-            mut opt_state,
-            mut clip_buffer,
-        } = self;
-        let mut spent = Vec::new();
-        let mut rewritten = Vec::new();
-        let outcome = (|| {
-            if let Some(mirror) = &mirror
-                && mirror.len() != params.len()
-            {
-                return Err(format!(
-                    "the parameter mirror holds {} values, the model has {}",
-                    mirror.len(),
-                    params.len()
-                ));
-            }
-            let (sum, stats) =
-                BlockwiseSum::new(&tree, received, params.len()).map_err(|e| e.to_string())?;
-            let n = stats.examples.max(1) as f32;
-            let stepped = match clip_norm {
-                // The mean gradient is divided inside the optimizer's pass (same bits). Adam
-                // reads the tree's top block by block (summed on the fly, or the one received
-                // gradient where it is) and stores the new values in the mirror from its
-                // registers; SGD takes the whole gradient and the mirror is copied after.
-                None => {
-                    optimizer.step_scaled_from(&mut params, n, &mut opt_state, &sum, mirror.take())
-                }
-                // The mean gradient made and its norm measured in one pass; the optimizer then
-                // reads it clipped, block by block, writing the mirror as it goes. The same bits
-                // as dividing, clipping in place and stepping, in two passes over memory instead
-                // of six.
-                Some(max) => {
-                    let grad = &mut clip_buffer;
-                    grad.resize(params.len(), 0.0);
-                    let norm = fill_measuring_norm(grad, |range, out| {
-                        sum.sum_into(range, out);
-                        out.iter_mut().for_each(|g| *g /= n);
-                    });
-                    let clipped = Clipped::new(grad, norm, max);
-                    optimizer.step_scaled_from(
-                        &mut params,
-                        1.0,
-                        &mut opt_state,
-                        &clipped,
-                        mirror.take(),
-                    )
-                }
-            };
-            rewritten = sum.rewritten();
-            spent.extend(sum.into_inputs());
-            stepped.map_err(|e| format!("optimizer: {e}"))?;
-            Ok(stats)
-        })();
-        UpdateDone {
-            global_step,
-            params,
-            opt_state,
-            outcome,
-            spent,
-            rewritten,
-            clip_buffer,
-        }
     }
 }
