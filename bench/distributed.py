@@ -20,7 +20,9 @@ percent is lost in this table's round-to-round noise but shows in pairs run back
 Arguments after `--` are passed to every `coordinator` run. Standard library only; the PyTorch
 rows run `--torch-script` with `--torch-python` (default: this interpreter) and are skipped when
 either is missing or has no torch. Each round runs every row once, so slow drift of a noisy
-machine hits all rows alike; the table shows medians and min-max over rounds.
+machine hits all rows alike; the table shows medians and min-max over rounds. Each target's line
+also counts the rounds whose own ratio meets it, and rows whose rounds differ by more than 25% are
+listed as noisy: on a machine with spells those say more than a ratio of medians.
 """
 import argparse, datetime, json, os, platform, re, shlex, signal, socket, statistics
 import subprocess, sys, tempfile, time
@@ -35,6 +37,8 @@ TARGETS = [
     ("1 worker / engine 2 threads", "coord_w1", "engine_1shard", 0.75),
     ("engine 16 shards / PyTorch 2 threads", "engine_16shards", "torch_2t", 2.0),
 ]
+# A row whose fastest round beats its slowest by more than this factor ran through a spell.
+NOISY_SPREAD = 1.25
 INFO = [  # not targets, but useful beside them
     ("1 worker / engine 16 shards", "coord_w1", "engine_16shards"),
     ("4 workers / 1 worker", "coord_w4", "coord_w1"),
@@ -312,7 +316,20 @@ def main():
         ratio = med(num) / med(den)
         verdict = ("PASS" if ratio >= target else "MISS") if target else "(info)"
         rng = f"({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
+        if target and len(per_round) > 1:
+            # Within one round the two rows ran minutes apart at most: a count of rounds that
+            # meet the target says more than one ratio of medians when the machine has spells.
+            met = sum(r >= target for r in per_round)
+            rng += f" met in {met} of {len(per_round)} rounds"
         print(f"{label:<46} {ratio:>6.2f}x {'>= ' + format(target, 'g') if target else '':>8}  {verdict} {rng}")
+
+    noisy = [(label, min(v), max(v)) for key, label, _ in rows
+             for v in [[x for x in raw[key] if x]] if len(v) > 1 and max(v) > NOISY_SPREAD * min(v)]
+    if noisy:
+        print(f"\nnoisy rows (fastest round over {NOISY_SPREAD - 1:.0%} above the slowest: the same binary, so "
+              "the machine's spells;\nratios with these rows move as much: rerun, or read the per-round counts):")
+        for label, lo, hi in noisy:
+            print(f"  {label:<44} {lo:>9,.0f}-{hi:<9,.0f} ({hi / lo:.2f}x)")
 
     if a.json:
         with open(a.json, "w") as f:
