@@ -1452,3 +1452,50 @@ fn a_worker_that_rewrites_its_accepted_gradient_is_quarantined() {
             .any(|o| matches!(o, Output::ResultRejected { step: 3, .. }))
     );
 }
+
+/// A worker lost between its result's acceptance and the update that finds the result rewritten
+/// (a timeout, say) is quarantined all the same: its name is refused from then on, and the run
+/// goes on with finite parameters.
+#[test]
+fn a_rewriter_removed_before_the_update_is_quarantined_by_name() {
+    let mut sm = machine(2);
+    let now = Instant::now();
+    let workers = vec![
+        sm.register("honest (10.0.0.1:1)".into(), now),
+        sm.register("rewriter (10.0.0.2:1)".into(), now),
+    ];
+    for &w in &workers {
+        let TaskDecision::Task(task) = sm.next_task(w, now) else {
+            panic!("no task for {w}");
+        };
+        let results = compute(&task, sm.params())
+            .into_iter()
+            .map(|(node, sum)| {
+                let values = InWorkerMemory {
+                    values: sum.grad,
+                    // Rewritten after the check on arrival.
+                    rewrite: (w == workers[1]).then_some((1, f32::NAN)),
+                    copies: AtomicUsize::new(0),
+                };
+                NodeResult::shared(node, Arc::new(values), sum.stats)
+            })
+            .collect();
+        sm.submit(w, task.global_step, results, 0.01, now);
+    }
+    sm.remove_worker(workers[1], "no heartbeat (test)".into());
+    let job = sm.take_update().expect("the step's results are all in");
+    sm.finish_update(job.run(None), 0.0, now);
+    let outputs = sm.drain_outputs();
+    assert!(
+        outputs.iter().any(
+            |o| matches!(o, Output::WorkerQuarantined { worker, name, reason }
+            if *worker == workers[1] && name.starts_with("rewriter")
+                && reason.contains("shared memory"))
+        ),
+        "{outputs:?}"
+    );
+    assert!(sm.quarantine_reason("rewriter").is_some());
+    assert_eq!(sm.quarantined_count(), 1);
+    assert!(sm.params().iter().all(|p| p.is_finite()));
+    assert_eq!(sm.live_workers(), 1, "the honest worker stays");
+}

@@ -396,6 +396,9 @@ pub struct StateMachine {
     strikes: HashMap<WorkerId, u32>,
     /// Names (as the workers gave them) of quarantined workers, with the reason.
     quarantined: BTreeMap<String, String>,
+    /// The names of removed workers: a verdict that comes after a worker's removal (its
+    /// accepted gradient found rewritten by the update that reads it) still quarantines its name.
+    departed: HashMap<WorkerId, String>,
     no_workers_since: Option<Instant>,
     /// When the last checkpoint was asked for (or the first step started): the clock of
     /// [`StateConfig::checkpoint_interval`].
@@ -446,6 +449,7 @@ impl StateMachine {
             overtaken: HashMap::new(),
             strikes: HashMap::new(),
             quarantined: BTreeMap::new(),
+            departed: HashMap::new(),
             no_workers_since: None,
             last_checkpoint: None,
             outputs: Vec::new(),
@@ -887,12 +891,16 @@ impl StateMachine {
     }
 
     /// Removes `worker` for sending wrong results and refuses its name from now on. It never
-    /// fails the run: its work moves to the others.
+    /// fails the run: its work moves to the others. A worker already removed (lost between its
+    /// result's acceptance and the update that found it rewritten) has its name refused too.
     fn quarantine(&mut self, worker: WorkerId, reason: String) {
-        let Some(info) = self.workers.get(&worker) else {
+        let live = self.workers.get(&worker).map(|info| info.name.clone());
+        let Some(name) = live.clone().or_else(|| self.departed.get(&worker).cloned()) else {
             return;
         };
-        let name = info.name.clone();
+        if live.is_none() && self.quarantined.contains_key(identity(&name)) {
+            return;
+        }
         self.quarantined
             .insert(identity(&name).to_string(), reason.clone());
         self.strikes.remove(&worker);
@@ -950,6 +958,7 @@ impl StateMachine {
         let Some(info) = self.workers.remove(&worker) else {
             return;
         };
+        self.departed.insert(worker, info.name.clone());
         let mut moved = Vec::new();
         if let Some(step) = &mut self.step {
             moved.extend(step.queued.remove(&worker).unwrap_or_default());
