@@ -459,20 +459,24 @@ impl pb::trainer_server::Trainer for TrainerService {
             .remote_addr()
             .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
         let req = Registration::try_from(request.into_inner()).map_err(bad_request)?;
-        let quarantined = self
-            .shared
-            .state()
-            .quarantine_reason(&escape(&req.name, MAX_NAME_BYTES))
-            .map(str::to_owned);
-        if let Some(reason) = quarantined {
+        let identity = escape(&req.name, MAX_NAME_BYTES);
+        let refuse = |reason: &str| {
             tracing::warn!(
                 "refused worker `{}` from {peer}: quarantined ({reason})",
                 escape(&req.name, 64)
             );
-            return Err(Status::permission_denied(format!(
+            Status::permission_denied(format!(
                 "this worker was quarantined for sending wrong results ({reason}): check its \
                  hardware and software, then start it under another --name"
-            )));
+            ))
+        };
+        let quarantined = self
+            .shared
+            .state()
+            .quarantine_reason(&identity)
+            .map(str::to_owned);
+        if let Some(reason) = quarantined {
+            return Err(refuse(&reason));
         }
         if let Err(status) = self.shared.admit(&req) {
             tracing::warn!(
@@ -482,9 +486,15 @@ impl pb::trainer_server::Trainer for TrainerService {
             );
             return Err(status);
         }
-        let name = format!("{} ({peer})", escape(&req.name, MAX_NAME_BYTES));
+        let name = format!("{identity} ({peer})");
         let (id, worker_key) = {
             let mut state = self.shared.state();
+            // Again under the lock that registers: a quarantine may have come since the check
+            // above (a verdict on this worker's previous registration, say).
+            if let Some(reason) = state.quarantine_reason(&identity).map(str::to_owned) {
+                drop(state);
+                return Err(refuse(&reason));
+            }
             let id = state.register(name, Instant::now());
             (id, self.shared.sessions.open(id))
         };

@@ -1454,8 +1454,8 @@ fn a_worker_that_rewrites_its_accepted_gradient_is_quarantined() {
 }
 
 /// A worker lost between its result's acceptance and the update that finds the result rewritten
-/// (a timeout, say) is quarantined all the same: its name is refused from then on, and the run
-/// goes on with finite parameters.
+/// (a timeout, say) is quarantined all the same: its name is refused from then on, its process's
+/// new registration under that name is removed, and the run goes on to its end without it.
 #[test]
 fn a_rewriter_removed_before_the_update_is_quarantined_by_name() {
     let mut sm = machine(2);
@@ -1483,19 +1483,30 @@ fn a_rewriter_removed_before_the_update_is_quarantined_by_name() {
         sm.submit(w, task.global_step, results, 0.01, now);
     }
     sm.remove_worker(workers[1], "no heartbeat (test)".into());
+    // The same process reconnects before the update ends.
+    let again = sm.register("rewriter (10.0.0.2:2)".into(), now);
     let job = sm.take_update().expect("the step's results are all in");
     sm.finish_update(job.run(None), 0.0, now);
     let outputs = sm.drain_outputs();
+    let quarantined: Vec<&Output> = outputs
+        .iter()
+        .filter(|o| matches!(o, Output::WorkerQuarantined { .. }))
+        .collect();
     assert!(
-        outputs.iter().any(
-            |o| matches!(o, Output::WorkerQuarantined { worker, name, reason }
+        matches!(quarantined[..], [Output::WorkerQuarantined { worker, name, reason }]
             if *worker == workers[1] && name.starts_with("rewriter")
-                && reason.contains("shared memory"))
-        ),
+                && reason.contains("shared memory")),
         "{outputs:?}"
     );
     assert!(sm.quarantine_reason("rewriter").is_some());
-    assert_eq!(sm.quarantined_count(), 1);
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, Output::WorkerLost { worker, .. } if *worker == again)),
+        "the new registration under the quarantined name is removed: {outputs:?}"
+    );
     assert!(sm.params().iter().all(|p| p.is_finite()));
     assert_eq!(sm.live_workers(), 1, "the honest worker stays");
+    run_shared(&mut sm, &workers[..1], now, |_, _| None);
+    assert_eq!(*sm.phase(), Phase::Finished);
 }

@@ -194,8 +194,9 @@ impl Driver<'_> {
                     } => {
                         self.prometheus.worker_quarantined();
                         tracing::warn!(
-                            "worker {worker} ({name}) quarantined: {reason}; its work moves to \
-                             the others and it may not register again under that name"
+                            "worker {worker} ({name}) quarantined: {reason}; its unfinished \
+                             work, if any, moves to the others, and it may not register again \
+                             under that name"
                         );
                     }
                     // Stopping: this step is left to the resumed run.

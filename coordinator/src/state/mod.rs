@@ -396,9 +396,10 @@ pub struct StateMachine {
     strikes: HashMap<WorkerId, u32>,
     /// Names (as the workers gave them) of quarantined workers, with the reason.
     quarantined: BTreeMap<String, String>,
-    /// The names of removed workers: a verdict that comes after a worker's removal (its
-    /// accepted gradient found rewritten by the update that reads it) still quarantines its name.
-    departed: HashMap<WorkerId, String>,
+    /// The names of removed workers, with the step in progress when they went: a verdict that
+    /// comes after a worker's removal (its accepted gradient found rewritten by the update that
+    /// reads it, say) still quarantines its name. Kept until that step's update is applied.
+    departed: HashMap<WorkerId, (String, u64)>,
     no_workers_since: Option<Instant>,
     /// When the last checkpoint was asked for (or the first step started): the clock of
     /// [`StateConfig::checkpoint_interval`].
@@ -892,10 +893,14 @@ impl StateMachine {
 
     /// Removes `worker` for sending wrong results and refuses its name from now on. It never
     /// fails the run: its work moves to the others. A worker already removed (lost between its
-    /// result's acceptance and the update that found it rewritten) has its name refused too.
+    /// result's acceptance and the verdict) has its name refused too, and a worker that has
+    /// registered again under that name meanwhile (its process, reconnecting) is removed.
     fn quarantine(&mut self, worker: WorkerId, reason: String) {
         let live = self.workers.get(&worker).map(|info| info.name.clone());
-        let Some(name) = live.clone().or_else(|| self.departed.get(&worker).cloned()) else {
+        let Some(name) = live
+            .clone()
+            .or_else(|| self.departed.get(&worker).map(|(name, _)| name.clone()))
+        else {
             return;
         };
         if live.is_none() && self.quarantined.contains_key(identity(&name)) {
@@ -906,10 +911,24 @@ impl StateMachine {
         self.strikes.remove(&worker);
         self.outputs.push(Output::WorkerQuarantined {
             worker,
-            name,
+            name: name.clone(),
             reason: reason.clone(),
         });
         self.remove_worker(worker, format!("quarantined: {reason}"));
+        if live.is_none() {
+            let again: Vec<WorkerId> = self
+                .workers
+                .iter()
+                .filter(|(_, info)| identity(&info.name) == identity(&name))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in again {
+                self.remove_worker(
+                    id,
+                    format!("registered again under a name quarantined: {reason}"),
+                );
+            }
+        }
     }
 
     /// A worker says it is alive.
@@ -958,7 +977,8 @@ impl StateMachine {
         let Some(info) = self.workers.remove(&worker) else {
             return;
         };
-        self.departed.insert(worker, info.name.clone());
+        self.departed
+            .insert(worker, (info.name.clone(), self.position.global_step));
         let mut moved = Vec::new();
         if let Some(step) = &mut self.step {
             moved.extend(step.queued.remove(&worker).unwrap_or_default());
@@ -1347,6 +1367,9 @@ impl StateMachine {
                 ),
             );
         }
+        // Every verdict on this step's results is in: workers removed by now have none to come.
+        self.departed
+            .retain(|_, (_, removed_at)| *removed_at > step.global_step);
         // The run failed while the update ran (a node the coordinator could not compute, say):
         // the parameters are back for its checkpoint, and nothing moves on.
         if matches!(self.phase, Phase::Failed(_)) {
