@@ -307,7 +307,7 @@ def main():
             split = f"step {statistics.median(s['step_s'] for s in parts):.2f} = " + split
         print(f"{label:<46} {med(key):>9,.0f} {min(vals):>8,.0f}-{max(vals):<8,.0f}  {split}")
 
-    print(f"\n{'ratio (of medians; per-round range, rounds met)':<46} {'value':>7} {'target':>8}  verdict")
+    print(f"\n{'ratio (medians; round range, rounds met)':<46} {'value':>7} {'target':>8}  verdict")
     for label, num, den, target in TARGETS + [(l, n, d, None) for l, n, d in INFO]:
         if med(num) is None or med(den) is None:
             print(f"{label:<46} {'-':>7} {'>= ' + format(target, 'g') if target else '':>8}  n/a")

@@ -1453,60 +1453,75 @@ fn a_worker_that_rewrites_its_accepted_gradient_is_quarantined() {
     );
 }
 
-/// A worker lost between its result's acceptance and the update that finds the result rewritten
-/// (a timeout, say) is quarantined all the same: its name is refused from then on, its process's
-/// new registration under that name is removed, and the run goes on to its end without it.
+/// A worker whose accepted gradient the update finds rewritten is quarantined by name whether its
+/// registration is gone by then (lost to a timeout, say) or still live, and its process's newer
+/// registration under that name (a worker registers again after a failed call, before the old
+/// one times out) is removed with it; the run goes on to its end with the honest worker.
 #[test]
-fn a_rewriter_removed_before_the_update_is_quarantined_by_name() {
-    let mut sm = machine(2);
-    let now = Instant::now();
-    let workers = vec![
-        sm.register("honest (10.0.0.1:1)".into(), now),
-        sm.register("rewriter (10.0.0.2:1)".into(), now),
-    ];
-    for &w in &workers {
-        let TaskDecision::Task(task) = sm.next_task(w, now) else {
-            panic!("no task for {w}");
-        };
-        let results = compute(&task, sm.params())
-            .into_iter()
-            .map(|(node, sum)| {
-                let values = InWorkerMemory {
-                    values: sum.grad,
-                    // Rewritten after the check on arrival.
-                    rewrite: (w == workers[1]).then_some((1, f32::NAN)),
-                    copies: AtomicUsize::new(0),
-                };
-                NodeResult::shared(node, Arc::new(values), sum.stats)
-            })
-            .collect();
-        sm.submit(w, task.global_step, results, 0.01, now);
-    }
-    sm.remove_worker(workers[1], "no heartbeat (test)".into());
-    // The same process reconnects before the update ends.
-    let again = sm.register("rewriter (10.0.0.2:2)".into(), now);
-    let job = sm.take_update().expect("the step's results are all in");
-    sm.finish_update(job.run(None), 0.0, now);
-    let outputs = sm.drain_outputs();
-    let quarantined: Vec<&Output> = outputs
-        .iter()
-        .filter(|o| matches!(o, Output::WorkerQuarantined { .. }))
-        .collect();
-    assert!(
-        matches!(quarantined[..], [Output::WorkerQuarantined { worker, name, reason }]
-            if *worker == workers[1] && name.starts_with("rewriter")
-                && reason.contains("shared memory")),
-        "{outputs:?}"
-    );
-    assert!(sm.quarantine_reason("rewriter").is_some());
-    assert!(
-        outputs
+fn a_rewriter_is_quarantined_by_name_with_every_registration_under_it() {
+    for old_removed_first in [true, false] {
+        let mut sm = machine(2);
+        let now = Instant::now();
+        let workers = vec![
+            sm.register("honest (10.0.0.1:1)".into(), now),
+            sm.register("rewriter (10.0.0.2:1)".into(), now),
+        ];
+        for &w in &workers {
+            let TaskDecision::Task(task) = sm.next_task(w, now) else {
+                panic!("no task for {w}");
+            };
+            let results = compute(&task, sm.params())
+                .into_iter()
+                .map(|(node, sum)| {
+                    let values = InWorkerMemory {
+                        values: sum.grad,
+                        // Rewritten after the check on arrival.
+                        rewrite: (w == workers[1]).then_some((1, f32::NAN)),
+                        copies: AtomicUsize::new(0),
+                    };
+                    NodeResult::shared(node, Arc::new(values), sum.stats)
+                })
+                .collect();
+            sm.submit(w, task.global_step, results, 0.01, now);
+        }
+        if old_removed_first {
+            sm.remove_worker(workers[1], "no heartbeat (test)".into());
+        }
+        // The same process registers again before the update ends.
+        let again = sm.register("rewriter (10.0.0.2:2)".into(), now);
+        let job = sm.take_update().expect("the step's results are all in");
+        sm.finish_update(job.run(None), 0.0, now);
+        let outputs = sm.drain_outputs();
+        let quarantined: Vec<&Output> = outputs
             .iter()
-            .any(|o| matches!(o, Output::WorkerLost { worker, .. } if *worker == again)),
-        "the new registration under the quarantined name is removed: {outputs:?}"
-    );
-    assert!(sm.params().iter().all(|p| p.is_finite()));
-    assert_eq!(sm.live_workers(), 1, "the honest worker stays");
-    run_shared(&mut sm, &workers[..1], now, |_, _| None);
-    assert_eq!(*sm.phase(), Phase::Finished);
+            .filter(|o| matches!(o, Output::WorkerQuarantined { .. }))
+            .collect();
+        assert!(
+            matches!(quarantined[..], [Output::WorkerQuarantined { worker, name, reason }]
+                if *worker == workers[1] && name.starts_with("rewriter")
+                    && reason.contains("shared memory")),
+            "{old_removed_first}: {outputs:?}"
+        );
+        assert!(sm.quarantine_reason("rewriter").is_some());
+        let lost = |id: WorkerId| {
+            outputs
+                .iter()
+                .filter(|o| matches!(o, Output::WorkerLost { worker, .. } if *worker == id))
+                .count()
+        };
+        assert_eq!(lost(again), 1, "{old_removed_first}: {outputs:?}");
+        assert_eq!(
+            lost(workers[1]),
+            1,
+            "{old_removed_first}: removed exactly once"
+        );
+        assert!(sm.params().iter().all(|p| p.is_finite()));
+        assert_eq!(
+            sm.live_workers(),
+            1,
+            "{old_removed_first}: the honest worker stays"
+        );
+        run_shared(&mut sm, &workers[..1], now, |_, _| None);
+        assert_eq!(*sm.phase(), Phase::Finished, "{old_removed_first}");
+    }
 }

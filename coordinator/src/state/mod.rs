@@ -893,8 +893,10 @@ impl StateMachine {
 
     /// Removes `worker` for sending wrong results and refuses its name from now on. It never
     /// fails the run: its work moves to the others. A worker already removed (lost between its
-    /// result's acceptance and the verdict) has its name refused too, and a worker that has
-    /// registered again under that name meanwhile (its process, reconnecting) is removed.
+    /// result's acceptance and the verdict) has its name refused too. Every other registration
+    /// under the name is removed as well: a worker registers again after any failed call, before
+    /// its old registration times out, so the same process may hold the name twice (and names
+    /// are meant to be unique: the default is `host:pid`).
     fn quarantine(&mut self, worker: WorkerId, reason: String) {
         let live = self.workers.get(&worker).map(|info| info.name.clone());
         let Some(name) = live
@@ -903,31 +905,28 @@ impl StateMachine {
         else {
             return;
         };
-        if live.is_none() && self.quarantined.contains_key(identity(&name)) {
-            return;
+        let refused = identity(&name).to_string();
+        if live.is_some() || !self.quarantined.contains_key(&refused) {
+            self.quarantined.insert(refused.clone(), reason.clone());
+            self.strikes.remove(&worker);
+            self.outputs.push(Output::WorkerQuarantined {
+                worker,
+                name,
+                reason: reason.clone(),
+            });
+            self.remove_worker(worker, format!("quarantined: {reason}"));
         }
-        self.quarantined
-            .insert(identity(&name).to_string(), reason.clone());
-        self.strikes.remove(&worker);
-        self.outputs.push(Output::WorkerQuarantined {
-            worker,
-            name: name.clone(),
-            reason: reason.clone(),
-        });
-        self.remove_worker(worker, format!("quarantined: {reason}"));
-        if live.is_none() {
-            let again: Vec<WorkerId> = self
-                .workers
-                .iter()
-                .filter(|(_, info)| identity(&info.name) == identity(&name))
-                .map(|(&id, _)| id)
-                .collect();
-            for id in again {
-                self.remove_worker(
-                    id,
-                    format!("registered again under a name quarantined: {reason}"),
-                );
-            }
+        let same_name: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, info)| identity(&info.name) == refused)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in same_name {
+            self.remove_worker(
+                id,
+                format!("registered under a name quarantined since: {reason}"),
+            );
         }
     }
 
