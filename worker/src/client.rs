@@ -262,8 +262,9 @@ async fn work_loop(
     let tree = ReductionTree::new(ctx.shards);
     // Logged when this registration's loop ends, however it ends.
     let mut tally = Tally::default();
-    // A rewrite fault without shared memory is said once, not every step.
-    let mut told_nothing_to_rewrite = false;
+    if transfer.shared.is_none() && matches!(transfer.fault, Some(Fault::RewriteFromStep(_))) {
+        tracing::warn!("no shared memory, so nothing to overwrite (--inject-fault rewrite@STEP)");
+    }
     loop {
         match *heartbeat.borrow() {
             HeartbeatState::Done => return Ok(LoopEnd::Done),
@@ -383,14 +384,8 @@ async fn work_loop(
         }
         tracing::trace!("step {step}: computed");
         // Where the results were written, if a test fault has them overwritten once accepted.
-        let rewrite = transfer.fault.is_some_and(|f| f.rewrites_step(step));
-        if rewrite && transfer.shared.is_none() && !told_nothing_to_rewrite {
-            told_nothing_to_rewrite = true;
-            tracing::warn!(
-                "step {step}: no shared memory, so nothing to overwrite (--inject-fault); not said \
-                 again"
-            );
-        }
+        let rewrite =
+            transfer.shared.is_some() && transfer.fault.is_some_and(|f| f.rewrites_step(step));
         let to_rewrite: Vec<(u64, u64)> = if rewrite {
             output
                 .results
